@@ -1,0 +1,16 @@
+"""metapeft: MetaPEFT (meta-learned hyperparameters for parameter-efficient fine-tuning) for PyTorch."""
+
+from metapeft import ops
+from metapeft.layers import FusedMetaLoRA, MetaPEFTModule
+from metapeft.params import mark_only_peft_trainable, meta_parameters, peft_parameters
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FusedMetaLoRA",
+    "MetaPEFTModule",
+    "mark_only_peft_trainable",
+    "meta_parameters",
+    "ops",
+    "peft_parameters",
+]

@@ -1,0 +1,6 @@
+"""metapeft's PEFT modules."""
+
+from metapeft.layers.base import MetaPEFTModule
+from metapeft.layers.lora import FusedMetaLoRA
+
+__all__ = ["FusedMetaLoRA", "MetaPEFTModule"]

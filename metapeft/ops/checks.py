@@ -1,0 +1,38 @@
+"""Argument checks shared by the ops: each error names the argument it is about."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def check_floating(t: torch.Tensor, name: str) -> None:
+    """``t`` must be a floating-point tensor."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+
+
+def check_same(t: torch.Tensor, ref: torch.Tensor, name: str, ref_name: str) -> None:
+    """``t`` must share ``ref``'s dtype and device."""
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; they must be on one device")
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}; they must match")
+
+
+def check_finite(t: torch.Tensor, name: str) -> None:
+    """``t`` (a small parameter such as a modulator) must hold no NaN or inf.
+
+    The check reads the values, so it runs only where that costs no device sync (CPU tensors) and
+    never while compiling; on CUDA set ``METAPEFT_CHECK_FINITE=1`` to enable it there too.
+    """
+    if torch.compiler.is_compiling():
+        return
+    if t.device.type != "cpu" and os.environ.get("METAPEFT_CHECK_FINITE", "0") != "1":
+        return
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or inf: {t.detach().cpu().tolist()}")
+

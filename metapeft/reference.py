@@ -1,0 +1,47 @@
+"""The unfused, HF-PEFT-style computations: the tests' oracle twin and the benchmarks' baseline.
+
+Never a user backend. Each step is a separate op with autograd through all of it, exactly as HF PEFT's
+``lora.Linear`` does it, plus a learnable per-segment scale; it keeps every intermediate autograd needs
+(several M x N tensors and a dropout mask).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from metapeft.ops.dropout import dropout_keep_mask
+
+
+def reference_dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """Inverted dropout with the same seeded mask as the ``torch`` backend, applied as a stored mask."""
+    if p == 0.0:
+        return x
+    mask = dropout_keep_mask(tuple(x.shape), p, seed, x.device).to(x.dtype) / (1.0 - p)
+    return x * mask
+
+
+def scaled_lora_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scale: torch.Tensor,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Unfused scaled LoRA: ``base(x) + cat_j(scale_j * B_j(A_j(drop(x))))``; shapes as ``metapeft.ops.scaled_lora``.
+
+    x (..., K), weight (N, K), bias (N,) or None, lora_A (S*r, K), lora_B (N, r), scale (S,).
+    """
+    segments = scale.shape[0]
+    result = F.linear(x, weight, bias)
+    dropped = reference_dropout(x, dropout_p, seed)
+    a_blocks = lora_A.chunk(segments, dim=0)
+    b_blocks = lora_B.chunk(segments, dim=0)
+    lora = torch.cat(
+        [F.linear(F.linear(dropped, a), b) * scale[j].to(x.dtype) for j, (a, b) in enumerate(zip(a_blocks, b_blocks))],
+        dim=-1,
+    )
+    return result + lora
