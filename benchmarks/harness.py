@@ -1,0 +1,157 @@
+"""The one benchmark harness: timing, memory and result recording shared by every benchmark script.
+
+Rules (DESIGN.md, "Measuring"): ratios are measured side by side in one run, medians after warm-up,
+peak memory beside time; results are appended (with device, versions and git sha) under
+``benchmarks/results/`` as JSON, and the latest run is rendered as a markdown table.
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import json
+import platform
+import re
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def cpu_median_time(fn: Callable[[], object], warmup: int = 3, reps: int = 10) -> tuple[float, float]:
+    """Median and interquartile range, in seconds, of ``reps`` calls of ``fn`` after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    return statistics.median(times), quartiles[2] - quartiles[0]
+
+
+def interleaved_median_times(
+    contenders: dict[str, Callable[[], object]], warmup: int = 3, reps: int = 10
+) -> dict[str, tuple[float, float]]:
+    """Like :func:`cpu_median_time` for several contenders, interleaving their calls round by round so that
+    a noisy, shared machine slows them alike; returns name -> (median_s, iqr_s)."""
+    for fn in contenders.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(reps):
+        for name, fn in contenders.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    result = {}
+    for name, values in times.items():
+        quartiles = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+        result[name] = (statistics.median(values), quartiles[2] - quartiles[0])
+    return result
+
+
+def saved_tensor_bytes(fn: Callable[[], object]) -> int:
+    """Bytes autograd saves for backward while running ``fn()`` (unique storages, leaf parameters included
+    only once)."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+def _vm_kib(field: str) -> int:
+    match = re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text())
+    if match is None:
+        raise RuntimeError(f"/proc/self/status has no {field}; peak RSS needs Linux")
+    return int(match.group(1))
+
+
+def cpu_peak_rss_bytes(fn: Callable[[], object]) -> int:
+    """Growth of the resident-set high-water mark while running ``fn()`` (Linux: VmHWM reset via clear_refs)."""
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")
+    baseline = _vm_kib("VmRSS")
+    fn()
+    return (_vm_kib("VmHWM") - baseline) * 1024
+
+
+def gpu_bench(fn: Callable[[], object], warmup_ms: int = 25, rep_ms: int = 100) -> tuple[float, int]:
+    """Median time in ms (``triton.testing.do_bench``) and peak CUDA memory allocated during one call, in bytes."""
+    import triton.testing
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    median_ms = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+    return median_ms, peak
+
+
+def environment() -> dict[str, str]:
+    """Device, versions and git sha stamped on every result row."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, check=False).stdout.strip()
+    except OSError:
+        sha = ""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "absent"
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return {
+        "device": device,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "git_sha": sha,
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _format(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """A markdown table of ``rows`` (columns in first-seen order)."""
+    columns: list[str] = []
+    for row in rows:
+        columns.extend(k for k in row if k not in columns)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_format(row.get(c, "")) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def record_results(name: str, rows: list[dict], title: str, command: str | None = None) -> Path:
+    """Append ``rows`` (stamped with :func:`environment`) to ``results/<name>.json`` and rewrite
+    ``results/<name>.md`` with the latest run; returns the JSON path."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    env = environment()
+    json_path = RESULTS_DIR / f"{name}.json"
+    history = json.loads(json_path.read_text()) if json_path.exists() else []
+    history.append({**env, "command": command, "rows": rows})
+    json_path.write_text(json.dumps(history, indent=1) + "\n")
+    header = f"# {title}\n\n" + ", ".join(f"{k}: {v}" for k, v in env.items())
+    if command:
+        header += f"\n\nCommand: `{command}`"
+    (RESULTS_DIR / f"{name}.md").write_text(header + "\n\n" + markdown_table(rows) + "\n")
+    return json_path
