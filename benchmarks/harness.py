@@ -115,7 +115,10 @@ def environment() -> dict[str, str]:
         triton_version = triton.__version__
     except ImportError:
         triton_version = "absent"
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    if torch.cuda.is_available():
+        device = torch.cuda.get_device_name()
+    else:
+        device = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     return {
         "device": device,
         "torch": torch.__version__,

@@ -9,8 +9,8 @@ clear error, listing the reasons, when an explicitly requested backend cannot ru
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 

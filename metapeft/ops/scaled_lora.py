@@ -77,9 +77,8 @@ def scaled_lora_bwd(
 @scaled_lora_bwd.register_fake
 def _(grad_y, x, weight, lora_A, lora_B, scale, h, dropout_p, seed, backend, needs):
     shapes = (x.shape, weight.shape, weight.shape[:1], lora_A.shape, lora_B.shape, scale.shape)
-    return tuple(
-        (scale if i == 5 else x).new_empty(shape if need else (0,)) for i, (shape, need) in enumerate(zip(shapes, needs))
-    )
+    owners = (x, x, x, x, x, scale)
+    return tuple(owner.new_empty(shape if need else (0,)) for owner, shape, need in zip(owners, shapes, needs))
 
 
 def _setup_context(ctx, inputs, output):
