@@ -9,8 +9,10 @@ Segment j is the j-th equal slice of the N outputs (S = 3 for a fused qkv projec
 
 Meta-gradient readiness: first-order backward runs the selected backend's fused kernels. Double
 backward is supported: when the backward runs with grad mode on (``create_graph=True``) it is
-computed from differentiable ATen ops, with ``h`` recomputed from x and A. Forward-mode AD (jvp) is
-not supported and raises.
+computed from differentiable ATen ops, with ``h`` recomputed from x and A. Forward-mode AD is
+supported by :func:`scaled_lora`: inside ``torch.func.jvp`` or a ``forward_ad.dual_level`` it computes
+the same forward from differentiable ATen ops (the raw ``torch.ops.metapeft.scaled_lora_fwd`` op has no
+jvp rule: call it only through :func:`scaled_lora`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 from metapeft.ops.backends import select_backend
 from metapeft.ops.checks import check_finite, check_floating, check_same
 from metapeft.ops.dropout import seeded_dropout
-from metapeft.ops.scaled_lora_torch import scaled_lora_bwd_torch, scaled_lora_fwd_torch
+from metapeft.ops.scaled_lora_torch import scaled_lora_bwd_torch, scaled_lora_composite, scaled_lora_fwd_torch
 
 _FWD_IMPLS = {"torch": scaled_lora_fwd_torch}
 _BWD_IMPLS = {"torch": scaled_lora_bwd_torch}
@@ -109,6 +111,11 @@ def scaled_lora_recompute_h(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: fl
 scaled_lora_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+def forward_ad_active() -> bool:
+    """True inside ``torch.func.jvp`` or a ``torch.autograd.forward_ad.dual_level`` (never while compiling)."""
+    return not torch.compiler.is_compiling() and torch.autograd.forward_ad._current_level >= 0
+
+
 def check_scaled_lora_inputs(x, weight, bias, lora_A, lora_B, scale, dropout_p) -> None:
     """Raise a ``ValueError``/``TypeError`` naming the first bad argument of :func:`scaled_lora`."""
     check_floating(x, "x")
@@ -166,5 +173,8 @@ def scaled_lora(
     check_scaled_lora_inputs(x, weight, bias, lora_A, lora_B, scale, dropout_p)
     backend = select_backend(backend, x)
     x2d = x.reshape(-1, x.shape[-1])
+    if forward_ad_active():
+        y = scaled_lora_composite(x2d, weight, bias, lora_A, lora_B, scale, float(dropout_p), int(seed))
+        return y.view(*x.shape[:-1], weight.shape[0])
     y, _ = scaled_lora_fwd(x2d, weight, bias, lora_A, lora_B, scale, float(dropout_p), int(seed), backend)
     return y.view(*x.shape[:-1], weight.shape[0])

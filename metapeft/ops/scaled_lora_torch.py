@@ -41,6 +41,27 @@ def scaled_lora_fwd_torch(
     return y, h
 
 
+def scaled_lora_composite(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scale: torch.Tensor,
+    dropout_p: float,
+    seed: int,
+) -> torch.Tensor:
+    """The forward from out-of-place differentiable ATen ops: the path for forward-mode AD (jvp).
+
+    Same math and dropout mask as :func:`scaled_lora_fwd_torch`; returns y (M, N).
+    """
+    segments = scale.shape[0]
+    h = _segment_view(seeded_dropout(x, dropout_p, seed) @ lora_A.t(), segments)  # (S, M, r)
+    lora_B_segments = lora_B.unflatten(0, (segments, lora_B.shape[0] // segments))  # (S, N/S, r)
+    lora = torch.bmm(h * scale.to(h.dtype).view(segments, 1, 1), lora_B_segments.transpose(1, 2))  # (S, M, N/S)
+    return torch.nn.functional.linear(x, weight, bias) + lora.transpose(0, 1).flatten(1)
+
+
 def scaled_lora_bwd_torch(
     grad_y: torch.Tensor,
     x: torch.Tensor,
@@ -70,7 +91,8 @@ def scaled_lora_bwd_torch(
 
     dx = dweight = dbias = dA = dB = dscale = None
     if need_dscale:
-        dscale = (T.float() * h_segments.float()).sum(dim=(1, 2)).to(scale.dtype)
+        accumulate = torch.promote_types(T.dtype, torch.float32)
+        dscale = (T.to(accumulate) * h_segments.to(accumulate)).sum(dim=(1, 2)).to(scale.dtype)
     if need_dB:
         dB = torch.bmm(grad_segments.transpose(1, 2), h_segments * c).reshape(lora_B.shape)
     if need_dA:

@@ -1,0 +1,205 @@
+"""The scaled-LoRA op (torch backend) against a float64 oracle, gradcheck, opcheck and its contracts."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from metapeft.ops import scaled_lora
+from metapeft.ops.dropout import dropout_keep_mask
+from metapeft.ops.scaled_lora import scaled_lora_fwd
+from metapeft.reference import scaled_lora_reference
+from tests.oracle import assert_2x_rule, non_contiguous
+
+# (M, K, N, r, S): M = 1 and odd sizes, K and N not multiples of 16, ranks 1..64, S in {1, 3}.
+SHAPES = [
+    (1, 40, 48, 1, 1),
+    (7, 40, 201, 4, 3),
+    (97, 200, 120, 8, 3),
+    (1000, 72, 200, 16, 1),
+    (33, 96, 192, 64, 3),
+]
+DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+
+
+def make_inputs(M, K, N, r, S, dtype, bias=True, device="cpu"):
+    """Random op inputs in float64 (the oracle's) and their ``dtype`` copies."""
+    g = torch.Generator().manual_seed(M * 7 + K * 3 + N + r + S)
+    inputs64 = {
+        "x": torch.randn(M, K, generator=g, dtype=torch.float64),
+        "weight": torch.randn(N, K, generator=g, dtype=torch.float64) / K**0.5,
+        "bias": torch.randn(N, generator=g, dtype=torch.float64) if bias else None,
+        "lora_A": torch.randn(S * r, K, generator=g, dtype=torch.float64) / K**0.5,
+        "lora_B": torch.randn(N, r, generator=g, dtype=torch.float64) / r**0.5,
+        "scale": torch.rand(S, generator=g, dtype=torch.float64) + 0.5,
+    }
+    inputs64 = {k: None if v is None else v.to(device) for k, v in inputs64.items()}
+    cast = {k: None if v is None else v.to(torch.float32 if k == "scale" else dtype) for k, v in inputs64.items()}
+    return inputs64, cast
+
+
+def forward_backward(fn, inputs, grad_y, x_transform=lambda t: t):
+    """y and the gradients of <y, grad_y> with respect to every tensor input."""
+    leaves = {k: None if v is None else v.clone().requires_grad_(True) for k, v in inputs.items()}
+    y = fn(x_transform(leaves["x"]), leaves["weight"], leaves["bias"], leaves["lora_A"], leaves["lora_B"],
+           leaves["scale"])
+    y.backward(grad_y)
+    grads = {k: v.grad for k, v in leaves.items() if v is not None}
+    return y.detach(), grads
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "M{}_K{}_N{}_r{}_S{}".format(*s))
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+def test_torch_backend_matches_float64_oracle_by_2x_rule(shape, dtype_name):
+    dtype = DTYPES[dtype_name]
+    inputs64, inputs = make_inputs(*shape, dtype=dtype)
+    grad64 = torch.randn(shape[0], shape[2], dtype=torch.float64)
+    grad_y = non_contiguous(grad64.to(dtype))
+    torch.full((shape[0] * shape[2] * 4,), float("nan"), dtype=dtype)  # poison freed memory the op may reuse
+
+    def fused(*args):
+        return scaled_lora(*args, backend="torch")
+
+    y_fast, g_fast = forward_backward(fused, inputs, grad_y, x_transform=non_contiguous)
+    y_base, g_base = forward_backward(scaled_lora_reference, inputs, grad_y)
+    y_ref, g_ref = forward_backward(scaled_lora_reference, inputs64, grad64)
+    assert y_fast.dtype == dtype
+    assert_2x_rule("y", y_fast, y_base, y_ref)
+    for name in g_ref:
+        assert_2x_rule(f"d{name}", g_fast[name], g_base[name], g_ref[name])
+
+
+@pytest.mark.parametrize("segments", [1, 3])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["p0", "p0.3"])
+def test_gradcheck_float64(segments, bias, dropout):
+    _, inputs = make_inputs(5, 7, 6, 2, segments, dtype=torch.float64, bias=bias)
+    leaves = [v.requires_grad_(True) if v is not None else None for v in inputs.values()]
+    leaves[-1] = leaves[-1].detach().double().requires_grad_(True)
+
+    def op(x, weight, b, lora_A, lora_B, scale):
+        return scaled_lora(x, weight, b, lora_A, lora_B, scale, dropout_p=dropout, seed=11, backend="torch")
+
+    assert torch.autograd.gradcheck(op, tuple(leaves))
+    assert torch.autograd.gradgradcheck(op, tuple(leaves))
+
+
+def test_double_backward_matches_reference():
+    _, inputs = make_inputs(9, 12, 15, 3, 3, dtype=torch.float64)
+    leaves = {k: v.requires_grad_(True) for k, v in inputs.items()}
+    args = tuple(leaves.values())
+    v = torch.randn(9, 15, dtype=torch.float64)
+
+    def hvp(fn):
+        y = fn(*args)
+        grads = torch.autograd.grad(y, args, v, create_graph=True)
+        inner = sum((g * torch.ones_like(g).cumsum(0)).sum() for g in grads)
+        return torch.autograd.grad(inner, args, allow_unused=True, materialize_grads=True)
+
+    fused = hvp(lambda *a: scaled_lora(*a, backend="torch"))
+    expected = hvp(scaled_lora_reference)
+    for name, a, b in zip(leaves, fused, expected):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=f"second derivative wrt {name}")
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["p0", "p0.3"])
+def test_forward_mode_jvp_matches_reference(dropout):
+    _, inputs = make_inputs(9, 12, 15, 3, 3, dtype=torch.float64)
+    args = tuple(inputs.values())
+    tangents = tuple(torch.randn_like(a) for a in args)
+    _, fused = torch.func.jvp(lambda *a: scaled_lora(*a, dropout_p=dropout, seed=4, backend="torch"), args, tangents)
+    _, expected = torch.func.jvp(lambda *a: scaled_lora_reference(*a, dropout_p=dropout, seed=4), args, tangents)
+    torch.testing.assert_close(fused, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("segments", [1, 3])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_opcheck(segments, bias):
+    _, inputs = make_inputs(6, 10, 12, 2, segments, dtype=torch.float32, bias=bias)
+    for k in ("x", "lora_A", "lora_B", "scale"):
+        inputs[k].requires_grad_(True)
+    args = (*inputs.values(), 0.25, 5, "torch")
+    torch.library.opcheck(torch.ops.metapeft.scaled_lora_fwd.default, args)
+    grad_y = torch.randn(6, 12)
+    h = torch.ops.metapeft.scaled_lora_fwd(*args)[1]
+    bwd_args = (grad_y, inputs["x"].detach(), inputs["weight"], inputs["lora_A"].detach(), inputs["lora_B"].detach(),
+                inputs["scale"].detach(), h, 0.25, 5, "torch", [True, False, bias, True, True, True])
+    torch.library.opcheck(torch.ops.metapeft.scaled_lora_bwd.default, bwd_args)
+
+
+class _ItemCounter(TorchDispatchMode):
+    """Counts host reads of tensor values (``.item()`` / ``bool()``), i.e. host syncs on a GPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_op_never_reads_scale_on_host():
+    _, inputs = make_inputs(8, 16, 18, 2, 3, dtype=torch.float32)
+    leaves = [v.requires_grad_(True) for v in inputs.values()]
+    with _ItemCounter() as counter:
+        y, _ = scaled_lora_fwd(*leaves, 0.0, 0, "torch")
+        y.sum().backward()
+    assert counter.count == 0
+
+
+def test_no_output_sized_tensor_or_mask_saved_for_backward():
+    M, K, N = 64, 32, 96
+    _, inputs = make_inputs(M, K, N, 4, 3, dtype=torch.float32)
+    for k in ("x", "lora_A", "lora_B", "scale"):
+        inputs[k].requires_grad_(True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        scaled_lora(*inputs.values(), dropout_p=0.5, seed=3, backend="torch")
+    assert saved, "the op saved nothing, so this test checks nothing"
+    assert all(t.dtype != torch.bool for t in saved), "a dropout mask was saved"
+    assert all(t.numel() < M * N for t in saved), [tuple(t.shape) for t in saved]
+
+
+class TestDropout:
+    def test_same_seed_same_output_and_p0_equals_no_dropout(self):
+        _, inputs = make_inputs(50, 24, 30, 4, 3, dtype=torch.float32)
+        args = tuple(inputs.values())
+        a = scaled_lora(*args, dropout_p=0.4, seed=7, backend="torch")
+        b = scaled_lora(*args, dropout_p=0.4, seed=7, backend="torch")
+        c = scaled_lora(*args, dropout_p=0.4, seed=8, backend="torch")
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert not torch.allclose(a, c)
+        torch.testing.assert_close(scaled_lora(*args, dropout_p=0.0, seed=7, backend="torch"),
+                                   scaled_lora_reference(*args), rtol=1e-5, atol=1e-5)
+
+    def test_backward_uses_the_forward_mask(self):
+        inputs64, _ = make_inputs(40, 20, 30, 4, 3, dtype=torch.float64)
+        grad_y = torch.randn(40, 30, dtype=torch.float64)
+
+        def fused(*args):
+            return scaled_lora(*args, dropout_p=0.5, seed=123, backend="torch")
+
+        def reference(*args):
+            return scaled_lora_reference(*args, dropout_p=0.5, seed=123)
+
+        y_fast, g_fast = forward_backward(fused, inputs64, grad_y)
+        y_ref, g_ref = forward_backward(reference, inputs64, grad_y)
+        torch.testing.assert_close(y_fast, y_ref, rtol=1e-12, atol=1e-12)
+        for name in g_ref:
+            torch.testing.assert_close(g_fast[name], g_ref[name], rtol=1e-10, atol=1e-10, msg=name)
+
+    def test_mask_statistics(self):
+        K = 64
+        x = torch.rand(2000, K) + 1.0
+        lora_A = torch.eye(K)  # h = drop(x) exactly
+        weight, lora_B, scale = torch.zeros(K, K), torch.zeros(K, K), torch.ones(1)
+        p = 0.3
+        _, h = scaled_lora_fwd(x, weight, None, lora_A, lora_B, scale, p, 99, "torch")
+        kept = h != 0
+        n = kept.numel()
+        sigma = (p * (1 - p) / n) ** 0.5
+        assert abs(kept.float().mean().item() - (1 - p)) < 5 * sigma
+        torch.testing.assert_close(h[kept], (x / (1 - p))[kept])
+        keep = dropout_keep_mask((2000, K), p, 99, torch.device("cpu"))
+        assert torch.equal(keep, kept)
