@@ -9,7 +9,7 @@ from torch import nn
 
 from metapeft.layers.base import MetaPEFTModule
 from metapeft.ops.backends import select_backend
-from metapeft.ops.checks import check_finite
+from metapeft.ops.checks import check_finite, check_floating, check_same
 from metapeft.ops.scaled_lora import scaled_lora
 
 
@@ -20,7 +20,7 @@ def draw_dropout_seed() -> int:
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
     """The autocast compute dtype active for ``device_type``, or None outside autocast."""
-    if torch.is_autocast_enabled(device_type):
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None
 
@@ -135,6 +135,8 @@ class FusedMetaLoRA(MetaPEFTModule):
         return self._scaled_lora(x, weight, bias, lora_A, lora_B)
 
     def _scaled_lora(self, x, weight, bias, lora_A, lora_B) -> torch.Tensor:
+        check_floating(x, "x")
+        check_same(x, weight, "x", "the base layer's weight")
         dropout = self.dropout if self.training else 0.0
         seed = draw_dropout_seed() if dropout > 0.0 else 0
         self.last_backend = select_backend(self.backend, x)
