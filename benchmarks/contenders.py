@@ -34,7 +34,8 @@ def hf_peft_lora_linear(base: nn.Linear, rank: int, alpha: float | None = None) 
 
     alpha = rank if alpha is None else alpha
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0)
-    layer = Linear(base, adapter_name="default", config=config, r=rank, lora_alpha=alpha, lora_dropout=0.0)
+    layer = Linear(base.requires_grad_(False), adapter_name="default", config=config, r=rank, lora_alpha=alpha,
+                   lora_dropout=0.0)
     with torch.no_grad():
         layer.lora_B["default"].weight.normal_()
     return layer
