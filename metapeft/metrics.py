@@ -1,0 +1,80 @@
+"""Classification metrics for long-tailed data: overall / class-mean / group accuracy and macro-F1.
+
+Everything derives from a confusion matrix ``cm`` (C, C) with ``cm[true, predicted]`` counts, so
+distributed evaluation only has to sum matrices across ranks.
+
+Classes absent from the evaluated data (no true sample) are handled explicitly:
+- class-mean and group accuracy average only the classes present in the data; a group with no present
+  class reports ``None``; ``absent_classes`` lists the absent ones;
+- macro-F1 averages ``F1_c = 2 TP / (2 TP + FP + FN)`` over the classes that occur as a target or as a
+  prediction (scikit-learn's ``f1_score(average="macro")`` convention): an absent class that is
+  predicted anyway counts with F1 = 0, one never predicted is left out.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def confusion_matrix(predictions: torch.Tensor, targets: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(C, C) int64 counts, ``[true, predicted]``; predictions and targets: (n,) ints in ``[0, num_classes)``."""
+    predictions, targets = torch.as_tensor(predictions).long().flatten(), torch.as_tensor(targets).long().flatten()
+    if predictions.shape != targets.shape:
+        raise ValueError(f"predictions {tuple(predictions.shape)} and targets {tuple(targets.shape)} differ in size")
+    for name, values in (("predictions", predictions), ("targets", targets)):
+        if values.numel() and (int(values.min()) < 0 or int(values.max()) >= num_classes):
+            raise ValueError(f"{name} must lie in [0, {num_classes}), got range "
+                             f"[{int(values.min())}, {int(values.max())}]")
+    flat = targets.cpu() * num_classes + predictions.cpu()
+    return torch.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def class_split_from_counts(train_counts, many: int = 100, few: int = 20) -> dict[str, list[int]]:
+    """The natural long-tailed split: many > ``many`` training images, few < ``few``, medium in between."""
+    counts = [int(c) for c in train_counts]
+    return {
+        "many": [c for c, n in enumerate(counts) if n > many],
+        "medium": [c for c, n in enumerate(counts) if few <= n <= many],
+        "few": [c for c, n in enumerate(counts) if n < few],
+    }
+
+
+def metrics_from_confusion(cm: torch.Tensor, class_split: dict[str, list[int]] | None = None) -> dict:
+    """Metrics of a confusion matrix ``cm`` (C, C) ``[true, predicted]``.
+
+    ``class_split`` maps group names (``many``/``medium``/``few`` or ``head``/``tail``) to class indices.
+    Returns ``{"accuracy", "class_mean_accuracy", "macro_f1", "<group>_accuracy" per group, "per_class_accuracy"
+    (list, None for absent classes), "absent_classes", "num_samples"}``; accuracies are fractions in [0, 1].
+    """
+    cm = torch.as_tensor(cm).double()
+    if cm.ndim != 2 or cm.shape[0] != cm.shape[1]:
+        raise ValueError(f"cm must be a square (C, C) matrix, got {tuple(cm.shape)}")
+    num_classes = cm.shape[0]
+    support, predicted, correct = cm.sum(1), cm.sum(0), cm.diagonal()
+    total = float(support.sum())
+    present = support > 0
+    recall = torch.where(present, correct / support.clamp_min(1), torch.nan)
+    f1_denominator = 2 * correct + (predicted - correct) + (support - correct)
+    occurring = f1_denominator > 0
+    f1 = 2 * correct[occurring] / f1_denominator[occurring]
+    result = {
+        "accuracy": float(correct.sum() / total) if total else None,
+        "class_mean_accuracy": float(recall[present].mean()) if bool(present.any()) else None,
+        "macro_f1": float(f1.mean()) if f1.numel() else None,
+    }
+    for group, classes in (class_split or {}).items():
+        classes = list(classes)
+        if any(not 0 <= c < num_classes for c in classes):
+            raise ValueError(f"class_split[{group!r}] has a class outside [0, {num_classes}): {classes}")
+        values = [float(recall[c]) for c in classes if bool(present[c])]
+        result[f"{group}_accuracy"] = sum(values) / len(values) if values else None
+    result["per_class_accuracy"] = [float(r) if bool(p) else None for r, p in zip(recall, present)]
+    result["absent_classes"] = [c for c in range(num_classes) if not bool(present[c])]
+    result["num_samples"] = int(total)
+    return result
+
+
+def evaluate(predictions, targets, num_classes: int, class_split: dict[str, list[int]] | None = None) -> dict:
+    """Metrics (see :func:`metrics_from_confusion`) of ``predictions`` (n,) against ``targets`` (n,), ints in
+    ``[0, num_classes)``."""
+    return metrics_from_confusion(confusion_matrix(predictions, targets, num_classes), class_split)

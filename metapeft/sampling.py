@@ -1,0 +1,142 @@
+"""Deterministic sampling: epoch batch orders, stratified meta sets and meta batches, DDP shards.
+
+Every draw comes from its own generator seeded by ``(seed, purpose, step)``, never from the global RNG,
+so it is the same on every DDP rank, reproducible after a resume, and independent of what else consumed
+random numbers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+EPOCH_ORDER, META_SET, META_BATCH, FIXED_SPLIT = range(4)
+
+
+def generator_for(seed: int, purpose: int, step: int) -> torch.Generator:
+    """A CPU generator seeded from ``(seed, purpose, step)`` via NumPy's SeedSequence (well mixed)."""
+    state = np.random.SeedSequence([seed % 2**63, purpose, step]).generate_state(2, np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 31 ^ int(state[1]))
+
+
+def dataset_labels(dataset) -> torch.Tensor:
+    """Integer labels (n,) of a map-style dataset: its ``targets`` attribute if present, else one pass over it."""
+    targets = getattr(dataset, "targets", None)
+    if targets is None:
+        targets = [int(dataset[i][1]) for i in range(len(dataset))]
+    labels = torch.as_tensor(np.asarray(targets), dtype=torch.long).flatten()
+    if labels.numel() != len(dataset):
+        raise ValueError(f"dataset.targets has {labels.numel()} labels for {len(dataset)} samples")
+    if labels.numel() and int(labels.min()) < 0:
+        raise ValueError("dataset labels must be >= 0")
+    return labels
+
+
+def _rank_within_class(labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A uniformly random order of ``labels`` (n,) grouped by class, and each entry's rank within its class."""
+    order = torch.randperm(labels.numel(), generator=generator)
+    order = order[torch.sort(labels[order], stable=True).indices]
+    grouped = labels[order]
+    starts = torch.searchsorted(grouped, grouped, right=False)
+    return order, torch.arange(labels.numel()) - starts
+
+
+def _take_per_class(pool: torch.Tensor, labels: torch.Tensor, quota: torch.Tensor, generator) -> torch.Tensor:
+    """Indices from ``pool`` (n,), ``quota[c]`` random ones of each class c; sorted."""
+    pool_labels = labels[pool]
+    order, rank = _rank_within_class(pool_labels, generator)
+    chosen = order[rank < quota[pool_labels[order]]]
+    return pool[chosen].sort().values
+
+
+def stratified_subset(pool: torch.Tensor, labels: torch.Tensor, ratio: float, generator) -> torch.Tensor:
+    """A stratified ``ratio`` sample of the indices ``pool``: ``max(1, round(ratio * n_c))`` of each class
+    with ``n_c >= 2`` members in the pool (so every such class reaches the meta set and keeps a training
+    sample), none of classes with a single member. Returns sorted indices."""
+    counts = torch.bincount(labels[pool], minlength=int(labels.max()) + 1 if labels.numel() else 0)
+    quota = torch.where(counts >= 2, (counts.double() * ratio).round().long().clamp_min(1), 0)
+    return _take_per_class(pool, labels, quota, generator)
+
+
+def stratified_batch(pool: torch.Tensor, labels: torch.Tensor, size: int, generator) -> torch.Tensor:
+    """``size`` indices from ``pool`` (all of it if smaller), class proportions kept by largest remainder
+    (ties broken at random). Returns sorted indices."""
+    if size >= pool.numel():
+        return pool.sort().values
+    counts = torch.bincount(labels[pool], minlength=int(labels.max()) + 1)
+    exact = counts.double() * size / pool.numel()
+    quota = exact.floor().long()
+    remainder = exact - quota
+    missing = size - int(quota.sum())
+    tie_break = torch.rand(counts.numel(), generator=generator, dtype=torch.float64) * 1e-9
+    quota[torch.argsort(remainder + tie_break, descending=True)[:missing]] += 1
+    return _take_per_class(pool, labels, quota, generator)
+
+
+class MetaSetSampler:
+    """Where the meta batches come from (PAPER.md: a stratified ``ratio`` sample of the training set).
+
+    Args:
+        labels: (n,) labels of the meta source (the training set, or the validation set when one is given).
+        ratio: meta-set fraction of the source (ignored for a separate validation set: all of it is the pool).
+        batch_size: meta-batch size drawn (stratified) from the meta set at every outer step.
+        seed: base seed; every draw is a function of ``(seed, outer_step)`` only.
+        resample: draw a fresh meta set at every outer step (the paper) or keep one fixed split.
+        separate_source: True when ``labels`` belong to a separate validation set.
+
+    With the training set as source and ``resample=False`` the fixed meta set is held out of the inner
+    loop (:meth:`train_indices`); with ``resample=True`` the inner loop sees every sample and each outer
+    step's meta set excludes that step's training batch, so L_val is measured on unseen samples.
+    """
+
+    def __init__(self, labels: torch.Tensor, ratio: float, batch_size: int, seed: int, resample: bool,
+                 separate_source: bool = False) -> None:
+        self.labels, self.ratio, self.batch_size, self.seed = labels, ratio, batch_size, seed
+        self.resample, self.separate_source = resample, separate_source
+        everything = torch.arange(labels.numel())
+        if separate_source:
+            self.fixed_set = everything
+        elif not resample:
+            self.fixed_set = stratified_subset(everything, labels, ratio, generator_for(seed, FIXED_SPLIT, 0))
+        else:
+            self.fixed_set = None
+        if self.fixed_set is not None and self.fixed_set.numel() == 0:
+            raise ValueError("the meta set is empty: the meta source needs at least one class with 2+ samples")
+
+    def train_indices(self) -> torch.Tensor:
+        """Training-set indices the inner loop iterates over (all but a fixed held-out meta set)."""
+        everything = torch.arange(self.labels.numel())
+        if self.separate_source or self.fixed_set is None:
+            return everything
+        keep = torch.ones(self.labels.numel(), dtype=torch.bool)
+        keep[self.fixed_set] = False
+        return everything[keep]
+
+    def meta_batch(self, outer_step: int, train_batch: torch.Tensor | None = None) -> torch.Tensor:
+        """Meta-batch indices (into the meta source) for outer step ``outer_step``; ``train_batch`` (training-set
+        indices of this step) is excluded from a re-sampled meta set."""
+        if self.fixed_set is not None:
+            pool = self.fixed_set
+        else:
+            keep = torch.ones(self.labels.numel(), dtype=torch.bool)
+            if train_batch is not None:
+                keep[train_batch] = False
+            pool = stratified_subset(torch.arange(self.labels.numel())[keep], self.labels, self.ratio,
+                                     generator_for(self.seed, META_SET, outer_step))
+            if pool.numel() == 0:
+                raise ValueError(f"outer step {outer_step}: the re-sampled meta set is empty")
+        return stratified_batch(pool, self.labels, self.batch_size, generator_for(self.seed, META_BATCH, outer_step))
+
+
+def epoch_batches(indices: torch.Tensor, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
+    """The epoch's global batches: a permutation of ``indices`` seeded by ``(seed, epoch)`` cut into
+    ``batch_size`` chunks (the last one may be smaller)."""
+    order = indices[torch.randperm(indices.numel(), generator=generator_for(seed, EPOCH_ORDER, epoch))]
+    return list(order.split(batch_size))
+
+
+def shard_bounds(length: int, rank: int, world_size: int) -> tuple[int, int]:
+    """``[start, stop)`` of rank ``rank``'s contiguous share of ``length`` items (sizes differ by at most 1)."""
+    base, extra = divmod(length, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
