@@ -45,3 +45,26 @@ def scaled_lora_reference(
         dim=-1,
     )
     return result + lora
+
+
+def adapter_reference(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    down_weight: torch.Tensor,
+    down_bias: torch.Tensor | None,
+    up_weight: torch.Tensor,
+    up_bias: torch.Tensor | None,
+    scale: torch.Tensor,
+    activation: str = "relu",
+    dropout_p: float = 0.0,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Unfused adapter: ``(x if residual is None else residual) + scale * up(act(down(drop(x))))``.
+
+    Shapes as ``metapeft.ops.adapter``: x (..., D), residual (..., D) or None, down_weight (b, D), down_bias (b,)
+    or None, up_weight (D, b), up_bias (D,) or None, scale (1,); ``activation`` "relu" or "gelu" (exact).
+    """
+    hidden = F.linear(reference_dropout(x, dropout_p, seed), down_weight, down_bias)
+    hidden = F.relu(hidden) if activation == "relu" else F.gelu(hidden)
+    delta = F.linear(hidden, up_weight, up_bias) * scale.to(x.dtype)
+    return (x if residual is None else residual) + delta

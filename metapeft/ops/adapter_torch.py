@@ -1,0 +1,119 @@
+"""The ``torch`` backend of the adapter op: the fused adapter math composed from ATen ops.
+
+Shapes: x (M, D), residual (M, D) or None (then the residual is x), down_weight (b, D), down_bias (b,) or
+None, up_weight (D, b), up_bias (D,) or None, scale (1,) = gamma * alpha.
+
+Forward:  z = drop(x) down^T + down_b (M, b);  a = act(z);  out = residual + scale * (a up^T + up_b).
+Backward: G = dOut up (M, b);  d scale = sum(G * a) + sum_m dOut_m . up_b;  d up = scale dOut^T a;
+          d up_b = scale sum_m dOut_m;  dz = scale G * act'(z);  d down = dz^T drop(x);  d down_b = sum_m dz_m;
+          dx = [dOut if the residual is x] + drop'(dz down).
+The up bias rides along as an extra bottleneck column: with a1 = [a, 1] (M, b+1) and up1 = [up, up_b] (D, b+1),
+out = residual + (scale a1) up1^T is a single GEMM whose accumulator starts from the residual, dOut up1 gives G
+and dOut . up_b in one GEMM (so d scale = sum(G1 * a1) costs M*(b+1), not M*D), and dOut^T a1 gives d up and
+d up_b together. Only x (alive anyway) and z (M, b) are saved; the dropout mask is regenerated from the seed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from metapeft.ops.dropout import seeded_dropout
+
+ADAPTER_ACTIVATIONS = ("relu", "gelu")
+
+
+def adapter_activation(z: torch.Tensor, activation: str) -> torch.Tensor:
+    """act(z): ``"relu"`` or ``"gelu"`` (exact, erf-based, like ``nn.GELU()``)."""
+    return F.relu(z) if activation == "relu" else F.gelu(z)
+
+
+def adapter_activation_backward(grad: torch.Tensor, z: torch.Tensor, activation: str) -> torch.Tensor:
+    """grad * act'(z), computed in ATen's accumulation precision and itself differentiable (double backward)."""
+    if activation == "relu":
+        return torch.ops.aten.threshold_backward(grad, z, 0)
+    return torch.ops.aten.gelu_backward(grad, z)
+
+
+def _with_up_bias(a: torch.Tensor, up_weight: torch.Tensor, up_bias: torch.Tensor | None):
+    """``(a1 (M, b+1), up1 (D, b+1))`` with a ones column and the up bias appended; unchanged without a bias."""
+    if up_bias is None:
+        return a, up_weight
+    return torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1), torch.cat([up_weight, up_bias[:, None]], dim=1)
+
+
+def adapter_recompute_z(
+    x: torch.Tensor, down_weight: torch.Tensor, down_bias: torch.Tensor | None, dropout_p: float, seed: int
+) -> torch.Tensor:
+    """z = drop(x) down^T + down_b (M, b), differentiably, with the forward's dropout mask."""
+    return F.linear(seeded_dropout(x, dropout_p, seed), down_weight, down_bias)
+
+
+def adapter_fwd_torch(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    down_weight: torch.Tensor,
+    down_bias: torch.Tensor | None,
+    up_weight: torch.Tensor,
+    up_bias: torch.Tensor | None,
+    scale: torch.Tensor,
+    activation: str,
+    dropout_p: float,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(out (M, D), z (M, b))``: two GEMMs, biases fused into them, the residual as the accumulator.
+
+    Built from out-of-place differentiable ops only, so it doubles as the forward-mode AD (jvp) path.
+    """
+    z = adapter_recompute_z(x, down_weight, down_bias, dropout_p, seed)
+    a1, up1 = _with_up_bias(adapter_activation(z, activation), up_weight, up_bias)
+    out = torch.addmm(x if residual is None else residual, a1 * scale.to(a1.dtype), up1.t())
+    return out, z
+
+
+def adapter_bwd_torch(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    down_weight: torch.Tensor,
+    up_weight: torch.Tensor,
+    up_bias: torch.Tensor | None,
+    scale: torch.Tensor,
+    z: torch.Tensor,
+    activation: str,
+    dropout_p: float,
+    seed: int,
+    residual_is_x: bool,
+    needs: tuple[bool, bool, bool, bool, bool, bool],
+) -> tuple[torch.Tensor | None, ...]:
+    """Gradients ``(dx, d down_weight, d down_bias, d up_weight, d up_bias, d scale)``; None where ``needs`` is False.
+
+    ``dx`` includes ``grad_out`` itself when ``residual_is_x`` (the residual is x). Built from out-of-place
+    differentiable ops only, so calling it with grad mode on (and ``z`` recomputed from x) gives a backward
+    that can itself be differentiated (double backward).
+    """
+    need_dx, need_ddown_w, need_ddown_b, need_dup_w, need_dup_b, need_dscale = needs
+    bottleneck = up_weight.shape[1]
+    c = scale.to(grad_out.dtype)
+    a1, up1 = _with_up_bias(adapter_activation(z, activation), up_weight, up_bias)
+    G1 = grad_out @ up1  # (M, b+1): [dOut up, dOut . up_b]
+
+    dx = ddown_w = ddown_b = dup_w = dup_b = dscale = None
+    if need_dscale:
+        accumulate = torch.promote_types(G1.dtype, torch.float32)
+        dscale = (G1.to(accumulate) * a1.to(accumulate)).sum().reshape(1).to(scale.dtype)
+    if need_dup_w or need_dup_b:
+        dup1 = grad_out.t() @ (a1 * c)  # (D, b+1): [d up, d up_b]
+        dup_w = dup1[:, :bottleneck].contiguous() if need_dup_w else None
+        dup_b = dup1[:, bottleneck].contiguous() if need_dup_b else None
+    if need_dx or need_ddown_w or need_ddown_b:
+        dz = adapter_activation_backward(G1[:, :bottleneck] * c, z, activation)  # (M, b)
+        if need_ddown_w:
+            ddown_w = dz.t() @ seeded_dropout(x, dropout_p, seed)
+        if need_ddown_b:
+            ddown_b = dz.sum(dim=0)
+        if need_dx and residual_is_x and dropout_p == 0.0:
+            dx = torch.addmm(grad_out, dz, down_weight)
+        elif need_dx:
+            dx = seeded_dropout(dz @ down_weight, dropout_p, seed)
+            dx = dx + grad_out if residual_is_x else dx
+    return dx, ddown_w, ddown_b, dup_w, dup_b, dscale
