@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-EPOCH_ORDER, META_SET, META_BATCH, FIXED_SPLIT = range(4)
+EPOCH_ORDER, META_SET, META_BATCH, FIXED_SPLIT, LOADER = range(5)
 
 
 def generator_for(seed: int, purpose: int, step: int) -> torch.Generator:
