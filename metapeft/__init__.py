@@ -1,15 +1,14 @@
 """metapeft: MetaPEFT (meta-learned hyperparameters for parameter-efficient fine-tuning) for PyTorch."""
 
-from metapeft import meta, ops
+from metapeft import meta, metrics, ops
 from metapeft.gamma import GammaTable, gamma_table, plot_gamma
+from metapeft.heads import CosineClassifier
 from metapeft.inject import InjectionSummary, inject, merge, unmerge
 from metapeft.io import export_peft, load_adapter, save_adapter
 from metapeft.layers import FusedMetaLoRA, MetaPEFTModule
+from metapeft.losses import LogitAdjustedLoss
 from metapeft.meta import HypergradientResult, hypergradient, trainable_phi
 from metapeft.params import mark_only_peft_trainable, meta_parameters, peft_parameters
-from metapeft import metrics
-from metapeft.heads import CosineClassifier
-from metapeft.losses import LogitAdjustedLoss
 from metapeft.trainer import MetaPEFTTrainer, TrainerConfig
 
 __version__ = "0.1.0"
