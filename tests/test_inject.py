@@ -1,0 +1,230 @@
+"""inject() on small timm ViTs: placement, q/k/v slices, HF PEFT parity, freezing, merge, compile, errors."""
+
+import copy
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import metapeft
+from metapeft.inject import POSITIONS, peft_modules
+
+ALL_LORA = POSITIONS["lora"]
+PATHS = {"out": "attn.proj", "mlp1": "mlp.fc1", "mlp2": "mlp.fc2"}
+
+
+def tiny_vit(seed: int = 1, depth: int = 3, dtype: torch.dtype = torch.float32, **kwargs) -> nn.Module:
+    """A small timm ViT (dim 48, 3 heads, 32x32 images in 8x8 patches, 5 classes), same weights per seed."""
+    torch.manual_seed(seed)
+    options = dict(pretrained=False, img_size=32, patch_size=8, depth=depth, num_classes=5, embed_dim=48,
+                   num_heads=3)
+    return timm.create_model("vit_tiny_patch16_224", **{**options, **kwargs}).to(dtype)
+
+
+def randomize(model: nn.Module) -> None:
+    """Nonzero LoRA B, random modulators and head: every injected module and the head change the logits."""
+    with torch.no_grad():
+        for _, module in peft_modules(model):
+            for p in module.peft_parameters():
+                p.normal_(0, 0.2)
+            module.modulator.uniform_(-1.0, 2.0)
+        model.get_classifier().weight.normal_(0, 0.2)
+
+
+def images(batch: int = 2, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.randn(batch, 3, 32, 32, dtype=dtype)
+
+
+@pytest.mark.parametrize("meta", [True, False], ids=["meta", "fixed"])
+def test_fresh_injection_keeps_logits(meta):
+    model, x = tiny_vit(), images()
+    before = model(x)
+    metapeft.inject(model, rank=4, meta=meta)
+    torch.testing.assert_close(model(x), before, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "positions, layers",
+    [(ALL_LORA, "all"), (("q",), [1]), (("k", "v", "mlp1"), [0, 2]), (("q", "v"), "all"),
+     (("out", "mlp2"), [2, 0]), (("v", "mlp2"), [1])],
+    ids=["all", "q-1", "kv-mlp1-02", "qv", "out-mlp2-20", "v-mlp2-1"],
+)
+def test_places_exactly_the_modules_asked_for(positions, layers):
+    model = tiny_vit()
+    summary = metapeft.inject(model, positions=positions, layers=layers, rank=2)
+    chosen = range(3) if layers == "all" else sorted(layers)
+    assert set(summary.placements) == {(str(i), p) for i in chosen for p in positions}
+    qkv = [p for p in ("q", "k", "v") if p in positions]
+    for i, block in enumerate(model.blocks):
+        if i not in chosen:
+            assert all(isinstance(block.get_submodule(p), nn.Linear) for p in ("attn.qkv", *PATHS.values()))
+            continue
+        if qkv:
+            assert isinstance(block.attn.qkv, metapeft.FusedMetaLoRA)
+            assert block.attn.qkv.segments == 3
+            assert block.attn.qkv.active_segments == tuple("qkv".index(p) for p in qkv)
+            assert block.attn.qkv.modulator.shape == (len(qkv),)
+        else:
+            assert type(block.attn.qkv) is nn.Linear
+        for position, path in PATHS.items():
+            expected = metapeft.FusedMetaLoRA if position in positions else nn.Linear
+            assert type(block.get_submodule(path)) is expected, (i, position)
+    n_modules = len(chosen) * (bool(qkv) + sum(p in positions for p in PATHS))
+    assert len(peft_modules(model)) == len(summary.modules) == n_modules
+    assert summary.meta_parameters == len(chosen) * len(positions)
+    peft_count = sum(p.numel() for m in model.modules() if isinstance(m, metapeft.FusedMetaLoRA)
+                     for p in (m.lora_A, m.lora_B))
+    assert summary.peft_parameters == peft_count
+    assert summary.trainable_parameters == peft_count + summary.meta_parameters + 48 * 5 + 5
+
+
+def test_freezes_all_but_peft_modulators_and_head():
+    model = tiny_vit()
+    metapeft.inject(model, positions=("k", "mlp1"), rank=2)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    expected = {f"blocks.{i}.{path}.{leaf}" for i in range(3) for path in ("attn.qkv", "mlp.fc1")
+                for leaf in ("lora_A", "lora_B", "modulator")} | {"head.weight", "head.bias"}
+    assert trainable == expected
+
+
+def test_meta_false_gives_fixed_scale_plain_lora():
+    model = tiny_vit()
+    summary = metapeft.inject(model, positions=("q", "out"), rank=2, alpha=6.0, meta=False)
+    assert summary.meta_parameters == 0 and metapeft.meta_parameters(model) == []
+    qkv = model.blocks[0].attn.qkv
+    assert "modulator" in dict(qkv.named_buffers())
+    torch.testing.assert_close(qkv.scale(), torch.tensor([3.0, 0.0, 0.0]))
+
+
+def test_qkv_segments_hit_the_right_slices():
+    """Inside the model, the fused qkv LoRA on q and v equals a hand-written per-slice LoRA (float64)."""
+    model = tiny_vit(dtype=torch.float64)
+    metapeft.inject(model, positions=("q", "v"), layers=[1], rank=3, alpha=5.0)
+    randomize(model)
+    qkv = model.blocks[1].attn.qkv
+    seen = {}
+    qkv.register_forward_hook(lambda module, args, out: seen.update(x=args[0], y=out))
+    model(images(dtype=torch.float64))
+    x, y = seen["x"], seen["y"]
+    gamma = nn.functional.softplus(qkv.modulator)
+    a_q, a_v = qkv.lora_A.split(3)
+    b_q, b_v = qkv.lora_B.split(48)
+    base = x @ qkv.base.weight.T + qkv.base.bias
+    expected = torch.cat([
+        base[..., :48] + gamma[0] * 5.0 / 3 * (x @ a_q.T) @ b_q.T,
+        base[..., 48:96],
+        base[..., 96:] + gamma[1] * 5.0 / 3 * (x @ a_v.T) @ b_v.T,
+    ], dim=-1)
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_parity_with_hf_peft_logits_and_gradients():
+    """Same A, B and gamma = 1: inject(meta=True) on qkv (one segment), proj, fc1, fc2 == PEFT's LoRA there."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
+    ours = tiny_vit(dtype=torch.float64)
+    theirs = get_peft_model(copy.deepcopy(ours), LoraConfig(r=4, lora_alpha=12, target_modules=targets,
+                                                            modules_to_save=["head"]))
+    summary = metapeft.inject(ours, target_modules=targets, rank=4, alpha=12.0)
+    assert len(summary.modules) == 12
+    randomize(ours)
+    with torch.no_grad():
+        for name, module in peft_modules(ours):
+            module.modulator.fill_(torch.log(torch.expm1(torch.tensor(1.0))).item())
+            peft_layer = theirs.base_model.model.get_submodule(name)
+            peft_layer.lora_A["default"].weight.copy_(module.lora_A)
+            peft_layer.lora_B["default"].weight.copy_(module.lora_B)
+        theirs.base_model.model.head.modules_to_save["default"].load_state_dict(ours.head.state_dict())
+    x = images(3, torch.float64)
+    y_ours, y_theirs = ours(x), theirs(x)
+    torch.testing.assert_close(y_ours, y_theirs, rtol=1e-10, atol=1e-10)
+    grad_out = torch.randn_like(y_ours)
+    y_ours.backward(grad_out)
+    y_theirs.backward(grad_out)
+    for name, module in peft_modules(ours):
+        peft_layer = theirs.base_model.model.get_submodule(name)
+        torch.testing.assert_close(module.lora_A.grad, peft_layer.lora_A["default"].weight.grad, rtol=1e-9,
+                                   atol=1e-10)
+        torch.testing.assert_close(module.lora_B.grad, peft_layer.lora_B["default"].weight.grad, rtol=1e-9,
+                                   atol=1e-10)
+    torch.testing.assert_close(ours.head.weight.grad,
+                               theirs.base_model.model.head.modules_to_save["default"].weight.grad)
+
+
+def test_generic_path_on_a_plain_model():
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 3)))
+    x = torch.randn(5, 6)
+    before = model(x)
+    summary = metapeft.inject(model, target_modules=r"2\.\d", rank=2)
+    assert summary.modules == ("2.0", "2.1")
+    assert type(model[0]) is nn.Linear and isinstance(model[2][1], metapeft.FusedMetaLoRA)
+    torch.testing.assert_close(model(x), before)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        f"2.{i}.{leaf}" for i in range(2) for leaf in ("lora_A", "lora_B", "modulator")}
+
+
+def test_merge_and_unmerge():
+    model, x = tiny_vit(), images()
+    metapeft.inject(model, rank=4)
+    randomize(model)
+    weights = {name: p.detach().clone() for name, p in model.named_parameters() if name.endswith("base.weight")}
+    expected = model(x)
+    assert metapeft.merge(model) == 12
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="already merged"):
+        metapeft.merge(model)
+    assert metapeft.unmerge(model) == 12
+    for name, p in model.named_parameters():
+        if name in weights:
+            torch.testing.assert_close(p, weights[name], rtol=0, atol=1e-6)
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    model, x = tiny_vit(depth=1), images()
+    metapeft.inject(model, positions=("q", "v", "out", "mlp1"), rank=2)
+    randomize(model)
+    eager = model(x)
+    eager_grads = torch.autograd.grad(eager.square().sum(), metapeft.meta_parameters(model))
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    y = compiled(x)
+    grads = torch.autograd.grad(y.square().sum(), metapeft.meta_parameters(model))
+    torch.testing.assert_close(y, eager)
+    for a, b in zip(grads, eager_grads):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"method": "prefix"}, "method"),
+        ({"positions": ("q", "z")}, "positions"),
+        ({"positions": ()}, "positions"),
+        ({"method": "adapter", "positions": ("q",)}, "positions"),
+        ({"layers": [0, 3]}, "layers"),
+        ({"layers": [1, 1]}, "layers"),
+        ({"layers": "some"}, "layers"),
+        ({"rank": 0}, "rank"),
+        ({"rank": 49}, "rank"),
+        ({"target_modules": ["nothing"]}, "matched no nn.Linear"),
+        ({"target_modules": ["fc1"], "positions": ("q",)}, "target_modules"),
+        ({"modules_to_save": ["nohead"]}, "modules_to_save"),
+    ],
+)
+def test_bad_arguments_name_the_argument_and_change_nothing(kwargs, match):
+    model = tiny_vit(depth=2)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises((ValueError, TypeError), match=match):
+        metapeft.inject(model, **kwargs)
+    assert not peft_modules(model) and model.state_dict().keys() == state.keys()
+
+
+def test_refuses_second_injection_and_non_vit_models():
+    model = tiny_vit(depth=1)
+    metapeft.inject(model, rank=2)
+    with pytest.raises(ValueError, match="already holds metapeft modules"):
+        metapeft.inject(model, rank=2)
+    with pytest.raises(TypeError, match="target_modules"):
+        metapeft.inject(nn.Sequential(nn.Linear(4, 4)))
