@@ -1,0 +1,47 @@
+"""Tiny models and synthetic long-tailed datasets for the trainer tests."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import metapeft
+
+
+class LongTailedBlobs(torch.utils.data.Dataset):
+    """Gaussian blobs around random class centres, class sizes ``counts``; ``targets`` attribute present
+    unless ``with_targets=False``. Items: (x (dim,) float32, int label)."""
+
+    def __init__(self, counts: list[int], dim: int = 12, noise: float = 1.0, seed: int = 1,
+                 with_targets: bool = True) -> None:
+        g = torch.Generator().manual_seed(seed)
+        centres = torch.randn(len(counts), dim, generator=g) * 2
+        labels = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
+        labels = labels[torch.randperm(labels.numel(), generator=g)]
+        self.x = centres[labels] + noise * torch.randn(labels.numel(), dim, generator=g)
+        self.labels = labels.tolist()
+        if with_targets:
+            self.targets = self.labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return self.x[i], self.labels[i]
+
+
+class TinyNet(nn.Module):
+    """Frozen two-layer MLP with a FusedMetaLoRA on each Linear, and a Linear ``head``."""
+
+    def __init__(self, dim: int = 12, hidden: int = 16, num_classes: int = 4, rank: int = 2, dropout: float = 0.0,
+                 meta: bool = True, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.l1 = metapeft.FusedMetaLoRA(nn.Linear(dim, hidden, dtype=dtype), rank, dropout=dropout, meta=meta)
+        self.l2 = metapeft.FusedMetaLoRA(nn.Linear(hidden, hidden, dtype=dtype), rank, dropout=dropout, meta=meta)
+        self.head = nn.Linear(hidden, num_classes, dtype=dtype)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.l2(torch.tanh(self.l1(x))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
