@@ -16,7 +16,8 @@ Meta-gradient readiness: first-order backward runs the selected backend's kernel
 supported: when the backward runs with grad mode on (``create_graph=True``) it is computed from
 differentiable ATen ops, with ``z`` recomputed from x. Forward-mode AD is supported by :func:`adapter`:
 inside ``torch.func.jvp`` or a ``forward_ad.dual_level`` it computes the same forward from differentiable
-ATen ops (the raw ``torch.ops.metapeft.adapter_fwd`` op has no jvp rule: call it only through :func:`adapter`).
+ATen ops. The raw ``torch.ops.metapeft.adapter_fwd`` op has no jvp rule, and PyTorch then silently gives it a
+zero (``torch.func.jvp``) or no (``forward_ad``) tangent: call it only through :func:`adapter`.
 """
 
 from __future__ import annotations
