@@ -143,13 +143,13 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> str:
     block-diagonal. ``modules_to_save`` (the head) is exported too. LoRA only: PEFT has no AdaptFormer or
     Houlsby adapter of this form. Needs ``peft``. Returns the directory.
     """
-    from peft import LoraConfig, get_peft_model
-
     config = injection_config(model)
     if config.method != "lora":
         raise ValueError(f"export_peft exports LoRA; this model was injected with method={config.method!r}")
     source = unwrap_compiled(model)
     _check_unmerged(source, "export")
+    from peft import LoraConfig, get_peft_model
+
     names = [p.module for p in config.placements]
     skeleton = copy.deepcopy(source)
     delattr(skeleton, CONFIG_ATTRIBUTE)
