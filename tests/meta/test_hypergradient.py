@@ -1,0 +1,327 @@
+"""The hypergradient engine against an independent brute force, in float64.
+
+Oracle: the same parameters run through a twin model whose LoRA layers are ``metapeft.reference``'s unfused
+computation (``benchmarks.contenders.ReferenceMetaLoRA``), differentiated twice by ``torch.func``:
+``grad_rho L_val(phi - lr * (grad_phi L_train(phi, rho) + wd * phi + mu * m), rho)``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+import metapeft
+from benchmarks.contenders import ReferenceMetaLoRA
+from metapeft.meta import hypergradient, math_attention, trainable_phi
+
+LR, MOMENTUM, WEIGHT_DECAY = 0.3, 0.9, 0.05
+
+
+def classification_loss(model: nn.Module, batch) -> torch.Tensor:
+    inputs, labels = batch
+    return F.cross_entropy(model(inputs), labels)
+
+
+def randomize_lora(model: nn.Module, std: float = 0.2) -> None:
+    """Nonzero B (and gamma away from 1) so every second-order term is exercised."""
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, metapeft.FusedMetaLoRA):
+                layer.lora_B.normal_(std=std)
+                layer.modulator.uniform_(-0.5, 1.0)
+
+
+def lora_mlp(segments: int, dropout: float = 0.0) -> nn.Module:
+    """Three FusedMetaLoRA layers (the middle one with ``segments`` segments) and a trainable head."""
+    model = nn.Sequential(
+        metapeft.FusedMetaLoRA(nn.Linear(10, 12), rank=3, dropout=dropout), nn.Tanh(),
+        metapeft.FusedMetaLoRA(nn.Linear(12, 18), rank=2, segments=segments, alpha=4.0, dropout=dropout), nn.GELU(),
+        metapeft.FusedMetaLoRA(nn.Linear(18, 9, bias=False), rank=2, dropout=dropout), nn.Tanh(),
+        nn.Linear(9, 4),
+    ).double()
+    randomize_lora(model)
+    return metapeft.mark_only_peft_trainable(model, extra=(model[6],))
+
+
+def lora_vit() -> nn.Module:
+    """A tiny timm ViT with FusedMetaLoRA on qkv (S = 3), proj, fc1 and fc2 of every block; head trainable."""
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
+                              num_classes=5)
+    for block in model.blocks:
+        block.attn.qkv = metapeft.FusedMetaLoRA(block.attn.qkv, rank=2, segments=3)
+        block.attn.proj = metapeft.FusedMetaLoRA(block.attn.proj, rank=2)
+        block.mlp.fc1 = metapeft.FusedMetaLoRA(block.mlp.fc1, rank=2)
+        block.mlp.fc2 = metapeft.FusedMetaLoRA(block.mlp.fc2, rank=2)
+    model = model.double().eval()
+    randomize_lora(model, std=0.05)
+    return metapeft.mark_only_peft_trainable(model, extra=(model.head,))
+
+
+def batches(model_kind: str):
+    if model_kind == "vit":
+        shape, classes = (3, 3, 32, 32), 5
+    else:
+        shape, classes = (7, 10), 4
+    train = (torch.randn(*shape, dtype=torch.float64), torch.randint(0, classes, shape[:1]))
+    val = (torch.randn(5, *shape[1:], dtype=torch.float64), torch.randint(0, classes, (5,)))
+    return train, val
+
+
+def reference_twin(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose FusedMetaLoRA layers are the unfused reference (same parameter names)."""
+    twin = copy.deepcopy(model)
+    for name, layer in list(twin.named_modules()):
+        if isinstance(layer, metapeft.FusedMetaLoRA):
+            parent_name, _, child = name.rpartition(".")
+            parent = twin.get_submodule(parent_name)
+            setattr(parent, child, ReferenceMetaLoRA(layer.base, layer.rank, layer.alpha, layer.segments))
+    return twin
+
+
+def brute_force(model, train_batch, val_batch, *, lr, momentum=0.0, buffers=None, weight_decay=0.0):
+    """(hypergradient, direct term, phi', g) of ``classification_loss`` by torch.func through the reference twin."""
+    twin = reference_twin(model)
+    phi_ids = {id(p) for p in trainable_phi(model)}
+    rho_ids = {id(p) for p in metapeft.meta_parameters(model)}
+    named = dict(model.named_parameters())
+    phi = {n: p.detach() for n, p in named.items() if id(p) in phi_ids}
+    rho = {n: p.detach() for n, p in named.items() if id(p) in rho_ids}
+    frozen = {n: p.detach() for n, p in named.items() if id(p) not in phi_ids | rho_ids}
+    frozen.update(dict(model.named_buffers()))
+    momentum_terms = {n: torch.zeros_like(p) for n, p in phi.items()}
+    if buffers is not None:
+        momentum_terms = {n: momentum * m for n, m in zip(phi, buffers)}
+
+    def loss(phi_, rho_, batch):
+        inputs, labels = batch
+        return F.cross_entropy(functional_call(twin, {**frozen, **phi_, **rho_}, (inputs,)), labels)
+
+    def lookahead(rho_):
+        g = torch.func.grad(loss)(phi, rho_, train_batch)
+        return {n: phi[n] - lr * (g[n] + weight_decay * phi[n] + momentum_terms[n]) for n in phi}
+
+    with math_attention(twin):
+        hyper = torch.func.grad(lambda rho_: loss(lookahead(rho_), rho_, val_batch))(rho)
+        phi_next = lookahead(rho)
+        direct = torch.func.grad(loss, argnums=1)(phi_next, rho, val_batch)
+        g = torch.func.grad(loss)(phi, rho, train_batch)
+    order = list(rho)
+    return [hyper[n] for n in order], [direct[n] for n in order], list(phi_next.values()), list(g.values())
+
+
+def relative_error(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> float:
+    a, e = torch.cat([t.flatten() for t in actual]), torch.cat([t.flatten() for t in expected])
+    return ((a - e).norm() / e.norm()).item()
+
+
+def momentum_buffers(model):
+    return [torch.randn_like(p) for p in trainable_phi(model)]
+
+
+@pytest.fixture(scope="module")
+def vit_case():
+    torch.manual_seed(1)
+    model = lora_vit()
+    train, val = batches("vit")
+    buffers = momentum_buffers(model)
+    oracle = brute_force(model, train, val, lr=LR, momentum=MOMENTUM, buffers=buffers, weight_decay=WEIGHT_DECAY)
+    return model, train, val, buffers, oracle
+
+
+@pytest.mark.parametrize("segments", [1, 3], ids=lambda s: f"S{s}")
+@pytest.mark.parametrize("with_momentum", [False, True], ids=["plain", "momentum_wd"])
+def test_mlp_all_modes_match_brute_force(segments, with_momentum):
+    model = lora_mlp(segments)
+    train, val = batches("mlp")
+    kwargs = {"momentum": MOMENTUM, "weight_decay": WEIGHT_DECAY} if with_momentum else {}
+    buffers = momentum_buffers(model) if with_momentum else None
+    hyper, direct, phi_next, g = brute_force(model, train, val, lr=LR, buffers=buffers, **kwargs)
+    results = {mode: hypergradient(model, classification_loss, train, val, lr=LR, momentum_buffers=buffers,
+                                   mode=mode, **kwargs) for mode in metapeft.meta.MODES}
+    assert relative_error(results["exact"].meta_grads, hyper) < 1e-8
+    assert relative_error(results["finite_difference"].meta_grads, hyper) < 1e-4
+    assert relative_error(results["first_order"].meta_grads, direct) < 1e-12
+    assert relative_error(hyper, direct) > 1e-3, "the second-order term must matter in this test"
+    for result in results.values():
+        assert relative_error(result.lookahead, phi_next) < 1e-12
+        assert relative_error(result.phi_grads, g) < 1e-12
+        assert result.val_loss.shape == () and result.train_loss.shape == ()
+
+
+@pytest.mark.parametrize("mode", ["exact", "finite_difference", "first_order"])
+def test_vit_matches_brute_force(vit_case, mode):
+    model, train, val, buffers, (hyper, direct, phi_next, g) = vit_case
+    fused = [m for m in model.modules() if hasattr(m, "fused_attn")]
+    assert fused and all(m.fused_attn for m in fused), "the ViT must start on fused SDPA attention"
+    result = hypergradient(model, classification_loss, train, val, lr=LR, momentum=MOMENTUM,
+                           momentum_buffers=buffers, weight_decay=WEIGHT_DECAY, mode=mode)
+    expected, tolerance = {"exact": (hyper, 1e-8), "finite_difference": (hyper, 1e-4),
+                           "first_order": (direct, 1e-12)}[mode]
+    assert relative_error(result.meta_grads, expected) < tolerance
+    assert relative_error(result.lookahead, phi_next) < 1e-12
+    assert relative_error(result.phi_grads, g) < 1e-12
+    assert all(m.fused_attn for m in fused), "fused attention must be restored after the meta step"
+
+
+def test_fused_sdpa_has_no_double_backward_without_math_attention(vit_case):
+    model, train, _, _, _ = vit_case
+    phi, rho = trainable_phi(model), metapeft.meta_parameters(model)
+    grads = torch.autograd.grad(classification_loss(model, train), phi, create_graph=True)
+    with pytest.raises(RuntimeError, match="not implemented"):
+        torch.autograd.grad(grads, rho, grad_outputs=[torch.ones_like(g) for g in grads])
+
+
+class SdpaModel(nn.Module):
+    """Self-attention through ``F.scaled_dot_product_attention`` directly (not timm), LoRA on q/k/v and output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = metapeft.FusedMetaLoRA(nn.Linear(8, 24), rank=2, segments=3)
+        self.out = metapeft.FusedMetaLoRA(nn.Linear(8, 3), rank=2)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).unflatten(-1, (3, 2, 4)).permute(2, 0, 3, 1, 4)
+        return self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2).mean(1))
+
+
+def test_exact_through_plain_sdpa_call():
+    model = SdpaModel().double()
+    randomize_lora(model)
+    train = (torch.randn(4, 5, 8, dtype=torch.float64), torch.randint(0, 3, (4,)))
+    val = (torch.randn(3, 5, 8, dtype=torch.float64), torch.randint(0, 3, (3,)))
+    exact = hypergradient(model, classification_loss, train, val, lr=LR).meta_grads
+    assert relative_error(exact, brute_force(model, train, val, lr=LR)[0]) < 1e-8
+
+
+def test_model_parameters_grads_and_rng_left_as_they_were():
+    model = lora_mlp(3, dropout=0.25).train()
+    train, val = batches("mlp")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    objects = {n: p for n, p in model.named_parameters()}
+    rng_after = {}
+    for mode in metapeft.meta.MODES:
+        torch.manual_seed(5)
+        hypergradient(model, classification_loss, train, val, lr=LR, mode=mode)
+        rng_after[mode] = torch.get_rng_state()
+        for n, p in model.named_parameters():
+            assert p is objects[n] and torch.equal(p, before[n]) and p.grad is None, n
+    assert torch.equal(rng_after["exact"], rng_after["finite_difference"])
+    assert torch.equal(rng_after["exact"], rng_after["first_order"])
+
+
+def test_finite_difference_replays_dropout_masks():
+    model = lora_mlp(3, dropout=0.25).train()
+    train, val = batches("mlp")
+    torch.manual_seed(7)
+    exact = hypergradient(model, classification_loss, train, val, lr=LR).meta_grads
+    torch.manual_seed(7)
+    fd = hypergradient(model, classification_loss, train, val, lr=LR, mode="finite_difference").meta_grads
+    assert relative_error(fd, exact) < 1e-4
+
+
+def test_fd_epsilon_sets_the_step():
+    model = lora_mlp(1)
+    train, val = batches("mlp")
+    exact = hypergradient(model, classification_loss, train, val, lr=LR).meta_grads
+    fine = hypergradient(model, classification_loss, train, val, lr=LR, mode="finite_difference", fd_epsilon=1e-4)
+    coarse = hypergradient(model, classification_loss, train, val, lr=LR, mode="finite_difference", fd_epsilon=0.5)
+    assert relative_error(fine.meta_grads, exact) < 1e-7 < relative_error(coarse.meta_grads, exact)
+
+
+def test_bad_arguments_are_named():
+    model = lora_mlp(1)
+    train, val = batches("mlp")
+    with pytest.raises(ValueError, match="mode"):
+        hypergradient(model, classification_loss, train, val, lr=LR, mode="second_order")
+    with pytest.raises(ValueError, match="lr"):
+        hypergradient(model, classification_loss, train, val, lr=-1.0)
+    with pytest.raises(ValueError, match="fd_epsilon"):
+        hypergradient(model, classification_loss, train, val, lr=LR, fd_epsilon=1e-3)
+    with pytest.raises(ValueError, match=r"momentum_buffers\[1\]"):
+        buffers = [torch.zeros_like(p) for p in trainable_phi(model)]
+        buffers[1] = torch.zeros(3)
+        hypergradient(model, classification_loss, train, val, lr=LR, momentum=0.9, momentum_buffers=buffers)
+    with pytest.raises(ValueError, match="momentum_buffers"):
+        hypergradient(model, classification_loss, train, val, lr=LR, momentum_buffers=[None])
+    with pytest.raises(ValueError, match="scalar"):
+        hypergradient(model, lambda m, b: m(b[0]), train, val, lr=LR)
+    frozen_modulators = nn.Sequential(metapeft.FusedMetaLoRA(nn.Linear(10, 4), rank=2, meta=False)).double()
+    with pytest.raises(ValueError, match="meta_parameters"):
+        hypergradient(frozen_modulators, classification_loss, train, val, lr=LR)
+
+
+class LongTailedNet(nn.Module):
+    """Frozen random backbone with two LoRA positions: ``good`` adapts the features the labels depend on;
+    ``bad`` adds a rank-2 projection of label-independent nuisance inputs to the same features (harmful by
+    construction: its B starts large, so its gamma-scaled output is pure noise for the classifier)."""
+
+    def __init__(self, classes: int) -> None:
+        super().__init__()
+        self.stem = nn.Linear(12, 24)
+        self.good = metapeft.FusedMetaLoRA(nn.Linear(24, 24), rank=4)
+        self.bad = metapeft.FusedMetaLoRA(nn.Linear(6, 24, bias=False), rank=2)
+        self.head = nn.Linear(24, classes)
+        with torch.no_grad():
+            self.bad.base.weight.zero_()
+            self.bad.lora_B.normal_(std=1.5)
+        metapeft.mark_only_peft_trainable(self, extra=(self.head,))
+
+    def forward(self, inputs):
+        x, nuisance = inputs
+        return self.head(F.gelu(self.good(F.gelu(self.stem(x)))) + self.bad(nuisance))
+
+
+def long_tailed_data(counts: list[int]):
+    """Labels from a fixed random linear rule on x, kept class by class up to the long-tailed ``counts``."""
+    rule = torch.randn(12, len(counts))
+    x = torch.randn(20000, 12)
+    label = (x @ rule).argmax(1)
+    index = torch.cat([torch.nonzero(label == k).flatten()[:c] for k, c in enumerate(counts)])
+    assert torch.equal(torch.bincount(label[index]), torch.tensor(counts))
+    return x[index], label[index]
+
+
+@pytest.mark.parametrize("mode", ["exact", "finite_difference"])
+def test_meta_steps_lower_meta_loss_and_switch_off_the_harmful_position(mode):
+    torch.manual_seed(3)
+    counts = [120, 60, 25, 10, 5]
+    model = LongTailedNet(len(counts))
+    x, y = long_tailed_data(counts)
+    meta_mask = torch.rand(len(y)) < 0.2
+    train_set = (x[~meta_mask], y[~meta_mask])
+    meta_set = (x[meta_mask], y[meta_mask])
+
+    def draw(data, size):
+        index = torch.randint(0, len(data[1]), (size,))
+        return (data[0][index], torch.randn(size, 6)), data[1][index]
+
+    inner = torch.optim.SGD(trainable_phi(model), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    outer = torch.optim.Adam(metapeft.meta_parameters(model), lr=0.05)
+    gamma_start = (model.good.gamma.item(), model.bad.gamma.item())
+    fixed_train, fixed_meta = draw(train_set, 64), draw(meta_set, 64)
+    first = hypergradient(model, classification_loss, fixed_train, fixed_meta, lr=0.1, mode=mode)
+    with torch.no_grad():
+        for p, g in zip(metapeft.meta_parameters(model), first.meta_grads):
+            p.sub_(0.5 * g)
+    stepped = hypergradient(model, classification_loss, fixed_train, fixed_meta, lr=0.1, mode="first_order")
+    assert stepped.val_loss < first.val_loss, "a small step along -hypergradient must lower the look-ahead loss"
+    for _ in range(40):
+        buffers = [inner.state[p].get("momentum_buffer") for p in trainable_phi(model)]
+        result = hypergradient(model, classification_loss, draw(train_set, 64), draw(meta_set, 64), lr=0.1,
+                               momentum=0.9, momentum_buffers=buffers, weight_decay=5e-4, mode=mode)
+        for p, g in zip(metapeft.meta_parameters(model), result.meta_grads):
+            p.grad = g
+        outer.step()
+        for p, g in zip(trainable_phi(model), result.phi_grads):
+            p.grad = g
+        inner.step()
+    last = hypergradient(model, classification_loss, fixed_train, fixed_meta, lr=0.1, mode=mode)
+    assert last.val_loss < 0.8 * first.val_loss
+    assert model.bad.gamma.item() < 0.5 * gamma_start[1], "the harmful position's gamma must fall"
+    assert model.good.gamma.item() > gamma_start[0], "the helpful position's gamma must not fall"
