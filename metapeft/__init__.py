@@ -5,7 +5,7 @@ from metapeft.gamma import GammaTable, gamma_table, plot_gamma
 from metapeft.heads import CosineClassifier
 from metapeft.inject import InjectionSummary, inject, merge, unmerge
 from metapeft.io import export_peft, load_adapter, save_adapter
-from metapeft.layers import FusedMetaLoRA, MetaPEFTModule
+from metapeft.layers import FusedMetaAdapter, FusedMetaLoRA, MetaPEFTModule
 from metapeft.losses import LogitAdjustedLoss
 from metapeft.meta import HypergradientResult, hypergradient, trainable_phi
 from metapeft.params import mark_only_peft_trainable, meta_parameters, peft_parameters
@@ -19,6 +19,7 @@ __all__ = [
     "MetaPEFTTrainer",
     "TrainerConfig",
     "metrics",
+    "FusedMetaAdapter",
     "FusedMetaLoRA",
     "GammaTable",
     "HypergradientResult",
