@@ -1,0 +1,216 @@
+"""The ``triton`` backend of scaled LoRA on CPU, under the Triton interpreter, against a float64 oracle.
+
+Triton decides interpreted vs compiled when a kernel is defined, and ``TRITON_INTERPRET=1`` must not leak
+into GPU tests that share the pytest process, so the kernel tests run in a child pytest started with
+``TRITON_INTERPRET=1`` (``test_interpreter_suite``); they are skipped in the parent. Run them directly with
+``TRITON_INTERPRET=1 python -m pytest tests/ops/test_scaled_lora_triton.py``. The interpreter has no
+bf16: fp32 (``input_precision="ieee"``) and fp16 here; bf16, large shapes and torch.compile are in
+``tests/gpu/test_scaled_lora_triton_gpu.py``.
+"""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from metapeft.ops import scaled_lora, select_backend
+from metapeft.ops.scaled_lora import scaled_lora_fwd
+from metapeft.reference import scaled_lora_reference
+from tests.ops.test_scaled_lora import forward_backward, make_inputs
+from tests.oracle import assert_2x_rule, non_contiguous
+
+pytest.importorskip("triton")
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+interpreted = pytest.mark.skipif(not INTERPRET, reason="runs in the TRITON_INTERPRET=1 child of test_interpreter_suite")
+
+# (M, K, N, r, S): the issue's odd sizes, M in {1, 7, 97, 1000}, K, N in {40, 200, 768}, r in {1, 8, 64}, S in {1, 3}.
+SHAPES = [
+    (1, 40, 40, 1, 1),
+    (7, 200, 768, 8, 3),
+    (97, 40, 768, 1, 3),
+    (97, 768, 200, 64, 1),
+    (97, 200, 768, 64, 3),
+    (1000, 200, 40, 8, 1),
+]
+DTYPES = {"f32": torch.float32, "f16": torch.float16}
+
+
+def kernels():
+    """The kernel module, imported only inside the interpreter child."""
+    from metapeft.ops.scaled_lora_triton import kernels as load
+
+    return load()
+
+
+def poison_allocator(numel: int, dtype: torch.dtype) -> None:
+    """Fill and free NaN memory so that outputs the kernels fail to write show up as NaN."""
+    for _ in range(4):
+        torch.full((numel,), float("nan"), dtype=dtype)
+
+
+def triton_op(dropout_p=0.0, seed=0):
+    def run(x, weight, bias, lora_A, lora_B, scale):
+        return scaled_lora(x, weight, bias, lora_A, lora_B, scale, dropout_p=dropout_p, seed=seed, backend="triton")
+
+    return run
+
+
+def dropout_oracle(factors: torch.Tensor):
+    """Scaled LoRA whose LoRA branch sees ``x * factors`` (the kernel's dropout mask), in factors' dtype."""
+
+    def run(x, weight, bias, lora_A, lora_B, scale):
+        lora = scaled_lora_reference(x * factors, torch.zeros_like(weight), None, lora_A, lora_B, scale)
+        return F.linear(x, weight, bias) + lora
+
+    return run
+
+
+def check_against_oracle(shape, dtype, bias, dropout_p=0.0, seed=0):
+    """Forward and every gradient of the triton op vs float64 by the 2x rule (non-contiguous x and dY).
+
+    The oracle runs on the ``dtype``-rounded inputs, so only the computation's own error is compared.
+    """
+    M, K, N, _, _ = shape
+    _, inputs = make_inputs(*shape, dtype=dtype, bias=bias)
+    inputs64 = {k: None if v is None else v.double() for k, v in inputs.items()}
+    grad64 = torch.randn(M, N, dtype=torch.float64)
+    if dropout_p > 0.0:
+        factors = kernels().scaled_lora_dropout_mask(M, K, dropout_p, seed, torch.device("cpu")).double()
+        oracle, baseline = dropout_oracle(factors), dropout_oracle(factors.to(dtype))
+    else:
+        oracle = baseline = scaled_lora_reference
+    poison_allocator(M * max(N, K) * 2, dtype)
+    y_fast, g_fast = forward_backward(triton_op(dropout_p, seed), inputs, non_contiguous(grad64.to(dtype)),
+                                      x_transform=non_contiguous)
+    y_base, g_base = forward_backward(baseline, inputs, grad64.to(dtype))
+    y_ref, g_ref = forward_backward(oracle, inputs64, grad64)
+    assert y_fast.dtype == dtype
+    assert_2x_rule("y", y_fast, y_base, y_ref)
+    assert set(g_fast) == set(g_ref)
+    # d scale is a sum over h, which is saved in x's dtype: its error floor is that dtype's, not scale's fp32.
+    g_base["scale"] = g_base["scale"].to(dtype)
+    for name in g_ref:
+        assert g_fast[name].dtype == inputs[name].dtype, name
+        assert_2x_rule(f"d{name}", g_fast[name], g_base[name], g_ref[name])
+
+
+def test_interpreter_suite():
+    """Run this module's interpreter tests in a child process with TRITON_INTERPRET=1."""
+    if INTERPRET:
+        pytest.skip("already inside the interpreter run")
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q", "-x",
+                           "-p", "no:cacheprovider"], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"interpreter suite failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-2000:]}"
+    passed = re.search(r"(\d+) passed", proc.stdout)
+    assert passed is not None and int(passed.group(1)) >= 20, proc.stdout[-2000:]
+
+
+def test_cpu_tensors_need_the_interpreter():
+    x = torch.randn(3, 8)
+    if INTERPRET:
+        assert select_backend("triton", x) == "triton"
+    else:
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+            select_backend("triton", x)
+    assert select_backend("auto", x) == "torch", "'auto' must never pick triton for CPU tensors"
+    with pytest.raises(RuntimeError, match="fp32/fp16/bf16.*float64"):
+        select_backend("triton", x.double())
+
+
+# fp32 on every shape; fp16 (slower in the interpreter) on M = 1, the multi-tile rank loop and M = 1000.
+CASES = [(shape, "f32") for shape in SHAPES] + [(SHAPES[i], "f16") for i in (0, 4, 5)]
+
+
+@interpreted
+@pytest.mark.parametrize(("shape", "dtype_name"), CASES, ids=lambda c: c if isinstance(c, str) else
+                         "M{}_K{}_N{}_r{}_S{}".format(*c))
+def test_matches_float64_oracle_by_2x_rule(shape, dtype_name):
+    check_against_oracle(shape, DTYPES[dtype_name], bias=shape[0] % 2 == 1)
+
+
+@interpreted
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+def test_dropout_matches_oracle_built_from_the_kernel_mask(dtype_name):
+    check_against_oracle((97, 200, 768, 8, 3), DTYPES[dtype_name], bias=True, dropout_p=0.3, seed=2**62 - 5)
+
+
+@interpreted
+def test_dropout_mask_statistics_and_forward_agrees_with_the_mask_helper():
+    M, K, p, seed = 300, 64, 0.3, 1234
+    factors = kernels().scaled_lora_dropout_mask(M, K, p, seed, torch.device("cpu"))
+    kept = factors != 0
+    assert torch.equal(factors[kept], torch.full_like(factors[kept], 1.0 / (1.0 - p)))
+    sigma = (p * (1 - p) / kept.numel()) ** 0.5
+    assert abs(kept.float().mean().item() - (1 - p)) < 5 * sigma
+    assert abs(kept.float().mean(0) - (1 - p)).max() < 0.15, "columns must not share a mask pattern"
+    assert torch.equal(factors, kernels().scaled_lora_dropout_mask(M, K, p, seed, torch.device("cpu")))
+    assert not torch.equal(factors, kernels().scaled_lora_dropout_mask(M, K, p, seed + 1, torch.device("cpu")))
+    # With A = identity, h = drop(x): the forward kernel must drop exactly what the helper says.
+    x = torch.rand(M, K) + 1.0
+    _, h = scaled_lora_fwd(x, torch.zeros(K, K), None, torch.eye(K), torch.zeros(K, K), torch.ones(1), p, seed,
+                           "triton")
+    torch.testing.assert_close(h, x * factors, rtol=1e-6, atol=0)
+
+
+@interpreted
+def test_dropout_is_reproducible_from_the_seed():
+    _, inputs = make_inputs(40, 24, 30, 4, 3, dtype=torch.float32)
+    args = tuple(inputs.values())
+    a = scaled_lora(*args, dropout_p=0.4, seed=7, backend="triton")
+    b = scaled_lora(*args, dropout_p=0.4, seed=7, backend="triton")
+    c = scaled_lora(*args, dropout_p=0.4, seed=8, backend="triton")
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.allclose(a, c)
+    torch.testing.assert_close(scaled_lora(*args, dropout_p=0.0, seed=7, backend="triton"),
+                               scaled_lora_reference(*args), rtol=1e-5, atol=1e-5)
+
+
+@interpreted
+@pytest.mark.parametrize("needs", [(True, False, False, False, False, False), (False, False, False, True, True, False),
+                                   (False, True, True, False, False, True)], ids=["dx", "dA_dB", "dW_db_dscale"])
+def test_backward_computes_only_what_is_needed(needs):
+    M, K, N, r, S = 33, 40, 120, 4, 3
+    _, inputs = make_inputs(M, K, N, r, S, dtype=torch.float32)
+    x, weight, _, lora_A, lora_B, scale = inputs.values()
+    grad_y = torch.randn(M, N)
+    _, h = kernels().scaled_lora_fwd(x, weight, None, lora_A, lora_B, scale, 0.2, 3)
+    fast = kernels().scaled_lora_bwd(grad_y, x, weight, lora_A, lora_B, scale, h, 0.2, 3, needs)
+    every = kernels().scaled_lora_bwd(grad_y, x, weight, lora_A, lora_B, scale, h, 0.2, 3, (True,) * 6)
+    for name, need, g, full in zip(("dx", "dweight", "dbias", "dA", "dB", "dscale"), needs, fast, every):
+        if need:
+            torch.testing.assert_close(g, full, rtol=0, atol=0, msg=name)
+        else:
+            assert g is None, name
+
+
+@interpreted
+def test_opcheck():
+    _, inputs = make_inputs(6, 20, 24, 2, 3, dtype=torch.float32)
+    for k in ("x", "lora_A", "lora_B", "scale"):
+        inputs[k].requires_grad_(True)
+    args = (*inputs.values(), 0.25, 5, "triton")
+    torch.library.opcheck(torch.ops.metapeft.scaled_lora_fwd.default, args)
+    h = torch.ops.metapeft.scaled_lora_fwd(*args)[1]
+    bwd_args = (torch.randn(6, 24), inputs["x"].detach(), inputs["weight"], inputs["lora_A"].detach(),
+                inputs["lora_B"].detach(), inputs["scale"].detach(), h, 0.25, 5, "triton", [True, False, True] * 2)
+    torch.library.opcheck(torch.ops.metapeft.scaled_lora_bwd.default, bwd_args)
+
+
+@interpreted
+def test_launcher_errors_name_the_problem():
+    _, inputs = make_inputs(5, 8, 6, 2, 1, dtype=torch.float32)
+    x, weight, bias, lora_A, lora_B, scale = inputs.values()
+    with pytest.raises(ValueError, match="inconsistent shapes"):
+        kernels().scaled_lora_fwd(x, weight, bias, lora_A[:1], lora_B, scale, 0.0, 0)
+    with pytest.raises(ValueError, match="M\\*K < 2\\*\\*31"):
+        kernels().scaled_lora_dropout_mask(2**20, 2**12, 0.1, 0, torch.device("cpu"))
+    _, h = kernels().scaled_lora_fwd(x, weight, bias, lora_A, lora_B, scale, 0.0, 0)
+    with pytest.raises(ValueError, match="grad_y must be"):
+        kernels().scaled_lora_bwd(torch.randn(5, 7), x, weight, lora_A, lora_B, scale, h, 0.0, 0, (True,) * 6)
