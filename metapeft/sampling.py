@@ -104,9 +104,12 @@ class MetaSetSampler:
             raise ValueError("the meta set is empty: the meta source needs at least one class with 2+ samples")
 
     def train_indices(self) -> torch.Tensor:
-        """Training-set indices the inner loop iterates over (all but a fixed held-out meta set)."""
+        """Training-set indices the inner loop iterates over (all but a fixed held-out meta set); only for a
+        training-set meta source."""
+        if self.separate_source:
+            raise ValueError("the meta source is a separate set: the inner loop uses the whole training set")
         everything = torch.arange(self.labels.numel())
-        if self.separate_source or self.fixed_set is None:
+        if self.fixed_set is None:
             return everything
         keep = torch.ones(self.labels.numel(), dtype=torch.bool)
         keep[self.fixed_set] = False

@@ -238,7 +238,7 @@ class MetaPEFTTrainer:
         self.meta_sampler = MetaSetSampler(source, config.meta_ratio, meta_batch_size, config.seed,
                                            config.meta_resample, separate_source=val_set is not None) \
             if self.rho else None
-        self.train_indices = self.meta_sampler.train_indices() if self.meta_sampler else \
+        self.train_indices = self.meta_sampler.train_indices() if self.meta_sampler and val_set is None else \
             torch.arange(self.train_labels.numel())
         self.steps_per_epoch = math.ceil(self.train_indices.numel() / config.batch_size)
         self.total_steps = self.steps_per_epoch * config.epochs

@@ -95,6 +95,8 @@ def test_fixed_split_is_held_out_of_the_inner_loop():
     assert np.isin(sampler.meta_batch(5).numpy(), sampler.fixed_set.numpy()).all()
     separate = MetaSetSampler(labels, 0.2, 8, seed=0, resample=True, separate_source=True)
     assert separate.meta_batch(0).numel() == 8
+    with pytest.raises(ValueError, match="separate"):
+        separate.train_indices()
 
 
 def test_epoch_batches_and_shards_partition():

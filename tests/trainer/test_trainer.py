@@ -1,0 +1,238 @@
+"""MetaPEFTTrainer: wiring against hand-written loops, the look-ahead reuse, exact resume, heads, logs."""
+
+import copy
+import json
+import shutil
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import metapeft
+from metapeft.heads import CosineClassifier
+from metapeft.losses import LogitAdjustedLoss
+from metapeft.meta import hypergradient
+from metapeft.sampling import epoch_batches
+from metapeft.trainer import MetaPEFTTrainer, TrainerConfig
+from tests.trainer.toy import LongTailedBlobs, TinyNet
+
+COUNTS = [20, 12, 6, 4]
+
+
+def quiet(**kwargs) -> TrainerConfig:
+    return TrainerConfig(progress=False, **kwargs)
+
+
+def test_config_rejects_bad_values():
+    for bad, match in (({"epochs": 0}, "epochs"), ({"meta_ratio": 1.0}, "meta_ratio"), ({"lr": 0.0}, "lr"),
+                       ({"meta_mode": "second"}, "meta_mode"), ({"resume": True}, "output_dir"),
+                       ({"max_grad_norm": -1.0}, "max_grad_norm"), ({"meta_batch_size": 0}, "meta_batch_size")):
+        with pytest.raises(ValueError, match=match):
+            TrainerConfig(**bad)
+
+
+def test_plain_peft_equals_a_hand_written_sgd_loop():
+    data = LongTailedBlobs(COUNTS)
+    torch.manual_seed(0)
+    model = TinyNet(meta=False)
+    twin = copy.deepcopy(model)
+    trainer = MetaPEFTTrainer(model, data, config=quiet(epochs=2, batch_size=16, classifier="linear"))
+    trainer.fit()
+    assert trainer.meta_optimizer is None and trainer.rho == []
+
+    params = [twin.l1.lora_A, twin.l1.lora_B, twin.l2.lora_A, twin.l2.lora_B, *twin.head.parameters()]
+    optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4)
+    total = 2 * 3
+    log_prior = torch.log(torch.tensor(COUNTS, dtype=torch.float32) / sum(COUNTS))
+    step = 0
+    for epoch in range(2):
+        for batch in epoch_batches(torch.arange(len(data)), 16, seed=0, epoch=epoch):
+            x, y = data.x[batch], torch.tensor(data.labels)[batch]
+            for group in optimizer.param_groups:
+                group["lr"] = 0.005 * (1 + torch.cos(torch.tensor(torch.pi * step / total))).item()
+            optimizer.zero_grad()
+            F.cross_entropy(twin(x) + log_prior, y).backward()
+            optimizer.step()
+            step += 1
+    for (name, p), q in zip(trainer.model_state().items(), [twin.state_dict()[n] for n in trainer.model_state()]):
+        assert torch.allclose(p, q, rtol=1e-5, atol=1e-7), name
+    assert torch.equal(model.l1.modulator, twin.l1.modulator)
+
+
+def test_meta_false_config_freezes_learnable_modulators():
+    model = TinyNet(meta=True)
+    before = model.l1.modulator.detach().clone()
+    trainer = MetaPEFTTrainer(model, LongTailedBlobs(COUNTS), config=quiet(epochs=1, batch_size=16, meta=False))
+    trainer.fit()
+    assert torch.equal(model.l1.modulator, before) and not model.l1.modulator.requires_grad
+
+
+@pytest.mark.parametrize("reuse", [True, False], ids=["reuse_lookahead", "recompute"])
+def test_meta_step_applies_the_hypergradient_and_the_lookahead(reuse):
+    data = LongTailedBlobs(COUNTS)
+    model = TinyNet(dtype=torch.float64)
+    with torch.no_grad():
+        for layer in (model.l1, model.l2):
+            layer.lora_B.normal_()
+    config = quiet(batch_size=16, meta_lr=0.05, classifier="linear", meta_reuse_lookahead=reuse)
+    trainer = MetaPEFTTrainer(model, data, config=config)
+    twin = copy.deepcopy(model)
+    batch_indices = torch.arange(16)
+    x, y = data.x[batch_indices].double(), torch.tensor(data.labels)[batch_indices]
+    meta_indices = trainer.meta_sampler.meta_batch(0, batch_indices)
+    val = (data.x[meta_indices].double(), torch.tensor(data.labels)[meta_indices])
+    criterion = LogitAdjustedLoss(COUNTS).double()
+
+    def loss_fn(m, batch):
+        return criterion(m(batch[0]), batch[1])
+
+    expected = hypergradient(twin, loss_fn, (x, y), val, lr=0.01, weight_decay=5e-4, mode="exact")
+    trainer.train_step(x, y, batch_indices)
+    for rho, rho0, g in zip(metapeft.meta_parameters(model), metapeft.meta_parameters(twin), expected.meta_grads):
+        # Adam's first step moves by lr * g / (|g| + eps) = lr * sign(g)
+        assert torch.allclose(rho, rho0 - 0.05 * g.sign(), rtol=0, atol=1e-7)
+    if reuse:
+        lookahead = expected.lookahead
+    else:
+        with torch.no_grad():
+            for rho, new in zip(metapeft.meta_parameters(twin), metapeft.meta_parameters(model)):
+                rho.copy_(new)
+        phi = metapeft.trainable_phi(twin)
+        grads = torch.autograd.grad(loss_fn(twin, (x, y)), phi)
+        lookahead = [p - 0.01 * (g + 5e-4 * p) for p, g in zip(phi, grads)]
+    for p, q in zip(metapeft.trainable_phi(model), lookahead):
+        assert torch.allclose(p, q, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(expected.lookahead[0], lookahead[0]) or reuse
+
+
+def test_gradient_clipping_bounds_the_step():
+    model = TinyNet(meta=False)
+    trainer = MetaPEFTTrainer(model, LongTailedBlobs(COUNTS), config=quiet(
+        batch_size=16, momentum=0.0, weight_decay=0.0, max_grad_norm=0.05, classifier="linear"))
+    before = [p.detach().clone() for p in trainer.phi]
+    logs = trainer.train_step(trainer.train_set.x[:16], torch.tensor(trainer.train_set.labels[:16]), torch.arange(16))
+    assert float(logs["grad_norm"]) > 0.1
+    step = torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in zip(trainer.phi, before)))
+    assert float(step) == pytest.approx(0.01 * 0.05, rel=1e-4)  # clip_grad_norm_ divides by norm + 1e-6
+
+
+def run_to_end(output_dir, max_steps=None, resume=False):
+    torch.manual_seed(0)
+    model = TinyNet(dropout=0.2)
+    config = quiet(epochs=2, batch_size=16, meta_lr=0.05, output_dir=str(output_dir), resume=resume, log_every=1)
+    trainer = MetaPEFTTrainer(model, LongTailedBlobs(COUNTS), config=config)
+    trainer.fit(max_steps=max_steps)
+    return trainer
+
+
+def test_resume_mid_epoch_equals_an_uninterrupted_run(tmp_path):
+    reference = run_to_end(tmp_path / "a")
+    run_to_end(tmp_path / "b", max_steps=2)  # stops inside epoch 0 (3 steps per epoch)
+    shutil.copy(tmp_path / "b" / "checkpoint.pt", tmp_path / "step2.pt")
+    run_to_end(tmp_path / "b", max_steps=5, resume=True)  # inside epoch 1, logs steps 3..5
+    shutil.copy(tmp_path / "step2.pt", tmp_path / "b" / "checkpoint.pt")  # as if it crashed after step 2
+    resumed = run_to_end(tmp_path / "b", resume=True)
+    assert resumed.global_step == reference.global_step == 6
+    for (name, a), b in zip(reference.model_state().items(), resumed.model_state().values()):
+        assert torch.equal(a, b), name
+    assert (tmp_path / "a" / "metrics.jsonl").read_text() == (tmp_path / "b" / "metrics.jsonl").read_text()
+    lines = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["global_step"] for r in lines if r["event"] == "step"] == [1, 2, 3, 4, 5, 6]
+    assert all(r["meta_loss"] > 0 for r in lines if r["event"] == "step")
+    assert set(lines[-1]["gammas"]) == {"l1", "l2"}
+    assert (tmp_path / "a" / "model.safetensors").exists()
+
+
+def test_cosine_head_starts_from_class_mean_features():
+    data = LongTailedBlobs(COUNTS)
+    model = TinyNet()
+    trainer = MetaPEFTTrainer(model, data, config=quiet(batch_size=16))
+    assert isinstance(model.head, CosineClassifier) and model.head.scale == 25.0
+    trainer.init_head_from_class_means()
+    with torch.no_grad():
+        features, labels = model.features(data.x), torch.tensor(data.labels)
+    for c in range(len(COUNTS)):
+        expected = F.normalize(features[labels == c].mean(0), dim=0)
+        assert torch.allclose(model.head.weight[c], expected, atol=1e-6)
+
+
+def test_a_val_set_is_the_meta_batch_source(monkeypatch):
+    train, val = LongTailedBlobs(COUNTS, seed=1), LongTailedBlobs([6, 6, 6, 6], seed=2)
+    seen = []
+
+    def spy(model, loss_fn, train_batch, val_batch, **kwargs):
+        seen.append(val_batch)
+        return hypergradient(model, loss_fn, train_batch, val_batch, **kwargs)
+
+    monkeypatch.setattr("metapeft.trainer.hypergradient", spy)
+    trainer = MetaPEFTTrainer(TinyNet(), train, val, config=quiet(epochs=1, batch_size=16, meta_batch_size=8))
+    trainer.fit()
+    assert trainer.train_indices.numel() == len(train) and len(seen) == 3
+    for x, y in seen:
+        rows = (x[:, None, :] == val.x[None]).all(-1)
+        assert rows.any(1).all() and y.bincount().tolist() == [2, 2, 2, 2]
+
+
+def test_meta_training_turns_a_harmful_position_down():
+    data = LongTailedBlobs([60, 30, 15, 8], noise=0.7)
+    torch.manual_seed(0)
+    model = TinyNet()
+    # harmful by construction: l2's LoRA starts large and sees half its input dropped at random, so its
+    # output is mostly per-sample noise on the features
+    model.l2.dropout = 0.5
+    with torch.no_grad():
+        model.l2.lora_B.normal_(std=1.0)
+    trainer = MetaPEFTTrainer(model, data, config=quiet(epochs=3, batch_size=32, meta_lr=0.05))
+    trainer.fit()
+    gammas = trainer.gammas()
+    assert gammas["l2"][0] < 0.85 and gammas["l2"][0] < gammas["l1"][0] - 0.1, gammas
+
+
+def test_timm_vit_with_segmented_qkv_lora_trains_with_a_cosine_head():
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, depth=1,
+                            num_classes=3)
+    block = vit.blocks[0]
+    block.attn.qkv = metapeft.FusedMetaLoRA(block.attn.qkv, rank=2, segments=3)
+    block.mlp.fc1 = metapeft.FusedMetaLoRA(block.mlp.fc1, rank=2)
+
+    class Images(torch.utils.data.Dataset):
+        targets = [0, 1, 2, 0, 1, 2, 0, 0, 1, 0]
+
+        def __len__(self):
+            return len(self.targets)
+
+        def __getitem__(self, i):
+            return torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(i)) + self.targets[i], \
+                self.targets[i]
+
+    trainer = MetaPEFTTrainer(vit, Images(), config=quiet(epochs=1, batch_size=5, meta_batch_size=3))
+    before = {k: list(v) for k, v in trainer.gammas().items()}
+    result = trainer.fit(eval_set=Images())
+    assert isinstance(vit.get_classifier(), CosineClassifier)
+    assert len(before["blocks.0.attn.qkv"]) == 3 and trainer.gammas() != before
+    assert 0.0 <= result["accuracy"] <= 1.0 and result["global_step"] == 2
+    assert not vit.blocks[0].attn.qkv.base.weight.requires_grad and vit.head.weight.requires_grad
+
+
+def test_bf16_autocast_on_cpu_trains_with_finite_losses(tmp_path):
+    trainer = MetaPEFTTrainer(TinyNet(), LongTailedBlobs(COUNTS), config=quiet(
+        epochs=1, batch_size=16, amp="bf16", output_dir=str(tmp_path), log_every=1))
+    trainer.fit()
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["train_loss"] is not None and r["meta_loss"] is not None for r in lines if r["event"] == "step")
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_training_runs():
+    trainer = MetaPEFTTrainer(TinyNet(), LongTailedBlobs(COUNTS), config=quiet(epochs=1, batch_size=16))
+    assert trainer.device.type == "cuda"
+    result = trainer.fit(eval_set=LongTailedBlobs(COUNTS))
+    assert result["accuracy"] is not None and all(v[0] > 0 for v in trainer.gammas().values())
+
+
+def test_model_without_a_findable_head_is_rejected():
+    with pytest.raises(ValueError, match="head"):
+        MetaPEFTTrainer(nn.Sequential(metapeft.FusedMetaLoRA(nn.Linear(12, 4), 2)), LongTailedBlobs(COUNTS))
