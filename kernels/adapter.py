@@ -1,0 +1,283 @@
+"""Triton kernels for the scaled adapter (the ``triton`` backend): row-fused forward and backward.
+
+Shapes (any M, D; masked tails; any strides): x (M, D), residual (M, D) or None (the residual is x),
+down_weight (b, D), down_bias (b,) or None, up_weight (D, b), up_bias (D,) or None, scale (1,) read from
+device memory inside the kernels (changing it never recompiles and never syncs the host); 1 <= b <= 256.
+fp32 / fp16 / bf16 inputs; every product accumulates in fp32. ``activation``: "relu" or "gelu" (exact, erf).
+
+Forward (``_adapter_fwd_kernel``, one program per BLOCK_M rows; the bottleneck row block stays in registers):
+    z = drop(x) down^T + down_b  (stored in x's dtype, saved for backward);  a = act(z)
+    out = residual + scale * (a up^T + up_b)   (bias, scale and residual fused into the GEMM epilogue)
+Backward (``_adapter_bwd_kernel``, one program per BLOCK_M rows):
+    G = dOut up (fp32 registers);  d scale partial = sum(G * a) + sum_m dOut_m . up_b   (fp32, never rounded)
+    dz = scale G * act'(z) (stored);  a1 = [a, 1] (stored);  dx = drop'(dz down) [+ dOut when the residual is x]
+  then torch GEMMs for the weight gradients, which reduce over M:  [d up, d up_b] = scale dOut^T a1,
+  d down = dz^T drop(x), d down_b = sum_m dz_m.
+Dropout: the scaled-LoRA kernels' rule (``kernels/scaled_lora.py``): keep x[m, d] iff ``tl.rand(seed, m*D + d) >= p``,
+scaled by 1/(1-p); regenerated in backward, never stored (d down materialises drop(x) transiently).
+
+Bytes moved (fp16, no dropout; M x D tensors only): the forward reads x twice (the second read, BLOCK_M rows
+back, mostly hits L2) and the residual once and writes out once; the unfused reference also writes and re-reads
+the up projection and its scaled copy (4 more M x D passes). The backward kernel reads dOut twice (again L2 for
+the second) and writes dx; the torch GEMMs read dOut and x once each. The row-parallel grid has cdiv(M, BLOCK_M)
+programs: at ViT-B/16 batch 64 (M = 12608) that is 197 programs of 64 rows, 1.5 waves on a 132-SM H200.
+Block sizes are reasoned, not measured (no GPU was available while writing this): BLOCK_M = 64 keeps a
+(64, 256) fp32 bottleneck accumulator within 8 warps' registers; BLOCK_D is autotuned over {64, 128}.
+
+This module knows nothing of ``metapeft``; ``metapeft/ops/adapter_triton.py`` registers it as a backend.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .scaled_lora import INTERPRET, MIN_DOT, _dot_precision, _dropout_args, _keep_scale, scaled_lora_dropout_mask
+
+# The bottleneck row block lives in registers: (BLOCK_M, next_pow2(b)) fp32 accumulators.
+MAX_BOTTLENECK = 256
+# Rows per program (fixed, so that the backward's d-scale partials have a known count). The interpreter costs
+# ~0.1 s per program and little per element, hence bigger tiles there.
+BLOCK_M = 128 if INTERPRET else 64
+ACTIVATIONS = {"relu": 0, "gelu": 1}
+
+
+def _tune_bench(kernel_call, quantiles):
+    """Autotuning timer: 5 ms warm-up, 25 ms of reps."""
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
+
+
+def _configs() -> list[triton.Config]:
+    """BLOCK_D x warps; 8 warps for wide bottlenecks (a (64, 256) fp32 tile is 128 registers a thread at 4)."""
+    if INTERPRET:
+        return [triton.Config({"BLOCK_D": 128}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_D": d}, num_warps=w, num_stages=s) for d in (64, 128) for w, s in ((4, 3), (8, 2))]
+
+
+@triton.jit
+def _act(z, ACTIVATION: tl.constexpr):
+    """act(z) in fp32: relu, or gelu(z) = z * Phi(z) (exact, erf)."""
+    if ACTIVATION == 0:
+        return tl.maximum(z, 0.0)
+    return 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
+
+
+@triton.jit
+def _act_grad(z, ACTIVATION: tl.constexpr):
+    """act'(z) in fp32: 1[z > 0], or Phi(z) + z * phi(z)."""
+    if ACTIVATION == 0:
+        return tl.where(z > 0.0, 1.0, 0.0)
+    return 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476)) + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)
+
+
+@triton.autotune(configs=_configs(), key=["D", "B"], do_bench=_tune_bench)
+@triton.jit(do_not_specialize=["seed"])
+def _adapter_fwd_kernel(
+    x_ptr, res_ptr, dw_ptr, db_ptr, uw_ptr, ub_ptr, scale_ptr, z_ptr, out_ptr, M, D, B,
+    stride_xm, stride_xd, stride_rm, stride_rd, stride_dwb, stride_dwd, stride_uwd, stride_uwb,
+    stride_zm, stride_zb, stride_om, stride_od,
+    p, inv_keep, seed,
+    HAS_DOWN_BIAS: tl.constexpr, HAS_UP_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    """z (M, B) and out (M, D) = res + scale * (act(z) up^T + up_b); grid (cdiv(M, BLOCK_M),)."""
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rb = tl.arange(0, BLOCK_B)
+    rm64 = rm.to(tl.int64)
+    m_mask = rm < M
+    b_mask = rb < B
+    acc = tl.zeros((BLOCK_M, BLOCK_B), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        rd = d0 + tl.arange(0, BLOCK_D)
+        x = tl.load(x_ptr + rm64[:, None] * stride_xm + rd[None, :] * stride_xd,
+                    mask=m_mask[:, None] & (rd[None, :] < D), other=0.0)
+        if HAS_DROPOUT:
+            x = (x.to(tl.float32) * _keep_scale(seed, rm, rd, D, p, inv_keep)).to(x_ptr.dtype.element_ty)
+        dw_t = tl.load(dw_ptr + rb[None, :] * stride_dwb + rd[:, None] * stride_dwd,
+                       mask=b_mask[None, :] & (rd[:, None] < D), other=0.0)
+        acc = tl.dot(x, dw_t, acc, input_precision=DOT_PRECISION)
+    if HAS_DOWN_BIAS:
+        acc += tl.load(db_ptr + rb, mask=b_mask, other=0.0).to(tl.float32)[None, :]
+    # z is rounded to the storage dtype before the activation, so that backward (which reads the stored z)
+    # differentiates exactly the activation the forward applied.
+    z = acc.to(z_ptr.dtype.element_ty)
+    tl.store(z_ptr + rm64[:, None] * stride_zm + rb[None, :] * stride_zb, z, mask=m_mask[:, None] & b_mask[None, :])
+    a = _act(z.to(tl.float32), ACTIVATION).to(uw_ptr.dtype.element_ty)
+    c = tl.load(scale_ptr).to(tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        rd = d0 + tl.arange(0, BLOCK_D)
+        d_mask = rd < D
+        up_t = tl.load(uw_ptr + rd[None, :] * stride_uwd + rb[:, None] * stride_uwb,
+                       mask=d_mask[None, :] & b_mask[:, None], other=0.0)
+        delta = tl.dot(a, up_t, input_precision=DOT_PRECISION)
+        if HAS_UP_BIAS:
+            delta += tl.load(ub_ptr + rd, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+        tile = m_mask[:, None] & d_mask[None, :]
+        res = tl.load(res_ptr + rm64[:, None] * stride_rm + rd[None, :] * stride_rd, mask=tile, other=0.0)
+        out = res.to(tl.float32) + c * delta
+        tl.store(out_ptr + rm64[:, None] * stride_om + rd[None, :] * stride_od, out.to(out_ptr.dtype.element_ty),
+                 mask=tile)
+
+
+@triton.autotune(configs=_configs(), key=["D", "B"], do_bench=_tune_bench)
+@triton.jit(do_not_specialize=["seed"])
+def _adapter_bwd_kernel(
+    dout_ptr, z_ptr, dw_ptr, uw_ptr, ub_ptr, scale_ptr, dz_ptr, a1_ptr, dx_ptr, dscale_part_ptr, M, D, B,
+    stride_gm, stride_gd, stride_zm, stride_zb, stride_dwb, stride_dwd, stride_uwd, stride_uwb,
+    stride_dzm, stride_dzb, stride_am, stride_ab, stride_dxm, stride_dxd,
+    p, inv_keep, seed,
+    HAS_UP_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_DROPOUT: tl.constexpr, RESIDUAL_IS_X: tl.constexpr,
+    NEED_DX: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    """dz, a1[:, :B] = act(z), dx and the d-scale partial of this program's rows; grid (cdiv(M, BLOCK_M),)."""
+    pid = tl.program_id(0)
+    rm = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rb = tl.arange(0, BLOCK_B)
+    rm64 = rm.to(tl.int64)
+    m_mask = rm < M
+    b_mask = rb < B
+    G = tl.zeros((BLOCK_M, BLOCK_B), dtype=tl.float32)
+    g_bias = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        rd = d0 + tl.arange(0, BLOCK_D)
+        d_mask = rd < D
+        dout = tl.load(dout_ptr + rm64[:, None] * stride_gm + rd[None, :] * stride_gd,
+                       mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+        up = tl.load(uw_ptr + rd[:, None] * stride_uwd + rb[None, :] * stride_uwb,
+                     mask=d_mask[:, None] & b_mask[None, :], other=0.0)
+        G = tl.dot(dout, up, G, input_precision=DOT_PRECISION)
+        if HAS_UP_BIAS:
+            up_b = tl.load(ub_ptr + rd, mask=d_mask, other=0.0).to(tl.float32)
+            g_bias += tl.sum(dout.to(tl.float32) * up_b[None, :], axis=1)
+    tile = m_mask[:, None] & b_mask[None, :]
+    z = tl.load(z_ptr + rm64[:, None] * stride_zm + rb[None, :] * stride_zb, mask=tile, other=0.0).to(tl.float32)
+    a = _act(z, ACTIVATION)
+    tl.store(dscale_part_ptr + pid, tl.sum(tl.sum(G * a, axis=1) + g_bias, axis=0))
+    tl.store(a1_ptr + rm64[:, None] * stride_am + rb[None, :] * stride_ab, a.to(a1_ptr.dtype.element_ty), mask=tile)
+    dz = (G * tl.load(scale_ptr).to(tl.float32) * _act_grad(z, ACTIVATION)).to(dz_ptr.dtype.element_ty)
+    tl.store(dz_ptr + rm64[:, None] * stride_dzm + rb[None, :] * stride_dzb, dz, mask=tile)
+    if NEED_DX:
+        for d0 in range(0, D, BLOCK_D):
+            rd = d0 + tl.arange(0, BLOCK_D)
+            d_mask = rd < D
+            dw = tl.load(dw_ptr + rb[:, None] * stride_dwb + rd[None, :] * stride_dwd,
+                         mask=b_mask[:, None] & d_mask[None, :], other=0.0)
+            dx = tl.dot(dz, dw, input_precision=DOT_PRECISION)
+            if HAS_DROPOUT:
+                dx = dx * _keep_scale(seed, rm, rd, D, p, inv_keep)
+            out_tile = m_mask[:, None] & d_mask[None, :]
+            if RESIDUAL_IS_X:
+                dx += tl.load(dout_ptr + rm64[:, None] * stride_gm + rd[None, :] * stride_gd, mask=out_tile,
+                              other=0.0).to(tl.float32)
+            tl.store(dx_ptr + rm64[:, None] * stride_dxm + rd[None, :] * stride_dxd, dx.to(dx_ptr.dtype.element_ty),
+                     mask=out_tile)
+
+
+def _check_shapes(x, residual, down_weight, down_bias, up_weight, up_bias, scale, activation) -> tuple[int, int, int]:
+    """(M, D, b) after checking that the operands fit together and the kernels can run them."""
+    for name, t in (("x", x), ("down_weight", down_weight), ("up_weight", up_weight)):
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+    M, D = x.shape
+    B = down_weight.shape[0]
+    if (down_weight.shape[1] != D or tuple(up_weight.shape) != (D, B) or tuple(scale.shape) != (1,)
+            or (residual is not None and tuple(residual.shape) != (M, D))
+            or (down_bias is not None and tuple(down_bias.shape) != (B,))
+            or (up_bias is not None and tuple(up_bias.shape) != (D,))):
+        raise ValueError(f"inconsistent shapes: x {tuple(x.shape)}, down_weight {tuple(down_weight.shape)}, "
+                         f"up_weight {tuple(up_weight.shape)}, scale {tuple(scale.shape)}")
+    if not 1 <= B <= MAX_BOTTLENECK:
+        raise ValueError(f"the triton adapter kernels run bottlenecks 1..{MAX_BOTTLENECK}, got {B}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
+    return M, D, B
+
+
+def _bottleneck_block(b: int) -> int:
+    """Bottleneck tile: a power of two >= b and >= MIN_DOT (tl.dot needs 16)."""
+    return max(MIN_DOT, triton.next_power_of_2(b))
+
+
+def adapter_fwd(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    down_weight: torch.Tensor,
+    down_bias: torch.Tensor | None,
+    up_weight: torch.Tensor,
+    up_bias: torch.Tensor | None,
+    scale: torch.Tensor,
+    activation: str,
+    dropout_p: float,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(out (M, D), z (M, b))`` in x's dtype; all tensor operands but scale share dtype and device."""
+    M, D, B = _check_shapes(x, residual, down_weight, down_bias, up_weight, up_bias, scale, activation)
+    p, inv_keep, has_dropout = _dropout_args(dropout_p, M, D)
+    z = torch.empty((M, B), dtype=x.dtype, device=x.device)
+    out = torch.empty((M, D), dtype=x.dtype, device=x.device)
+    res = x if residual is None else residual
+    _adapter_fwd_kernel[(triton.cdiv(M, BLOCK_M),)](
+        x, res, down_weight, down_bias if down_bias is not None else z, up_weight,
+        up_bias if up_bias is not None else out, scale, z, out, M, D, B,
+        *x.stride(), *res.stride(), *down_weight.stride(), *up_weight.stride(), *z.stride(), *out.stride(),
+        p, inv_keep, seed,
+        HAS_DOWN_BIAS=down_bias is not None, HAS_UP_BIAS=up_bias is not None, ACTIVATION=ACTIVATIONS[activation],
+        HAS_DROPOUT=has_dropout, DOT_PRECISION=_dot_precision(x), BLOCK_M=BLOCK_M, BLOCK_B=_bottleneck_block(B),
+    )
+    return out, z
+
+
+def adapter_bwd(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    down_weight: torch.Tensor,
+    up_weight: torch.Tensor,
+    up_bias: torch.Tensor | None,
+    scale: torch.Tensor,
+    z: torch.Tensor,
+    activation: str,
+    dropout_p: float,
+    seed: int,
+    residual_is_x: bool,
+    needs: tuple[bool, bool, bool, bool, bool, bool],
+) -> tuple[torch.Tensor | None, ...]:
+    """Gradients ``(dx, d down_weight, d down_bias, d up_weight, d up_bias, d scale)`` from grad_out (M, D) and the
+    forward's z (M, b); None where ``needs`` is False. dx includes grad_out when ``residual_is_x``; d scale has
+    scale's dtype, the rest x's dtype."""
+    need_dx, need_ddown_w, need_ddown_b, need_dup_w, need_dup_b, need_dscale = needs
+    M, D, B = _check_shapes(x, None, down_weight, None, up_weight, up_bias, scale, activation)
+    if tuple(grad_out.shape) != (M, D) or tuple(z.shape) != (M, B):
+        raise ValueError(f"grad_out must be ({M}, {D}) and z ({M}, {B}), got {tuple(grad_out.shape)}, "
+                         f"{tuple(z.shape)}")
+    p, inv_keep, has_dropout = _dropout_args(dropout_p, M, D)
+    has_up_bias = up_bias is not None
+    grid = triton.cdiv(M, BLOCK_M)
+    dz = torch.empty((M, B), dtype=x.dtype, device=x.device)
+    a1 = torch.empty((M, B + has_up_bias), dtype=x.dtype, device=x.device)
+    if has_up_bias:
+        a1[:, B].fill_(1.0)
+    dx = torch.empty((M, D), dtype=x.dtype, device=x.device) if need_dx else dz
+    dscale_part = torch.empty((grid,), dtype=torch.float32, device=x.device)
+    _adapter_bwd_kernel[(grid,)](
+        grad_out, z, down_weight, up_weight, up_bias if has_up_bias else dz, scale, dz, a1, dx, dscale_part, M, D, B,
+        *grad_out.stride(), *z.stride(), *down_weight.stride(), *up_weight.stride(), *dz.stride(), *a1.stride(),
+        *dx.stride(), p, inv_keep, seed,
+        HAS_UP_BIAS=has_up_bias, ACTIVATION=ACTIVATIONS[activation], HAS_DROPOUT=has_dropout,
+        RESIDUAL_IS_X=residual_is_x, NEED_DX=need_dx, DOT_PRECISION=_dot_precision(x), BLOCK_M=BLOCK_M,
+        BLOCK_B=_bottleneck_block(B),
+    )
+    dup_w = dup_b = ddown_w = ddown_b = None
+    if need_dup_w or need_dup_b:
+        P1 = grad_out.t() @ a1  # (D, b+1): [dOut^T a, sum_m dOut_m]
+        c = scale.to(P1.dtype)
+        dup_w = P1[:, :B] * c if need_dup_w else None
+        dup_b = P1[:, B] * c if need_dup_b else None
+    if need_ddown_w:
+        dropped = x * scaled_lora_dropout_mask(M, D, dropout_p, seed, x.device).to(x.dtype) if has_dropout else x
+        ddown_w = dz.t() @ dropped
+    if need_ddown_b:
+        ddown_b = dz.sum(dim=0)
+    dscale = dscale_part.sum().reshape(1).to(scale.dtype) if need_dscale else None
+    return (dx if need_dx else None), ddown_w, ddown_b, dup_w, dup_b, dscale
