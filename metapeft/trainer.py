@@ -46,7 +46,7 @@ from metapeft.heads import CosineClassifier, find_head, head_in_features, replac
 from metapeft.layers.base import MetaPEFTModule
 from metapeft.losses import LogitAdjustedLoss
 from metapeft.meta import hypergradient, trainable_phi
-from metapeft.metrics import metrics_from_confusion
+from metapeft.metrics import class_split_from_counts, metrics_from_confusion
 from metapeft.params import mark_only_peft_trainable, meta_parameters
 from metapeft.sampling import LOADER, MetaSetSampler, dataset_labels, epoch_batches, generator_for, shard_bounds
 
@@ -69,6 +69,15 @@ class TrainerConfig:
     (a fixed split, excluded from the inner loop's data); a ``val_set`` given to the trainer replaces the
     training set as the meta-batch source. ``meta=False`` (or a model without learnable modulators)
     trains as plain PEFT.
+
+    Loss ``"logit_adjusted"`` (tau) or ``"ce"``; ``classifier="cosine"`` replaces the head (found by name
+    ``head`` or automatically) with a cosine classifier of scale ``cosine_scale`` initialised from class-mean
+    features, ``"linear"`` keeps it (resized if its width is not the number of classes). ``amp``: bf16
+    autocast on CUDA (``"auto"``), everywhere (``"bf16"``) or never. ``output_dir`` receives
+    ``checkpoint.pt`` (each epoch, every ``save_every_steps`` steps and on an early stop), ``metrics.jsonl``
+    and the final ``model.safetensors``; ``resume=True`` continues from its checkpoint when one exists.
+    ``class_split`` names class groups for the metrics (e.g. ``{"head": [...], "tail": [...]}``), or
+    ``"from_counts"`` for many/medium/few by training-set counts (> 100, 20-100, < 20).
     """
 
     epochs: int = 10
@@ -106,7 +115,7 @@ class TrainerConfig:
     save_every_steps: int | None = None
     save_full_model: bool = False
     resume: bool = False
-    class_split: dict[str, list[int]] | None = field(default=None)
+    class_split: dict[str, list[int]] | str | None = field(default=None)
 
     def __post_init__(self) -> None:
         positive_ints = ("epochs", "batch_size", "meta_interval", "log_every")
@@ -134,6 +143,8 @@ class TrainerConfig:
                               ("amp", AMP_MODES), ("meta_mode", META_MODES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if isinstance(self.class_split, str) and self.class_split != "from_counts":
+            raise ValueError(f"class_split must be a dict, 'from_counts' or None, got {self.class_split!r}")
         if self.resume and self.output_dir is None:
             raise ValueError("resume=True needs output_dir (where the checkpoint lives)")
 
@@ -154,6 +165,17 @@ def _json_safe(value):
     if isinstance(value, list | tuple):
         return [_json_safe(v) for v in value]
     return value
+
+
+def setup_distributed(backend: str = "auto") -> tuple[int, int]:
+    """Join the process group described by torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+    ``MASTER_ADDR``/``MASTER_PORT``) when ``WORLD_SIZE > 1`` and no group exists yet: ``"auto"`` picks nccl
+    (and device ``cuda:LOCAL_RANK``) with CUDA, gloo without. Returns (rank, world_size); (0, 1) alone."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(("nccl" if torch.cuda.is_available() else "gloo") if backend == "auto" else backend)
+    return _distributed()
 
 
 def _distributed() -> tuple[int, int]:
@@ -229,6 +251,8 @@ class MetaPEFTTrainer:
                     dist.broadcast(tensor, src=0)
 
         counts = torch.bincount(self.train_labels, minlength=self.num_classes)
+        self.class_split = class_split_from_counts(counts) if config.class_split == "from_counts" \
+            else config.class_split
         self.criterion = LogitAdjustedLoss(counts, config.tau if config.loss == "logit_adjusted" else 0.0)
         self.criterion.to(self.device)
         meta_batch_size = config.meta_batch_size or config.batch_size
@@ -452,7 +476,7 @@ class MetaPEFTTrainer:
         finally:
             self.model.train(was_training)
         (cm,) = self._all_reduce_sum([cm])
-        return metrics_from_confusion(cm.cpu(), self.config.class_split)
+        return metrics_from_confusion(cm.cpu(), self.class_split)
 
     def gammas(self) -> dict[str, list[float]]:
         """Every metapeft module's gamma, by module name."""

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from metapeft.trainer import MetaPEFTTrainer, TrainerConfig
+from metapeft.trainer import MetaPEFTTrainer, TrainerConfig, setup_distributed
 from tests.trainer.toy import LongTailedBlobs, TinyNet
 
 COUNTS = [20, 12, 6, 4]
@@ -27,9 +27,10 @@ def train(**kwargs):
 
 
 def worker(rank: int, world_size: int, port: int, out_path: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world_size))  # what torchrun sets
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    assert setup_distributed() == (rank, world_size)
     try:
         torch.manual_seed(rank)  # different inits: the trainer must broadcast rank 0's model
         trainer, metrics = train()

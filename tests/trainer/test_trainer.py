@@ -236,3 +236,17 @@ def test_cuda_bf16_training_runs():
 def test_model_without_a_findable_head_is_rejected():
     with pytest.raises(ValueError, match="head"):
         MetaPEFTTrainer(nn.Sequential(metapeft.FusedMetaLoRA(nn.Linear(12, 4), 2)), LongTailedBlobs(COUNTS))
+
+
+def test_evaluate_reports_count_based_groups():
+    data = LongTailedBlobs(COUNTS)
+    trainer = MetaPEFTTrainer(TinyNet(), data, config=quiet(class_split="from_counts"))
+    assert trainer.class_split == {"many": [], "medium": [0], "few": [1, 2, 3]}
+    result = trainer.evaluate(data)
+    assert result["many_accuracy"] is None and result["num_samples"] == len(data)
+    with torch.no_grad():
+        predictions = trainer.model(data.x).argmax(1)
+    labels = torch.tensor(data.labels)
+    assert result["medium_accuracy"] == pytest.approx(float((predictions[labels == 0] == 0).float().mean()))
+    with pytest.raises(ValueError, match="class_split"):
+        TrainerConfig(class_split="by_size")
