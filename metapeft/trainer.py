@@ -154,6 +154,8 @@ class TrainerConfig:
 
 
 CHECKPOINT_NAME, LOG_NAME, WEIGHTS_NAME = "checkpoint.pt", "metrics.jsonl", "model.safetensors"
+# config fields a resumed run may change: they do not alter the training trajectory
+RUN_CONTROL_FIELDS = ("resume", "progress", "num_workers", "log_every", "save_every_steps", "output_dir", "device")
 
 
 def _json_safe(value):
@@ -228,7 +230,8 @@ class MetaPEFTTrainer:
         self.num_classes = max(labels_max + 1, getattr(old_head, "out_features", 0) or 0)
         reference = next((p for p in model.parameters() if p.is_floating_point()), None)
         self.param_dtype = reference.dtype if reference is not None else torch.float32
-        if config.classifier == "cosine":
+        if config.classifier == "cosine" and not (isinstance(old_head, CosineClassifier)
+                                                  and old_head.num_classes == self.num_classes):
             head = CosineClassifier(head_in_features(model, old_head), self.num_classes, config.cosine_scale)
             replace_head(model, self.head_name, head.to(dtype=self.param_dtype))
         elif getattr(old_head, "out_features", None) != self.num_classes:
@@ -337,6 +340,9 @@ class MetaPEFTTrainer:
     def _meta_step(self, x: torch.Tensor, y: torch.Tensor, batch_indices: torch.Tensor):
         """Hypergradient + Adam step on rho. Returns (hypergradient result, meta loss)."""
         meta_indices = self.meta_sampler.meta_batch(self.outer_step, batch_indices if self.val_set is None else None)
+        if meta_indices.numel() < self.world_size:
+            raise ValueError(f"outer step {self.outer_step}: the meta batch has {meta_indices.numel()} samples, "
+                             f"fewer than the {self.world_size} ranks")
         start, stop = shard_bounds(meta_indices.numel(), self.rank, self.world_size)
         source = self.train_set if self.val_set is None else self.val_set
         val_batch = self._to_device(default_collate([source[int(i)] for i in meta_indices[start:stop]]))
@@ -511,7 +517,13 @@ class MetaPEFTTrainer:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore :meth:`state_dict`'s output (same model construction and config)."""
+        """Restore :meth:`state_dict`'s output (same model construction and config; only the fields in
+        ``RUN_CONTROL_FIELDS`` may differ)."""
+        saved, current_config = state["config"], self.config.to_dict()
+        changed = [k for k in current_config if k not in RUN_CONTROL_FIELDS and saved.get(k) != current_config[k]]
+        if changed:
+            raise ValueError(f"the checkpoint was written with a different config: {changed} differ "
+                             f"({[saved.get(k) for k in changed]} in the checkpoint)")
         missing = set(state["model"]) - set(self.model.state_dict())
         if missing:
             raise ValueError(f"checkpoint has tensors the model lacks: {sorted(missing)[:5]}")

@@ -143,6 +143,10 @@ def test_resume_mid_epoch_equals_an_uninterrupted_run(tmp_path):
     assert all(r["meta_loss"] > 0 for r in lines if r["event"] == "step")
     assert set(lines[-1]["gammas"]) == {"l1", "l2"}
     assert (tmp_path / "a" / "model.safetensors").exists()
+    trainer = MetaPEFTTrainer(TinyNet(), LongTailedBlobs(COUNTS), config=quiet(
+        epochs=3, batch_size=16, meta_lr=0.05, output_dir=str(tmp_path / "b"), resume=True, log_every=1))
+    with pytest.raises(ValueError, match="epochs"):
+        trainer.fit()
 
 
 def test_cosine_head_starts_from_class_mean_features():
