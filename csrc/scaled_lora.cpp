@@ -70,18 +70,19 @@ void dropout_apply(const at::Tensor& src, at::Tensor& dst, double p, int64_t see
   }
 }
 
-// (scaled_T (M, S*r) in the op dtype, d scale (S,) fp32) from T (S, M, r) and h (M, S*r).
+// (scaled_T (M, S*r) in the op dtype, d scale (S,) in fp32 (fp64 for fp64 inputs)) from T (S, M, r) and h (M, S*r).
 std::tuple<at::Tensor, at::Tensor> segment_scale_reduce(const at::Tensor& T, const at::Tensor& h,
                                                         const at::Tensor& scale) {
   const int64_t S = T.size(0), M = T.size(1), r = T.size(2);
   const at::Tensor h_c = h.contiguous();
-  const at::Tensor scale_f32 = scale.to(at::kFloat).contiguous();
+  const at::ScalarType acc_type = at::toOpMathType(T.scalar_type());
+  const at::Tensor scale_acc = scale.to(acc_type).contiguous();
   at::Tensor scaled_T = at::empty({M, S * r}, T.options());
-  at::Tensor partials = at::zeros({S, segment_reduce_chunks(M)}, T.options().dtype(at::kFloat));
+  at::Tensor partials = at::zeros({S, segment_reduce_chunks(M)}, T.options().dtype(acc_type));
   if (T.is_cuda()) {
-    segment_scale_reduce_cuda(T, h_c, scale_f32, scaled_T, partials);
+    segment_scale_reduce_cuda(T, h_c, scale_acc, scaled_T, partials);
   } else {
-    segment_scale_reduce_cpu(T, h_c, scale_f32, scaled_T, partials);
+    segment_scale_reduce_cpu(T, h_c, scale_acc, scaled_T, partials);
   }
   return {scaled_T, partials.sum(1)};
 }
@@ -135,9 +136,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor grad_segments = segment_view(grad_y, S);  // (S, M, n)
   if (need_dx || need_dA || need_dscale) {
     const at::Tensor T = at::bmm(grad_segments, lora_B.view({S, n, r})).contiguous();  // (S, M, r)
-    auto [scaled_T, dscale_f32] = segment_scale_reduce(T, h, scale);
+    auto [scaled_T, dscale_acc] = segment_scale_reduce(T, h, scale);
     if (need_dscale) {
-      dscale = dscale_f32.to(scale.scalar_type());
+      dscale = dscale_acc.to(scale.scalar_type());
     }
     if (need_dA) {
       at::Tensor xd = x;
@@ -181,13 +182,14 @@ at::Tensor seeded_dropout(const at::Tensor& x, double p, int64_t seed) {
 }  // namespace
 
 void dropout_apply_cpu(const at::Tensor& src, at::Tensor& dst, double p, int64_t seed, bool accumulate) {
-  const float p_f = static_cast<float>(p), factor = 1.0f / (1.0f - p_f);
+  const float p_f = static_cast<float>(p);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "dropout_apply_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t factor = static_cast<acc_t>(1.0 / (1.0 - p));
     const scalar_t* in = src.const_data_ptr<scalar_t>();
     scalar_t* out = dst.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, src.numel(), 4096, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
-        using acc_t = at::opmath_type<scalar_t>;
         const acc_t kept = dropout_keep(seed, i, p_f) ? static_cast<acc_t>(in[i]) * factor : acc_t(0);
         out[i] = static_cast<scalar_t>(accumulate ? static_cast<acc_t>(out[i]) + kept : kept);
       }
@@ -195,23 +197,24 @@ void dropout_apply_cpu(const at::Tensor& src, at::Tensor& dst, double p, int64_t
   });
 }
 
-void segment_scale_reduce_cpu(const at::Tensor& T, const at::Tensor& h, const at::Tensor& scale_f32,
+void segment_scale_reduce_cpu(const at::Tensor& T, const at::Tensor& h, const at::Tensor& scale_acc,
                               at::Tensor& scaled_T, at::Tensor& partials) {
   const int64_t S = T.size(0), M = T.size(1), r = T.size(2), chunks = partials.size(1);
-  const float* c = scale_f32.const_data_ptr<float>();
-  float* part = partials.mutable_data_ptr<float>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, T.scalar_type(), "segment_scale_reduce_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* t = T.const_data_ptr<scalar_t>();
     const scalar_t* hp = h.const_data_ptr<scalar_t>();
+    const acc_t* c = scale_acc.const_data_ptr<acc_t>();
     scalar_t* out = scaled_T.mutable_data_ptr<scalar_t>();
+    acc_t* part = partials.mutable_data_ptr<acc_t>();
     at::parallel_for(0, S * chunks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t j = task / chunks, row_end = std::min(M, (task % chunks + 1) * kRowsPerChunk);
-        float acc = 0.0f;
+        acc_t acc = 0;
         for (int64_t m = (task % chunks) * kRowsPerChunk; m < row_end; ++m) {
           for (int64_t k = 0; k < r; ++k) {
-            const float tv = static_cast<float>(t[(j * M + m) * r + k]);
-            acc += tv * static_cast<float>(hp[m * S * r + j * r + k]);
+            const acc_t tv = static_cast<acc_t>(t[(j * M + m) * r + k]);
+            acc += tv * static_cast<acc_t>(hp[m * S * r + j * r + k]);
             out[m * S * r + j * r + k] = static_cast<scalar_t>(c[j] * tv);
           }
         }

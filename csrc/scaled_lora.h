@@ -34,14 +34,17 @@ void dropout_apply_cuda(const at::Tensor& src, at::Tensor& dst, double p, int64_
 
 // The backward's rank-space pass, one read of T and h:
 //   scaled_T[m, j*r + k] = c_j * T[j, m, k]        (written in the (M, S*r) layout the GEMMs use)
-//   partials[j, b]       = fp32 partial sums of T[j] * h[:, j*r:(j+1)*r] over the b-th chunk of rows
-// T (S, M, r) and h (M, S*r) contiguous in the op dtype, scale_f32 (S,) fp32, partials (S, B) fp32
-// where B = segment_reduce_chunks(M) chunks of kRowsPerChunk rows; d scale_j = partials[j].sum() (deterministic, no atomics).
+//   partials[j, b]       = partial sums of T[j] * h[:, j*r:(j+1)*r] over the b-th chunk of kRowsPerChunk rows
+// T (S, M, r) and h (M, S*r) contiguous in the op dtype; scale_acc (S,) and partials (S, B), B =
+// segment_reduce_chunks(M), in the accumulation dtype (fp32; fp64 for fp64 inputs).
+// d scale_j = partials[j].sum(): deterministic, no atomics.
 constexpr int64_t kRowsPerChunk = 128;  // rows of T per reduction block (CPU task / CUDA block)
-inline int64_t segment_reduce_chunks(int64_t rows) { return rows <= 0 ? 1 : (rows + kRowsPerChunk - 1) / kRowsPerChunk; }
-void segment_scale_reduce_cpu(const at::Tensor& T, const at::Tensor& h, const at::Tensor& scale_f32,
+inline int64_t segment_reduce_chunks(int64_t rows) {
+  return rows <= 0 ? 1 : (rows + kRowsPerChunk - 1) / kRowsPerChunk;
+}
+void segment_scale_reduce_cpu(const at::Tensor& T, const at::Tensor& h, const at::Tensor& scale_acc,
                               at::Tensor& scaled_T, at::Tensor& partials);
-void segment_scale_reduce_cuda(const at::Tensor& T, const at::Tensor& h, const at::Tensor& scale_f32,
+void segment_scale_reduce_cuda(const at::Tensor& T, const at::Tensor& h, const at::Tensor& scale_acc,
                                at::Tensor& scaled_T, at::Tensor& partials);
 
 }  // namespace metapeft
