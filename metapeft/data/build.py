@@ -1,0 +1,97 @@
+"""Datasets from the ``data:`` section of a training config (the ``metapeft`` CLI's yaml files).
+
+Keys (``kind`` decides which apply):
+
+| key | kinds | meaning |
+|---|---|---|
+| ``kind`` | all | ``index`` (authors' layout), ``folder`` (ImageFolder trees), ``cifar100_lt`` |
+| ``root`` | all | dataset root folder (relative paths resolve against the config file's folder) |
+| ``train`` / ``test`` | index, folder | index files (index) or sub-folders (folder) of the two splits |
+| ``split`` | index, folder | built-in split (``dota``, ``fusrs_v2.5``, ``fusrs_v1.7``) or a split yaml path |
+| ``imbalance`` / ``subset_seed`` | cifar100_lt | imbalance factor (default 100) and which images the subset keeps |
+| ``image_size`` / ``resize`` | all | crop size (default 224) and the test-time resize (default 256 at 224) |
+
+Without ``split``, the groups come from the training counts (many > 100, medium 20-100, few < 20 images).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch.utils.data import Dataset
+
+from metapeft.data.cifar import CIFAR100LT
+from metapeft.data.folder import image_folder
+from metapeft.data.index import IndexDataset
+from metapeft.data.splits import ClassSplit, class_split
+from metapeft.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transforms
+from metapeft.metrics import class_split_from_counts
+
+KINDS = ("index", "folder", "cifar100_lt")
+KEYS = {"kind", "root", "train", "test", "split", "imbalance", "subset_seed", "image_size", "resize"}
+
+
+@dataclass
+class DataBundle:
+    """A training set, a test set (items ``(image (3, H, W) float32, label)``) and their :class:`ClassSplit`."""
+
+    train: Dataset
+    test: Dataset
+    split: ClassSplit
+
+
+def _split_from_counts(name: str, classes, labels) -> ClassSplit:
+    counts = [0] * len(classes)
+    for label in labels:
+        counts[label] += 1
+    return ClassSplit(name, tuple(classes), class_split_from_counts(counts))
+
+
+def build_datasets(data: dict, mean=IMAGENET_MEAN, std=IMAGENET_STD, base_dir: str | os.PathLike = ".") -> DataBundle:
+    """Build the :class:`DataBundle` a ``data:`` config section describes (module docstring); ``mean``/``std``
+    normalise for the backbone. Unknown keys and missing required keys raise a ``ValueError`` naming them."""
+    unknown = sorted(set(data) - KEYS)
+    if unknown:
+        raise ValueError(f"unknown data config key(s) {unknown}; known: {sorted(KEYS)}")
+    kind = data.get("kind")
+    if kind not in KINDS:
+        raise ValueError(f"data.kind must be one of {KINDS}, got {kind!r}")
+    required = ("root",) if kind == "cifar100_lt" else ("root", "train", "test")
+    missing = [f"data.{key}" for key in required if data.get(key) is None]
+    if missing:
+        raise ValueError(f"data.kind={kind!r} needs {', '.join(missing)}")
+    root = Path(base_dir, os.path.expanduser(str(data["root"])))
+    size = int(data.get("image_size", 224))
+    train_tf = build_transforms(True, size, mean, std, data.get("resize"))
+    test_tf = build_transforms(False, size, mean, std, data.get("resize"))
+    if kind == "cifar100_lt":
+        imbalance, seed = float(data.get("imbalance", 100)), int(data.get("subset_seed", 0))
+        train = CIFAR100LT(root, "train", imbalance, train_tf, seed)
+        test = CIFAR100LT(root, "test", imbalance, test_tf, seed)
+        return DataBundle(train, test, ClassSplit(f"CIFAR-100-LT (imbalance {imbalance:g})", tuple(train.classes),
+                                                  train.class_split))
+    split = None if data.get("split") is None else class_split(_resolve_spec(data["split"], base_dir))
+    if kind == "index":
+        num_classes = None if split is None else split.num_classes
+        train = IndexDataset(root, data["train"], train_tf, num_classes)
+        test = IndexDataset(root, data["test"], test_tf, num_classes)
+        classes = split.classes if split else tuple(str(c) for c in range(max(train.targets + test.targets) + 1))
+    else:
+        train, test = image_folder(root / data["train"], train_tf), image_folder(root / data["test"], test_tf)
+        if train.classes != test.classes:
+            raise ValueError(f"train and test folders under {root} hold different classes: "
+                             f"{train.classes} != {test.classes}")
+        classes = tuple(train.classes)
+        if split is not None and tuple(split.classes) != classes:
+            raise ValueError(f"class split {split.name!r} lists classes {list(split.classes)}, but the folders "
+                             f"under {root / data['train']} are {list(classes)} (sorted sub-folder names)")
+    return DataBundle(train, test, split or _split_from_counts(str(root.name), classes, train.targets))
+
+
+def _resolve_spec(spec: str, base_dir: str | os.PathLike) -> str:
+    """A split given as a relative yaml path resolves against the config's folder; built-in names stay."""
+    spec = os.path.expanduser(str(spec))
+    candidate = Path(base_dir, spec)
+    return str(candidate) if spec.endswith((".yaml", ".yml")) and candidate.exists() else spec
