@@ -24,6 +24,7 @@ from tests.oracle import assert_2x_rule, non_contiguous
 pytest.importorskip("triton")
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 interpreted = pytest.mark.skipif(not INTERPRET, reason="runs in the TRITON_INTERPRET=1 child of test_interpreter_suite")
+compiled = pytest.mark.skipif(INTERPRET, reason="compiled kernels; the interpreter child runs on CPU")
 
 # (M, D, b, kind, activation, dtype): M in {1, 7, 97, 1000}, D not a multiple of 16 and above one D tile,
 # b in 1..256, both residual forms and activations, each in fp32 and/or fp16.
@@ -46,10 +47,11 @@ def kernels():
     return load()
 
 
-def dropout_mask(M, D, p, seed):
+def dropout_mask(M, D, p, seed, device="cpu"):
+    """The dropout factors (M, D) fp32 the triton kernels apply to x (the scaled-LoRA kernels' shared rule)."""
     from metapeft.ops.scaled_lora_triton import kernels as load
 
-    return load().scaled_lora_dropout_mask(M, D, p, seed, torch.device("cpu"))
+    return load().scaled_lora_dropout_mask(M, D, p, seed, torch.device(device))
 
 
 def triton_op(activation, dropout_p=0.0, seed=0):
@@ -68,19 +70,19 @@ def dropout_oracle(factors, activation):
     return run
 
 
-def check_against_oracle(M, D, b, kind, activation, dtype, dropout_p=0.0, seed=0):
+def check_against_oracle(M, D, b, kind, activation, dtype, dropout_p=0.0, seed=0, device="cpu"):
     """Forward and every gradient of the triton op vs float64 by the 2x rule (non-contiguous x and dOut)."""
-    inputs64, inputs = make_inputs(M, D, b, dtype=dtype, residual=kind == "parallel")
-    grad_out = torch.randn(M, D, dtype=dtype)
+    inputs64, inputs = make_inputs(M, D, b, dtype=dtype, residual=kind == "parallel", device=device)
+    grad_out = torch.randn(M, D, dtype=dtype, device=device)
     if dropout_p > 0.0:
-        factors = dropout_mask(M, D, dropout_p, seed).double()
+        factors = dropout_mask(M, D, dropout_p, seed, device).double()
         oracle, baseline = dropout_oracle(factors, activation), dropout_oracle(factors.to(dtype), activation)
     else:
         def oracle(*args):
             return adapter_reference(*args, activation=activation)
         baseline = oracle
     for _ in range(4):  # poison freed memory so that outputs the kernels fail to write show up as NaN
-        torch.full((M * D * 2,), float("nan"), dtype=dtype)
+        torch.full((M * D * 2,), float("nan"), dtype=dtype, device=device)
     y_fast, g_fast = forward_backward(triton_op(activation, dropout_p, seed), inputs, non_contiguous(grad_out),
                                       non_contiguous)
     y_base, g_base = forward_backward(baseline, inputs, grad_out)
@@ -207,3 +209,34 @@ def test_launcher_errors_name_the_problem():
     _, z = kernels().adapter_fwd(x, residual, down_w, down_b, up_w, up_b, scale, "relu", 0.0, 0)
     with pytest.raises(ValueError, match="grad_out must be"):
         kernels().adapter_bwd(torch.randn(5, 7), x, down_w, up_w, up_b, scale, z, "relu", 0.0, 0, False, (True,) * 6)
+
+
+# ViT-B/16 shapes (batch 8: M = 8 * 197 tokens; D = 768) and a ragged one, bottlenecks 8 / 64 / 256.
+GPU_SHAPES = [(1576, 768, 64, "parallel", "relu"), (1576, 768, 8, "sequential", "gelu"),
+              (1000, 200, 256, "parallel", "gelu")]
+GPU_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+
+
+@pytest.mark.gpu
+@compiled
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "M{}_D{}_b{}_{}_{}".format(*s))
+@pytest.mark.parametrize("dtype_name", list(GPU_DTYPES))
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1], ids=["p0", "p0.1"])
+def test_gpu_matches_float64_oracle_by_2x_rule(shape, dtype_name, dropout_p):
+    check_against_oracle(*shape, GPU_DTYPES[dtype_name], dropout_p=dropout_p, seed=17, device="cuda")
+
+
+@pytest.mark.gpu
+@compiled
+def test_gpu_auto_picks_triton_and_compiles_without_graph_breaks():
+    layer = metapeft.FusedMetaAdapter(768, 64, alpha=0.5, kind="sequential", activation="gelu").cuda()
+    with torch.no_grad():
+        layer.up_weight.normal_()
+    x = torch.randn(4, 197, 768, device="cuda", requires_grad=True)
+    out = torch.compile(layer, fullgraph=True)(x)
+    assert layer.last_backend == "triton"
+    out.sum().backward()
+    expected = adapter_reference(x, None, layer.down_weight, layer.down_bias, layer.up_weight, layer.up_bias,
+                                 layer.scale(), "gelu")
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    assert layer.modulator.grad is not None and torch.isfinite(layer.modulator.grad).all()
