@@ -254,3 +254,23 @@ def test_evaluate_reports_count_based_groups():
     assert result["medium_accuracy"] == pytest.approx(float((predictions[labels == 0] == 0).float().mean()))
     with pytest.raises(ValueError, match="class_split"):
         TrainerConfig(class_split="by_size")
+
+
+def test_sequential_adapters_meta_train_through_the_trainer():
+    class AdapterNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Linear(12, 16)
+            self.adapter = metapeft.FusedMetaAdapter(16, 4, kind="sequential")
+            self.head = nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.head(self.adapter(torch.tanh(self.body(x))))
+
+    model = AdapterNet()
+    trainer = MetaPEFTTrainer(model, LongTailedBlobs(COUNTS), config=quiet(epochs=1, batch_size=16, meta_lr=0.05))
+    before = model.adapter.gamma.detach().clone()
+    trainer.fit()
+    assert not model.body.weight.requires_grad and trainer.outer_step == 3
+    assert not torch.equal(model.adapter.gamma.detach(), before)
+    assert {id(p) for p in trainer.phi} == {id(p) for p in [*model.adapter.peft_parameters(), *model.head.parameters()]}
