@@ -10,9 +10,10 @@ Forward (``_adapter_fwd_kernel``, one program per BLOCK_M rows; the bottleneck r
     out = residual + scale * (a up^T + up_b)   (bias, scale and residual fused into the GEMM epilogue)
 Backward (``_adapter_bwd_kernel``, one program per BLOCK_M rows):
     G = dOut up (fp32 registers);  d scale partial = sum(G * a) + sum_m dOut_m . up_b   (fp32, never rounded)
-    dz = scale G * act'(z) (stored);  a1 = [a, 1] (stored);  dx = drop'(dz down) [+ dOut when the residual is x]
-  then torch GEMMs for the weight gradients, which reduce over M:  [d up, d up_b] = scale dOut^T a1,
-  d down = dz^T drop(x), d down_b = sum_m dz_m.
+    column sums of dOut (fp32 partials, for d up_b);  dz = scale G * act'(z) and a = act(z) (stored)
+    dx = drop'(dz down) [+ dOut when the residual is x]
+  then torch GEMMs for the weight gradients, which reduce over M:  d up = scale dOut^T a,  d down = dz^T drop(x);
+  d up_b = scale * (sum of the partials), d down_b = sum_m dz_m.
 Dropout: the scaled-LoRA kernels' rule (``kernels/scaled_lora.py``): keep x[m, d] iff ``tl.rand(seed, m*D + d) >= p``,
 scaled by 1/(1-p); regenerated in backward, never stored (d down materialises drop(x) transiently).
 
@@ -123,15 +124,16 @@ def _adapter_fwd_kernel(
 @triton.autotune(configs=_configs(), key=["D", "B"], do_bench=_tune_bench)
 @triton.jit(do_not_specialize=["seed"])
 def _adapter_bwd_kernel(
-    dout_ptr, z_ptr, dw_ptr, uw_ptr, ub_ptr, scale_ptr, dz_ptr, a1_ptr, dx_ptr, dscale_part_ptr, M, D, B,
-    stride_gm, stride_gd, stride_zm, stride_zb, stride_dwb, stride_dwd, stride_uwd, stride_uwb,
+    dout_ptr, z_ptr, dw_ptr, uw_ptr, ub_ptr, scale_ptr, dz_ptr, a_ptr, dx_ptr, dscale_part_ptr, colsum_part_ptr,
+    M, D, B, stride_gm, stride_gd, stride_zm, stride_zb, stride_dwb, stride_dwd, stride_uwd, stride_uwb,
     stride_dzm, stride_dzb, stride_am, stride_ab, stride_dxm, stride_dxd,
     p, inv_keep, seed,
     HAS_UP_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_DROPOUT: tl.constexpr, RESIDUAL_IS_X: tl.constexpr,
-    NEED_DX: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    NEED_DX: tl.constexpr, NEED_COLSUM: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
-    """dz, a1[:, :B] = act(z), dx and the d-scale partial of this program's rows; grid (cdiv(M, BLOCK_M),)."""
+    """dz, a = act(z), dx, and the d-scale partial and dOut column sums (row pid of the (grid, D) colsum_part) of
+    this program's rows; grid (cdiv(M, BLOCK_M),)."""
     pid = tl.program_id(0)
     rm = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     rb = tl.arange(0, BLOCK_B)
@@ -151,11 +153,13 @@ def _adapter_bwd_kernel(
         if HAS_UP_BIAS:
             up_b = tl.load(ub_ptr + rd, mask=d_mask, other=0.0).to(tl.float32)
             g_bias += tl.sum(dout.to(tl.float32) * up_b[None, :], axis=1)
+        if NEED_COLSUM:
+            tl.store(colsum_part_ptr + pid * D + rd, tl.sum(dout.to(tl.float32), axis=0), mask=d_mask)
     tile = m_mask[:, None] & b_mask[None, :]
     z = tl.load(z_ptr + rm64[:, None] * stride_zm + rb[None, :] * stride_zb, mask=tile, other=0.0).to(tl.float32)
     a = _act(z, ACTIVATION)
     tl.store(dscale_part_ptr + pid, tl.sum(tl.sum(G * a, axis=1) + g_bias, axis=0))
-    tl.store(a1_ptr + rm64[:, None] * stride_am + rb[None, :] * stride_ab, a.to(a1_ptr.dtype.element_ty), mask=tile)
+    tl.store(a_ptr + rm64[:, None] * stride_am + rb[None, :] * stride_ab, a.to(a_ptr.dtype.element_ty), mask=tile)
     dz = (G * tl.load(scale_ptr).to(tl.float32) * _act_grad(z, ACTIVATION)).to(dz_ptr.dtype.element_ty)
     tl.store(dz_ptr + rm64[:, None] * stride_dzm + rb[None, :] * stride_dzb, dz, mask=tile)
     if NEED_DX:
@@ -255,25 +259,23 @@ def adapter_bwd(
     has_up_bias = up_bias is not None
     grid = triton.cdiv(M, BLOCK_M)
     dz = torch.empty((M, B), dtype=x.dtype, device=x.device)
-    a1 = torch.empty((M, B + has_up_bias), dtype=x.dtype, device=x.device)
-    if has_up_bias:
-        a1[:, B].fill_(1.0)
+    a = torch.empty((M, B), dtype=x.dtype, device=x.device)
     dx = torch.empty((M, D), dtype=x.dtype, device=x.device) if need_dx else dz
     dscale_part = torch.empty((grid,), dtype=torch.float32, device=x.device)
+    need_colsum = need_dup_b and has_up_bias
+    colsum_part = torch.empty((grid, D) if need_colsum else (1,), dtype=torch.float32, device=x.device)
     _adapter_bwd_kernel[(grid,)](
-        grad_out, z, down_weight, up_weight, up_bias if has_up_bias else dz, scale, dz, a1, dx, dscale_part, M, D, B,
-        *grad_out.stride(), *z.stride(), *down_weight.stride(), *up_weight.stride(), *dz.stride(), *a1.stride(),
-        *dx.stride(), p, inv_keep, seed,
+        grad_out, z, down_weight, up_weight, up_bias if has_up_bias else dz, scale, dz, a, dx, dscale_part,
+        colsum_part, M, D, B, *grad_out.stride(), *z.stride(), *down_weight.stride(), *up_weight.stride(),
+        *dz.stride(), *a.stride(), *dx.stride(), p, inv_keep, seed,
         HAS_UP_BIAS=has_up_bias, ACTIVATION=ACTIVATIONS[activation], HAS_DROPOUT=has_dropout,
-        RESIDUAL_IS_X=residual_is_x, NEED_DX=need_dx, DOT_PRECISION=_dot_precision(x), BLOCK_M=BLOCK_M,
-        BLOCK_B=_bottleneck_block(B),
+        RESIDUAL_IS_X=residual_is_x, NEED_DX=need_dx, NEED_COLSUM=need_colsum, DOT_PRECISION=_dot_precision(x),
+        BLOCK_M=BLOCK_M, BLOCK_B=_bottleneck_block(B),
     )
-    dup_w = dup_b = ddown_w = ddown_b = None
-    if need_dup_w or need_dup_b:
-        P1 = grad_out.t() @ a1  # (D, b+1): [dOut^T a, sum_m dOut_m]
-        c = scale.to(P1.dtype)
-        dup_w = P1[:, :B] * c if need_dup_w else None
-        dup_b = P1[:, B] * c if need_dup_b else None
+    # (D, b) GEMM on aligned operands; appending d up_b as a ones column of a would misalign it (b+1 columns).
+    dup_w = (grad_out.t() @ a) * scale.to(x.dtype) if need_dup_w else None
+    dup_b = (colsum_part.sum(dim=0) * scale.to(torch.float32)).to(x.dtype) if need_colsum else None
+    ddown_w = ddown_b = None
     if need_ddown_w:
         dropped = x * scaled_lora_dropout_mask(M, D, dropout_p, seed, x.device).to(x.dtype) if has_dropout else x
         ddown_w = dz.t() @ dropped

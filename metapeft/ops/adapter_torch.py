@@ -8,13 +8,13 @@ Backward: P = dOut^T a (D, b);  d up = scale P;  d up_b = scale sum_m dOut_m;
           d scale = sum(dOut * (a up^T + up_b)) = sum(P * up) + (sum_m dOut_m) . up_b;
           dz = scale (dOut up) * act'(z) (M, b);  d down = dz^T drop(x);  d down_b = sum_m dz_m;
           dx = [dOut if the residual is x] + drop'(dz down).
-The up bias rides along as an extra bottleneck column: with a1 = [a, 1] (M, b+1) and up1 = [up, up_b] (D, b+1),
-out = residual + (scale a1) up1^T is a single GEMM whose accumulator starts from the residual, and one GEMM
-P1 = dOut^T a1 (D, b+1) gives d up, d up_b and d scale = sum(P1 * up1): the modulator gradient costs D*(b+1)
-on top of the d up GEMM, nothing of size M x D. P1 is kept in fp32 for fp16/bf16 inputs (this backend reads an
-fp32 copy of dOut for it; a kernel accumulates in fp32 anyway): rounding P1, or dOut up1, to 8-11 mantissa bits
-before the reduction made d scale up to 4x less accurate than the unfused computation in our tests.
-Only x (alive anyway) and z (M, b) are saved; the dropout mask is regenerated from the seed.
+d scale costs one (D, b) product with the P that d up needs anyway plus a D-vector dot: nothing of size M x D
+beyond the GEMMs. P and sum_m dOut_m are kept in fp32 for fp16/bf16 inputs (this backend reads an fp32 copy of
+dOut for them; a kernel accumulates in fp32 anyway): rounding them, or dOut up, to 8-11 mantissa bits before
+the reduction made d scale up to 4x less accurate than the unfused computation in our tests. (Appending the up
+bias as a ones column to a, to get both from one GEMM, made that GEMM 1.7x slower on CPU at b = 64: 65 columns.)
+Only x (alive anyway) and z (M, b) are saved; the dropout mask is regenerated once per backward from the seed
+(the unfused reference stores it instead).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from metapeft.ops.dropout import seeded_dropout
+from metapeft.ops.dropout import dropout_keep_mask, seeded_dropout
 
 ADAPTER_ACTIVATIONS = ("relu", "gelu")
 
@@ -37,13 +37,6 @@ def adapter_activation_backward(grad: torch.Tensor, z: torch.Tensor, activation:
     if activation == "relu":
         return torch.ops.aten.threshold_backward(grad, z, 0)
     return torch.ops.aten.gelu_backward(grad, z)
-
-
-def _with_up_bias(a: torch.Tensor, up_weight: torch.Tensor, up_bias: torch.Tensor | None):
-    """``(a1 (M, b+1), up1 (D, b+1))`` with a ones column and the up bias appended; unchanged without a bias."""
-    if up_bias is None:
-        return a, up_weight
-    return torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1), torch.cat([up_weight, up_bias[:, None]], dim=1)
 
 
 def adapter_recompute_z(
@@ -65,13 +58,15 @@ def adapter_fwd_torch(
     dropout_p: float,
     seed: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return ``(out (M, D), z (M, b))``: two GEMMs, biases fused into them, the residual as the accumulator.
+    """Return ``(out (M, D), z (M, b))``: two GEMMs, the residual as the second one's accumulator.
 
-    Built from out-of-place differentiable ops only, so it doubles as the forward-mode AD (jvp) path.
+    Built from differentiable ops only, so it doubles as the forward-mode AD (jvp) path.
     """
     z = adapter_recompute_z(x, down_weight, down_bias, dropout_p, seed)
-    a1, up1 = _with_up_bias(adapter_activation(z, activation), up_weight, up_bias)
-    out = torch.addmm(x if residual is None else residual, a1 * scale.to(a1.dtype), up1.t())
+    a = adapter_activation(z, activation)
+    out = torch.addmm(x if residual is None else residual, a * scale.to(a.dtype), up_weight.t())
+    if up_bias is not None:
+        out.add_(up_bias * scale.to(up_bias.dtype))
     return out, z
 
 
@@ -96,27 +91,36 @@ def adapter_bwd_torch(
     that can itself be differentiated (double backward).
     """
     need_dx, need_ddown_w, need_ddown_b, need_dup_w, need_dup_b, need_dscale = needs
-    bottleneck = up_weight.shape[1]
     c = scale.to(grad_out.dtype)
-    a1, up1 = _with_up_bias(adapter_activation(z, activation), up_weight, up_bias)
+    a = adapter_activation(z, activation)
 
     dx = ddown_w = ddown_b = dup_w = dup_b = dscale = None
     if need_dscale or need_dup_w or need_dup_b:
         accumulate = torch.promote_types(grad_out.dtype, torch.float32)
-        P1 = grad_out.t().to(accumulate) @ a1.to(accumulate)  # (D, b+1): [dOut^T a, sum_m dOut_m]
-        dup_w = (P1[:, :bottleneck] * scale.to(accumulate)).to(up_weight.dtype) if need_dup_w else None
-        dup_b = (P1[:, bottleneck] * scale.to(accumulate)).to(up_weight.dtype) if need_dup_b else None
-    if need_dscale:
-        dscale = (P1 * up1.to(accumulate)).sum().reshape(1).to(scale.dtype)
+        grad_acc, c_acc = grad_out.to(accumulate), scale.to(accumulate)
+        P = grad_acc.t() @ a.to(accumulate)  # (D, b)
+        grad_sum = grad_acc.sum(dim=0) if up_bias is not None and (need_dscale or need_dup_b) else None  # (D,)
+        dup_w = (P * c_acc).to(up_weight.dtype) if need_dup_w else None
+        dup_b = (grad_sum * c_acc).to(up_weight.dtype) if need_dup_b else None
+        if need_dscale:
+            dscale = (P * up_weight.to(accumulate)).sum()
+            if up_bias is not None:
+                dscale = dscale + grad_sum @ up_bias.to(accumulate)
+            dscale = dscale.reshape(1).to(scale.dtype)
     if need_dx or need_ddown_w or need_ddown_b:
         dz = adapter_activation_backward((grad_out @ up_weight) * c, z, activation)  # (M, b)
+        keep = dropout_keep_mask(tuple(x.shape), dropout_p, seed, x.device) if dropout_p > 0.0 else None
+
+        def drop(t: torch.Tensor) -> torch.Tensor:
+            return t if keep is None else t * keep.to(t.dtype) * (1.0 / (1.0 - dropout_p))
+
         if need_ddown_w:
-            ddown_w = dz.t() @ seeded_dropout(x, dropout_p, seed)
+            ddown_w = dz.t() @ drop(x)
         if need_ddown_b:
             ddown_b = dz.sum(dim=0)
-        if need_dx and residual_is_x and dropout_p == 0.0:
+        if need_dx and residual_is_x and keep is None:
             dx = torch.addmm(grad_out, dz, down_weight)
         elif need_dx:
-            dx = seeded_dropout(dz @ down_weight, dropout_p, seed)
+            dx = drop(dz @ down_weight)
             dx = dx + grad_out if residual_is_x else dx
     return dx, ddown_w, ddown_b, dup_w, dup_b, dscale
