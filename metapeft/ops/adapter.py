@@ -10,7 +10,7 @@ syncs the host). ``activation`` is ``"relu"`` or ``"gelu"``.
 
 Backward (the math is in :mod:`metapeft.ops.adapter_torch`): saved are x, the weights, the scale and the
 bottleneck z (M, b); never a tensor of size M x D beyond x itself, never a dropout mask. The residual's
-gradient is dOut itself; d scale is computed from (M, b+1) tensors.
+gradient is dOut itself; d scale is reduced from (D, b) or (M, b) tensors, never an M x D product.
 
 Meta-gradient readiness: first-order backward runs the selected backend's kernels. Double backward is
 supported: when the backward runs with grad mode on (``create_graph=True``) it is computed from
