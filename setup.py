@@ -58,7 +58,8 @@ def toolkit_version(cuda_home):
 
 
 def cuda_build_reason():
-    """(build?, why) from METAPEFT_BUILD_CUDA, torch and the toolkit; sets CUDA_HOME when building."""
+    """(build?, toolkit version or why not) from METAPEFT_BUILD_CUDA, torch and the toolkit; sets CUDA_HOME
+    (and the default TORCH_CUDA_ARCH_LIST) when building."""
     mode = os.environ.get(BUILD_ENV, "auto").strip().lower()
     if mode not in ("auto", "0", "1"):
         raise SystemExit(f"{BUILD_ENV} must be auto, 0 or 1, got {mode!r}")
@@ -85,24 +86,30 @@ def cuda_build_reason():
         return False, problem
     os.environ["CUDA_HOME"] = cuda_home
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
-    return True, f"toolkit {version[0]}.{version[1]} at {cuda_home}, archs {os.environ['TORCH_CUDA_ARCH_LIST']}"
+    return True, f"{version[0]}.{version[1]}"
 
 
 def extension_kwargs():
     """``ext_modules``/``cmdclass`` for setup(): the CUDA extension, or nothing."""
-    build, why = cuda_build_reason()
+    build, detail = cuda_build_reason()
     if not build:
-        log(f"building without the CUDA extension metapeft._C ({why})")
+        log(f"building without the CUDA extension metapeft._C ({detail})")
         return {}
-    log(f"building the CUDA extension metapeft._C ({why})")
+    import torch
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension  # after CUDA_HOME is set
+
+    archs = ",".join(os.environ["TORCH_CUDA_ARCH_LIST"].replace(";", " ").split())
+    log(f"building the CUDA extension metapeft._C (CUDA {detail} at {os.environ['CUDA_HOME']}, archs {archs})")
+    # Bare tokens, stringified in csrc/scaled_lora.cpp (quotes would not survive the ninja command line).
+    facts = [f"-DMETAPEFT_BUILD_TORCH={torch.__version__}", f"-DMETAPEFT_BUILD_CUDA={detail}",
+             f"-DMETAPEFT_BUILD_ARCHS={archs}"]
 
     extension = CUDAExtension(
         "metapeft._C",
         sources=SOURCES,
         depends=HEADERS,
         include_dirs=[os.path.abspath("csrc")],
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},
+        extra_compile_args={"cxx": ["-O3", *facts], "nvcc": ["-O3"]},
     )
     return {"ext_modules": [extension], "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True)}}
 

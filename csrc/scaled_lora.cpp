@@ -78,7 +78,7 @@ std::tuple<at::Tensor, at::Tensor> segment_scale_reduce(const at::Tensor& T, con
   const at::ScalarType acc_type = at::toOpMathType(T.scalar_type());
   const at::Tensor scale_acc = scale.to(acc_type).contiguous();
   at::Tensor scaled_T = at::empty({M, S * r}, T.options());
-  at::Tensor partials = at::zeros({S, segment_reduce_chunks(M)}, T.options().dtype(acc_type));
+  at::Tensor partials = at::empty({S, segment_reduce_chunks(M)}, T.options().dtype(acc_type));  // all written
   if (T.is_cuda()) {
     segment_scale_reduce_cuda(T, h_c, scale_acc, scaled_T, partials);
   } else {
@@ -109,9 +109,9 @@ std::tuple<at::Tensor, at::Tensor> scaled_lora_fwd(const at::Tensor& x, const at
   }
   at::Tensor h = at::mm(xd, lora_A.t());
   at::Tensor y = bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
-  at::Tensor scaled_h = (segment_view(h, S) * scale.to(h.scalar_type()).view({S, 1, 1})).transpose(0, 1);
-  for (int64_t j = 0; j < S; ++j) {
-    y.narrow(1, j * n, n).addmm_(scaled_h.select(1, j), lora_B.narrow(0, j * n, n).t());
+  const at::Tensor scaled_h = segment_view(h, S) * scale.to(h.scalar_type()).view({S, 1, 1});  // (S, M, r)
+  for (int64_t j = 0; j < S; ++j) {  // cuBLAS writes the column block of y in place (ldc = N)
+    y.narrow(1, j * n, n).addmm_(scaled_h[j], lora_B.narrow(0, j * n, n).t());
   }
   return {y, h};
 }
@@ -135,7 +135,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
   const at::Tensor grad_segments = segment_view(grad_y, S);  // (S, M, n)
   if (need_dx || need_dA || need_dscale) {
-    const at::Tensor T = at::bmm(grad_segments, lora_B.view({S, n, r})).contiguous();  // (S, M, r)
+    const at::Tensor T = at::bmm(grad_segments, lora_B.reshape({S, n, r})).contiguous();  // (S, M, r)
     auto [scaled_T, dscale_acc] = segment_scale_reduce(T, h, scale);
     if (need_dscale) {
       dscale = dscale_acc.to(scale.scalar_type());
@@ -246,8 +246,21 @@ TORCH_LIBRARY_IMPL(metapeft, CUDA, m) {
   m.impl("seeded_dropout_cuda", &metapeft::seeded_dropout);
 }
 
-// `import metapeft._C` loads the library (and so the registrations above); the module itself is empty.
+// Build facts, passed by setup.py / CMakeLists.txt as bare tokens (archs joined by ','), e.g.
+// -DMETAPEFT_BUILD_ARCHS=8.0,9.0: stringified here and exposed as metapeft._C.build_* for build_info().
+#define METAPEFT_STRINGIFY_(...) #__VA_ARGS__
+#define METAPEFT_STRINGIFY(x) METAPEFT_STRINGIFY_(x)
+
+// `import metapeft._C` loads the library (and so the registrations above); the module holds the build facts.
 extern "C" PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "metapeft's C++/CUDA ops", -1, nullptr};
-  return PyModule_Create(&module_def);
+  PyObject* module = PyModule_Create(&module_def);
+  if (module == nullptr ||
+      PyModule_AddStringConstant(module, "build_torch_version", METAPEFT_STRINGIFY(METAPEFT_BUILD_TORCH)) < 0 ||
+      PyModule_AddStringConstant(module, "build_cuda_version", METAPEFT_STRINGIFY(METAPEFT_BUILD_CUDA)) < 0 ||
+      PyModule_AddStringConstant(module, "build_arch_list", METAPEFT_STRINGIFY(METAPEFT_BUILD_ARCHS)) < 0) {
+    Py_XDECREF(module);
+    return nullptr;
+  }
+  return module;
 }

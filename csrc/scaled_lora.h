@@ -27,7 +27,7 @@ C10_HOST_DEVICE inline bool dropout_keep(uint64_t seed, uint64_t index, float p)
   return static_cast<float>(z >> 40) * 5.9604644775390625e-08f >= p;  // 2^-24
 }
 
-// dst = (accumulate ? dst : 0) + drop(src), drop(v) = keep ? v / (1 - p) : 0, math in fp32.
+// dst = (accumulate ? dst : 0) + drop(src), drop(v) = keep ? v / (1 - p) : 0, math in fp32 (fp64 for fp64).
 // src and dst: contiguous (M, K) tensors of one dtype on one device.
 void dropout_apply_cpu(const at::Tensor& src, at::Tensor& dst, double p, int64_t seed, bool accumulate);
 void dropout_apply_cuda(const at::Tensor& src, at::Tensor& dst, double p, int64_t seed, bool accumulate);
@@ -40,7 +40,7 @@ void dropout_apply_cuda(const at::Tensor& src, at::Tensor& dst, double p, int64_
 // d scale_j = partials[j].sum(): deterministic, no atomics.
 constexpr int64_t kRowsPerChunk = 128;  // rows of T per reduction block (CPU task / CUDA block)
 inline int64_t segment_reduce_chunks(int64_t rows) {
-  return rows <= 0 ? 1 : (rows + kRowsPerChunk - 1) / kRowsPerChunk;
+  return (rows + kRowsPerChunk - 1) / kRowsPerChunk;  // 0 for an empty batch: d scale = sum of nothing = 0
 }
 void segment_scale_reduce_cpu(const at::Tensor& T, const at::Tensor& h, const at::Tensor& scale_acc,
                               at::Tensor& scaled_T, at::Tensor& partials);

@@ -7,9 +7,12 @@ reduction) that have a CPU loop and a CUDA kernel; CPU tests therefore check eve
 kernels themselves. Every test here needs the extension built (``pip install -e .`` with a CUDA toolkit).
 """
 
+import re
+
 import pytest
 import torch
 
+from metapeft.build_info import arch_runs_on, build_info, main
 from metapeft.ops import available_backends, scaled_lora, select_backend
 from metapeft.reference import scaled_lora_reference
 from tests.ops.test_scaled_lora import DTYPES, SHAPES, forward_backward, make_inputs
@@ -206,6 +209,26 @@ def test_backend_reports_why_it_cannot_run_here():
         select_backend("cuda", x)
     assert select_backend("auto", x) != "cuda"
 
+
+
+def test_build_info_reports_the_extension_and_backends(capsys):
+    info = build_info()
+    ext = info["extension"]
+    assert ext["built"] and ext["path"].endswith(".so")
+    assert torch.__version__.startswith(ext["torch"])
+    assert ext["cuda"].split(".")[0] == torch.version.cuda.split(".")[0]
+    assert ext["arch_list"] and all(re.fullmatch(r"\d+\.\d+(\+PTX)?", arch) for arch in ext["arch_list"])
+    assert set(info["backends"]) == {"cuda", "triton", "torch"} and info["backends"]["torch"] is None
+    assert main([]) == 0
+    report = capsys.readouterr().out
+    assert f"extension metapeft._C: built for torch {ext['torch']}" in report
+    assert f"cuda    {'available' if info['backends']['cuda'] is None else 'unavailable: '}" in report
+
+
+@pytest.mark.parametrize("arch,capability,runs", [("9.0", (9, 0), True), ("8.0", (8, 6), True), ("8.0", (9, 0), False),
+                                                  ("8.0+PTX", (9, 0), True), ("9.0", (8, 9), False)])
+def test_arch_coverage(arch, capability, runs):
+    assert arch_runs_on(arch, capability) is runs
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "M{}_K{}_N{}_r{}_S{}".format(*s))

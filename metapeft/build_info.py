@@ -1,0 +1,103 @@
+"""What this metapeft install was built with and what it can run: ``metapeft.build_info()`` and
+``python -m metapeft.build_info [--json]``.
+
+Reports torch (version, its CUDA), the CUDA devices (and whether the extension's archs cover them),
+the C++/CUDA extension ``metapeft._C`` (built or why not; the torch, CUDA and arch list it was compiled
+for) and every backend of the ops with the reason it is unavailable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from metapeft.ops.backends import available_backends
+from metapeft.ops.scaled_lora_cuda import EXTENSION_ERROR
+
+
+def _extension() -> dict:
+    if EXTENSION_ERROR is not None:
+        return {"built": False, "reason": EXTENSION_ERROR}
+    from metapeft import _C
+
+    return {
+        "built": True,
+        "path": _C.__file__,
+        "torch": _C.build_torch_version,
+        "cuda": _C.build_cuda_version,
+        "arch_list": _C.build_arch_list.split(","),
+    }
+
+
+def arch_runs_on(arch: str, capability: tuple[int, int]) -> bool:
+    """Whether code built for ``arch`` ("9.0", "8.0+PTX") runs on a device of ``capability`` (major, minor):
+    a cubin runs on its own major version at an equal or higher minor, PTX on any later device."""
+    ptx = arch.endswith("+PTX")
+    built = tuple(int(part) for part in arch.removesuffix("+PTX").split("."))
+    return built <= capability and (ptx or built[0] == capability[0])
+
+
+def _devices(arch_list: list[str] | None) -> list[dict]:
+    if not torch.cuda.is_available():
+        return []
+    devices = []
+    for index in range(torch.cuda.device_count()):
+        capability = torch.cuda.get_device_capability(index)
+        device = {"index": index, "name": torch.cuda.get_device_name(index), "capability": "{}.{}".format(*capability)}
+        if arch_list is not None:
+            device["extension_runs"] = any(arch_runs_on(arch, capability) for arch in arch_list)
+        devices.append(device)
+    return devices
+
+
+def build_info() -> dict:
+    """A JSON-ready dict: ``torch``, ``torch_cuda``, ``cuda_available``, ``devices`` (list of dicts),
+    ``extension`` (``built``; ``path``, ``torch``, ``cuda``, ``arch_list`` or ``reason``) and ``backends``
+    (name -> ``None`` when usable here, else the reason it is not)."""
+    extension = _extension()
+    return {
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "devices": _devices(extension.get("arch_list")),
+        "extension": extension,
+        "backends": available_backends(),
+    }
+
+
+def format_build_info(info: dict) -> str:
+    """``build_info()`` as the human-readable report ``python -m metapeft.build_info`` prints."""
+    ext = info["extension"]
+    lines = [f"torch {info['torch']} (CUDA {info['torch_cuda'] or 'none'})"]
+    if not info["devices"]:
+        lines.append("devices: none (CUDA is not available)")
+    for device in info["devices"]:
+        runs = {True: ", extension runs here", False: ", NOT covered by the extension's archs", None: ""}
+        lines.append(f"device cuda:{device['index']}: {device['name']} (sm {device['capability']}"
+                     f"{runs[device.get('extension_runs')]})")
+    if ext["built"]:
+        lines.append(f"extension metapeft._C: built for torch {ext['torch']}, CUDA {ext['cuda']}, "
+                     f"archs {';'.join(ext['arch_list'])} ({ext['path']})")
+    else:
+        lines.append(f"extension metapeft._C: not built ({ext['reason']})")
+    lines.append("backends:")
+    lines += [f"  {name:<7} {'available' if reason is None else 'unavailable: ' + reason}"
+              for name, reason in info["backends"].items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the report (or ``--json``); returns the exit status."""
+    parser = argparse.ArgumentParser(prog="python -m metapeft.build_info", description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print build_info() as JSON")
+    args = parser.parse_args(argv)
+    info = build_info()
+    print(json.dumps(info, indent=2) if args.json else format_build_info(info))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
