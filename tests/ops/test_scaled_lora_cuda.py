@@ -133,6 +133,15 @@ def test_dropout_mask_statistics_reproducibility_and_layout_independence():
     assert torch.equal(OPS.seeded_dropout_cuda(x, 0.0, 7), x)
 
 
+def test_empty_batch():
+    _, inputs = make_inputs(7, 40, 48, 4, 3, dtype=torch.float32)
+    leaves = {k: v.requires_grad_(True) for k, v in inputs.items()}
+    y = extension_op(0.1, 2)(leaves["x"][:0], *list(leaves.values())[1:])
+    assert y.shape == (0, 48)
+    y.sum().backward()
+    assert torch.equal(leaves["scale"].grad, torch.zeros(3)) and torch.equal(leaves["lora_B"].grad, torch.zeros(48, 4))
+
+
 @pytest.mark.parametrize("needs", [(True, False, False, False, False, False), (False, False, False, True, True, True),
                                    (False, True, True, False, False, False)], ids=["dx", "lora", "base"])
 def test_backward_returns_empty_tensors_for_unneeded_gradients(needs):
