@@ -3,9 +3,9 @@ download), split into a balanced *source* task and a long-tailed, domain-shifted
 
 - Each class's images are shuffled (``seed``) and halved: one half is the source pool, the other the target pool.
 - source: the upright digits, balanced (~90 per class), for pre-training a backbone.
-- target: a "remote-sensing-like" shift of the other half: rotated by 90 degrees (an overhead view has no upright),
-  contrast inverted (bright background) and multiplied by unit-mean gamma speckle (look number ``looks``), as in
-  SAR imagery. Its test split keeps ``test_per_class`` images of every class (balanced); its training split keeps
+- target: a "remote-sensing-like" shift of the other half: rotated by 90 degrees (an overhead view has no upright)
+  and multiplied by unit-mean gamma speckle (look number ``looks``), the multiplicative noise of SAR imagery.
+  Its test split keeps ``test_per_class`` images of every class (balanced); its training split keeps
   ``long_tail_counts(n_max, 10, imbalance)`` images of class c (exponential profile, class 0 the head).
 Pixels are scaled to [0, 1] and standardised with the source set's mean and std.
 """
@@ -52,11 +52,11 @@ class DigitsTasks:
 
 
 def shift_domain(images: np.ndarray, rng: np.random.Generator, looks: float = 4.0) -> np.ndarray:
-    """The target domain of images (N, H, W) in [0, 1]: rotate 90 degrees, invert, multiply by Gamma(looks,
-    1/looks) speckle; clipped to [0, 1]."""
+    """The target domain of images (N, H, W) in [0, 1]: rotate 90 degrees, multiply by Gamma(looks, 1/looks)
+    speckle (mean 1, variance 1/looks); clipped to [0, 1]."""
     rotated = np.rot90(images, k=1, axes=(1, 2))
     speckle = rng.gamma(looks, 1.0 / looks, size=rotated.shape)
-    return np.clip((1.0 - rotated) * speckle, 0.0, 1.0)
+    return np.clip(rotated * speckle, 0.0, 1.0)
 
 
 def digits_tasks(imbalance: float = 10.0, test_per_class: int = 30, seed: int = 0, looks: float = 4.0) -> DigitsTasks:

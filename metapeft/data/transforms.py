@@ -9,11 +9,18 @@ from torchvision import transforms as T
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def backbone_normalization(model: nn.Module | None = None) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """``(mean, std)`` per RGB channel the backbone was pre-trained with: timm's ``pretrained_cfg`` of ``model``
-    (e.g. CLIP's for ``vit_base_patch16_clip_224``), ImageNet's when the model declares none."""
-    config = getattr(model, "pretrained_cfg", None) or {}
-    mean, std = config.get("mean", IMAGENET_MEAN), config.get("std", IMAGENET_STD)
+def backbone_normalization(model: nn.Module | str | None = None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(mean, std)`` per RGB channel the backbone was pre-trained with, from timm's pretrained config of ``model``
+    (a timm model, or a timm model name such as ``"vit_base_patch16_clip_224.openai"``); ImageNet's when there is
+    none (an unknown name, a non-timm model, None)."""
+    if isinstance(model, str):
+        import timm
+
+        config = timm.get_pretrained_cfg(model)
+        config = {} if config is None else {"mean": config.mean, "std": config.std}
+    else:
+        config = getattr(model, "pretrained_cfg", None) or {}
+    mean, std = config.get("mean") or IMAGENET_MEAN, config.get("std") or IMAGENET_STD
     return tuple(float(m) for m in mean), tuple(float(s) for s in std)
 
 
