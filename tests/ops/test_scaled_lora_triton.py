@@ -230,3 +230,44 @@ def test_create_graph_backward_matches_the_kernel_backward(dropout):
     differentiable = torch.autograd.grad(y.sum(), leaves, create_graph=True)
     for a, b in zip(first, differentiable):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+# Constexprs of one representative variant of every kernel (the mask kernel's args need none beyond these).
+AOT_CONSTEXPRS = {
+    "_scaled_lora_dropout_mask_kernel": dict(BLOCK_M=64, BLOCK_K=64),
+    "_scaled_lora_h_kernel": dict(HAS_DROPOUT=True, BLOCK_M=64, BLOCK_R=32, BLOCK_K=64),
+    "_scaled_lora_fwd_kernel": dict(HAS_BIAS=True, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, BLOCK_R=16, GROUP_M=8),
+    "_scaled_lora_bwd_t_kernel": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_R=16),
+    "_scaled_lora_bwd_db_kernel": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_R=16),
+    "_scaled_lora_bwd_da_kernel": dict(HAS_DROPOUT=True, BLOCK_M=64, BLOCK_R=32, BLOCK_K=128),
+    "_scaled_lora_bwd_dx_kernel": dict(HAS_DROPOUT=True, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, BLOCK_R=32, GROUP_M=8),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(INTERPRET, reason="compiles the kernels ahead of time: needs them as compiled JIT functions")
+@pytest.mark.parametrize(("arch", "dtype"), [(90, "bf16"), (80, "fp32")], ids=["sm90_bf16", "sm80_fp32"])
+@pytest.mark.parametrize("name", list(AOT_CONSTEXPRS))
+def test_kernels_compile_for_the_gpu_without_one(name, arch, dtype):
+    """Ahead-of-time compile to PTX/cubin for Hopper and Ampere: catches GPU-only lowering errors on a CPU machine."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernel = getattr(kernels(), name)
+    fn = kernel if isinstance(kernel, triton.runtime.JITFunction) else kernel.fn  # unwrap the autotuner
+    constexprs = {**AOT_CONSTEXPRS[name], "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"}
+    constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
+    fp32_pointers = ("scale_ptr", "dscale_part_ptr", "part_ptr", "out_ptr")
+    signature = {}
+    for arg in fn.arg_names:
+        if arg in constexprs:
+            signature[arg] = "constexpr"
+        elif arg.endswith("_ptr"):
+            signature[arg] = "*fp32" if arg in fp32_pointers else f"*{dtype}"
+        else:
+            signature[arg] = {"p": "fp32", "inv_keep": "fp32", "seed": "i64"}.get(arg, "i32")
+    warps = 8 if constexprs.get("BLOCK_M") == 128 else 4
+    compiled = triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": warps, "num_stages": 3})
+    assert compiled.asm["cubin"], f"{name}: no cubin for sm_{arch}"
