@@ -19,6 +19,9 @@ is regenerated in backward from the seed, never stored. It is reproducible withi
 Bytes moved (fp16, no dropout): forward reads x twice (h kernel + GEMM) and writes y once, the unfused
 reference writes and re-reads two more M x N tensors; backward reads dY three times (T, dB, dx) and x once (dA).
 Split reductions (dB, dA, d scale) write fp32 partials that torch sums: deterministic, no atomics.
+dB is a second pass over dY rather than a by-product of the T pass: T reduces over N and dB over M, so one
+pass must spill per-tile fp32 partials of one of them, 4r/BLOCK_M bytes per dY element written and re-read
+(r = 16, BLOCK_M = 128: as many bytes as re-reading bf16 dY), which saves nothing at the ranks used (8..64).
 
 This module knows nothing of ``metapeft``; ``metapeft/ops/scaled_lora_triton.py`` registers it as a backend.
 """
