@@ -345,15 +345,14 @@ def fit_with_interrupt(trainer, eval_set=None) -> dict:
 def cmd_train(args: argparse.Namespace) -> int:
     from metapeft.io import save_adapter
 
-    config_path = Path(args.config)
-    config = apply_overrides(load_config(config_path), args.set or [])
+    config = apply_overrides(load_config(args.config), args.set or [])
     if args.weights is not None:
         config.setdefault("model", {})["weights"] = str(Path(args.weights).resolve())
     output_dir = args.output_dir or config.get("output_dir")
     if not output_dir:
         raise CLIError("no output directory: set output_dir in the config or pass --output-dir")
     output_dir = Path(output_dir)
-    base_dir = config_path.resolve().parent
+    base_dir = Path.cwd()
     _absolutise_data_paths(config, base_dir)
     if args.resume:
         _check_resumable(output_dir, config)
@@ -394,7 +393,8 @@ def _echo_options(args: argparse.Namespace) -> str:
 
 
 def _absolutise_data_paths(config: dict, base_dir: Path) -> None:
-    """Relative data paths in a config are relative to the config file; store them absolute in the run."""
+    """Store a config's relative data paths (relative to the working directory, or for ``eval --data`` to that
+    config's folder) as absolute paths in the run."""
     data = config.get("data") or {}
     if data.get("root") is not None:
         data["root"] = str((base_dir / os.path.expanduser(str(data["root"]))).resolve())

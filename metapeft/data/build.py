@@ -5,7 +5,7 @@ Keys (``kind`` decides which apply):
 | key | kinds | meaning |
 |---|---|---|
 | ``kind`` | all | ``index`` (authors' layout), ``folder`` (ImageFolder trees), ``cifar100_lt`` |
-| ``root`` | all | dataset root folder (relative paths resolve against the config file's folder) |
+| ``root`` | all | dataset root folder (relative paths resolve against ``base_dir``) |
 | ``train`` / ``test`` | index, folder | index files (index) or sub-folders (folder) of the two splits |
 | ``split`` | index, folder | built-in split (``dota``, ``fusrs_v2.5``, ``fusrs_v1.7``) or a split yaml path |
 | ``imbalance`` / ``subset_seed`` | cifar100_lt | imbalance factor (default 100) and which images the subset keeps |
