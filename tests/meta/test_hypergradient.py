@@ -19,6 +19,7 @@ from torch.func import functional_call
 import metapeft
 from benchmarks.contenders import ReferenceMetaLoRA
 from metapeft.meta import hypergradient, math_attention, trainable_phi
+from metapeft.reference import adapter_reference
 
 LR, MOMENTUM, WEIGHT_DECAY = 0.3, 0.9, 0.05
 
@@ -29,11 +30,15 @@ def classification_loss(model: nn.Module, batch) -> torch.Tensor:
 
 
 def randomize_lora(model: nn.Module, std: float = 0.2) -> None:
-    """Nonzero B (and gamma away from 1) so every second-order term is exercised."""
+    """Nonzero LoRA B / adapter up projection (and gamma away from 1): every second-order term is exercised."""
     with torch.no_grad():
         for layer in model.modules():
             if isinstance(layer, metapeft.FusedMetaLoRA):
                 layer.lora_B.normal_(std=std)
+            if isinstance(layer, metapeft.FusedMetaAdapter):
+                layer.up_weight.normal_(std=std)
+                layer.up_bias.normal_(std=std)
+            if isinstance(layer, metapeft.MetaPEFTModule):
                 layer.modulator.uniform_(-0.5, 1.0)
 
 
@@ -73,14 +78,30 @@ def batches(model_kind: str):
     return train, val
 
 
+class ReferenceMetaAdapter(nn.Module):
+    """``metapeft.reference.adapter_reference`` with FusedMetaAdapter's parameter names (softplus modulator)."""
+
+    def __init__(self, layer: metapeft.FusedMetaAdapter) -> None:
+        super().__init__()
+        self.alpha, self.activation = layer.alpha, layer.activation
+        for name in (*layer.peft_parameter_names, "modulator"):
+            setattr(self, name, nn.Parameter(torch.empty_like(getattr(layer, name))))
+
+    def forward(self, x, residual=None):
+        scale = F.softplus(self.modulator) * self.alpha
+        return adapter_reference(x, residual, self.down_weight, self.down_bias, self.up_weight, self.up_bias, scale,
+                                 self.activation)
+
+
 def reference_twin(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` whose FusedMetaLoRA layers are the unfused reference (same parameter names)."""
+    """A copy of ``model`` whose FusedMetaLoRA / FusedMetaAdapter layers are the unfused reference (same
+    parameter names; values come from ``functional_call``)."""
     twin = copy.deepcopy(model)
     for name, layer in list(twin.named_modules()):
         if isinstance(layer, metapeft.FusedMetaLoRA):
-            parent_name, _, child = name.rpartition(".")
-            parent = twin.get_submodule(parent_name)
-            setattr(parent, child, ReferenceMetaLoRA(layer.base, layer.rank, layer.alpha, layer.segments))
+            twin.set_submodule(name, ReferenceMetaLoRA(layer.base, layer.rank, layer.alpha, layer.segments))
+        elif isinstance(layer, metapeft.FusedMetaAdapter):
+            twin.set_submodule(name, ReferenceMetaAdapter(layer))
     return twin
 
 
@@ -167,6 +188,41 @@ def test_vit_matches_brute_force(vit_case, mode):
     assert relative_error(result.lookahead, phi_next) < 1e-12
     assert relative_error(result.phi_grads, g) < 1e-12
     assert all(m.fused_attn for m in fused), "fused attention must be restored after the meta step"
+
+
+class AdapterNet(nn.Module):
+    """A LoRA layer, an AdaptFormer (parallel) adapter beside a frozen MLP, a Houlsby (sequential) adapter, a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lora = metapeft.FusedMetaLoRA(nn.Linear(10, 12), rank=2)
+        self.mlp = nn.Sequential(nn.Linear(12, 16), nn.GELU(), nn.Linear(16, 12))
+        self.parallel = metapeft.FusedMetaAdapter(12, 3, alpha=0.5, kind="parallel", activation="gelu")
+        self.sequential = metapeft.FusedMetaAdapter(12, 2, kind="sequential", activation="gelu")
+        self.head = nn.Linear(12, 4)
+
+    def forward(self, x):
+        h = torch.tanh(self.lora(x))
+        h = h + self.parallel(h, residual=self.mlp(h))
+        return self.head(self.sequential(h))
+
+
+@pytest.mark.parametrize("mode", ["exact", "finite_difference", "first_order"])
+def test_adapters_match_brute_force(mode):
+    model = AdapterNet().double()
+    randomize_lora(model)
+    metapeft.mark_only_peft_trainable(model, extra=(model.head,))
+    train, val = batches("mlp")
+    buffers = momentum_buffers(model)
+    hyper, direct, phi_next, _ = brute_force(model, train, val, lr=LR, momentum=MOMENTUM, buffers=buffers,
+                                             weight_decay=WEIGHT_DECAY)
+    result = hypergradient(model, classification_loss, train, val, lr=LR, momentum=MOMENTUM, momentum_buffers=buffers,
+                           weight_decay=WEIGHT_DECAY, mode=mode)
+    expected, tolerance = {"exact": (hyper, 1e-8), "finite_difference": (hyper, 1e-4),
+                           "first_order": (direct, 1e-12)}[mode]
+    assert relative_error(result.meta_grads, expected) < tolerance
+    assert relative_error(result.lookahead, phi_next) < 1e-12
+    assert relative_error(hyper, direct) > 1e-3
 
 
 def test_fused_sdpa_has_no_double_backward_without_math_attention(vit_case):
