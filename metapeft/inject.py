@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from metapeft.layers import FusedMetaLoRA, MetaPEFTModule
+from metapeft.layers import FusedMetaAdapter, FusedMetaLoRA, MetaPEFTModule
 from metapeft.params import mark_only_peft_trainable, meta_parameters, peft_parameters
 
 POSITIONS = {
@@ -249,14 +249,16 @@ class _Builder:
                              init_gamma=self.init_gamma, constraint=self.constraint, backend=self.backend,
                              active_segments=active, meta=self.meta)
 
-    def adapter(self, dim: int, like: torch.Tensor) -> MetaPEFTModule:
-        from metapeft.layers.adapter import FusedMetaAdapter
-
+    def adapter(self, dim: int, like: torch.Tensor) -> FusedMetaAdapter:
+        """An adapter on ``like``'s device with PEFT weights in ``like``'s dtype (the modulator stays float32,
+        as in ``FusedMetaLoRA``)."""
         kind = "parallel" if self.method == "adaptformer" else "sequential"
         adapter = FusedMetaAdapter(dim, self.rank, alpha=self.alpha, kind=kind, activation=self.activation,
                                    dropout=self.dropout, init_gamma=self.init_gamma, constraint=self.constraint,
-                                   backend=self.backend, meta=self.meta)
-        return adapter.to(device=like.device, dtype=like.dtype)
+                                   backend=self.backend, meta=self.meta).to(like.device)
+        for weight in adapter.peft_parameters():
+            weight.data = weight.data.to(like.dtype)
+        return adapter
 
     def wrap(self, module: nn.Module, dim: int, like: torch.Tensor) -> nn.Module:
         wrapper = ParallelAdapter if self.method == "adaptformer" else SequentialAdapter

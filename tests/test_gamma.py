@@ -45,6 +45,15 @@ def test_fixed_scale_table_and_generic_rows():
     torch.testing.assert_close(table.values, torch.full((2, 1), 0.5))
 
 
+def test_adapter_table_columns():
+    model = tiny_vit()
+    metapeft.inject(model, method="adapter", positions=("mlp",), layers=[1], rank=2, init_gamma=0.3)
+    table = metapeft.gamma_table(model)
+    assert table.position_labels == ("attn", "mlp")
+    expected = torch.tensor([[math.nan, math.nan], [math.nan, 0.3], [math.nan, math.nan]])
+    torch.testing.assert_close(table.values, expected, equal_nan=True)
+
+
 def test_plot_writes_a_png_heatmap(tmp_path):
     import matplotlib.image
 

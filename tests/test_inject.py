@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import metapeft
-from metapeft.inject import POSITIONS, peft_modules
+from metapeft.inject import POSITIONS, ParallelAdapter, SequentialAdapter, peft_modules
 
 ALL_LORA = POSITIONS["lora"]
 PATHS = {"out": "attn.proj", "mlp1": "mlp.fc1", "mlp2": "mlp.fc2"}
@@ -77,6 +77,18 @@ def test_places_exactly_the_modules_asked_for(positions, layers):
                      for p in (m.lora_A, m.lora_B))
     assert summary.peft_parameters == peft_count
     assert summary.trainable_parameters == peft_count + summary.meta_parameters + 48 * 5 + 5
+
+
+def test_clip_style_pre_norm_patch14_vit():
+    torch.manual_seed(0)
+    model = timm.create_model("vit_large_patch14_clip_224", pretrained=False, img_size=28, depth=2, embed_dim=48,
+                              num_heads=3, num_classes=4)
+    assert isinstance(model.norm_pre, nn.LayerNorm)
+    x = torch.randn(2, 3, 28, 28)
+    before = model(x)
+    summary = metapeft.inject(model, rank=2)
+    assert len(summary.placements) == 12 and summary.modules[0] == "blocks.0.attn.qkv"
+    torch.testing.assert_close(model(x), before, rtol=0, atol=1e-6)
 
 
 def test_freezes_all_but_peft_modulators_and_head():
@@ -153,6 +165,57 @@ def test_parity_with_hf_peft_logits_and_gradients():
                                theirs.base_model.model.head.modules_to_save["default"].weight.grad)
 
 
+@pytest.mark.parametrize("method, positions", [("adaptformer", None), ("adapter", None), ("adapter", ("attn",))],
+                         ids=["adaptformer", "houlsby", "houlsby-attn"])
+def test_adapters_are_placed_as_asked_and_keep_fresh_logits(method, positions):
+    model, x = tiny_vit(), images()
+    before = model(x)
+    summary = metapeft.inject(model, method=method, positions=positions, layers=[0, 2], rank=4)
+    asked = positions or POSITIONS[method]
+    assert set(summary.placements) == {(str(i), p) for i in (0, 2) for p in asked}
+    wrapper, kind = (ParallelAdapter, "parallel") if method == "adaptformer" else (SequentialAdapter, "sequential")
+    for i, block in enumerate(model.blocks):
+        for position in ("attn", "mlp"):
+            module = getattr(block, position)
+            if i in (0, 2) and position in asked:
+                assert type(module) is wrapper and module.adapter.kind == kind and module.adapter.bottleneck == 4
+            else:
+                assert not isinstance(module, (ParallelAdapter, SequentialAdapter))
+    torch.testing.assert_close(model(x), before, rtol=0, atol=1e-6)
+    adapter_params = sum(p.numel() for _, m in peft_modules(model) for p in m.peft_parameters())
+    assert summary.peft_parameters == adapter_params == len(summary.placements) * (4 * 48 + 4 + 48 * 4 + 48)
+    assert summary.trainable_parameters == adapter_params + len(summary.placements) + 48 * 5 + 5
+
+
+def test_adapter_outputs_match_hand_written_math():
+    """AdaptFormer: mlp(h) + gamma*alpha*up(relu(down(h))) with h = norm2(x); Houlsby: a + gamma*up(relu(down(a)))
+    after attention (float64, inside the model)."""
+    model = tiny_vit(dtype=torch.float64)
+    metapeft.inject(model, method="adaptformer", layers=[1], rank=4, alpha=0.1)
+    randomize(model)
+    houlsby = tiny_vit(dtype=torch.float64)
+    metapeft.inject(houlsby, method="adapter", positions=("attn",), layers=[1], rank=4)
+    randomize(houlsby)
+    seen = {}
+    parallel, sequential = model.blocks[1].mlp, houlsby.blocks[1].attn
+    parallel.register_forward_hook(lambda module, args, out: seen.update(h=args[0], parallel=out))
+    sequential.module.register_forward_hook(lambda module, args, out: seen.update(a=out))
+    sequential.register_forward_hook(lambda module, args, out: seen.update(sequential=out))
+    x = images(dtype=torch.float64)
+    model(x)
+    houlsby(x)
+
+    def delta(adapter, t):
+        hidden = torch.relu(t @ adapter.down_weight.T + adapter.down_bias)
+        return nn.functional.softplus(adapter.modulator) * adapter.alpha * (hidden @ adapter.up_weight.T
+                                                                             + adapter.up_bias)
+
+    h, a = seen["h"], seen["a"]
+    torch.testing.assert_close(seen["parallel"], parallel.module(h) + delta(parallel.adapter, h))
+    torch.testing.assert_close(seen["sequential"], a + delta(sequential.adapter, a))
+    assert parallel.adapter.alpha == 0.1 and sequential.adapter.alpha == 1.0
+
+
 def test_generic_path_on_a_plain_model():
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 3)))
     x = torch.randn(5, 6)
@@ -182,9 +245,11 @@ def test_merge_and_unmerge():
     torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_torch_compile_fullgraph_matches_eager():
+@pytest.mark.parametrize("kwargs", [{"positions": ("q", "v", "out", "mlp1")}, {"method": "adapter"}],
+                         ids=["lora", "houlsby"])
+def test_torch_compile_fullgraph_matches_eager(kwargs):
     model, x = tiny_vit(depth=1), images()
-    metapeft.inject(model, positions=("q", "v", "out", "mlp1"), rank=2)
+    metapeft.inject(model, rank=2, **kwargs)
     randomize(model)
     eager = model(x)
     eager_grads = torch.autograd.grad(eager.square().sum(), metapeft.meta_parameters(model))
@@ -219,6 +284,13 @@ def test_bad_arguments_name_the_argument_and_change_nothing(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         metapeft.inject(model, **kwargs)
     assert not peft_modules(model) and model.state_dict().keys() == state.keys()
+
+
+def test_adapters_cannot_be_merged():
+    model = tiny_vit(depth=1)
+    metapeft.inject(model, method="adaptformer", rank=2)
+    with pytest.raises(ValueError, match="cannot be merged"):
+        metapeft.merge(model)
 
 
 def test_refuses_second_injection_and_non_vit_models():

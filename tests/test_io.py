@@ -38,6 +38,20 @@ def test_round_trip_is_exact_into_a_fresh_model(tmp_path, meta):
     assert torch.equal(fresh(x), model(x))
 
 
+@pytest.mark.parametrize("method", ["adaptformer", "adapter"])
+def test_adapter_round_trip_and_no_peft_export(tmp_path, method):
+    model = tiny_vit()
+    metapeft.inject(model, method=method, layers=[1], rank=4)
+    randomize(model)
+    path = metapeft.save_adapter(model, tmp_path / "a.safetensors")
+    fresh = tiny_vit()
+    metapeft.load_adapter(fresh, path)
+    x = images()
+    assert torch.equal(fresh(x), model(x))
+    with pytest.raises(ValueError, match="export_peft exports LoRA"):
+        metapeft.export_peft(model, tmp_path / "peft")
+
+
 def test_load_into_an_injected_model_and_runtime_fields_may_differ(tmp_path):
     model = injected()
     path = metapeft.save_adapter(model, tmp_path / "a.safetensors")
