@@ -109,10 +109,11 @@ def saved_activation_bytes(fn, model: nn.Module) -> int:
     return sum(storages.values())
 
 
-def peak_memory_in_subprocess(contender: str, quick: bool) -> int:
+def peak_memory_in_subprocess(contender: str, quick: bool, threads: int) -> int:
     """Peak RSS growth of one warm step of ``contender``, measured in a fresh interpreter."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
-    command = [sys.executable, __file__, "--memory-of", contender] + (["--quick"] if quick else [])
+    command = [sys.executable, __file__, "--memory-of", contender, "--threads", str(threads)]
+    command += ["--quick"] if quick else []
     result = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
     return int(json.loads(result.stdout.strip().splitlines()[-1])["peak_rss_bytes"])
 
@@ -120,8 +121,11 @@ def peak_memory_in_subprocess(contender: str, quick: bool) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny ViT smoke run; nothing recorded")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="intra-op threads (1 gives steadier medians on a shared, oversubscribed machine)")
     parser.add_argument("--memory-of", choices=CONTENDERS, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     setup = QUICK if args.quick else FULL
     if args.memory_of:
         step, _ = make_step(*build(args.memory_of, setup), setup)
@@ -139,7 +143,7 @@ def main() -> None:
         raise AssertionError("metapeft and the reference disagree on identical weights")
     saved = {name: saved_activation_bytes(loss, models[name][0]) for name, loss in losses.items()}
     times = interleaved_median_times(steps, warmup=setup["warmup"], reps=setup["reps"])
-    peaks = {name: peak_memory_in_subprocess(name, args.quick) for name in CONTENDERS}
+    peaks = {name: peak_memory_in_subprocess(name, args.quick, args.threads) for name in CONTENDERS}
     rows = []
     for name in CONTENDERS:
         model, optimized = models[name]
@@ -159,7 +163,7 @@ def main() -> None:
         record_results("vit_step_cpu", rows,
                        f"ViT-B/16 training step on CPU: batch {BATCH}, LoRA r={RANK} on q,k,v,out,mlp1,mlp2 of "
                        f"all blocks, fp32, {setup['reps']} interleaved reps",
-                       command="python benchmarks/bench_vit_step_cpu.py")
+                       command=" ".join(["python benchmarks/bench_vit_step_cpu.py", *sys.argv[1:]]))
 
 
 if __name__ == "__main__":
