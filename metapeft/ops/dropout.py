@@ -17,9 +17,17 @@ def dropout_keep_mask(shape: tuple[int, ...], p: float, seed: int, device: torch
     return torch.rand(shape, generator=generator, device=device) >= p
 
 
-def seeded_dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """Inverted dropout of ``x`` (any shape, float dtype) with the mask from ``seed``; ``p == 0`` returns ``x``."""
+def torch_dropout_factors(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """The ``torch`` backend's dropout factors for ``x``'s shape: 1/(1-p) where kept, 0 elsewhere (x's dtype)."""
+    return dropout_keep_mask(tuple(x.shape), p, seed, x.device).to(x.dtype) * (1.0 / (1.0 - p))
+
+
+def seeded_dropout(x: torch.Tensor, p: float, seed: int, factors=torch_dropout_factors) -> torch.Tensor:
+    """Inverted dropout of ``x`` (any shape, float dtype), differentiable in x; ``p == 0`` returns ``x``.
+
+    ``factors(x, p, seed)`` gives the mask scaled by 1/(1-p): the torch backend's by default, or another
+    backend's so that a composite recomputation matches that backend's kernels.
+    """
     if p == 0.0:
         return x
-    keep = dropout_keep_mask(tuple(x.shape), p, seed, x.device)
-    return x * keep.to(x.dtype) * (1.0 / (1.0 - p))
+    return x * factors(x, p, seed).to(x.dtype)

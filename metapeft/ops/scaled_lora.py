@@ -21,17 +21,23 @@ import torch
 
 from metapeft.ops.backends import select_backend
 from metapeft.ops.checks import check_finite, check_floating, check_same
-from metapeft.ops.dropout import seeded_dropout
+from metapeft.ops.dropout import seeded_dropout, torch_dropout_factors
 from metapeft.ops.scaled_lora_torch import scaled_lora_bwd_torch, scaled_lora_composite, scaled_lora_fwd_torch
 
 _FWD_IMPLS = {"torch": scaled_lora_fwd_torch}
 _BWD_IMPLS = {"torch": scaled_lora_bwd_torch}
 
 
-def register_scaled_lora_impl(backend: str, fwd, bwd) -> None:
-    """Plug a backend's forward and backward launchers (same signatures as the torch ones) into the op."""
+_DROPOUT_FACTORS = {"torch": torch_dropout_factors}
+
+
+def register_scaled_lora_impl(backend: str, fwd, bwd, dropout_factors) -> None:
+    """Plug a backend into the op: forward and backward launchers (same signatures as the torch ones) and
+    ``dropout_factors(x, p, seed) -> (M, K)`` tensor, the backend's dropout mask scaled by 1/(1-p), which
+    the differentiable (double-backward and forward-AD) paths use to reproduce its forward exactly."""
     _FWD_IMPLS[backend] = fwd
     _BWD_IMPLS[backend] = bwd
+    _DROPOUT_FACTORS[backend] = dropout_factors
 
 
 @torch.library.custom_op("metapeft::scaled_lora_fwd", mutates_args=())
@@ -94,18 +100,15 @@ def _backward(ctx, grad_y, _grad_h):
     x, weight, lora_A, lora_B, scale, h = ctx.saved_tensors
     needs = tuple(ctx.needs_input_grad[:6])
     if torch.is_grad_enabled():
-        h = scaled_lora_recompute_h(x, lora_A, ctx.dropout_p, ctx.seed)
-        grads = scaled_lora_bwd_torch(grad_y, x, weight, lora_A, lora_B, scale, h, ctx.dropout_p, ctx.seed, needs)
+        factors = _DROPOUT_FACTORS[ctx.backend]
+        h = seeded_dropout(x, ctx.dropout_p, ctx.seed, factors) @ lora_A.t()
+        grads = scaled_lora_bwd_torch(grad_y, x, weight, lora_A, lora_B, scale, h, ctx.dropout_p, ctx.seed, needs,
+                                      factors)
     else:
         grads = scaled_lora_bwd(grad_y, x, weight, lora_A, lora_B, scale, h, ctx.dropout_p, ctx.seed, ctx.backend,
                                 list(needs))
         grads = tuple(g if need else None for g, need in zip(grads, needs))
     return (*grads, None, None, None)
-
-
-def scaled_lora_recompute_h(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed: int) -> torch.Tensor:
-    """h = drop(x) A^T (M, S*r), differentiably, with the forward's dropout mask."""
-    return seeded_dropout(x, dropout_p, seed) @ lora_A.t()
 
 
 scaled_lora_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -174,7 +177,8 @@ def scaled_lora(
     backend = select_backend(backend, x)
     x2d = x.reshape(-1, x.shape[-1])
     if forward_ad_active():
-        y = scaled_lora_composite(x2d, weight, bias, lora_A, lora_B, scale, float(dropout_p), int(seed))
+        y = scaled_lora_composite(x2d, weight, bias, lora_A, lora_B, scale, float(dropout_p), int(seed),
+                                  _DROPOUT_FACTORS[backend])
         return y.view(*x.shape[:-1], weight.shape[0])
     y, _ = scaled_lora_fwd(x2d, weight, bias, lora_A, lora_B, scale, float(dropout_p), int(seed), backend)
     return y.view(*x.shape[:-1], weight.shape[0])

@@ -48,6 +48,11 @@ def scaled_lora_bwd_cuda(grad_y, x, weight, lora_A, lora_B, scale, h, dropout_p,
     return tuple(g if need else None for g, need in zip(grads, needs))
 
 
+def scaled_lora_dropout_factors_cuda(x, dropout_p, seed):
+    """The C++ ops' dropout factors for x (M, K): 1/(1-p) where kept, 0 elsewhere (hash of seed and index)."""
+    return torch.ops.metapeft.seeded_dropout_cuda(torch.ones_like(x), dropout_p, seed)
+
+
 if EXTENSION_ERROR is None:
 
     # Same output contract as the core ops: their fake kernels give the shapes.
@@ -63,7 +68,7 @@ if EXTENSION_ERROR is None:
     def _(x, p, seed):
         return torch.empty_like(x, memory_format=torch.contiguous_format)
 
-    register_scaled_lora_impl("cuda", scaled_lora_fwd_cuda, scaled_lora_bwd_cuda)
+    register_scaled_lora_impl("cuda", scaled_lora_fwd_cuda, scaled_lora_bwd_cuda, scaled_lora_dropout_factors_cuda)
 
 # "auto" does not pick this backend yet: its kernels have not run on a GPU in CI; the GPU benchmark
 # (cuda vs triton vs reference vs HF PEFT) decides whether it becomes the CUDA default.

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from metapeft.ops.dropout import seeded_dropout
+from metapeft.ops.dropout import seeded_dropout, torch_dropout_factors
 
 
 def _segment_view(t: torch.Tensor, segments: int) -> torch.Tensor:
@@ -50,13 +50,15 @@ def scaled_lora_composite(
     scale: torch.Tensor,
     dropout_p: float,
     seed: int,
+    dropout_factors=torch_dropout_factors,
 ) -> torch.Tensor:
     """The forward from out-of-place differentiable ATen ops: the path for forward-mode AD (jvp).
 
-    Same math and dropout mask as :func:`scaled_lora_fwd_torch`; returns y (M, N).
+    Same math as :func:`scaled_lora_fwd_torch`, with the dropout mask of ``dropout_factors`` (the
+    backend whose forward this stands for); returns y (M, N).
     """
     segments = scale.shape[0]
-    h = _segment_view(seeded_dropout(x, dropout_p, seed) @ lora_A.t(), segments)  # (S, M, r)
+    h = _segment_view(seeded_dropout(x, dropout_p, seed, dropout_factors) @ lora_A.t(), segments)  # (S, M, r)
     lora_B_segments = lora_B.unflatten(0, (segments, lora_B.shape[0] // segments))  # (S, N/S, r)
     lora = torch.bmm(h * scale.to(h.dtype).view(segments, 1, 1), lora_B_segments.transpose(1, 2))  # (S, M, N/S)
     return torch.nn.functional.linear(x, weight, bias) + lora.transpose(0, 1).flatten(1)
@@ -73,11 +75,13 @@ def scaled_lora_bwd_torch(
     dropout_p: float,
     seed: int,
     needs: tuple[bool, bool, bool, bool, bool, bool],
+    dropout_factors=torch_dropout_factors,
 ) -> tuple[torch.Tensor | None, ...]:
     """Gradients ``(dx, dweight, dbias, dA, dB, dscale)``; entries whose ``needs`` flag is False are None.
 
     Built from out-of-place differentiable ops only, so calling it with grad mode on (and ``h``
-    recomputed from x and A) gives a backward that can itself be differentiated (double backward).
+    recomputed from x and A) gives a backward that can itself be differentiated (double backward);
+    ``dropout_factors`` then names the mask of the backend that ran the forward.
     """
     need_dx, need_dweight, need_dbias, need_dA, need_dB, need_dscale = needs
     segments = scale.shape[0]
@@ -96,9 +100,9 @@ def scaled_lora_bwd_torch(
     if need_dB:
         dB = torch.bmm(grad_segments.transpose(1, 2), h_segments * c).reshape(lora_B.shape)
     if need_dA:
-        dA = scaled_T.t() @ seeded_dropout(x, dropout_p, seed)
+        dA = scaled_T.t() @ seeded_dropout(x, dropout_p, seed, dropout_factors)
     if need_dx:
-        lora_term = seeded_dropout(scaled_T @ lora_A, dropout_p, seed)
+        lora_term = seeded_dropout(scaled_T @ lora_A, dropout_p, seed, dropout_factors)
         dx = torch.addmm(lora_term, grad_y, weight)
     if need_dweight:
         dweight = grad_y.t() @ x

@@ -58,7 +58,12 @@ def scaled_lora_bwd_triton(grad_y, x, weight, lora_A, lora_B, scale, h, dropout_
     return kernels().scaled_lora_bwd(grad_y, x, weight, lora_A, lora_B, scale, h, dropout_p, seed, needs)
 
 
+def scaled_lora_dropout_factors_triton(x, dropout_p, seed):
+    """The kernels' dropout factors for x (M, K): 1/(1-p) where kept, 0 elsewhere (fp32, Philox from ``seed``)."""
+    return kernels().scaled_lora_dropout_mask(x.shape[0], x.shape[1], dropout_p, seed, x.device)
+
+
 register_backend(Backend("triton", device_types=("cuda", "cpu"), auto_device_types=("cuda",),
                          unavailable_reason=_unavailable_reason,
                          extra_checks=[_interpreter_needed_on_cpu, _dtype_supported]))
-register_scaled_lora_impl("triton", scaled_lora_fwd_triton, scaled_lora_bwd_triton)
+register_scaled_lora_impl("triton", scaled_lora_fwd_triton, scaled_lora_bwd_triton, scaled_lora_dropout_factors_triton)
