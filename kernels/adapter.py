@@ -22,8 +22,8 @@ back, mostly hits L2) and the residual once and writes out once; the unfused ref
 the up projection and its scaled copy (4 more M x D passes). The backward kernel reads dOut twice (again L2 for
 the second) and writes dx; the torch GEMMs read dOut and x once each. The row-parallel grid has cdiv(M, BLOCK_M)
 programs: at ViT-B/16 batch 64 (M = 12608) that is 197 programs of 64 rows, 1.5 waves on a 132-SM H200.
-Block sizes are reasoned, not measured (no GPU was available while writing this): BLOCK_M = 64 keeps a
-(64, 256) fp32 bottleneck accumulator within 8 warps' registers; BLOCK_D is autotuned over {64, 128}.
+Tile sizes are chosen from ptxas register/spill reports for sm_90a (see the constants), not from timings: no GPU
+was available while writing this. BLOCK_D and the warp count are autotuned.
 
 This module knows nothing of ``metapeft``; ``metapeft/ops/adapter_triton.py`` registers it as a backend.
 """
@@ -38,9 +38,12 @@ from .scaled_lora import INTERPRET, MIN_DOT, _dot_precision, _dropout_args, _kee
 
 # The bottleneck row block lives in registers: (BLOCK_M, next_pow2(b)) fp32 accumulators.
 MAX_BOTTLENECK = 256
-# Rows per program (fixed, so that the backward's d-scale partials have a known count). The interpreter costs
-# ~0.1 s per program and little per element, hence bigger tiles there.
-BLOCK_M = 128 if INTERPRET else 64
+# Rows per program, fixed per launch (so that the backward's d-scale partials have a known count): 64 rows up to
+# a 64-wide bottleneck tile, 32 above. ptxas -v for sm_90a (bf16, gelu, dropout on, BLOCK_D 64, 8 warps): 64 rows
+# spill 28 B (bwd) at b = 128 and 2 KB at b = 256, 32 rows spill 0 B at b = 128 and 84 B at b = 256; at b <= 64,
+# 64 rows with 8 warps spill nothing (4 warps spill 412 B in bwd, so the autotuner also sees 8). The interpreter
+# costs ~0.1 s per program and little per element, hence 128 rows there.
+WIDE_BOTTLENECK_BLOCK = 64
 ACTIVATIONS = {"relu": 0, "gelu": 1}
 
 
@@ -50,7 +53,7 @@ def _tune_bench(kernel_call, quantiles):
 
 
 def _configs() -> list[triton.Config]:
-    """BLOCK_D x warps; 8 warps for wide bottlenecks (a (64, 256) fp32 tile is 128 registers a thread at 4)."""
+    """BLOCK_D x warps (8 warps keep b <= 64 spill-free at 64 rows; see WIDE_BOTTLENECK_BLOCK)."""
     if INTERPRET:
         return [triton.Config({"BLOCK_D": 128}, num_warps=4, num_stages=1)]
     return [triton.Config({"BLOCK_D": d}, num_warps=w, num_stages=s) for d in (64, 128) for w, s in ((4, 3), (8, 2))]
@@ -204,6 +207,13 @@ def _bottleneck_block(b: int) -> int:
     return max(MIN_DOT, triton.next_power_of_2(b))
 
 
+def _row_block(block_b: int) -> int:
+    """Rows per program for a bottleneck tile of ``block_b`` (see WIDE_BOTTLENECK_BLOCK)."""
+    if INTERPRET:
+        return 128
+    return 64 if block_b <= WIDE_BOTTLENECK_BLOCK else 32
+
+
 def adapter_fwd(
     x: torch.Tensor,
     residual: torch.Tensor | None,
@@ -222,13 +232,15 @@ def adapter_fwd(
     z = torch.empty((M, B), dtype=x.dtype, device=x.device)
     out = torch.empty((M, D), dtype=x.dtype, device=x.device)
     res = x if residual is None else residual
-    _adapter_fwd_kernel[(triton.cdiv(M, BLOCK_M),)](
+    block_b = _bottleneck_block(B)
+    block_m = _row_block(block_b)
+    _adapter_fwd_kernel[(triton.cdiv(M, block_m),)](
         x, res, down_weight, down_bias if down_bias is not None else z, up_weight,
         up_bias if up_bias is not None else out, scale, z, out, M, D, B,
         *x.stride(), *res.stride(), *down_weight.stride(), *up_weight.stride(), *z.stride(), *out.stride(),
         p, inv_keep, seed,
         HAS_DOWN_BIAS=down_bias is not None, HAS_UP_BIAS=up_bias is not None, ACTIVATION=ACTIVATIONS[activation],
-        HAS_DROPOUT=has_dropout, DOT_PRECISION=_dot_precision(x), BLOCK_M=BLOCK_M, BLOCK_B=_bottleneck_block(B),
+        HAS_DROPOUT=has_dropout, DOT_PRECISION=_dot_precision(x), BLOCK_M=block_m, BLOCK_B=block_b,
     )
     return out, z
 
@@ -257,7 +269,9 @@ def adapter_bwd(
                          f"{tuple(z.shape)}")
     p, inv_keep, has_dropout = _dropout_args(dropout_p, M, D)
     has_up_bias = up_bias is not None
-    grid = triton.cdiv(M, BLOCK_M)
+    block_b = _bottleneck_block(B)
+    block_m = _row_block(block_b)
+    grid = triton.cdiv(M, block_m)
     dz = torch.empty((M, B), dtype=x.dtype, device=x.device)
     a = torch.empty((M, B), dtype=x.dtype, device=x.device)
     dx = torch.empty((M, D), dtype=x.dtype, device=x.device) if need_dx else dz
@@ -270,7 +284,7 @@ def adapter_bwd(
         *dz.stride(), *a.stride(), *dx.stride(), p, inv_keep, seed,
         HAS_UP_BIAS=has_up_bias, ACTIVATION=ACTIVATIONS[activation], HAS_DROPOUT=has_dropout,
         RESIDUAL_IS_X=residual_is_x, NEED_DX=need_dx, NEED_COLSUM=need_colsum, DOT_PRECISION=_dot_precision(x),
-        BLOCK_M=BLOCK_M, BLOCK_B=_bottleneck_block(B),
+        BLOCK_M=block_m, BLOCK_B=block_b,
     )
     # (D, b) GEMM on aligned operands; appending d up_b as a ones column of a would misalign it (b+1 columns).
     dup_w = (grad_out.t() @ a) * scale.to(x.dtype) if need_dup_w else None
