@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 SECTIONS = ("model", "peft", "data", "train")
 TOP_LEVEL_KEYS = (*SECTIONS, "output_dir", "eval_each_epoch")
-MODEL_KEYS = ("name", "pretrained", "weights", "kwargs")
+MODEL_KEYS = ("name", "pretrained", "weights", "kwargs", "seed")
 PEFT_KEYS = ("method", "positions", "layers", "rank", "alpha", "dropout", "meta", "init_gamma", "constraint",
              "activation", "backend")
 RUN_CONFIG = "config.yaml"
@@ -166,8 +166,8 @@ def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 def build_backbone(model_config: dict, num_classes: int) -> nn.Module:
     """A timm model with ``num_classes`` outputs and pre-trained weights from, in order: ``model.weights`` (a local
     file; the classifier head's tensors are skipped when their shapes differ), timm's hub download when
-    ``model.pretrained`` is true and the hub is reachable. ``pretrained: false`` without weights trains from
-    random initialisation. A clear error says which source is missing."""
+    ``model.pretrained`` is true and the hub is reachable. ``pretrained: false`` without weights starts from a random
+    initialisation. A clear error says which source is missing."""
     import timm
 
     values = _checked_section({"model": model_config}, "model", MODEL_KEYS)
@@ -207,16 +207,19 @@ def _head_prefix(model: nn.Module) -> str:
 
 
 def build_model(config: dict, num_classes: int) -> tuple[nn.Module, object]:
-    """Backbone (:func:`build_backbone`) with :func:`metapeft.inject` applied from the ``peft`` section; returns
-    ``(model, InjectionSummary)``."""
+    """Backbone (:func:`build_backbone`) with :func:`metapeft.inject` applied from the ``peft`` section, random
+    initialisations (backbone without weights, PEFT weights) drawn from ``model.seed`` (default 0) without touching
+    the global RNG; returns ``(model, InjectionSummary)``."""
     from metapeft.inject import inject
 
-    model = build_backbone(config.get("model") or {}, num_classes)
     peft = _checked_section(config, "peft", PEFT_KEYS)
-    try:
-        summary = inject(model, **peft)
-    except (TypeError, ValueError) as error:
-        raise CLIError(f"peft section: {error}") from None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int((config.get("model") or {}).get("seed", 0)))
+        model = build_backbone(config.get("model") or {}, num_classes)
+        try:
+            summary = inject(model, **peft)
+        except (TypeError, ValueError) as error:
+            raise CLIError(f"peft section: {error}") from None
     return model, summary
 
 
@@ -360,6 +363,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     model, summary = build_model(config, data.split.num_classes)
     train_config = trainer_config(config, str(output_dir), args.resume)
     train_config.class_split = train_config.class_split or data.split.groups
+    model_config = config.get("model") or {}
+    if model_config.get("weights") is None and not model_config.get("pretrained", True):
+        # A random backbone is not reproducible from a file: keep every tensor in the run's weights.
+        train_config.save_full_model = True
     output_dir.mkdir(parents=True, exist_ok=True)
     resolved = {**config, "output_dir": str(output_dir), "num_classes": data.split.num_classes,
                 "classes": list(data.split.classes), "class_split": data.split.groups}
@@ -663,7 +670,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.handler(args)
     except CLIError as error:
-        parser.exit(2, f"metapeft {args.command}: error: {error}\n")
+        print(f"metapeft {args.command}: error: {error}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("metapeft: interrupted", file=sys.stderr)
         return 130
