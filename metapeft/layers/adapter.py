@@ -9,7 +9,6 @@ from torch import nn
 
 from metapeft.layers.base import MetaPEFTModule
 from metapeft.layers.lora import autocast_dtype, draw_dropout_seed
-from metapeft.ops import adapter_triton  # noqa: F401  (registers the adapter's triton impl; imports no triton)
 from metapeft.ops.adapter import adapter, select_adapter_backend
 from metapeft.ops.adapter_torch import ADAPTER_ACTIVATIONS
 from metapeft.ops.checks import check_finite, check_floating

@@ -34,6 +34,7 @@ from metapeft.ops.adapter_torch import (
 )
 from metapeft.ops.backends import BACKEND_ENV, get_backend, select_backend
 from metapeft.ops.checks import check_finite, check_floating, check_same
+from metapeft.ops.dropout import backend_dropout_factors
 from metapeft.ops.scaled_lora import forward_ad_active
 
 _FWD_IMPLS = {"torch": adapter_fwd_torch}
@@ -115,8 +116,9 @@ def _backward(ctx, grad_out, _grad_z):
     needs = (need[0], need[2], need[3], need[4], need[5], need[6])
     args = (ctx.activation, ctx.dropout_p, ctx.seed, ctx.residual_is_x)
     if torch.is_grad_enabled():
-        z = adapter_recompute_z(x, down_weight, down_bias, ctx.dropout_p, ctx.seed)
-        grads = adapter_bwd_torch(grad_out, x, down_weight, up_weight, up_bias, scale, z, *args, needs)
+        factors = backend_dropout_factors(ctx.backend)
+        z = adapter_recompute_z(x, down_weight, down_bias, ctx.dropout_p, ctx.seed, factors)
+        grads = adapter_bwd_torch(grad_out, x, down_weight, up_weight, up_bias, scale, z, *args, needs, factors)
     else:
         grads = adapter_bwd(grad_out, x, down_weight, up_weight, up_bias, scale, z, *args, ctx.backend, list(needs))
         grads = tuple(g if n else None for g, n in zip(grads, needs))
@@ -209,5 +211,5 @@ def adapter(
     residual2d = None if residual is None else residual.reshape(-1, x.shape[-1])
     args = (x2d, residual2d, down_weight, down_bias, up_weight, up_bias, scale, activation, float(dropout_p), int(seed))
     if forward_ad_active():
-        return adapter_fwd_torch(*args)[0].view(x.shape)
+        return adapter_fwd_torch(*args, backend_dropout_factors(backend))[0].view(x.shape)
     return adapter_fwd(*args, backend)[0].view(x.shape)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from metapeft.ops.dropout import dropout_keep_mask, seeded_dropout
+from metapeft.ops.dropout import seeded_dropout, torch_dropout_factors
 
 ADAPTER_ACTIVATIONS = ("relu", "gelu")
 
@@ -40,10 +40,16 @@ def adapter_activation_backward(grad: torch.Tensor, z: torch.Tensor, activation:
 
 
 def adapter_recompute_z(
-    x: torch.Tensor, down_weight: torch.Tensor, down_bias: torch.Tensor | None, dropout_p: float, seed: int
+    x: torch.Tensor,
+    down_weight: torch.Tensor,
+    down_bias: torch.Tensor | None,
+    dropout_p: float,
+    seed: int,
+    dropout_factors=torch_dropout_factors,
 ) -> torch.Tensor:
-    """z = drop(x) down^T + down_b (M, b), differentiably, with the forward's dropout mask."""
-    return F.linear(seeded_dropout(x, dropout_p, seed), down_weight, down_bias)
+    """z = drop(x) down^T + down_b (M, b), differentiably, with the mask of ``dropout_factors`` (the backend
+    that ran the forward)."""
+    return F.linear(seeded_dropout(x, dropout_p, seed, dropout_factors), down_weight, down_bias)
 
 
 def adapter_fwd_torch(
@@ -57,12 +63,14 @@ def adapter_fwd_torch(
     activation: str,
     dropout_p: float,
     seed: int,
+    dropout_factors=torch_dropout_factors,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return ``(out (M, D), z (M, b))``: two GEMMs, the residual as the second one's accumulator.
 
-    Built from differentiable ops only, so it doubles as the forward-mode AD (jvp) path.
+    Built from differentiable ops only, so it doubles as the forward-mode AD (jvp) path (with the
+    forward backend's ``dropout_factors``).
     """
-    z = adapter_recompute_z(x, down_weight, down_bias, dropout_p, seed)
+    z = adapter_recompute_z(x, down_weight, down_bias, dropout_p, seed, dropout_factors)
     a = adapter_activation(z, activation)
     out = torch.addmm(x if residual is None else residual, a * scale.to(a.dtype), up_weight.t())
     if up_bias is not None:
@@ -83,6 +91,7 @@ def adapter_bwd_torch(
     seed: int,
     residual_is_x: bool,
     needs: tuple[bool, bool, bool, bool, bool, bool],
+    dropout_factors=torch_dropout_factors,
 ) -> tuple[torch.Tensor | None, ...]:
     """Gradients ``(dx, d down_weight, d down_bias, d up_weight, d up_bias, d scale)``; None where ``needs`` is False.
 
@@ -109,16 +118,16 @@ def adapter_bwd_torch(
             dscale = dscale.reshape(1).to(scale.dtype)
     if need_dx or need_ddown_w or need_ddown_b:
         dz = adapter_activation_backward((grad_out @ up_weight) * c, z, activation)  # (M, b)
-        keep = dropout_keep_mask(tuple(x.shape), dropout_p, seed, x.device) if dropout_p > 0.0 else None
+        factors = dropout_factors(x, dropout_p, seed) if dropout_p > 0.0 else None
 
         def drop(t: torch.Tensor) -> torch.Tensor:
-            return t if keep is None else t * keep.to(t.dtype) * (1.0 / (1.0 - dropout_p))
+            return t if factors is None else t * factors.to(t.dtype)
 
         if need_ddown_w:
             ddown_w = dz.t() @ drop(x)
         if need_ddown_b:
             ddown_b = dz.sum(dim=0)
-        if need_dx and residual_is_x and keep is None:
+        if need_dx and residual_is_x and factors is None:
             dx = torch.addmm(grad_out, dz, down_weight)
         elif need_dx:
             dx = drop(dz @ down_weight)

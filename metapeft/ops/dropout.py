@@ -22,6 +22,21 @@ def torch_dropout_factors(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     return dropout_keep_mask(tuple(x.shape), p, seed, x.device).to(x.dtype) * (1.0 / (1.0 - p))
 
 
+_BACKEND_FACTORS = {"torch": torch_dropout_factors}
+
+
+def register_dropout_factors(backend: str, factors) -> None:
+    """Declare ``backend``'s dropout mask: ``factors(x (M, K), p, seed) -> (M, K)`` tensor, 1/(1-p) where its
+    kernels keep an element and 0 elsewhere. The differentiable paths (double backward, forward-mode AD)
+    of every op use it to reproduce that backend's forward exactly."""
+    _BACKEND_FACTORS[backend] = factors
+
+
+def backend_dropout_factors(backend: str):
+    """The dropout-factor function registered for ``backend``."""
+    return _BACKEND_FACTORS[backend]
+
+
 def seeded_dropout(x: torch.Tensor, p: float, seed: int, factors=torch_dropout_factors) -> torch.Tensor:
     """Inverted dropout of ``x`` (any shape, float dtype), differentiable in x; ``p == 0`` returns ``x``.
 

@@ -21,23 +21,18 @@ import torch
 
 from metapeft.ops.backends import select_backend
 from metapeft.ops.checks import check_finite, check_floating, check_same
-from metapeft.ops.dropout import seeded_dropout, torch_dropout_factors
+from metapeft.ops.dropout import backend_dropout_factors, seeded_dropout
 from metapeft.ops.scaled_lora_torch import scaled_lora_bwd_torch, scaled_lora_composite, scaled_lora_fwd_torch
 
 _FWD_IMPLS = {"torch": scaled_lora_fwd_torch}
 _BWD_IMPLS = {"torch": scaled_lora_bwd_torch}
 
 
-_DROPOUT_FACTORS = {"torch": torch_dropout_factors}
-
-
-def register_scaled_lora_impl(backend: str, fwd, bwd, dropout_factors) -> None:
-    """Plug a backend into the op: forward and backward launchers (same signatures as the torch ones) and
-    ``dropout_factors(x, p, seed) -> (M, K)`` tensor, the backend's dropout mask scaled by 1/(1-p), which
-    the differentiable (double-backward and forward-AD) paths use to reproduce its forward exactly."""
+def register_scaled_lora_impl(backend: str, fwd, bwd) -> None:
+    """Plug a backend's forward and backward launchers (same signatures as the torch ones) into the op; its
+    dropout mask is declared once for all ops with ``metapeft.ops.dropout.register_dropout_factors``."""
     _FWD_IMPLS[backend] = fwd
     _BWD_IMPLS[backend] = bwd
-    _DROPOUT_FACTORS[backend] = dropout_factors
 
 
 @torch.library.custom_op("metapeft::scaled_lora_fwd", mutates_args=())
@@ -100,7 +95,7 @@ def _backward(ctx, grad_y, _grad_h):
     x, weight, lora_A, lora_B, scale, h = ctx.saved_tensors
     needs = tuple(ctx.needs_input_grad[:6])
     if torch.is_grad_enabled():
-        factors = _DROPOUT_FACTORS[ctx.backend]
+        factors = backend_dropout_factors(ctx.backend)
         h = seeded_dropout(x, ctx.dropout_p, ctx.seed, factors) @ lora_A.t()
         grads = scaled_lora_bwd_torch(grad_y, x, weight, lora_A, lora_B, scale, h, ctx.dropout_p, ctx.seed, needs,
                                       factors)
@@ -178,7 +173,7 @@ def scaled_lora(
     x2d = x.reshape(-1, x.shape[-1])
     if forward_ad_active():
         y = scaled_lora_composite(x2d, weight, bias, lora_A, lora_B, scale, float(dropout_p), int(seed),
-                                  _DROPOUT_FACTORS[backend])
+                                  backend_dropout_factors(backend))
         return y.view(*x.shape[:-1], weight.shape[0])
     y, _ = scaled_lora_fwd(x2d, weight, bias, lora_A, lora_B, scale, float(dropout_p), int(seed), backend)
     return y.view(*x.shape[:-1], weight.shape[0])

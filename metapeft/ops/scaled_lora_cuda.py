@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from metapeft.ops.backends import Backend, register_backend
+from metapeft.ops.dropout import register_dropout_factors
 from metapeft.ops.scaled_lora import register_scaled_lora_impl, scaled_lora_bwd, scaled_lora_fwd
 
 try:
@@ -68,7 +69,8 @@ if EXTENSION_ERROR is None:
     def _(x, p, seed):
         return torch.empty_like(x, memory_format=torch.contiguous_format)
 
-    register_scaled_lora_impl("cuda", scaled_lora_fwd_cuda, scaled_lora_bwd_cuda, scaled_lora_dropout_factors_cuda)
+    register_scaled_lora_impl("cuda", scaled_lora_fwd_cuda, scaled_lora_bwd_cuda)
+    register_dropout_factors("cuda", scaled_lora_dropout_factors_cuda)
 
 # "auto" does not pick this backend yet: its kernels have not run on a GPU in CI; the GPU benchmark
 # (cuda vs triton vs reference vs HF PEFT) decides whether it becomes the CUDA default.

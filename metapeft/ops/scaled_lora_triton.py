@@ -17,6 +17,7 @@ import os
 import torch
 
 from metapeft.ops.backends import Backend, register_backend
+from metapeft.ops.dropout import register_dropout_factors
 from metapeft.ops.scaled_lora import register_scaled_lora_impl
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -59,11 +60,13 @@ def scaled_lora_bwd_triton(grad_y, x, weight, lora_A, lora_B, scale, h, dropout_
 
 
 def scaled_lora_dropout_factors_triton(x, dropout_p, seed):
-    """The kernels' dropout factors for x (M, K): 1/(1-p) where kept, 0 elsewhere (fp32, Philox from ``seed``)."""
+    """The kernels' dropout factors for x (M, K): 1/(1-p) where kept, 0 elsewhere (fp32, Philox from ``seed``);
+    the adapter kernels draw the same mask."""
     return kernels().scaled_lora_dropout_mask(x.shape[0], x.shape[1], dropout_p, seed, x.device)
 
 
 register_backend(Backend("triton", device_types=("cuda", "cpu"), auto_device_types=("cuda",),
                          unavailable_reason=_unavailable_reason,
                          extra_checks=[_interpreter_needed_on_cpu, _dtype_supported]))
-register_scaled_lora_impl("triton", scaled_lora_fwd_triton, scaled_lora_bwd_triton, scaled_lora_dropout_factors_triton)
+register_scaled_lora_impl("triton", scaled_lora_fwd_triton, scaled_lora_bwd_triton)
+register_dropout_factors("triton", scaled_lora_dropout_factors_triton)

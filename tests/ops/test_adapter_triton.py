@@ -198,6 +198,20 @@ def test_layer_runs_on_triton_and_matches_torch():
 
 
 @interpreted
+@pytest.mark.parametrize("kind", ["parallel", "sequential"])
+@pytest.mark.parametrize("dropout", [0.0, 0.5], ids=["p0", "p0.5"])
+def test_create_graph_backward_matches_the_kernel_backward(kind, dropout):
+    _, inputs = make_inputs(20, 24, 4, dtype=torch.float32, residual=kind == "parallel")
+    leaves = [None if inputs[k] is None else inputs[k].clone().requires_grad_(True) for k in NAMES]
+    out = adapter(*leaves, activation="gelu", dropout_p=dropout, seed=3, backend="triton")
+    tensors = [t for t in leaves if t is not None]
+    first = torch.autograd.grad(out.sum(), tensors, retain_graph=True)
+    differentiable = torch.autograd.grad(out.sum(), tensors, create_graph=True)
+    for a, b in zip(first, differentiable):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@interpreted
 def test_launcher_errors_name_the_problem():
     _, inputs = make_inputs(5, 8, 3, dtype=torch.float32)
     x, residual, down_w, down_b, up_w, up_b, scale = (inputs[k] for k in NAMES)
