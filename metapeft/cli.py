@@ -190,13 +190,14 @@ def build_backbone(model_config: dict, num_classes: int) -> nn.Module:
         state = load_weights_file(weights)
         own = model.state_dict()
         head_prefix = _head_prefix(model)
-        skipped = [k for k, v in state.items() if k.startswith(head_prefix) and k in own and v.shape != own[k].shape]
-        state = {k: v for k, v in state.items() if k not in skipped}
+        mismatched = [k for k, v in state.items() if k in own and v.shape != own[k].shape]
+        state = {k: v for k, v in state.items() if k not in mismatched}
         result = model.load_state_dict(state, strict=False)
         missing = [k for k in result.missing_keys if not k.startswith(head_prefix)]
-        if missing or result.unexpected_keys:
+        wrong_shape = [f"{k} {tuple(own[k].shape)}" for k in mismatched if not k.startswith(head_prefix)]
+        if missing or result.unexpected_keys or wrong_shape:
             raise CLIError(f"--weights {weights} does not fit {name!r}: missing {missing[:5]}, unexpected "
-                           f"{result.unexpected_keys[:5]}")
+                           f"{result.unexpected_keys[:5]}, other shape than the model's {wrong_shape[:5]}")
     return model
 
 

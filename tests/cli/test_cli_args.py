@@ -1,0 +1,179 @@
+"""The CLI's argument handling and error messages; the shipped configs; the metrics table; info and bench."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import yaml
+from safetensors.torch import save_file
+
+import metapeft.cli as cli
+from metapeft.cli import CLIError, build_backbone, build_model, load_config, main, metrics_table, trainer_config
+from tests.cli.conftest import TINY_MODEL
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run(argv, capsys) -> tuple[int, str, str]:
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_no_command_or_unknown_command_is_a_usage_error(capsys):
+    for argv in ([], ["fly"], ["train"], ["demo", "--threads", "0"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "the following arguments are required: --config" in err
+    assert "invalid choice: 'fly'" in err and "expected a positive integer, got '0'" in err
+
+
+def test_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for command in ("train", "eval", "gamma", "info", "bench", "demo"):
+        assert command in out
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["novalue"], "--set expects key=value"),
+    (["colour=1"], "unknown top-level key 'colour'"),
+    (["train.lrr=0.1"], r"unknown train key(s) ['lrr']"),
+    (["train.lr=-1"], "train section: lr must be > 0"),
+    (["peft.rnak=2"], r"unknown peft key(s) ['rnak']"),
+    (["peft.method=prefix"], "peft section: method must be one of"),
+    (["data.root=/does/not/exist"], "is not a directory"),
+    (["data.kind=lmdb"], "data.kind must be one of"),
+    (["model.name=not_a_model_at_all"], "is not a timm model"),
+    (["train.lr=[1"], "the value is not valid yaml"),
+], ids=["no-equals", "top-level", "train-key", "train-value", "peft-key", "peft-method", "data-root", "data-kind",
+        "model-name", "bad-yaml"])
+def test_train_config_errors_are_clear(write_config, capsys, overrides, message):
+    config = write_config()
+    argv = ["train", "--config", str(config)] + [x for item in overrides for x in ("--set", item)]
+    code, _, err = run(argv, capsys)
+    assert code == 2 and err.startswith("metapeft train: error:") and message in err, err
+
+
+def test_config_file_errors(tmp_path, capsys):
+    code, _, err = run(["train", "--config", str(tmp_path / "none.yaml")], capsys)
+    assert code == 2 and "config file" in err and "does not exist" in err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  name: x\n peft: 1\n")
+    code, _, err = run(["train", "--config", str(bad)], capsys)
+    assert code == 2 and f"{bad}:3: invalid yaml" in err
+    bad.write_text("model: [1, 2]\n")
+    code, _, err = run(["train", "--config", str(bad)], capsys)
+    assert code == 2 and "section 'model' must be a mapping" in err
+    bad.write_text("model: {name: x}\noutput_dir: null\n")
+    code, _, err = run(["train", "--config", str(bad)], capsys)
+    assert code == 2 and "no output directory" in err
+
+
+def test_missing_pretrained_weights_names_both_sources(write_config, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "hub_reachable", lambda timeout=3.0: False)
+    code, _, err = run(["train", "--config", str(write_config()), "--set", "model.pretrained=true"], capsys)
+    assert code == 2 and "Hugging Face hub" in err and "--weights PATH" in err and "model.pretrained=false" in err
+    code, _, err = run(["train", "--config", str(write_config()), "--weights", "/nope/w.safetensors"], capsys)
+    assert code == 2 and "--weights /nope/w.safetensors: no such file" in err
+
+
+def test_weights_file_loads_the_backbone_and_skips_a_different_head(tmp_path):
+    source = timm.create_model(TINY_MODEL["name"], pretrained=False, num_classes=10, **TINY_MODEL["kwargs"])
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    torch.save({"state_dict": source.state_dict()}, tmp_path / "w.pth")
+    for path in ("w.safetensors", "w.pth"):
+        model = build_backbone({**TINY_MODEL, "weights": str(tmp_path / path)}, num_classes=4)
+        own = model.state_dict()
+        for key, value in source.state_dict().items():
+            if key.startswith("head."):
+                assert own[key].shape[0] == 4
+            else:
+                assert torch.equal(own[key], value), key
+    save_file({"blocks.0.attn.qkv.weight": torch.zeros(3, 3)}, str(tmp_path / "wrong.safetensors"))
+    with pytest.raises(CLIError, match="does not fit"):
+        build_backbone({**TINY_MODEL, "weights": str(tmp_path / "wrong.safetensors")}, num_classes=4)
+    (tmp_path / "junk.pth").write_bytes(b"junk")
+    with pytest.raises(CLIError, match="cannot read weights"):
+        build_backbone({**TINY_MODEL, "weights": str(tmp_path / "junk.pth")}, num_classes=4)
+
+
+def test_model_build_is_seeded_and_leaves_the_global_rng_alone():
+    state = torch.get_rng_state()
+    first, _ = build_model({"model": TINY_MODEL, "peft": {"rank": 2}}, 4)
+    assert torch.equal(torch.get_rng_state(), state)
+    second, _ = build_model({"model": TINY_MODEL, "peft": {"rank": 2}}, 4)
+    other, _ = build_model({"model": {**TINY_MODEL, "seed": 1}, "peft": {"rank": 2}}, 4)
+    key = "blocks.0.attn.qkv.lora_A"
+    assert torch.equal(first.state_dict()[key], second.state_dict()[key])
+    assert not torch.equal(first.state_dict()[key], other.state_dict()[key])
+
+
+def test_resume_needs_a_checkpoint_and_the_same_config(write_config, tmp_path, capsys):
+    config = write_config()
+    code, _, err = run(["train", "--config", str(config), "--resume"], capsys)
+    assert code == 2 and "--resume: no checkpoint.pt" in err
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoint.pt").write_bytes(b"")
+    stored = yaml.safe_load(config.read_text())
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump({**stored, "train": {**stored["train"], "lr": 1}}))
+    code, _, err = run(["train", "--config", str(config), "--resume"], capsys)
+    assert code == 2 and "the config's ['train'] section(s) differ" in err
+
+
+def test_eval_and_gamma_need_a_run_directory(tmp_path, capsys):
+    for command in ("eval", "gamma"):
+        code, _, err = run([command, str(tmp_path)], capsys)
+        assert code == 2 and f"{tmp_path} is not a metapeft run" in err
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_configs_are_valid(path):
+    config = load_config(path)
+    name = path.stem
+    dataset, method, mode = name.split("_")
+    assert config["peft"]["method"] == method and config["peft"]["meta"] == (mode == "meta")
+    train = trainer_config(config, "runs/x", False)
+    assert (train.lr, train.momentum, train.weight_decay, train.batch_size, train.epochs) == (0.01, 0.9, 5e-4, 128, 10)
+    assert (train.loss, train.tau, train.classifier, train.cosine_scale, train.meta) == \
+        ("logit_adjusted", 1.0, "cosine", 25.0, mode == "meta")
+    assert config["data"]["kind"] == ("cifar100_lt" if dataset == "cifar100lt" else "index")
+    small = {"name": "vit_tiny_patch16_224", "pretrained": False,
+             "kwargs": {"img_size": 16, "patch_size": 4, "embed_dim": 64, "depth": 2, "num_heads": 2}}
+    model, summary = build_model({**config, "model": small}, 5)
+    expected_modules = {"lora": 2 * 4, "adaptformer": 2}[method]
+    assert len(summary.modules) == expected_modules
+    assert summary.meta_parameters == (len(summary.placements) if mode == "meta" else 0)
+
+
+def test_metrics_table_format():
+    rows = {"LoRA": {"accuracy": 0.5, "class_mean_accuracy": 0.25, "many_accuracy": 1.0, "medium_accuracy": None,
+                     "few_accuracy": 0.125, "macro_f1": 0.3333, "per_class_accuracy": [1.0, 0.0]},
+            "LoRA + MetaPEFT": {"accuracy": 0.75, "class_mean_accuracy": 0.5, "many_accuracy": 1.0,
+                                "medium_accuracy": 0.5, "few_accuracy": 0.0, "macro_f1": 0.5}}
+    assert metrics_table(rows).splitlines() == [
+        "| method          | overall | class-mean |  many | medium |  few | macro-F1 |",
+        "|-----------------|--------:|-----------:|------:|-------:|-----:|---------:|",
+        "| LoRA            |    50.0 |       25.0 | 100.0 |      - | 12.5 |     33.3 |",
+        "| LoRA + MetaPEFT |    75.0 |       50.0 | 100.0 |   50.0 |  0.0 |     50.0 |",
+    ]
+
+
+def test_info_reports_versions_devices_and_backends(capsys):
+    code, out, _ = run(["info"], capsys)
+    assert code == 0 and f"torch {torch.__version__.split('+')[0]}" in out
+    assert "backends (scaled LoRA):" in out and "  torch   available" in out
+    assert ("devices: cpu only" in out) != torch.cuda.is_available()
+
+
+def test_bench_lists_and_rejects_unknown_names(capsys):
+    code, out, _ = run(["bench", "--list"], capsys)
+    assert code == 0 and "bench_vit_step_cpu.py" in out
+    code, _, err = run(["bench", "no_such_bench"], capsys)
+    assert code == 2 and "unknown benchmark(s) ['no_such_bench']" in err and "vit_step_cpu" in err
