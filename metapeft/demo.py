@@ -210,7 +210,7 @@ def run_demo(quick: bool = False, output_dir: str | os.PathLike = "metapeft-demo
         meta_model = trainers["LoRA + MetaPEFT"].model
         table = metrics_table(rows)
         files = {"gamma_heatmap": str(plot_gamma(meta_model, output_dir / "gamma_heatmap.png",
-                                                 title="learned gamma (demo, LoRA + MetaPEFT)")),
+                                                 title="demo: learned gamma")),
                  "training_curves": str(plot_curves(logs, output_dir / "training_curves.png"))}
         gammas = gamma_table(meta_model)
         timing = ", ".join(f"{name} {s:.0f} s" for name, s in seconds.items())
