@@ -8,12 +8,14 @@ Contenders, all on the same frozen timm ``vit_base_patch16_224`` (``pretrained=F
 - ``reference``: the same placement with ``benchmarks.contenders.ReferenceMetaLoRA`` (unfused, learnable modulators).
 
 A step is ``zero_grad -> cross_entropy(model(x)) -> backward -> SGD(lr 0.01, momentum 0.9, wd 5e-4).step()`` over
-the PEFT weights and the head. Step times are interleaved medians (``benchmarks.harness``); peak memory is the
-resident-set growth of one warm step, each contender in a fresh process with glibc's mmap threshold pinned low so
-freed activations leave the resident set at once; ``saved_MiB`` is what autograd keeps for backward besides the
-weights.
+the PEFT weights and the head. Step times are interleaved medians (``benchmarks.harness``) of wall time and of
+process CPU time (the steadier measure on a shared machine; with ``--threads 1`` it is the step's work). Peak
+memory is the resident-set growth of one warm step, each contender in a fresh process with glibc's mmap threshold
+pinned low so freed activations leave the resident set at once; ``saved_MiB`` is what autograd keeps for backward
+besides the weights.
 
-Run: ``python benchmarks/bench_vit_step_cpu.py`` (``--quick``: a tiny ViT, a smoke run, nothing recorded).
+Run: ``python benchmarks/bench_vit_step_cpu.py --threads 1`` (``--quick``: a tiny ViT, a smoke run, nothing
+recorded).
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import timm
@@ -109,6 +113,21 @@ def saved_activation_bytes(fn, model: nn.Module) -> int:
     return sum(storages.values())
 
 
+def with_cpu_clock(steps: dict, cpu_times: dict) -> dict:
+    """``steps`` whose calls also append their process CPU time to ``cpu_times[name]`` (on a shared,
+    oversubscribed machine CPU time is far steadier than wall time, which counts the waits for a core)."""
+
+    def timed(name, fn):
+        def run() -> None:
+            start = time.process_time()
+            fn()
+            cpu_times[name].append(time.process_time() - start)
+
+        return run
+
+    return {name: timed(name, fn) for name, fn in steps.items()}
+
+
 def peak_memory_in_subprocess(contender: str, quick: bool, threads: int) -> int:
     """Peak RSS growth of one warm step of ``contender``, measured in a fresh interpreter."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
@@ -142,7 +161,9 @@ def main() -> None:
     if abs(first["metapeft"] - first["reference"]) > 1e-4 * max(1.0, abs(first["reference"])):
         raise AssertionError("metapeft and the reference disagree on identical weights")
     saved = {name: saved_activation_bytes(loss, models[name][0]) for name, loss in losses.items()}
-    times = interleaved_median_times(steps, warmup=setup["warmup"], reps=setup["reps"])
+    cpu_times = {name: [] for name in steps}
+    times = interleaved_median_times(with_cpu_clock(steps, cpu_times), warmup=setup["warmup"], reps=setup["reps"])
+    cpu = {name: statistics.median(values[setup["warmup"]:]) for name, values in cpu_times.items()}
     peaks = {name: peak_memory_in_subprocess(name, args.quick, args.threads) for name in CONTENDERS}
     rows = []
     for name in CONTENDERS:
@@ -150,9 +171,11 @@ def main() -> None:
         median, iqr = times[name]
         rows.append({
             "contender": name,
-            "step_ms": median * 1e3,
-            "iqr_ms": iqr * 1e3,
-            "time_vs_metapeft": median / times["metapeft"][0],
+            "cpu_step_ms": cpu[name] * 1e3,
+            "cpu_vs_metapeft": cpu[name] / cpu["metapeft"],
+            "wall_step_ms": median * 1e3,
+            "wall_iqr_ms": iqr * 1e3,
+            "wall_vs_metapeft": median / times["metapeft"][0],
             "peak_rss_MiB": peaks[name] / 2**20,
             "saved_MiB": saved[name] / 2**20,
             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),

@@ -91,7 +91,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> InjectionConfig:
     An injected model must carry the same injection (method, positions, layers, rank, alpha, placements, head,
     ...; dropout, init_gamma and backend may differ) and every tensor must match in name and shape, else a
     ``ValueError`` lists the differences and nothing is loaded. A model without metapeft modules is first
-    injected with the file's config. Returns the model's config.
+    injected with the file's config (should a later check fail, it stays injected, freshly initialised).
+    Returns the model's config.
     """
     file_config = read_adapter_config(path)
     target = unwrap_compiled(model)
