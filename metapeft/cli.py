@@ -530,21 +530,18 @@ def _version(module: str) -> str:
 
 def cmd_info(args: argparse.Namespace) -> int:
     import metapeft
-    from metapeft.ops.backends import available_backends
+    from metapeft.build_info import build_info, format_build_info
 
+    info = build_info()
+    packages = {name: _version(name) for name in ("torch", "triton", "timm", "torchvision", "safetensors")}
+    if args.json:
+        print(json.dumps({"metapeft": metapeft.__version__, "python": platform.python_version(),
+                          "packages": packages, "threads": torch.get_num_threads(), **info}, indent=2))
+        return 0
     lines = [f"metapeft {metapeft.__version__} ({Path(metapeft.__file__).parent})",
-             f"python {platform.python_version()} on {platform.platform()}"]
-    lines += [f"{name} {_version(name)}" for name in ("torch", "triton", "timm", "torchvision", "safetensors")]
-    lines.append(f"torch CUDA build: {torch.version.cuda or 'none'}; threads: {torch.get_num_threads()}")
-    if torch.cuda.is_available():
-        for i in range(torch.cuda.device_count()):
-            major, minor = torch.cuda.get_device_capability(i)
-            lines.append(f"device cuda:{i}: {torch.cuda.get_device_name(i)} (sm_{major}{minor})")
-    else:
-        lines.append("devices: cpu only (no CUDA device visible)")
-    lines.append("backends (scaled LoRA):")
-    lines += [f"  {name:<7} {'available' if reason is None else 'unavailable: ' + reason}"
-              for name, reason in available_backends().items()]
+             f"python {platform.python_version()} on {platform.platform()}",
+             "packages: " + ", ".join(f"{name} {version}" for name, version in packages.items()),
+             f"CPU threads: {torch.get_num_threads()}", format_build_info(info)]
     print("\n".join(lines))
     return 0
 
@@ -622,6 +619,7 @@ def build_parser() -> argparse.ArgumentParser:
     gamma.set_defaults(handler=cmd_gamma)
 
     info = commands.add_parser("info", help="versions, devices, built extensions and backend availability")
+    info.add_argument("--json", action="store_true", help="print the report as JSON")
     info.set_defaults(handler=cmd_info)
 
     bench = commands.add_parser("bench", help="run the benchmark scripts (source checkout)")

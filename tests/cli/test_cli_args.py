@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -167,9 +168,12 @@ def test_metrics_table_format():
 
 def test_info_reports_versions_devices_and_backends(capsys):
     code, out, _ = run(["info"], capsys)
-    assert code == 0 and f"torch {torch.__version__.split('+')[0]}" in out
-    assert "backends (scaled LoRA):" in out and "  torch   available" in out
-    assert ("devices: cpu only" in out) != torch.cuda.is_available()
+    assert code == 0 and f"torch {torch.__version__.split('+')[0]}" in out and "timm " in out
+    assert "backends:" in out and "  torch   available" in out and "extension metapeft._C:" in out
+    assert ("devices: none" in out) != torch.cuda.is_available()
+    code, out, _ = run(["info", "--json"], capsys)
+    report = json.loads(out)
+    assert code == 0 and report["backends"]["torch"] is None and report["packages"]["timm"] == timm.__version__
 
 
 def test_bench_lists_and_rejects_unknown_names(capsys):
