@@ -82,7 +82,7 @@ def format_build_info(info: dict) -> str:
         lines.append(f"extension metapeft._C: built for torch {ext['torch']}, CUDA {ext['cuda']}, "
                      f"archs {';'.join(ext['arch_list'])} ({ext['path']})")
     else:
-        lines.append(f"extension metapeft._C: not built ({ext['reason']})")
+        lines.append(f"extension metapeft._C: {ext['reason']}")
     lines.append("backends:")
     lines += [f"  {name:<7} {'available' if reason is None else 'unavailable: ' + reason}"
               for name, reason in info["backends"].items()]

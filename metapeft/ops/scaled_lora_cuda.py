@@ -14,18 +14,24 @@ reproducible within a backend, not across backends.
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 from metapeft.ops.backends import Backend, register_backend
 from metapeft.ops.dropout import register_dropout_factors
 from metapeft.ops.scaled_lora import register_scaled_lora_impl, scaled_lora_bwd, scaled_lora_fwd
 
-try:
-    from metapeft import _C  # noqa: F401  (loading the library registers the ops)
+if importlib.util.find_spec("metapeft._C") is None:
+    EXTENSION_ERROR = ("metapeft._C is not built (installed without a CUDA toolkit or with METAPEFT_BUILD_CUDA=0; "
+                       "reinstall with a toolkit: see README, Install)")
+else:
+    try:
+        from metapeft import _C  # noqa: F401  (loading the library registers the ops)
 
-    EXTENSION_ERROR = None
-except ImportError as error:
-    EXTENSION_ERROR = f"metapeft._C is not built ({error}); reinstall on a machine with a CUDA toolkit"
+        EXTENSION_ERROR = None
+    except ImportError as error:  # e.g. built against another torch: undefined symbols
+        EXTENSION_ERROR = f"metapeft._C does not load ({error}); rebuild it against this torch"
 
 
 def cuda_unavailable_reason() -> str | None:
