@@ -16,6 +16,7 @@ import subprocess
 import sys
 
 from setuptools import find_packages, setup
+from setuptools.command.sdist import sdist
 
 BUILD_ENV = "METAPEFT_BUILD_CUDA"
 DEFAULT_ARCH_LIST = "8.0;9.0"
@@ -89,12 +90,20 @@ def cuda_build_reason():
     return True, f"{version[0]}.{version[1]}"
 
 
+class SdistWithCsrc(sdist):
+    """The sdist always carries the C++/CUDA sources and CMakeLists.txt, even when made without a toolkit."""
+
+    def make_distribution(self):
+        self.filelist.extend([*SOURCES, *HEADERS, "CMakeLists.txt"])
+        super().make_distribution()
+
+
 def extension_kwargs():
-    """``ext_modules``/``cmdclass`` for setup(): the CUDA extension, or nothing."""
+    """``ext_modules``/``cmdclass`` for setup(): the CUDA extension (when built) and the sdist command."""
     build, detail = cuda_build_reason()
     if not build:
         log(f"building without the CUDA extension metapeft._C ({detail})")
-        return {}
+        return {"cmdclass": {"sdist": SdistWithCsrc}}
     import torch
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension  # after CUDA_HOME is set
 
@@ -111,7 +120,8 @@ def extension_kwargs():
         include_dirs=[os.path.abspath("csrc")],
         extra_compile_args={"cxx": ["-O3", *facts], "nvcc": ["-O3"]},
     )
-    return {"ext_modules": [extension], "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True)}}
+    build_ext = BuildExtension.with_options(use_ninja=True)
+    return {"ext_modules": [extension], "cmdclass": {"build_ext": build_ext, "sdist": SdistWithCsrc}}
 
 
 setup(
