@@ -166,8 +166,9 @@ def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 def build_backbone(model_config: dict, num_classes: int) -> nn.Module:
     """A timm model with ``num_classes`` outputs and pre-trained weights from, in order: ``model.weights`` (a local
     file; the classifier head's tensors are skipped when their shapes differ), timm's hub download when
-    ``model.pretrained`` is true and the hub is reachable. ``pretrained: false`` without weights starts from a random
-    initialisation. A clear error says which source is missing."""
+    ``model.pretrained`` is true and the hub is reachable (or ``HF_HUB_OFFLINE`` is set: timm's local cache).
+    ``pretrained: false`` without weights starts from a random initialisation. A clear error says which source is
+    missing."""
     import timm
 
     values = _checked_section({"model": model_config}, "model", MODEL_KEYS)
@@ -176,16 +177,24 @@ def build_backbone(model_config: dict, num_classes: int) -> nn.Module:
         raise CLIError("model.name is required (a timm model name, e.g. vit_base_patch16_224)")
     kwargs = dict(values.get("kwargs") or {})
     weights, pretrained = values.get("weights"), bool(values.get("pretrained", True))
-    if weights is None and pretrained and not hub_reachable():
+    download = weights is None and pretrained
+    if download and not os.environ.get("HF_HUB_OFFLINE") and not hub_reachable():
         raise CLIError(f"no pre-trained weights for {name!r}: the Hugging Face hub ({HUB_HOST[0]}) is not reachable "
                        "for timm's download and no local file was given; pass --weights PATH (a .safetensors or "
                        "torch state dict of the backbone) or set model.pretrained=false to start from random weights")
     try:
-        model = timm.create_model(name, pretrained=weights is None and pretrained, num_classes=num_classes, **kwargs)
+        model = timm.create_model(name, pretrained=download, num_classes=num_classes, **kwargs)
     except RuntimeError as error:
         if "Unknown model" in str(error):
             raise CLIError(f"model.name {name!r} is not a timm model ({error})") from None
-        raise
+        if not download:
+            raise
+        raise CLIError(f"timm could not load pre-trained weights for {name!r} ({error}); pass --weights PATH") from None
+    except OSError as error:  # network and hub-cache failures of the download
+        if not download:
+            raise
+        raise CLIError(f"timm could not download pre-trained weights for {name!r} ({type(error).__name__}: "
+                       f"{error}); pass --weights PATH") from None
     if weights is not None:
         state = load_weights_file(weights)
         own = model.state_dict()
