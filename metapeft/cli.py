@@ -261,8 +261,11 @@ def metrics_table(rows: dict[str, dict]) -> str:
              *(_percent(m.get(f"{g}_accuracy")) for g in groups), _percent(m.get("macro_f1"))]
             for name, m in rows.items()]
     widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
-    line = lambda cells: "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
-                                           for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))) \
+            + " |"
+
     rule = "|" + "|".join("-" * (w + 1) + (":" if i else "-") for i, w in enumerate(widths)) + "|"
     return "\n".join([line(header), rule, *(line(r) for r in body)])
 
