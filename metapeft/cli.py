@@ -511,7 +511,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         else:
             data_config[args.split] = str(data_path.resolve())
     data = build_data({"model": config.get("model"), "data": data_config}, ".")
-    dataset = data.train if args.split == "train" else data.test
+    dataset = data.test
+    if args.split == "train":
+        dataset = data.train
+        dataset.transform = data.test.transform  # evaluate without training augmentation
     split = config.get("class_split") or data.split.groups
     metrics = evaluate_model(model, dataset, config["num_classes"], split, args.batch_size, args.num_workers)
     print(metrics_table({_method_name(config): metrics}))

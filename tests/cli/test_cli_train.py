@@ -46,6 +46,11 @@ def test_train_eval_gamma_end_to_end(write_config, tmp_path, capsys):
     data_root = Path(_run_config(run)["data"]["root"])
     assert main(["eval", str(run), "--data", str(data_root / "train.txt"), "--json", str(tmp_path / "t.json")]) == 0
     assert json.loads((tmp_path / "t.json").read_text())["num_samples"] == 38
+    # --split train evaluates through the test transform (no random crops): deterministic
+    for name in ("s1.json", "s2.json"):
+        assert main(["eval", str(run), "--split", "train", "--json", str(tmp_path / name)]) == 0
+    assert (tmp_path / "s1.json").read_text() == (tmp_path / "s2.json").read_text()
+    assert json.loads((tmp_path / "s1.json").read_text()) == json.loads((tmp_path / "t.json").read_text())
     capsys.readouterr()
 
     assert main(["gamma", str(run), "--plot", str(tmp_path / "gamma.png")]) == 0
