@@ -132,7 +132,9 @@ def finetune(backbone: nn.Module, size: DemoSize, tasks, meta: bool, run_dir: Pa
     from metapeft.trainer import MetaPEFTTrainer, TrainerConfig
 
     model = copy.deepcopy(backbone)
-    inject(model, method="lora", rank=size.rank, meta=meta)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # both variants start from the same LoRA weights, cached backbone or not
+        inject(model, method="lora", rank=size.rank, meta=meta)
     config = TrainerConfig(epochs=size.finetune_epochs, batch_size=size.batch_size, lr=size.lr, meta=meta,
                            meta_lr=size.meta_lr,
                            device="cpu", amp="none", seed=seed, log_every=1, output_dir=str(run_dir),

@@ -42,3 +42,8 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     fresh = demo.build_vit(demo.QUICK)
     stored = load_file(str(files[0]))
     assert all(torch.equal(model.state_dict()[k], stored[k]) for k in fresh.state_dict())
+
+    # a second run from the cached backbone reproduces the first run's numbers exactly
+    again = demo.run_demo(quick=True, output_dir=tmp_path / "again", cache_dir=cache)
+    assert again["rows"] == results["rows"]
+    assert "loaded the cached source backbone" in capsys.readouterr().out
