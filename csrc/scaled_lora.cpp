@@ -70,6 +70,16 @@ void dropout_apply(const at::Tensor& src, at::Tensor& dst, double p, int64_t see
   }
 }
 
+// drop(x) (M, K): x itself when p == 0, else a new contiguous tensor (the mask is regenerated, never kept).
+at::Tensor dropped(const at::Tensor& x, double p, int64_t seed) {
+  if (p == 0.0) {
+    return x;
+  }
+  at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  dropout_apply(x, out, p, seed, /*accumulate=*/false);
+  return out;
+}
+
 // (scaled_T (M, S*r) in the op dtype, d scale (S,) in fp32 (fp64 for fp64 inputs)) from T (S, M, r) and h (M, S*r).
 std::tuple<at::Tensor, at::Tensor> segment_scale_reduce(const at::Tensor& T, const at::Tensor& h,
                                                         const at::Tensor& scale) {
@@ -101,13 +111,8 @@ std::tuple<at::Tensor, at::Tensor> scaled_lora_fwd(const at::Tensor& x, const at
     check_tensor(*bias, "bias", 1, x);
     TORCH_CHECK(bias->size(0) == weight.size(0), "bias must have shape (", weight.size(0), ",), got ", bias->sizes());
   }
-  const int64_t M = x.size(0), n = weight.size(0) / S;
-  at::Tensor xd = x;
-  if (dropout_p > 0.0) {
-    xd = at::empty({M, x.size(1)}, x.options());
-    dropout_apply(x, xd, dropout_p, seed, /*accumulate=*/false);
-  }
-  at::Tensor h = at::mm(xd, lora_A.t());
+  const int64_t n = weight.size(0) / S;
+  at::Tensor h = at::mm(dropped(x, dropout_p, seed), lora_A.t());
   at::Tensor y = bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
   const at::Tensor scaled_h = segment_view(h, S) * scale.to(h.scalar_type()).view({S, 1, 1});  // (S, M, r)
   for (int64_t j = 0; j < S; ++j) {  // cuBLAS writes the column block of y in place (ldc = N)
@@ -141,12 +146,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       dscale = dscale_acc.to(scale.scalar_type());
     }
     if (need_dA) {
-      at::Tensor xd = x;
-      if (dropout_p > 0.0) {
-        xd = at::empty({M, x.size(1)}, x.options());
-        dropout_apply(x, xd, dropout_p, seed, /*accumulate=*/false);
-      }
-      dA = at::mm(scaled_T.t(), xd);
+      dA = at::mm(scaled_T.t(), dropped(x, dropout_p, seed));
     }
     if (need_dx) {
       dx = at::mm(grad_y, weight);
