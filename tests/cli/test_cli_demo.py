@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -47,3 +49,13 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     again = demo.run_demo(quick=True, output_dir=tmp_path / "again", cache_dir=cache)
     assert again["rows"] == results["rows"]
     assert "loaded the cached source backbone" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_demo_default_size(tmp_path, capsys):
+    """The README's command at its default size (about 1.5 minutes on 2 CPU cores including pre-training)."""
+    assert main(["demo", "--output-dir", str(tmp_path / "demo"), "--cache-dir", str(tmp_path / "cache")]) == 0
+    results = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert results["size"] == dataclasses.asdict(demo.FULL)
+    assert all(metrics["accuracy"] > 0.3 for metrics in results["rows"].values())
+    assert "SMALL-SCALE DEMONSTRATION" in capsys.readouterr().out
