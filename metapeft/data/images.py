@@ -8,10 +8,12 @@ from PIL import Image
 
 
 class ImageDecodeError(OSError):
-    """An image file that exists in the index but cannot be opened or decoded; ``path`` names it."""
+    """An image file that cannot be opened or decoded; the message and ``path`` name it. Constructible from the
+    message alone, so a DataLoader worker's error is re-raised in the main process as this type (``path`` None
+    there; the message still names the file)."""
 
-    def __init__(self, path: str, reason: str) -> None:
-        super().__init__(f"cannot decode image {path}: {reason}")
+    def __init__(self, message: str, path: str | None = None) -> None:
+        super().__init__(message)
         self.path = path
 
 
@@ -25,4 +27,4 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         with Image.open(path) as image:
             return image.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as error:
-        raise ImageDecodeError(path, f"{type(error).__name__}: {error}") from error
+        raise ImageDecodeError(f"cannot decode image {path}: {type(error).__name__}: {error}", path) from error

@@ -6,6 +6,7 @@ import re
 
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from metapeft.data import (
     DataFormatError,
@@ -191,3 +192,17 @@ def test_build_datasets_index_and_folder(tmp_path):
 def test_build_datasets_config_errors(data, message):
     with pytest.raises(ValueError, match=message):
         build_datasets(data)
+
+
+def test_index_dataset_in_worker_processes(tmp_path):
+    root = write_index_dataset(tmp_path, {"train": [3, 3, 2]})
+    dataset = IndexDataset(root, "train.txt", build_transforms(False, 16))
+    assert dataset.paths.dtype.kind == "U"  # one NumPy array: no per-path Python objects to copy into workers
+    serial = list(DataLoader(dataset, batch_size=3))
+    parallel = list(DataLoader(dataset, batch_size=3, num_workers=2))
+    for (x0, y0), (x1, y1) in zip(serial, parallel, strict=True):
+        assert torch.equal(x0, x1) and torch.equal(y0, y1)
+    broken = root / "images/train/5.png"
+    broken.write_bytes(b"broken")
+    with pytest.raises(ImageDecodeError, match=re.escape(str(broken))):
+        list(DataLoader(dataset, batch_size=3, num_workers=2))
