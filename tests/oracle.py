@@ -3,7 +3,14 @@ twice the error of the same-dtype unfused PyTorch computation, plus a tiny floor
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 FLOOR = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
@@ -32,3 +39,28 @@ def assert_2x_rule(name: str, fast: torch.Tensor, baseline: torch.Tensor, oracle
 def non_contiguous(t: torch.Tensor) -> torch.Tensor:
     """The same values as ``t`` (2-D) in a transposed, non-contiguous layout."""
     return t.t().contiguous().t()
+
+
+class HostReadCounter(TorchDispatchMode):
+    """Counts host reads of tensor values (``.item()`` / ``bool()``), i.e. host syncs on a GPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def run_interpreter_suite(test_file: str, min_passed: int) -> None:
+    """Run ``test_file``'s tests in a child pytest with ``TRITON_INTERPRET=1`` and assert they pass (at least
+    ``min_passed`` of them, so a suite that silently skips everything fails)."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", str(Path(test_file).resolve()), "-q", "-x",
+                           "-p", "no:cacheprovider"], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"interpreter suite failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-2000:]}"
+    passed = re.search(r"(\d+) passed", proc.stdout)
+    assert passed is not None and int(passed.group(1)) >= min_passed, proc.stdout[-2000:]

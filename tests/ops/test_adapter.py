@@ -2,11 +2,10 @@
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from metapeft.ops.adapter import adapter, adapter_fwd, select_adapter_backend
 from metapeft.reference import adapter_reference
-from tests.oracle import assert_2x_rule, non_contiguous
+from tests.oracle import HostReadCounter, assert_2x_rule, non_contiguous
 
 # (M, D, b, kind): M = 1 and odd sizes, D not a multiple of 16, bottlenecks 1..64, both residual forms.
 SHAPES = [(1, 40, 1, "parallel"), (7, 72, 4, "sequential"), (97, 200, 8, "parallel"), (1000, 72, 16, "sequential"),
@@ -146,23 +145,10 @@ def test_opcheck(kind, bias):
     torch.library.opcheck(torch.ops.metapeft.adapter_bwd.default, bwd_args)
 
 
-class _ItemCounter(TorchDispatchMode):
-    """Counts host reads of tensor values (``.item()`` / ``bool()``), i.e. host syncs on a GPU."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
 def test_op_never_reads_scale_on_host():
     _, inputs = make_inputs(8, 16, 4, dtype=torch.float32)
     leaves = [inputs[k].requires_grad_(True) for k in NAMES]
-    with _ItemCounter() as counter:
+    with HostReadCounter() as counter:
         out, _ = adapter_fwd(*leaves, "gelu", 0.0, 0, "torch")
         out.sum().backward()
     assert counter.count == 0

@@ -7,10 +7,6 @@ As in ``test_scaled_lora_triton.py``, the kernel tests run in a child pytest sta
 """
 
 import os
-import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +15,7 @@ import metapeft
 from metapeft.ops.adapter import adapter, adapter_fwd, select_adapter_backend
 from metapeft.reference import adapter_reference
 from tests.ops.test_adapter import NAMES, forward_backward, make_inputs
-from tests.oracle import assert_2x_rule, non_contiguous
+from tests.oracle import assert_2x_rule, non_contiguous, run_interpreter_suite
 
 pytest.importorskip("triton")
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -100,13 +96,7 @@ def test_interpreter_suite():
     """Run this module's interpreter tests in a child process with TRITON_INTERPRET=1."""
     if INTERPRET:
         pytest.skip("already inside the interpreter run")
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q", "-x",
-                           "-p", "no:cacheprovider"], cwd=root, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"interpreter suite failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-2000:]}"
-    passed = re.search(r"(\d+) passed", proc.stdout)
-    assert passed is not None and int(passed.group(1)) >= 14, proc.stdout[-2000:]
+    run_interpreter_suite(__file__, min_passed=14)
 
 
 def test_auto_never_picks_triton_for_cpu_tensors():

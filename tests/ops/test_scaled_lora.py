@@ -2,13 +2,12 @@
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from metapeft.ops import scaled_lora
 from metapeft.ops.dropout import dropout_keep_mask
 from metapeft.ops.scaled_lora import scaled_lora_fwd
 from metapeft.reference import scaled_lora_reference
-from tests.oracle import assert_2x_rule, non_contiguous
+from tests.oracle import HostReadCounter, assert_2x_rule, non_contiguous
 
 # (M, K, N, r, S): M = 1 and odd sizes, K and N not multiples of 16, ranks 1..64, S in {1, 3}.
 SHAPES = [
@@ -126,23 +125,10 @@ def test_opcheck(segments, bias):
     torch.library.opcheck(torch.ops.metapeft.scaled_lora_bwd.default, bwd_args)
 
 
-class _ItemCounter(TorchDispatchMode):
-    """Counts host reads of tensor values (``.item()`` / ``bool()``), i.e. host syncs on a GPU."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
 def test_op_never_reads_scale_on_host():
     _, inputs = make_inputs(8, 16, 18, 2, 3, dtype=torch.float32)
     leaves = [v.requires_grad_(True) for v in inputs.values()]
-    with _ItemCounter() as counter:
+    with HostReadCounter() as counter:
         y, _ = scaled_lora_fwd(*leaves, 0.0, 0, "torch")
         y.sum().backward()
     assert counter.count == 0

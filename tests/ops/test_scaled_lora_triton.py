@@ -9,10 +9,6 @@ bf16: fp32 (``input_precision="ieee"``) and fp16 here; bf16, large shapes and to
 """
 
 import os
-import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,7 +19,7 @@ from metapeft.ops import scaled_lora, select_backend
 from metapeft.ops.scaled_lora import scaled_lora_fwd
 from metapeft.reference import scaled_lora_reference
 from tests.ops.test_scaled_lora import forward_backward, make_inputs
-from tests.oracle import assert_2x_rule, non_contiguous
+from tests.oracle import assert_2x_rule, non_contiguous, run_interpreter_suite
 
 pytest.importorskip("triton")
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -104,13 +100,7 @@ def test_interpreter_suite():
     """Run this module's interpreter tests in a child process with TRITON_INTERPRET=1."""
     if INTERPRET:
         pytest.skip("already inside the interpreter run")
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q", "-x",
-                           "-p", "no:cacheprovider"], cwd=root, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"interpreter suite failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-2000:]}"
-    passed = re.search(r"(\d+) passed", proc.stdout)
-    assert passed is not None and int(passed.group(1)) >= 15, proc.stdout[-2000:]
+    run_interpreter_suite(__file__, min_passed=15)
 
 
 def test_cpu_tensors_need_the_interpreter():
