@@ -38,9 +38,9 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import metapeft  # noqa: E402
-from benchmarks.contenders import ReferenceMetaLoRA  # noqa: E402
 from benchmarks.harness import cpu_peak_rss_bytes, interleaved_median_times, record_results  # noqa: E402
 from metapeft.meta import hypergradient, math_attention, trainable_phi  # noqa: E402
+from metapeft.reference import ReferenceMetaLoRA  # noqa: E402
 
 RANK, BATCH, CLASSES, LR, MOMENTUM, WEIGHT_DECAY = 8, 8, 100, 0.01, 0.9, 5e-4
 FULL = {"img_size": 224, "depth": 12}

@@ -31,9 +31,12 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import metapeft  # noqa: E402
-from benchmarks.contenders import ReferenceMetaLoRA, hf_peft_lora_linear  # noqa: E402
+from benchmarks.contenders import hf_peft_lora_linear  # noqa: E402
 from benchmarks.harness import gpu_bench, record_results  # noqa: E402
-from metapeft.reference import scaled_lora_reference  # noqa: E402
+from metapeft.reference import (
+    ReferenceMetaLoRA,  # noqa: E402
+    scaled_lora_reference,  # noqa: E402
+)
 
 # (model, layer, K, N, S)
 LAYERS = [

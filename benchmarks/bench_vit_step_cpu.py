@@ -5,7 +5,7 @@ Contenders, all on the same frozen timm ``vit_base_patch16_224`` (``pretrained=F
 - ``hf_peft``: HF PEFT ``LoraConfig(r=8, lora_alpha=8)`` on ``attn.qkv``, ``attn.proj``, ``mlp.fc1``, ``mlp.fc2``
   (fixed scale; PEFT cannot split the fused qkv, so its qkv LoRA has rank 8 in all where metapeft gives each of q,
   k, v its own rank-8 LoRA: 3x the qkv LoRA work).
-- ``reference``: the same placement with ``benchmarks.contenders.ReferenceMetaLoRA`` (unfused, learnable modulators).
+- ``reference``: the same placement with ``metapeft.reference.ReferenceMetaLoRA`` (unfused, learnable modulators).
 
 A step is ``zero_grad -> cross_entropy(model(x)) -> backward -> SGD(lr 0.01, momentum 0.9, wd 5e-4).step()`` over
 the PEFT weights and the head. Step times are interleaved medians (``benchmarks.harness``) of wall time and of
@@ -37,9 +37,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import metapeft  # noqa: E402
-from benchmarks.contenders import ReferenceMetaLoRA  # noqa: E402
 from benchmarks.harness import cpu_peak_rss_bytes, interleaved_median_times, record_results  # noqa: E402
 from metapeft.inject import peft_modules, replace_module  # noqa: E402
+from metapeft.reference import ReferenceMetaLoRA  # noqa: E402
 
 CONTENDERS = ("metapeft", "hf_peft", "reference")
 RANK, BATCH, CLASSES = 8, 8, 15

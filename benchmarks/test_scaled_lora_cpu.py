@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 import metapeft
-from benchmarks.contenders import ReferenceMetaLoRA, hf_peft_lora_linear
+from benchmarks.contenders import hf_peft_lora_linear
 from benchmarks.harness import interleaved_median_times, record_results, saved_tensor_bytes
+from metapeft.reference import ReferenceMetaLoRA
 
 M, IN_FEATURES = 8 * 197, 768
 OUT_FEATURES = (768, 2304, 3072)

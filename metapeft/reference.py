@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from metapeft.modulator import modulator_for_gamma
 from metapeft.ops.dropout import dropout_keep_mask
 
 
@@ -68,3 +70,24 @@ def adapter_reference(
     hidden = F.relu(hidden) if activation == "relu" else F.gelu(hidden)
     delta = F.linear(hidden, up_weight, up_bias) * scale.to(x.dtype)
     return (x if residual is None else residual) + delta
+
+
+class ReferenceMetaLoRA(nn.Module):
+    """The unfused LoRA with a learnable per-segment modulator: the tests' brute-force twin of ``FusedMetaLoRA``
+    and the benchmarks' baseline.
+
+    x (..., K) -> (..., N); parameters ``lora_A`` (S*r, K), ``lora_B`` (N, r) (zeros), ``modulator`` (S,) with
+    gamma = softplus(modulator) = 1 at init.
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float | None = None, segments: int = 1) -> None:
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.rank, self.alpha = rank, float(rank if alpha is None else alpha)
+        self.lora_A = nn.Parameter(torch.randn(segments * rank, base.in_features) / base.in_features**0.5)
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank))
+        self.modulator = nn.Parameter(torch.full((segments,), modulator_for_gamma(1.0, "softplus")))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = torch.nn.functional.softplus(self.modulator) * (self.alpha / self.rank)
+        return scaled_lora_reference(x, self.base.weight, self.base.bias, self.lora_A, self.lora_B, scale)

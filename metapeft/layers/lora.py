@@ -91,6 +91,9 @@ class FusedMetaLoRA(MetaPEFTModule):
         for block in self.lora_A.data.split(rank):
             nn.init.kaiming_uniform_(block, a=math.sqrt(5))
         self._init_modulator(len(active), init_gamma, constraint, meta, backend, base.weight.device)
+        # the active segments' indices as a device buffer: building the (S,) scale never copies from the host
+        self.register_buffer("active_index", torch.tensor(self.active_segments, device=base.weight.device),
+                             persistent=False)
 
     @property
     def in_features(self) -> int:
@@ -105,8 +108,7 @@ class FusedMetaLoRA(MetaPEFTModule):
         active_scale = self.gamma * (self.alpha / self.rank)
         if len(self.active_segments) == self.segments:
             return active_scale
-        full = active_scale.new_zeros(self.segments)
-        return full.index_put((torch.tensor(self.active_segments, device=full.device),), active_scale)
+        return active_scale.new_zeros(self.segments).index_copy(0, self.active_index, active_scale)
 
     def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A (S*r, K), B (N, r))`` over all S segments, zero blocks for inactive ones (differentiable)."""

@@ -51,9 +51,6 @@ def test_dropout_mask_statistics_on_gpu():
 
 def test_auto_picks_triton_for_cuda_tensors():
     x = torch.randn(4, 8, device="cuda")
-    backends = metapeft.ops.available_backends()
-    if "cuda" in backends and backends["cuda"] is None:
-        pytest.skip("the cuda backend is built here and 'auto' prefers it")
     assert select_backend("auto", x) == "triton"
 
 

@@ -1,7 +1,7 @@
 """The hypergradient engine against an independent brute force, in float64.
 
 Oracle: the same parameters run through a twin model whose LoRA layers are ``metapeft.reference``'s unfused
-computation (``benchmarks.contenders.ReferenceMetaLoRA``), differentiated twice by ``torch.func``:
+computation (``metapeft.reference.ReferenceMetaLoRA``), differentiated twice by ``torch.func``:
 ``grad_rho L_val(phi - lr * (grad_phi L_train(phi, rho) + wd * phi + mu * m), rho)``.
 """
 
@@ -17,9 +17,8 @@ from torch import nn
 from torch.func import functional_call
 
 import metapeft
-from benchmarks.contenders import ReferenceMetaLoRA
 from metapeft.meta import hypergradient, math_attention, trainable_phi
-from metapeft.reference import adapter_reference
+from metapeft.reference import ReferenceMetaLoRA, adapter_reference
 
 LR, MOMENTUM, WEIGHT_DECAY = 0.3, 0.9, 0.05
 
