@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import metapeft
-from tests.test_inject import tiny_vit
+from tests.helpers.vit import tiny_vit
 
 
 def set_gamma(module, values):

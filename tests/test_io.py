@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 import metapeft
 import metapeft.io
-from tests.test_inject import images, randomize, tiny_vit
+from tests.helpers.vit import images, randomize, tiny_vit
 
 
 def injected(seed=1, **kwargs):

@@ -7,10 +7,8 @@ import pytest
 import torch
 import yaml
 
-from tests.data.imagefiles import write_index_dataset
-
-TINY_MODEL = {"name": "vit_tiny_patch16_224", "pretrained": False,
-              "kwargs": {"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2}}
+from tests.helpers.cli import tiny_config
+from tests.helpers.imagefiles import write_index_dataset
 
 
 @pytest.fixture(autouse=True)
@@ -25,19 +23,6 @@ def _one_thread():
 def tiny_dataset(tmp_path_factory):
     """4 classes, long-tailed training split (20/10/5/3 images), balanced test split (4 each), 16x16 PNGs."""
     return write_index_dataset(tmp_path_factory.mktemp("tiny_data"), {"train": [20, 10, 5, 3], "test": [4] * 4})
-
-
-def tiny_config(dataset, output_dir, **train):
-    """A training config dict for ``tiny_dataset`` (LoRA rank 2 + MetaPEFT, 2 epochs of batch 8)."""
-    return {
-        "model": TINY_MODEL,
-        "peft": {"method": "lora", "rank": 2},
-        "data": {"kind": "index", "root": str(dataset), "train": "train.txt", "test": "test.txt",
-                 "split": str(dataset / "split.yaml"), "image_size": 16, "resize": 18},
-        "train": {"epochs": 2, "batch_size": 8, "log_every": 1, "progress": False, "lr": 0.05, "meta_lr": 0.05,
-                  **train},
-        "output_dir": str(output_dir),
-    }
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 import metapeft.cli as cli
 from metapeft.cli import CLIError, build_backbone, build_model, load_config, main, metrics_table, trainer_config
-from tests.cli.conftest import TINY_MODEL
+from tests.helpers.cli import TINY_MODEL
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -20,7 +20,7 @@ from metapeft.data import (
     read_class_split,
     read_index,
 )
-from tests.data.imagefiles import digit_images, write_index_dataset
+from tests.helpers.imagefiles import digit_images, write_index_dataset
 
 
 def write(path, text):

@@ -8,8 +8,7 @@ import torch
 
 import metapeft
 from metapeft.ops import scaled_lora, select_backend
-from tests.ops.test_scaled_lora import make_inputs
-from tests.ops.test_scaled_lora_triton import check_against_oracle, kernels
+from tests.helpers.scaled_lora import check_against_oracle, kernels, make_inputs
 
 pytest.importorskip("triton")
 pytestmark = pytest.mark.gpu

@@ -14,8 +14,8 @@ import torch
 import metapeft
 from metapeft.ops.adapter import adapter, adapter_fwd, select_adapter_backend
 from metapeft.reference import adapter_reference
-from tests.ops.test_adapter import NAMES, forward_backward, make_inputs
-from tests.oracle import assert_2x_rule, non_contiguous, run_interpreter_suite
+from tests.helpers.adapter import NAMES, forward_backward, make_inputs
+from tests.helpers.oracle import assert_2x_rule, non_contiguous, run_interpreter_suite
 
 pytest.importorskip("triton")
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -7,43 +7,8 @@ from metapeft.ops import scaled_lora
 from metapeft.ops.dropout import dropout_keep_mask
 from metapeft.ops.scaled_lora import scaled_lora_fwd
 from metapeft.reference import scaled_lora_reference
-from tests.oracle import HostReadCounter, assert_2x_rule, non_contiguous
-
-# (M, K, N, r, S): M = 1 and odd sizes, K and N not multiples of 16, ranks 1..64, S in {1, 3}.
-SHAPES = [
-    (1, 40, 48, 1, 1),
-    (7, 40, 201, 4, 3),
-    (97, 200, 120, 8, 3),
-    (1000, 72, 200, 16, 1),
-    (33, 96, 192, 64, 3),
-]
-DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
-
-
-def make_inputs(M, K, N, r, S, dtype, bias=True, device="cpu"):
-    """Random op inputs in float64 (the oracle's) and their ``dtype`` copies."""
-    g = torch.Generator().manual_seed(M * 7 + K * 3 + N + r + S)
-    inputs64 = {
-        "x": torch.randn(M, K, generator=g, dtype=torch.float64),
-        "weight": torch.randn(N, K, generator=g, dtype=torch.float64) / K**0.5,
-        "bias": torch.randn(N, generator=g, dtype=torch.float64) if bias else None,
-        "lora_A": torch.randn(S * r, K, generator=g, dtype=torch.float64) / K**0.5,
-        "lora_B": torch.randn(N, r, generator=g, dtype=torch.float64) / r**0.5,
-        "scale": torch.rand(S, generator=g, dtype=torch.float64) + 0.5,
-    }
-    inputs64 = {k: None if v is None else v.to(device) for k, v in inputs64.items()}
-    cast = {k: None if v is None else v.to(torch.float32 if k == "scale" else dtype) for k, v in inputs64.items()}
-    return inputs64, cast
-
-
-def forward_backward(fn, inputs, grad_y, x_transform=lambda t: t):
-    """y and the gradients of <y, grad_y> with respect to every tensor input."""
-    leaves = {k: None if v is None else v.clone().requires_grad_(True) for k, v in inputs.items()}
-    y = fn(x_transform(leaves["x"]), leaves["weight"], leaves["bias"], leaves["lora_A"], leaves["lora_B"],
-           leaves["scale"])
-    y.backward(grad_y)
-    grads = {k: v.grad for k, v in leaves.items() if v is not None}
-    return y.detach(), grads
+from tests.helpers.oracle import HostReadCounter, assert_2x_rule, non_contiguous
+from tests.helpers.scaled_lora import DTYPES, SHAPES, forward_backward, make_inputs
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "M{}_K{}_N{}_r{}_S{}".format(*s))

@@ -15,9 +15,8 @@ import torch
 from metapeft.build_info import arch_runs_on, build_info, main
 from metapeft.ops import available_backends, scaled_lora, select_backend
 from metapeft.reference import scaled_lora_reference
-from tests.ops.test_scaled_lora import DTYPES, SHAPES, forward_backward, make_inputs
-from tests.ops.test_scaled_lora_triton import dropout_oracle, poison_allocator
-from tests.oracle import assert_2x_rule, non_contiguous
+from tests.helpers.oracle import assert_2x_rule, non_contiguous
+from tests.helpers.scaled_lora import DTYPES, SHAPES, dropout_oracle, forward_backward, make_inputs, poison_allocator
 
 pytest.importorskip("metapeft._C", reason="metapeft._C is not built (no CUDA toolkit at install time)")
 

@@ -12,14 +12,13 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import metapeft
 from metapeft.ops import scaled_lora, select_backend
 from metapeft.ops.scaled_lora import scaled_lora_fwd
 from metapeft.reference import scaled_lora_reference
-from tests.ops.test_scaled_lora import forward_backward, make_inputs
-from tests.oracle import assert_2x_rule, non_contiguous, run_interpreter_suite
+from tests.helpers.oracle import run_interpreter_suite
+from tests.helpers.scaled_lora import check_against_oracle, kernels, make_inputs
 
 pytest.importorskip("triton")
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -35,65 +34,6 @@ SHAPES = [
     (1000, 200, 40, 8, 1),
 ]
 DTYPES = {"f32": torch.float32, "f16": torch.float16}
-
-
-def kernels():
-    """The kernel module, imported only inside the interpreter child."""
-    from metapeft.ops.scaled_lora_triton import kernels as load
-
-    return load()
-
-
-def poison_allocator(numel: int, dtype: torch.dtype, device: str = "cpu") -> None:
-    """Fill and free NaN memory so that outputs the kernels fail to write show up as NaN."""
-    for _ in range(4):
-        torch.full((numel,), float("nan"), dtype=dtype, device=device)
-
-
-def triton_op(dropout_p=0.0, seed=0):
-    def run(x, weight, bias, lora_A, lora_B, scale):
-        return scaled_lora(x, weight, bias, lora_A, lora_B, scale, dropout_p=dropout_p, seed=seed, backend="triton")
-
-    return run
-
-
-def dropout_oracle(factors: torch.Tensor):
-    """Scaled LoRA whose LoRA branch sees ``x * factors`` (the kernel's dropout mask), in factors' dtype."""
-
-    def run(x, weight, bias, lora_A, lora_B, scale):
-        lora = scaled_lora_reference(x * factors, torch.zeros_like(weight), None, lora_A, lora_B, scale)
-        return F.linear(x, weight, bias) + lora
-
-    return run
-
-
-def check_against_oracle(shape, dtype, bias, dropout_p=0.0, seed=0, device="cpu"):
-    """Forward and every gradient of the triton op vs float64 by the 2x rule (non-contiguous x and dY).
-
-    The oracle runs on the ``dtype``-rounded inputs, so only the computation's own error is compared.
-    """
-    M, K, N, _, _ = shape
-    _, inputs = make_inputs(*shape, dtype=dtype, bias=bias, device=device)
-    inputs64 = {k: None if v is None else v.double() for k, v in inputs.items()}
-    grad64 = torch.randn(M, N, dtype=torch.float64, device=device)
-    if dropout_p > 0.0:
-        factors = kernels().scaled_lora_dropout_mask(M, K, dropout_p, seed, torch.device(device)).double()
-        oracle, baseline = dropout_oracle(factors), dropout_oracle(factors.to(dtype))
-    else:
-        oracle = baseline = scaled_lora_reference
-    poison_allocator(M * max(N, K) * 2, dtype, device)
-    y_fast, g_fast = forward_backward(triton_op(dropout_p, seed), inputs, non_contiguous(grad64.to(dtype)),
-                                      x_transform=non_contiguous)
-    y_base, g_base = forward_backward(baseline, inputs, grad64.to(dtype))
-    y_ref, g_ref = forward_backward(oracle, inputs64, grad64)
-    assert y_fast.dtype == dtype
-    assert_2x_rule("y", y_fast, y_base, y_ref)
-    assert set(g_fast) == set(g_ref)
-    # d scale is a sum over h, which is saved in x's dtype: its error floor is that dtype's, not scale's fp32.
-    g_base["scale"] = g_base["scale"].to(dtype)
-    for name in g_ref:
-        assert g_fast[name].dtype == inputs[name].dtype, name
-        assert_2x_rule(f"d{name}", g_fast[name], g_base[name], g_ref[name])
 
 
 def test_interpreter_suite():

@@ -17,7 +17,7 @@ from metapeft.sampling import (
     stratified_batch,
     stratified_subset,
 )
-from tests.trainer.toy import LongTailedBlobs
+from tests.helpers.toy import LongTailedBlobs
 
 
 def test_checkpoint_roundtrip_and_failed_write_keeps_the_old_file(tmp_path):

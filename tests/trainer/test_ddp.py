@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from metapeft.trainer import MetaPEFTTrainer, TrainerConfig, setup_distributed
-from tests.trainer.toy import LongTailedBlobs, TinyNet
+from tests.helpers.toy import LongTailedBlobs, TinyNet
 
 COUNTS = [20, 12, 6, 4]
 

@@ -16,7 +16,7 @@ from metapeft.losses import LogitAdjustedLoss
 from metapeft.meta import hypergradient
 from metapeft.sampling import epoch_batches
 from metapeft.trainer import MetaPEFTTrainer, TrainerConfig
-from tests.trainer.toy import LongTailedBlobs, TinyNet
+from tests.helpers.toy import LongTailedBlobs, TinyNet
 
 COUNTS = [20, 12, 6, 4]
 

@@ -57,7 +57,7 @@ class HostReadCounter(TorchDispatchMode):
 def run_interpreter_suite(test_file: str, min_passed: int) -> None:
     """Run ``test_file``'s tests in a child pytest with ``TRITON_INTERPRET=1`` and assert they pass (at least
     ``min_passed`` of them, so a suite that silently skips everything fails)."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run([sys.executable, "-m", "pytest", str(Path(test_file).resolve()), "-q", "-x",
                            "-p", "no:cacheprovider"], cwd=root, env=env, capture_output=True, text=True, timeout=600)
