@@ -1,6 +1,6 @@
 """The one benchmark harness: timing, memory and result recording shared by every benchmark script.
 
-Rules (DESIGN.md, "Measuring"): ratios are measured side by side in one run, medians after warm-up,
+Rules (docs/design.md, "Measuring"): ratios are measured side by side in one run, medians after warm-up,
 peak memory beside time; results are appended (with device, versions and git sha) under
 ``benchmarks/results/`` as JSON, and the latest run is rendered as a markdown table.
 """

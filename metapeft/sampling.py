@@ -74,7 +74,7 @@ def stratified_batch(pool: torch.Tensor, labels: torch.Tensor, size: int, genera
 
 
 class MetaSetSampler:
-    """Where the meta batches come from (PAPER.md: a stratified ``ratio`` sample of the training set).
+    """Where the meta batches come from (docs/method.md: a stratified ``ratio`` sample of the training set).
 
     Args:
         labels: (n,) labels of the meta source (the training set, or the validation set when one is given).

@@ -1,6 +1,6 @@
 """The MetaPEFT trainer: inner SGD on the PEFT weights and head, outer Adam on the modulators.
 
-One training step at global step ``t`` on a global batch ``B_t`` (PAPER.md, "Bi-level optimization"):
+One training step at global step ``t`` on a global batch ``B_t`` (docs/method.md, "Bi-level optimization"):
 
 - meta step (every ``meta_interval`` steps, when the model has learnable modulators and ``meta=True``):
   draw a stratified meta batch ``V_t`` (``metapeft.sampling``), compute the hypergradient of
@@ -59,7 +59,7 @@ META_MODES = ("exact", "finite_difference", "first_order")
 
 @dataclass
 class TrainerConfig:
-    """Every knob of :class:`MetaPEFTTrainer`; the defaults are the paper's recipe (PAPER.md).
+    """Every knob of :class:`MetaPEFTTrainer`; the defaults are the paper's recipe (docs/method.md).
 
     Inner loop (phi = trainable non-modulator parameters: PEFT weights + head): SGD with ``lr``,
     ``momentum``, ``weight_decay``, a per-step ``schedule`` over ``epochs`` epochs of ``batch_size``.

@@ -1,4 +1,4 @@
-"""The ``torch`` backend of the scaled-LoRA op: DESIGN.md's fused math composed from ATen ops.
+"""The ``torch`` backend of the scaled-LoRA op: the fused math of docs/design.md composed from ATen ops.
 
 Shapes: x (M, K), weight (N, K), bias (N,) or None, lora_A (S*r, K), lora_B (N, r), scale (S,).
 Segment j is the output slice ``[j*N/S, (j+1)*N/S)``; it uses rank block j of ``lora_A``.
