@@ -39,7 +39,7 @@ class ClassSplit:
         return len(self.classes)
 
 
-# The paper's splits (docs/method.md, "Data and metrics"). Class order: DOTA v1.0's official category order; FUSRS in the
+# The paper's splits (docs/method.md, "Data and metrics"). Order: DOTA v1.0's official category order; FUSRS in the
 # order listed there. Placing FUSRS v1.7's extra "other" class in the head group is this project's choice (the
 # paper names only v2.5's groups); pass your own split yaml to change it.
 BUILTIN_SPLITS = {
