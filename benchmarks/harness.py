@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import gc
 import json
+import os
 import platform
 import re
 import statistics
@@ -37,19 +38,22 @@ def cpu_median_time(fn: Callable[[], object], warmup: int = 3, reps: int = 10) -
 
 
 def interleaved_median_times(
-    contenders: dict[str, Callable[[], object]], warmup: int = 3, reps: int = 10
+    contenders: dict[str, Callable[[], object]], warmup: int = 3, reps: int = 10,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, tuple[float, float]]:
     """Like :func:`cpu_median_time` for several contenders, interleaving their calls round by round so that
-    a noisy, shared machine slows them alike; returns name -> (median_s, iqr_s)."""
+    a noisy, shared machine slows them alike; returns name -> (median_s, iqr_s) as measured by ``clock``
+    (wall time by default; ``time.process_time`` counts only this process's CPU time, steadier on a loaded
+    machine when the work runs on one thread)."""
     for fn in contenders.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(reps):
         for name, fn in contenders.items():
-            start = time.perf_counter()
+            start = clock()
             fn()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     result = {}
     for name, values in times.items():
         quartiles = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
@@ -121,6 +125,7 @@ def environment() -> dict[str, str]:
         device = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     return {
         "device": device,
+        "load_avg_1m": f"{os.getloadavg()[0]:.2f}",
         "torch": torch.__version__,
         "triton": triton_version,
         "git_sha": sha,
@@ -144,17 +149,29 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def record_results(name: str, rows: list[dict], title: str, command: str | None = None) -> Path:
+def _write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to a sibling temporary file, then rename it over ``path`` (no half-written results)."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
+def record_results(name: str, rows: list[dict], title: str, command: str | None = None,
+                   all_runs_in_markdown: bool = False) -> Path:
     """Append ``rows`` (stamped with :func:`environment`) to ``results/<name>.json`` and rewrite
-    ``results/<name>.md`` with the latest run; returns the JSON path."""
+    ``results/<name>.md`` with the latest run (or, with ``all_runs_in_markdown``, one table of every recorded
+    run's rows, each prefixed by its git sha, time and load); returns the JSON path."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     env = environment()
     json_path = RESULTS_DIR / f"{name}.json"
     history = json.loads(json_path.read_text()) if json_path.exists() else []
     history.append({**env, "command": command, "rows": rows})
-    json_path.write_text(json.dumps(history, indent=1) + "\n")
+    _write_atomically(json_path, json.dumps(history, indent=1) + "\n")
     header = f"# {title}\n\n" + ", ".join(f"{k}: {v}" for k, v in env.items())
     if command:
         header += f"\n\nCommand: `{command}`"
-    (RESULTS_DIR / f"{name}.md").write_text(header + "\n\n" + markdown_table(rows) + "\n")
+    if all_runs_in_markdown:
+        rows = [{"git_sha": run["git_sha"], "timestamp": run["timestamp"], "load_avg_1m": run.get("load_avg_1m", ""),
+                 **row} for run in history for row in run["rows"]]
+    _write_atomically(RESULTS_DIR / f"{name}.md", header + "\n\n" + markdown_table(rows) + "\n")
     return json_path

@@ -1,0 +1,137 @@
+"""Per-call host overhead at tiny shapes: FusedMetaLoRA / FusedMetaAdapter vs HF PEFT and plain PyTorch, CPU.
+
+At tiny shapes the arithmetic is negligible and a call costs what Python and the dispatcher cost: the regime
+in which a GPU waits on the host (ViT-B with LoRA on six positions makes 48 such calls per forward).
+
+Cases (CPU tensors, fp32, training mode, parameters requiring grad, x requiring grad as inside a network):
+- ``lora S=1``: x (2, 8, 16) through ``nn.Linear(16, 16)`` with rank 4. Contenders: ``metapeft``
+  (``FusedMetaLoRA``, learnable modulator), ``hf_peft`` (PEFT's ``lora.Linear``, fixed scale: no modulator
+  to differentiate), ``plain`` (``benchmarks.contenders.PlainMetaLoRA``, learnable modulator, autograd backward).
+- ``lora S=3``: the same into ``nn.Linear(16, 48)`` (a fused qkv) with one LoRA and gamma per segment;
+  ``hf_peft`` there is one rank-4 LoRA over all 48 outputs (PEFT cannot split a fused qkv: less work).
+- ``adapter parallel`` / ``adapter sequential``: ``FusedMetaAdapter(16, 4)`` (AdaptFormer, with a residual /
+  Houlsby) vs ``benchmarks.contenders.PlainMetaAdapter``.
+Modes: ``fwd`` (autograd recording) and ``fwd+bwd`` (``y.backward(grad_y)``). A sample times ``--calls`` calls;
+samples of all contenders of a case are interleaved round by round; per-call medians and interquartile ranges
+of process CPU time (one thread: the host work itself, steadier than wall time on a shared machine) and of wall
+time are recorded with ``--label`` (e.g. ``before`` / ``after`` a change) in
+``benchmarks/results/host_overhead.{json,md}`` (the markdown shows every recorded run).
+
+Run: ``python benchmarks/bench_host_overhead.py --label after`` (``--quick``: fewer samples, nothing recorded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import metapeft  # noqa: E402
+from benchmarks.contenders import PlainMetaAdapter, PlainMetaLoRA, hf_peft_lora_linear  # noqa: E402
+from benchmarks.harness import interleaved_median_times, record_results  # noqa: E402
+
+BATCH, TOKENS, DIM, RANK = 2, 8, 16, 4
+MODES = ("fwd", "fwd+bwd")
+
+
+def lora_contenders(segments: int) -> dict[str, nn.Module]:
+    """The three LoRA contenders around identical frozen ``nn.Linear(16, 16 * segments)`` layers, nonzero B."""
+    layers = {}
+    for name in ("metapeft", "hf_peft", "plain"):
+        torch.manual_seed(0)
+        base = nn.Linear(DIM, DIM * segments)
+        if name == "hf_peft":
+            layers[name] = hf_peft_lora_linear(base, RANK)
+            continue
+        cls = metapeft.FusedMetaLoRA if name == "metapeft" else PlainMetaLoRA
+        layers[name] = cls(base, rank=RANK, segments=segments)
+        with torch.no_grad():
+            layers[name].lora_B.normal_()
+    return layers
+
+
+def adapter_contenders(kind: str) -> dict[str, nn.Module]:
+    """``FusedMetaAdapter(16, 4, kind=kind)`` and its plain-PyTorch twin with the same weights, nonzero up."""
+    torch.manual_seed(0)
+    fused = metapeft.FusedMetaAdapter(DIM, RANK, kind=kind)
+    with torch.no_grad():
+        fused.up_weight.normal_()
+    plain = PlainMetaAdapter(DIM, RANK, kind=kind)
+    plain.load_state_dict(fused.state_dict(), strict=False)
+    return {"metapeft": fused, "plain": plain}
+
+
+def calls(layer: nn.Module, inputs: tuple[torch.Tensor, ...], grad_y: torch.Tensor, count: int) -> dict:
+    """Closures running ``count`` calls of each mode."""
+
+    def forward() -> None:
+        for _ in range(count):
+            layer(*inputs)
+
+    def forward_backward() -> None:
+        for _ in range(count):
+            layer(*inputs).backward(grad_y)
+
+    return {"fwd": forward, "fwd+bwd": forward_backward}
+
+
+def measure(case: str, layers: dict[str, nn.Module], inputs: tuple[torch.Tensor, ...], args) -> list[dict]:
+    """One row per mode: per-call CPU and wall medians (us) and IQRs of every contender, and the ratios."""
+    with torch.no_grad():
+        outputs = {name: layer(*inputs) for name, layer in layers.items()}
+    grad_y = torch.randn_like(outputs["metapeft"])
+    if "hf_peft" not in layers:
+        torch.testing.assert_close(outputs["metapeft"], outputs["plain"], rtol=1e-5, atol=1e-5)
+    rows = []
+    for mode in MODES:
+        closures = {name: calls(layer, inputs, grad_y, args.calls)[mode] for name, layer in layers.items()}
+        row = {"label": args.label, "case": case, "mode": mode}
+        for clock_name, clock in (("cpu", time.process_time), ("wall", time.perf_counter)):
+            times = interleaved_median_times(closures, warmup=1, reps=args.reps, clock=clock)
+            for name, (median, iqr) in times.items():
+                row[f"{name}_{clock_name}_us"] = median / args.calls * 1e6
+                row[f"{name}_{clock_name}_iqr_us"] = iqr / args.calls * 1e6
+        for name in layers:
+            if name != "metapeft":
+                row[f"metapeft/{name}"] = row["metapeft_cpu_us"] / row[f"{name}_cpu_us"]
+        rows.append(row)
+        print(f"{case:18s} {mode:8s} " + "  ".join(
+            f"{name} {row[f'{name}_cpu_us']:.0f} us" for name in layers) + "  " + "  ".join(
+            f"{k} {v:.2f}x" for k, v in row.items() if "/" in k), flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--label", default="", help="what this run measures, e.g. 'before' or 'after'")
+    parser.add_argument("--calls", type=int, default=200, help="calls per timed sample (default 200)")
+    parser.add_argument("--reps", type=int, default=15, help="interleaved samples per contender (default 15)")
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
+    parser.add_argument("--quick", action="store_true", help="20 calls x 3 samples, nothing recorded")
+    args = parser.parse_args()
+    if args.quick:
+        args.calls, args.reps = 20, 3
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(1)
+    x = torch.randn(BATCH, TOKENS, DIM, requires_grad=True)
+    residual = torch.randn(BATCH, TOKENS, DIM, requires_grad=True)
+    rows = []
+    for segments in (1, 3):
+        rows += measure(f"lora S={segments}", lora_contenders(segments), (x,), args)
+    rows += measure("adapter parallel", adapter_contenders("parallel"), (x, residual), args)
+    rows += measure("adapter sequential", adapter_contenders("sequential"), (x,), args)
+    if not args.quick:
+        command = " ".join(["python benchmarks/bench_host_overhead.py", *sys.argv[1:]])
+        title = (f"Per-call host time at tiny shapes (x ({BATCH}, {TOKENS}, {DIM}), rank/bottleneck {RANK}, CPU fp32, "
+                 f"{args.threads} thread): medians of {args.reps} interleaved samples of {args.calls} calls")
+        print(f"results: {record_results('host_overhead', rows, title, command=command, all_runs_in_markdown=True)}")
+
+
+if __name__ == "__main__":
+    main()
