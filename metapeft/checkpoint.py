@@ -1,58 +1,249 @@
-"""Checkpoints: atomic writes (temp file + ``os.replace``), ``weights_only`` loading, RNG state capture.
+"""Files that are never torn, never non-finite and never loaded unchecked: checkpoints and safetensors.
 
-A checkpoint is one ``torch.save`` file of plain containers, tensors and numbers (model and optimizer
-state dicts, scheduler state, RNG states, loop position), loaded with ``torch.load(weights_only=True)``
-so loading never runs pickled code. Final weights are exported as safetensors.
+A checkpoint is one ``torch.save`` file ``{"format", "sha256", "state"}`` of plain containers, tensors and numbers
+(model and optimizer state dicts, scheduler state, RNG states, loop position), loaded with
+``torch.load(weights_only=True)`` so loading never runs pickled code. Final weights and adapters are safetensors
+files whose metadata carries a ``sha256`` of their content. Every write goes to a temporary file beside the target
+(created with mode 0666 minus the umask), is fsynced and renamed over the target: a crash leaves the old file or the
+new one. Every write refuses non-finite floating-point values. Every load checks the format, the checksum and
+finiteness, and raises :class:`LoadError` naming the file and what is wrong before the caller changes anything.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import pickle
 import random
-import tempfile
-from collections.abc import Callable
+import re
+import uuid
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+CHECKPOINT_FORMAT = "metapeft-checkpoint/1"
+CHECKSUM_KEY = "sha256"
+TEMPORARY_SUFFIX = ".tmp"
+
+
+class LoadError(ValueError):
+    """A file that cannot be loaded (unreadable, corrupt, foreign, non-finite, or not fitting the model); the
+    message starts with the file's path."""
+
+
+# ----- content digest and finiteness -------------------------------------------------------------------------------
+def _leaves(value, path: str = "") -> Iterator[tuple[str, object]]:
+    """``(dotted path, leaf)`` of a nested dict/list/tuple in a fixed order (dict insertion order)."""
+    if isinstance(value, Mapping | list | tuple) and not value:
+        yield path, value
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            yield from _leaves(item, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            yield from _leaves(item, f"{path}.{i}" if path else str(i))
+    else:
+        yield path, value
+
+
+def content_digest(value) -> str:
+    """sha256 (hex) of a nested container of tensors and plain values: structure, every leaf's path and type,
+    and each tensor's dtype, shape and bytes. Equal for equal content wherever the tensors live."""
+    digest = hashlib.sha256()
+    for path, leaf in _leaves(value):
+        if isinstance(leaf, torch.Tensor):
+            tensor = leaf.detach().to("cpu").contiguous()
+            digest.update(f"{path}:tensor:{tensor.dtype}:{tuple(tensor.shape)}:".encode())
+            digest.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+        else:
+            digest.update(f"{path}:{type(leaf).__name__}:{leaf!r};".encode())
+    return digest.hexdigest()
+
+
+def nonfinite_tensors(value) -> list[str]:
+    """Dotted paths of the floating-point tensors in a nested container that hold NaN or +-inf (one host sync
+    per device)."""
+    floats = [(path, leaf) for path, leaf in _leaves(value)
+              if isinstance(leaf, torch.Tensor) and (leaf.is_floating_point() or leaf.is_complex())]
+    if not floats:
+        return []
+    flags = {}
+    for path, tensor in floats:
+        flags.setdefault(tensor.device, []).append((path, torch.isfinite(tensor.detach()).all()))
+    bad = []
+    for entries in flags.values():
+        finite = torch.stack([flag for _, flag in entries]).tolist()
+        bad += [path for (path, _), ok in zip(entries, finite) if not ok]
+    return bad
+
+
+def _refuse_nonfinite(value, path: Path) -> None:
+    bad = nonfinite_tensors(value)
+    if bad:
+        raise ValueError(f"refusing to write {path}: non-finite values (NaN or inf) in {len(bad)} tensor(s): "
+                         f"{bad[:5]}")
+
+
+def _check_finite_loaded(value, path: Path) -> None:
+    bad = nonfinite_tensors(value)
+    if bad:
+        raise LoadError(f"{path}: non-finite values (NaN or inf) in {len(bad)} tensor(s): {bad[:5]}")
+
+
+# ----- atomic writes -------------------------------------------------------------------------------------------------
+def _temporary_name(path: Path) -> Path:
+    return path.parent / f".{path.name}.{uuid.uuid4().hex}{TEMPORARY_SUFFIX}"
 
 
 def _atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Run ``write(temp_path)`` on a temp file beside ``path``, fsync it, then rename it over ``path``."""
+    """Run ``write(temp_path)`` on a fresh temp file beside ``path`` (mode 0666 minus the umask), fsync it, then
+    rename it over ``path``; the temp file is removed on any failure."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
+    temp = _temporary_name(path)
+    os.close(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
-        write(temp)
+        write(str(temp))
         with open(temp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(temp, path)
     except BaseException:
-        if os.path.exists(temp):
-            os.remove(temp)
+        temp.unlink(missing_ok=True)
         raise
     return path
 
 
+def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
+    """Delete the temp files an interrupted :func:`_atomic_write` left in ``directory`` (``.NAME.<32 hex>.tmp``);
+    returns them. Only safe while no other process writes there (the run directory's lock)."""
+    pattern = re.compile(r"\..+\.[0-9a-f]{32}" + re.escape(TEMPORARY_SUFFIX))
+    stale = [p for p in Path(directory).iterdir() if p.is_file() and pattern.fullmatch(p.name)]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+# ----- checkpoints ---------------------------------------------------------------------------------------------------
 def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
-    """Atomically ``torch.save`` ``state`` (containers of tensors, numbers, strings) to ``path``."""
-    return _atomic_write(path, lambda temp: torch.save(state, temp))
+    """Atomically ``torch.save`` ``state`` (containers of tensors, numbers, strings) to ``path`` with its
+    :func:`content_digest`; refuses (``ValueError``, nothing written) a state with non-finite floats."""
+    path = Path(path)
+    _refuse_nonfinite(state, path)
+    record = {"format": CHECKPOINT_FORMAT, CHECKSUM_KEY: content_digest(state), "state": state}
+    return _atomic_write(path, lambda temp: torch.save(record, temp))
+
+
+def _unpickling_reason(error: Exception) -> str:
+    """The line of a ``weights_only`` refusal that says what was refused (torch's text around it advises
+    ``weights_only=False``, which would execute the file's code)."""
+    match = re.search(r"WeightsUnpickler error: ([^\n]*)", str(error))
+    return match.group(1).split(". ")[0] if match else type(error).__name__
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """Load a checkpoint written by :func:`save_checkpoint` with ``weights_only=True``."""
-    return torch.load(path, map_location=map_location, weights_only=True)
+    """The state a :func:`save_checkpoint` file holds, loaded with ``weights_only=True`` after checking that the
+    file is complete, is a metapeft checkpoint, matches its checksum and holds only finite floats.
+
+    Raises :class:`LoadError` naming the file and the problem (missing, empty, truncated or not a zip archive,
+    refused objects, foreign format, checksum mismatch, non-finite values).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise LoadError(f"{path}: no such checkpoint file")
+    if path.stat().st_size == 0:
+        raise LoadError(f"{path}: the checkpoint file is empty (0 bytes)")
+    try:
+        record = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise LoadError(f"{path}: refused: the file holds objects other than tensors, numbers, strings and "
+                        f"containers ({_unpickling_reason(error)}); metapeft never loads pickled code, so a file "
+                        "that needs it is not a metapeft checkpoint or was altered") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        first = str(error).split(". ")[0] or type(error).__name__
+        raise LoadError(f"{path}: not a readable checkpoint: truncated or corrupt torch.save archive ({first})") \
+            from None
+    if not isinstance(record, dict) or record.get("format") != CHECKPOINT_FORMAT or "state" not in record:
+        found = record.get("format") if isinstance(record, dict) else type(record).__name__
+        raise LoadError(f"{path}: not a metapeft checkpoint (format {found!r}, expected {CHECKPOINT_FORMAT!r})")
+    if content_digest(record["state"]) != record.get(CHECKSUM_KEY):
+        raise LoadError(f"{path}: checksum mismatch: the content differs from what was written (corrupted on "
+                        "disk or edited)")
+    _check_finite_loaded(record["state"], path)
+    return record["state"]
+
+
+# ----- safetensors ---------------------------------------------------------------------------------------------------
+def _safetensors_digest(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> str:
+    return content_digest({"tensors": dict(sorted(tensors.items())),
+                           "metadata": {k: v for k, v in sorted(metadata.items()) if k != CHECKSUM_KEY}})
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> Path:
-    """Atomically write ``tensors`` (name -> tensor) as a safetensors file; ``metadata`` values become strings."""
-    tensors = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
-    meta = {k: str(v) for k, v in (metadata or {}).items()}
+    """Atomically write ``tensors`` (name -> tensor) as a safetensors file; ``metadata`` values other than strings
+    are stored as JSON and a ``sha256`` of tensors and metadata is added. Refuses non-finite floats."""
+    path = Path(path)
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+    _refuse_nonfinite(tensors, path)
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
+    meta[CHECKSUM_KEY] = _safetensors_digest(tensors, meta)
     return _atomic_write(path, lambda temp: save_file(tensors, temp, metadata=meta))
 
 
+def load_safetensors(path: str | os.PathLike, require_checksum: bool = True) -> tuple[dict[str, torch.Tensor],
+                                                                                     dict[str, str]]:
+    """``(tensors, metadata)`` of a safetensors file, on the CPU, after checking it is readable, matches its
+    ``sha256`` (required unless ``require_checksum=False``, e.g. for foreign backbone weights; checked whenever
+    present) and holds only finite floats. Raises :class:`LoadError` naming the file and the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise LoadError(f"{path}: no such file")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError, RuntimeError) as error:
+        raise LoadError(f"{path}: not a readable safetensors file: truncated or corrupt ({error})") from None
+    if CHECKSUM_KEY in metadata:
+        if _safetensors_digest(tensors, metadata) != metadata[CHECKSUM_KEY]:
+            raise LoadError(f"{path}: checksum mismatch: the content differs from what was written (corrupted on "
+                            "disk or edited)")
+    elif require_checksum:
+        raise LoadError(f"{path}: no content checksum in its metadata (not written by this metapeft version)")
+    _check_finite_loaded(tensors, path)
+    return tensors, metadata
+
+
+def check_tensors_fit(stored: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], source: str,
+                      required: set[str] | None = None) -> None:
+    """Raise :class:`LoadError` (``"<source> does not fit the model: ..."``, listing every problem) unless every
+    stored tensor has a name in ``expected`` with the same shape and dtype and every name in ``required``
+    (default: all of ``expected``) is stored."""
+    required = set(expected) if required is None else required
+    problems = [f"missing {k}" for k in sorted(required - set(stored))]
+    problems += [f"unexpected {k}" for k in sorted(set(stored) - set(expected))]
+    for key in (k for k in stored if k in expected):
+        file_tensor, model_tensor = stored[key], expected[key]
+        if file_tensor.shape != model_tensor.shape:
+            problems.append(f"{key}: file shape {tuple(file_tensor.shape)} != model shape {tuple(model_tensor.shape)}")
+        elif file_tensor.dtype != model_tensor.dtype:
+            problems.append(f"{key}: file dtype {file_tensor.dtype} != model dtype {model_tensor.dtype}")
+    if problems:
+        raise LoadError(f"{source} does not fit the model ({len(problems)} problem(s)): " + "; ".join(problems[:8]))
+
+
+def copy_into(targets: Mapping[str, torch.Tensor], stored: Mapping[str, torch.Tensor]) -> None:
+    """``targets[k].copy_(stored[k])`` for every stored name, without autograd (after :func:`check_tensors_fit`)."""
+    with torch.no_grad():
+        for key, tensor in stored.items():
+            targets[key].copy_(tensor)
+
+
+# ----- random generators ---------------------------------------------------------------------------------------------
 def rng_state() -> dict:
     """Python, NumPy, torch CPU and (if present) CUDA generator states, ``weights_only``-loadable."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()

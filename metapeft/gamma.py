@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from metapeft.inject import injection_config, unwrap_compiled
+from metapeft.inject import injection_config, unwrap_model
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class GammaTable:
 def gamma_table(model: nn.Module) -> GammaTable:
     """gamma of every module :func:`metapeft.inject` placed in ``model``, as a :class:`GammaTable`."""
     config = injection_config(model)
-    model = unwrap_compiled(model)
+    model = unwrap_model(model)
     values = torch.full((len(config.rows), len(config.columns)), float("nan"))
     row_index = {label: i for i, label in enumerate(config.rows)}
     column_index = {label: j for j, label in enumerate(config.columns)}

@@ -155,9 +155,16 @@ class SequentialAdapter(nn.Module):
         return self.adapter(self.module(*args, **kwargs))
 
 
-def unwrap_compiled(model: nn.Module) -> nn.Module:
-    """The module under a ``torch.compile`` wrapper (or ``model`` itself)."""
-    return getattr(model, "_orig_mod", model)
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module under ``torch.compile`` and ``DistributedDataParallel`` / ``DataParallel`` wrappers, in any
+    nesting (or ``model`` itself)."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
 
 
 def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -169,7 +176,7 @@ def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def injection_config(model: nn.Module) -> InjectionConfig:
     """The :class:`InjectionConfig` :func:`inject` left on ``model``; a clear error when there is none."""
-    config = getattr(unwrap_compiled(model), CONFIG_ATTRIBUTE, None)
+    config = getattr(unwrap_model(model), CONFIG_ATTRIBUTE, None)
     if config is None:
         raise ValueError("model has no metapeft injection; call metapeft.inject(model, ...) first")
     return config
@@ -347,7 +354,7 @@ def inject(
 
     Returns an :class:`InjectionSummary`; the config is kept as ``model.metapeft_config``.
     """
-    model = unwrap_compiled(model)
+    model = unwrap_model(model)
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if getattr(model, CONFIG_ATTRIBUTE, None) is not None or any(isinstance(m, MetaPEFTModule)
@@ -400,7 +407,7 @@ def inject(
 
 def peft_modules(model: nn.Module) -> list[tuple[str, MetaPEFTModule]]:
     """``(qualified name, module)`` of every metapeft PEFT module in ``model``, in module order."""
-    return [(name, m) for name, m in unwrap_compiled(model).named_modules() if isinstance(m, MetaPEFTModule)]
+    return [(name, m) for name, m in unwrap_model(model).named_modules() if isinstance(m, MetaPEFTModule)]
 
 
 def _mergeable(model: nn.Module) -> list[FusedMetaLoRA]:
@@ -415,11 +422,18 @@ def _mergeable(model: nn.Module) -> list[FusedMetaLoRA]:
 
 def merge(model: nn.Module) -> int:
     """Fold every ``FusedMetaLoRA``'s ``gamma * alpha/r * B A`` into its frozen weight (zero-overhead inference);
-    returns the number merged. Adapters cannot be merged (clear error, nothing changed)."""
+    returns the number merged. Adapters cannot be merged, nor modules with a non-finite gamma or LoRA weight
+    (clear error naming them, nothing changed)."""
     modules = _mergeable(model)
     merged = [m for m in modules if m.merged]
     if merged:
         raise RuntimeError(f"{len(merged)} of {len(modules)} LoRA modules are already merged")
+    names = {id(m): name for name, m in peft_modules(model)}
+    finite = torch.stack([torch.isfinite(m.delta_weight()).all() for m in modules]).tolist()
+    bad = [names[id(m)] for m, ok in zip(modules, finite) if not ok]
+    if bad:
+        raise ValueError(f"cannot merge: non-finite gamma or LoRA weights in {len(bad)} module(s) {bad[:3]}; "
+                         "merging would write NaN/inf into the frozen base weights")
     for module in modules:
         module.merge()
     return len(modules)

@@ -1,4 +1,5 @@
-"""Save and load an injected model's adapter (safetensors + config metadata) and export it as an HF PEFT LoRA."""
+"""Save and load an injected model's adapter (a self-describing, checksummed safetensors file) and export it as an
+HF PEFT LoRA."""
 
 from __future__ import annotations
 
@@ -6,14 +7,23 @@ import copy
 import json
 import os
 import re
-import uuid
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from itertools import chain
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
+from metapeft.checkpoint import (
+    CHECKSUM_KEY,
+    LoadError,
+    check_tensors_fit,
+    copy_into,
+    load_safetensors,
+    nonfinite_tensors,
+    save_safetensors,
+)
+from metapeft.heads import CosineClassifier, replace_head
 from metapeft.inject import (
     CONFIG_ATTRIBUTE,
     InjectionConfig,
@@ -21,18 +31,66 @@ from metapeft.inject import (
     injection_config,
     peft_modules,
     replace_module,
-    unwrap_compiled,
+    unwrap_model,
 )
 from metapeft.layers import FusedMetaLoRA
 
-FORMAT = "metapeft-adapter/1"
+FORMAT = "metapeft-adapter/2"
+# Head types load_adapter can rebuild from their description in the file.
+REBUILDABLE_HEADS = ("CosineClassifier", "Linear")
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """What an adapter file says about itself.
+
+    ``config``: the injection (method, positions, layers, rank, alpha, placements, ...). ``heads``: per module of
+    ``modules_to_save``, its type and sizes (``{"type": "CosineClassifier", "in_features", "num_classes",
+    "scale"}``, ``{"type": "Linear", "in_features", "out_features", "bias"}``, else only ``type``). ``gamma``: per
+    placed module, its gamma values (the modulators after their constraint). ``class_names``: the classes in
+    logit order, when the saver knew them. ``versions``: ``metapeft`` and ``torch`` of the saver.
+    """
+
+    config: InjectionConfig
+    heads: dict[str, dict]
+    gamma: dict[str, list[float]]
+    class_names: tuple[str, ...] | None
+    versions: dict[str, str]
+
+
+def _package_version(name: str) -> str:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def describe_head(module: nn.Module) -> dict:
+    """The type and sizes of a ``modules_to_save`` module, as stored in an adapter file (:class:`AdapterInfo`)."""
+    if isinstance(module, CosineClassifier):
+        return {"type": "CosineClassifier", "in_features": module.in_features, "num_classes": module.num_classes,
+                "scale": module.scale}
+    if type(module) is nn.Linear:
+        return {"type": "Linear", "in_features": module.in_features, "out_features": module.out_features,
+                "bias": module.bias is not None}
+    return {"type": type(module).__name__}
+
+
+def _build_head(description: dict, like: nn.Module) -> nn.Module:
+    """A fresh module of ``description`` on the device and in the dtype of ``like``'s first tensor."""
+    reference = next(chain(like.parameters(), like.buffers()), None)
+    factory = {} if reference is None else {"device": reference.device, "dtype": reference.dtype}
+    if description["type"] == "CosineClassifier":
+        head = CosineClassifier(description["in_features"], description["num_classes"], description["scale"])
+        return head.to(**factory)
+    return nn.Linear(description["in_features"], description["out_features"], bias=description["bias"], **factory)
 
 
 def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """The tensors an adapter file holds, by qualified name: every placed module's PEFT weights and modulator
     (a parameter, or a buffer when ``meta=False``) and the state of ``modules_to_save`` (the head)."""
     config = injection_config(model)
-    model = unwrap_compiled(model)
+    model = unwrap_model(model)
     tensors = {}
     for placement in config.placements:
         module = model.get_submodule(placement.module)
@@ -53,71 +111,106 @@ def _check_unmerged(model: nn.Module, action: str) -> None:
                            "call metapeft.unmerge(model) first")
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike) -> str:
-    """Write ``adapter_tensors(model)`` to a safetensors file with the injection config in its metadata.
+def save_adapter(model: nn.Module, path: str | os.PathLike, class_names: list[str] | None = None) -> str:
+    """Write ``adapter_tensors(model)`` to a self-describing safetensors file: its metadata holds the injection
+    config, each head's type and sizes, gamma per module, ``class_names`` (if given, one per logit), the metapeft
+    and torch versions and a sha256 of the content (:class:`AdapterInfo`).
 
-    The file is written to a temporary name beside ``path``, flushed to disk and moved over ``path`` with
-    ``os.replace``: a crash leaves either the old file or the new one, never a torn one. Returns the path.
+    ``model`` may be wrapped by ``torch.compile`` or DDP. The write is atomic (a crash leaves the old file or the
+    new one) and refuses non-finite tensors. Returns the path.
     """
     config = injection_config(model)
-    tensors = {k: t.detach().to("cpu", copy=True).contiguous() for k, t in adapter_tensors(model).items()}
-    metadata = {"format": "pt", "metapeft_format": FORMAT, "metapeft_config": json.dumps(config.to_dict())}
-    path = os.fspath(path)
-    temporary = f"{path}.{uuid.uuid4().hex}.tmp"
-    try:
-        save_file(tensors, temporary, metadata=metadata)
-        with open(temporary, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-    return path
+    target = unwrap_model(model)
+    _check_unmerged(target, "save an adapter")
+    heads = {name: describe_head(target.get_submodule(name)) for name in config.modules_to_save}
+    if class_names is not None:
+        class_names = [str(c) for c in class_names]
+        counts = {name: h.get("num_classes", h.get("out_features")) for name, h in heads.items()}
+        wrong = {name: n for name, n in counts.items() if n is not None and n != len(class_names)}
+        if wrong:
+            raise ValueError(f"class_names has {len(class_names)} names but the head(s) have {wrong} outputs")
+    gamma = {p.module: target.get_submodule(p.module).gamma.detach().float().cpu().tolist()
+             for p in config.placements}
+    metadata = {"format": "pt", "metapeft_format": FORMAT, "metapeft_config": config.to_dict(), "heads": heads,
+                "gamma": gamma, "class_names": class_names,
+                "versions": {"metapeft": _package_version("metapeft"), "torch": torch.__version__}}
+    save_safetensors(adapter_tensors(target), path, metadata)
+    return os.fspath(path)
 
 
-def read_adapter_config(path: str | os.PathLike) -> InjectionConfig:
-    """The :class:`InjectionConfig` stored in an adapter file's metadata."""
-    with safe_open(os.fspath(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
+def _info_from_metadata(path: str | os.PathLike, metadata: dict[str, str]) -> AdapterInfo:
     if metadata.get("metapeft_format") != FORMAT:
-        raise ValueError(f"{os.fspath(path)} is not a metapeft adapter file (metadata format "
-                         f"{metadata.get('metapeft_format')!r}, expected {FORMAT!r})")
-    return InjectionConfig.from_dict(json.loads(metadata["metapeft_config"]))
+        raise LoadError(f"{os.fspath(path)}: not a metapeft adapter file of this version (metadata format "
+                        f"{metadata.get('metapeft_format')!r}, expected {FORMAT!r})")
+    if CHECKSUM_KEY not in metadata:
+        raise LoadError(f"{os.fspath(path)}: the adapter's content checksum is missing from its metadata")
+    try:
+        class_names = json.loads(metadata["class_names"])
+        return AdapterInfo(
+            config=InjectionConfig.from_dict(json.loads(metadata["metapeft_config"])),
+            heads=json.loads(metadata["heads"]), gamma=json.loads(metadata["gamma"]),
+            class_names=None if class_names is None else tuple(class_names),
+            versions=json.loads(metadata["versions"]),
+        )
+    except (KeyError, TypeError, ValueError) as error:
+        raise LoadError(f"{os.fspath(path)}: unreadable adapter metadata ({type(error).__name__}: {error})") from None
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike) -> InjectionConfig:
-    """Load a :func:`save_adapter` file into ``model``.
+def read_adapter_info(path: str | os.PathLike) -> AdapterInfo:
+    """The :class:`AdapterInfo` of an adapter file (the whole file is read and its checksum verified)."""
+    return _info_from_metadata(path, load_safetensors(path, require_checksum=False)[1])
 
-    An injected model must carry the same injection (method, positions, layers, rank, alpha, placements, head,
-    ...; dropout, init_gamma and backend may differ) and every tensor must match in name and shape, else a
-    ``ValueError`` lists the differences and nothing is loaded. A model without metapeft modules is first
-    injected with the file's config (should a later check fail, it stays injected, freshly initialised).
-    Returns the model's config.
-    """
-    file_config = read_adapter_config(path)
-    target = unwrap_compiled(model)
-    model_config = getattr(target, CONFIG_ATTRIBUTE, None)
-    if model_config is None:
-        inject(target, **file_config.inject_kwargs())
-        model_config = injection_config(target)
-    differences = model_config.structural_differences(file_config)
+
+def _skeleton(model: nn.Module) -> nn.Module:
+    """A copy of ``model``'s modules with every parameter and buffer on the meta device (no memory, no data):
+    what an injection and head replacement would produce is planned on it before ``model`` changes."""
+    memo = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+            for p in model.parameters()}
+    memo.update({id(b): torch.empty_like(b, device="meta") for b in model.buffers()})
+    return copy.deepcopy(model, memo)
+
+
+def _prepare(model: nn.Module, info: AdapterInfo, path: str) -> None:
+    """Inject ``info.config`` into an uninjected ``model`` and rebuild heads that differ from ``info.heads``;
+    a ``LoadError`` when the model's injection differs or a head cannot be rebuilt."""
+    if getattr(model, CONFIG_ATTRIBUTE, None) is None:
+        inject(model, **info.config.inject_kwargs())
+    differences = injection_config(model).structural_differences(info.config)
     if differences:
-        raise ValueError(f"adapter file {os.fspath(path)} was saved from a different injection (model != file): "
-                         + "; ".join(differences))
+        raise LoadError(f"adapter file {path} was saved from a different injection (model != file): "
+                        + "; ".join(differences))
+    for name, description in info.heads.items():
+        current = model.get_submodule(name)
+        if describe_head(current) == description:
+            continue
+        if description["type"] not in REBUILDABLE_HEADS:
+            raise LoadError(f"adapter file {path}: module {name!r} is a {description['type']} in the file and a "
+                            f"{type(current).__name__} in the model; only {REBUILDABLE_HEADS} heads are rebuilt")
+        replace_head(model, name, _build_head(description, current).requires_grad_(True))
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike) -> AdapterInfo:
+    """Load a :func:`save_adapter` file into ``model`` (which may be wrapped by ``torch.compile`` or DDP).
+
+    All or nothing: the file is read and verified (checksum, finiteness), then the injection and heads the file
+    describes are planned on a meta-device copy of the model and every tensor is checked against it (names,
+    shapes, dtypes); only then does ``model`` change. An uninjected model is injected with the file's config; an
+    injected one must carry the same injection (dropout, init_gamma and backend may differ). A head
+    (``modules_to_save``) whose type or size differs from the file's is replaced by the file's (a cosine or linear
+    classifier). Errors are :class:`~metapeft.checkpoint.LoadError` naming the file and every problem. Returns the
+    file's :class:`AdapterInfo` (class names, gamma, versions, ...).
+    """
+    path = os.fspath(path)
+    stored, metadata = load_safetensors(path, require_checksum=False)
+    info = _info_from_metadata(path, metadata)
+    target = unwrap_model(model)
     _check_unmerged(target, "load an adapter")
-    expected = adapter_tensors(target)
-    with safe_open(os.fspath(path), framework="pt") as handle:
-        stored = {key: handle.get_tensor(key) for key in handle.keys()}
-    problems = [f"missing {k}" for k in sorted(expected.keys() - stored.keys())]
-    problems += [f"unexpected {k}" for k in sorted(stored.keys() - expected.keys())]
-    problems += [f"{k}: file shape {tuple(stored[k].shape)} != model shape {tuple(t.shape)}"
-                 for k, t in expected.items() if k in stored and stored[k].shape != t.shape]
-    if problems:
-        raise ValueError(f"adapter file {os.fspath(path)} does not fit the model: " + "; ".join(problems))
-    with torch.no_grad():
-        for key, tensor in expected.items():
-            tensor.copy_(stored[key])
-    return model_config
+    plan = _skeleton(target)
+    _prepare(plan, info, path)
+    check_tensors_fit(stored, adapter_tensors(plan), f"adapter file {path}")
+    _prepare(target, info, path)
+    copy_into(adapter_tensors(target), stored)
+    return info
 
 
 def peft_lora_factors(module: FusedMetaLoRA) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,22 +234,37 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> str:
 
     gamma * alpha / r is folded into B and each module's ``lora_alpha`` equals its rank (PEFT scaling 1); a fused
     qkv with S_a LoRA segments becomes one PEFT LoRA of rank S_a * r (``rank_pattern``) with A stacked and B
-    block-diagonal. ``modules_to_save`` (the head) is exported too. LoRA only: PEFT has no AdaptFormer or
-    Houlsby adapter of this form. Needs ``peft``. Returns the directory.
+    block-diagonal. ``modules_to_save`` (the head) is exported too and loads into a base model whose head has the
+    same type and size. Refused with a ``ValueError`` naming the part PEFT cannot represent: AdaptFormer and Houlsby
+    adapters (PEFT has none of this form) and a :class:`~metapeft.heads.CosineClassifier` head (the trainer's
+    default; PEFT restores a saved module into the base model's own ``nn.Linear``); also refused: non-finite
+    weights or gamma. Needs ``peft``. Returns the directory.
     """
     config = injection_config(model)
     if config.method != "lora":
         raise ValueError(f"export_peft exports LoRA; this model was injected with method={config.method!r}")
-    source = unwrap_compiled(model)
+    source = unwrap_model(model)
     _check_unmerged(source, "export")
+    for name in config.modules_to_save:
+        head = source.get_submodule(name)
+        if isinstance(head, CosineClassifier):
+            raise ValueError(
+                f"export_peft: modules_to_save {name!r} is a metapeft CosineClassifier (logits = {head.scale:g} * "
+                "cos(features, W)), which HF PEFT cannot represent: PEFT puts a saved module back into the base "
+                "model's own module of that name (an nn.Linear on a timm model), so the logits would differ. Keep "
+                "the metapeft adapter (metapeft.save_adapter / load_adapter), or train with classifier='linear' to "
+                "export to PEFT")
     from peft import LoraConfig, get_peft_model
 
     names = [p.module for p in config.placements]
+    factors = {name: peft_lora_factors(source.get_submodule(name)) for name in names}
+    bad = nonfinite_tensors(factors)
+    if bad:
+        raise ValueError(f"export_peft: non-finite LoRA weights or gamma in {bad[:5]}")
     skeleton = copy.deepcopy(source)
     delattr(skeleton, CONFIG_ATTRIBUTE)
     for name in names:
         replace_module(skeleton, name, skeleton.get_submodule(name).base)
-    factors = {name: peft_lora_factors(source.get_submodule(name)) for name in names}
     other_ranks = {re.escape(name): a.shape[0] for name, (a, _) in factors.items() if a.shape[0] != config.rank}
     lora_config = LoraConfig(
         r=config.rank, lora_alpha=config.rank, rank_pattern=other_ranks, alpha_pattern=dict(other_ranks),

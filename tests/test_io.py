@@ -9,6 +9,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import metapeft
+import metapeft.checkpoint
 import metapeft.io
 from tests.helpers.vit import images, randomize, tiny_vit
 
@@ -109,7 +110,7 @@ def test_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch
             handle.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(metapeft.io, "save_file", crash)
+    monkeypatch.setattr(metapeft.checkpoint, "save_file", crash)
     with pytest.raises(OSError, match="disk full"):
         metapeft.save_adapter(injected(seed=2), path)
     assert path.read_bytes() == old
