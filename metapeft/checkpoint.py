@@ -17,6 +17,7 @@ import os
 import pickle
 import random
 import re
+import stat
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -108,7 +109,9 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path
     temp = _temporary_name(path)
     os.close(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
+        mode = stat.S_IMODE(temp.stat().st_mode)  # 0666 minus the umask, read without changing the umask
         write(str(temp))
+        os.chmod(temp, mode)  # writers that recreate the file (safetensors) leave it 0600
         with open(temp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(temp, path)

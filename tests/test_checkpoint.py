@@ -1,0 +1,175 @@
+"""Checkpoint and safetensors files: checksums, refusals of damaged or foreign files naming the file, no non-finite
+writes, umask-honouring modes, stale temp files, and the fit check of stored tensors against a model."""
+
+import os
+import random
+import stat
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from metapeft.checkpoint import (
+    CHECKPOINT_FORMAT,
+    LoadError,
+    check_tensors_fit,
+    content_digest,
+    load_checkpoint,
+    load_safetensors,
+    remove_stale_temporaries,
+    save_checkpoint,
+    save_safetensors,
+)
+
+MARKER = torch.arange(256, dtype=torch.float32) + 0.5  # bytes easy to find inside a file
+
+
+def state():
+    return {"model": {"w": MARKER.clone(), "b": torch.zeros(3, dtype=torch.bfloat16)}, "step": 7,
+            "rng": (3, (1, 2), None), "empty": {}}
+
+
+def flip_bit_inside(path, needle: bytes) -> None:
+    """Flip one bit in the middle of the first occurrence of ``needle`` in the file."""
+    data = bytearray(path.read_bytes())
+    at = data.find(needle)
+    assert at >= 0
+    data[at + len(needle) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def damaged(path, how: str) -> None:
+    data = path.read_bytes()
+    path.write_bytes({"truncated": data[: len(data) // 2], "empty": b"", "random": os.urandom(len(data)),
+                      "zeros": bytes(len(data))}[how])
+
+
+def test_checkpoint_round_trip_keeps_structure_and_values(tmp_path):
+    path = save_checkpoint(state(), tmp_path / "ck.pt")
+    loaded = load_checkpoint(path)
+    assert torch.equal(loaded["model"]["w"], MARKER) and loaded["model"]["b"].dtype == torch.bfloat16
+    assert loaded["step"] == 7 and loaded["rng"] == (3, (1, 2), None) and loaded["empty"] == {}
+    assert content_digest(loaded) == content_digest(state())
+
+
+@pytest.mark.parametrize("how", ["truncated", "empty", "random", "zeros"])
+def test_damaged_checkpoint_names_the_file_and_never_advises_unsafe_loading(tmp_path, how):
+    path = save_checkpoint(state(), tmp_path / "ck.pt")
+    damaged(path, how)
+    with pytest.raises(LoadError) as error:
+        load_checkpoint(path)
+    message = str(error.value)
+    assert message.startswith(str(path)) and "weights_only=False" not in message and "weights_only` set" not in message
+    expected = {"truncated": "truncated or corrupt", "empty": "empty", "random": "", "zeros": ""}[how]
+    assert expected in message
+
+
+def test_flipped_bit_in_checkpoint_tensor_data_is_a_checksum_error(tmp_path):
+    path = save_checkpoint(state(), tmp_path / "ck.pt")
+    torch.load(path, weights_only=True)  # torch itself reads the altered file without complaint (below)
+    flip_bit_inside(path, MARKER.numpy().tobytes())
+    assert not torch.equal(torch.load(path, weights_only=True)["state"]["model"]["w"], MARKER)
+    with pytest.raises(LoadError, match=f"{path}: checksum mismatch"):
+        load_checkpoint(path)
+
+
+def test_refused_objects_name_the_file_and_what_was_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"format": CHECKPOINT_FORMAT, "state": {"obj": random.Random(0)}}, path)
+    with pytest.raises(LoadError) as error:
+        load_checkpoint(path)
+    message = str(error.value)
+    assert message.startswith(f"{path}: refused") and "random.Random" in message
+    assert "weights_only" not in message
+
+
+def test_foreign_and_unchecksummed_checkpoints_are_refused(tmp_path):
+    torch.save({"model": {"w": MARKER}}, tmp_path / "plain.pt")
+    with pytest.raises(LoadError, match="not a metapeft checkpoint"):
+        load_checkpoint(tmp_path / "plain.pt")
+    with pytest.raises(LoadError, match="no such checkpoint file"):
+        load_checkpoint(tmp_path / "absent.pt")
+
+
+def test_non_finite_state_is_never_written_and_the_old_file_survives(tmp_path):
+    path = save_checkpoint(state(), tmp_path / "ck.pt")
+    bad = state()
+    bad["model"]["w"][3] = float("nan")
+    with pytest.raises(ValueError, match=r"refusing to write .*model\.w"):
+        save_checkpoint(bad, path)
+    assert load_checkpoint(path)["step"] == 7 and os.listdir(tmp_path) == ["ck.pt"]
+    with pytest.raises(ValueError, match="refusing to write"):
+        save_safetensors({"w": torch.tensor([1.0, float("inf")])}, tmp_path / "w.safetensors")
+    assert os.listdir(tmp_path) == ["ck.pt"]
+
+
+def test_non_finite_values_in_a_checksummed_checkpoint_are_refused_at_load(tmp_path):
+    bad = {"w": torch.tensor([1.0, float("-inf")])}
+    torch.save({"format": CHECKPOINT_FORMAT, "sha256": content_digest(bad), "state": bad}, tmp_path / "ck.pt")
+    with pytest.raises(LoadError, match=r"non-finite values .* \['w'\]"):
+        load_checkpoint(tmp_path / "ck.pt")
+
+
+def test_safetensors_round_trip_with_checksum_and_metadata(tmp_path):
+    path = save_safetensors({"a.b": MARKER, "c": torch.ones(2, dtype=torch.int64)}, tmp_path / "w.safetensors",
+                            {"step": 3, "config": {"lr": 0.1}, "note": "x"})
+    tensors, metadata = load_safetensors(path)
+    assert torch.equal(tensors["a.b"], MARKER) and tensors["c"].dtype == torch.int64
+    assert metadata["step"] == "3" and metadata["config"] == '{"lr": 0.1}' and len(metadata["sha256"]) == 64
+
+
+@pytest.mark.parametrize("how", ["truncated", "empty", "random", "flipped"])
+def test_damaged_safetensors_name_the_file(tmp_path, how):
+    path = save_safetensors({"w": MARKER}, tmp_path / "w.safetensors")
+    if how == "flipped":
+        flip_bit_inside(path, MARKER.numpy().tobytes())
+    else:
+        damaged(path, how)
+    with pytest.raises(LoadError, match="checksum mismatch" if how == "flipped" else "not a readable safetensors") \
+            as error:
+        load_safetensors(path)
+    assert str(error.value).startswith(str(path))
+
+
+def test_foreign_safetensors_need_no_checksum_only_when_asked(tmp_path):
+    save_file({"w": MARKER}, tmp_path / "foreign.safetensors")
+    with pytest.raises(LoadError, match="no content checksum"):
+        load_safetensors(tmp_path / "foreign.safetensors")
+    tensors, _ = load_safetensors(tmp_path / "foreign.safetensors", require_checksum=False)
+    assert torch.equal(tensors["w"], MARKER)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_written_files_honour_the_umask(tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        checkpoint = save_checkpoint(state(), tmp_path / "ck.pt")
+        weights = save_safetensors({"w": MARKER}, tmp_path / "w.safetensors")
+    finally:
+        os.umask(previous)
+    for path in (checkpoint, weights):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+
+
+def test_stale_temporaries_are_removed_and_nothing_else(tmp_path):
+    save_checkpoint(state(), tmp_path / "checkpoint.pt")
+    stale = tmp_path / f".checkpoint.pt.{'ab' * 16}.tmp"
+    stale.write_bytes(b"partial")
+    keep = [tmp_path / "notes.tmp", tmp_path / ".checkpoint.pt.short.tmp"]
+    for path in keep:
+        path.write_text("mine")
+    assert remove_stale_temporaries(tmp_path) == [stale]
+    assert sorted(os.listdir(tmp_path)) == sorted(["checkpoint.pt", *(p.name for p in keep)])
+
+
+def test_tensor_fit_lists_every_problem():
+    expected = {"a": torch.zeros(2, 3), "b": torch.zeros(4), "c": torch.zeros(1, dtype=torch.float64)}
+    stored = {"a": torch.zeros(3, 2), "c": torch.zeros(1), "z": torch.zeros(1)}
+    with pytest.raises(LoadError) as error:
+        check_tensors_fit(stored, expected, "file f")
+    message = str(error.value)
+    assert message.startswith("file f does not fit the model (4 problem(s))")
+    for part in ("missing b", "unexpected z", "a: file shape (3, 2) != model shape (2, 3)",
+                 "c: file dtype torch.float32 != model dtype torch.float64"):
+        assert part in message
+    check_tensors_fit({"a": torch.ones(2, 3)}, expected, "file f", required={"a"})
