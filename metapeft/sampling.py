@@ -58,19 +58,35 @@ def stratified_subset(pool: torch.Tensor, labels: torch.Tensor, ratio: float, ge
     return _take_per_class(pool, labels, quota, generator)
 
 
-def stratified_batch(pool: torch.Tensor, labels: torch.Tensor, size: int, generator) -> torch.Tensor:
-    """``size`` indices from ``pool`` (all of it if smaller), class proportions kept by largest remainder
-    (ties broken at random). Returns sorted indices."""
+META_SAMPLINGS = ("uniform", "class_balanced")
+
+
+def uniform_batch(pool: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """``size`` indices of ``pool`` (n,) drawn uniformly at random without replacement (all of it if smaller), so
+    class c's expected share is its share of the pool. Returns sorted indices."""
     if size >= pool.numel():
         return pool.sort().values
-    counts = torch.bincount(labels[pool], minlength=int(labels.max()) + 1)
-    exact = counts.double() * size / pool.numel()
-    quota = exact.floor().long()
-    remainder = exact - quota
-    missing = size - int(quota.sum())
-    tie_break = torch.rand(counts.numel(), generator=generator, dtype=torch.float64) * 1e-9
-    quota[torch.argsort(remainder + tie_break, descending=True)[:missing]] += 1
-    return _take_per_class(pool, labels, quota, generator)
+    return pool[torch.randperm(pool.numel(), generator=generator)[:size]].sort().values
+
+
+def class_balanced_batch(pool: torch.Tensor, labels: torch.Tensor, size: int, generator: torch.Generator
+                         ) -> torch.Tensor:
+    """``size`` indices of ``pool`` (n,) with an equal expected share ``size / K`` for each of the K classes present:
+    every class gets ``size // K`` slots and ``size % K`` classes chosen at random get one more. A class fills its
+    slots from a random order of its members, cycling through that order again (drawing with replacement) when
+    it has fewer members than slots, so each member of class c is drawn ``slots_c / n_c`` times in expectation.
+    Returns sorted indices (with repeats where a class is smaller than its share)."""
+    pool_labels = labels[pool]
+    members = torch.bincount(pool_labels)
+    present = members.nonzero().flatten()
+    slots = torch.zeros_like(members)
+    slots[present] = size // present.numel()
+    slots[present[torch.randperm(present.numel(), generator=generator)[:size % present.numel()]]] += 1
+    order, _ = _rank_within_class(pool_labels, generator)
+    first_member = torch.cumsum(members, 0) - members
+    slot_class = torch.repeat_interleave(torch.arange(members.numel()), slots)
+    slot_rank = torch.arange(slot_class.numel()) - (torch.cumsum(slots, 0) - slots)[slot_class]
+    return pool[order[first_member[slot_class] + slot_rank % members[slot_class]]].sort().values
 
 
 class MetaSetSampler:
@@ -79,10 +95,14 @@ class MetaSetSampler:
     Args:
         labels: (n,) labels of the meta source (the training set, or the validation set when one is given).
         ratio: meta-set fraction of the source (ignored for a separate validation set: all of it is the pool).
-        batch_size: meta-batch size drawn (stratified) from the meta set at every outer step.
+        batch_size: meta-batch size drawn from the meta set at every outer step.
         seed: base seed; every draw is a function of ``(seed, outer_step)`` only.
         resample: draw a fresh meta set at every outer step (the paper) or keep one fixed split.
         separate_source: True when ``labels`` belong to a separate validation set.
+        sampling: how a meta batch is drawn from the meta set: ``"uniform"`` (:func:`uniform_batch`: every class
+            in proportion to the meta set, over many steps) or ``"class_balanced"`` (:func:`class_balanced_batch`:
+            an equal expected share per class). Both are random draws, so every class with a meta-set member
+            reaches meta batches, and the class mix differs from step to step.
 
     With the training set as source and ``resample=False`` the fixed meta set is held out of the inner
     loop (:meth:`train_indices`); with ``resample=True`` the inner loop sees every sample and each outer
@@ -90,8 +110,10 @@ class MetaSetSampler:
     """
 
     def __init__(self, labels: torch.Tensor, ratio: float, batch_size: int, seed: int, resample: bool,
-                 separate_source: bool = False) -> None:
-        self.labels, self.ratio, self.batch_size, self.seed = labels, ratio, batch_size, seed
+                 separate_source: bool = False, sampling: str = "uniform") -> None:
+        if sampling not in META_SAMPLINGS:
+            raise ValueError(f"sampling must be one of {META_SAMPLINGS}, got {sampling!r}")
+        self.labels, self.ratio, self.batch_size, self.seed, self.sampling = labels, ratio, batch_size, seed, sampling
         self.resample, self.separate_source = resample, separate_source
         everything = torch.arange(labels.numel())
         if separate_source:
@@ -128,7 +150,10 @@ class MetaSetSampler:
                                      generator_for(self.seed, META_SET, outer_step))
             if pool.numel() == 0:
                 raise ValueError(f"outer step {outer_step}: the re-sampled meta set is empty")
-        return stratified_batch(pool, self.labels, self.batch_size, generator_for(self.seed, META_BATCH, outer_step))
+        generator = generator_for(self.seed, META_BATCH, outer_step)
+        if self.sampling == "class_balanced":
+            return class_balanced_batch(pool, self.labels, self.batch_size, generator)
+        return uniform_batch(pool, self.batch_size, generator)
 
 
 def epoch_batches(indices: torch.Tensor, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Atomic checkpoints, RNG capture, and the deterministic stratified samplers."""
+"""Atomic checkpoints, RNG capture, labels, epoch orders and DDP shards (meta sampling: tests/test_sampling.py)."""
 
 import os
 import random
@@ -9,14 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from metapeft.checkpoint import load_checkpoint, rng_state, save_checkpoint, save_safetensors, set_rng_state
-from metapeft.sampling import (
-    MetaSetSampler,
-    dataset_labels,
-    epoch_batches,
-    shard_bounds,
-    stratified_batch,
-    stratified_subset,
-)
+from metapeft.sampling import dataset_labels, epoch_batches, shard_bounds
 from tests.helpers.toy import LongTailedBlobs
 
 
@@ -60,43 +53,6 @@ def test_labels_from_targets_or_one_pass():
     with_targets, without = LongTailedBlobs([5, 2]), LongTailedBlobs([5, 2], with_targets=False)
     assert torch.equal(dataset_labels(with_targets), dataset_labels(without))
     assert dataset_labels(without).bincount().tolist() == [5, 2]
-
-
-def test_stratified_subset_and_batch_keep_class_proportions():
-    labels = torch.tensor([0] * 50 + [1] * 20 + [2] * 5 + [3] * 1)
-    pool = torch.arange(labels.numel())
-    subset = stratified_subset(pool, labels, 0.2, torch.Generator().manual_seed(0))
-    assert labels[subset].bincount(minlength=4).tolist() == [10, 4, 1, 0]
-    batch = stratified_batch(pool, labels, 19, torch.Generator().manual_seed(0))
-    # exact quotas 12.5, 5, 1.25, 0.25 -> floors 12, 5, 1, 0 plus the one largest remainder (class 0)
-    assert labels[batch].bincount(minlength=4).tolist() == [13, 5, 1, 0]
-    assert batch.unique().numel() == 19
-
-
-def test_meta_batches_deterministic_per_step_and_exclude_the_train_batch():
-    labels = torch.arange(200) % 5
-    sampler = MetaSetSampler(labels, 0.2, 10, seed=7, resample=True)
-    train_batch = torch.arange(0, 200, 3)
-    first = sampler.meta_batch(3, train_batch)
-    again = MetaSetSampler(labels, 0.2, 10, seed=7, resample=True).meta_batch(3, train_batch)
-    assert torch.equal(first, again)
-    assert not torch.equal(first, sampler.meta_batch(4, train_batch))
-    assert not np.intersect1d(first.numpy(), train_batch.numpy()).size
-    assert labels[first].bincount().tolist() == [2] * 5
-    assert sampler.train_indices().numel() == 200
-
-
-def test_fixed_split_is_held_out_of_the_inner_loop():
-    labels = torch.arange(100) % 4
-    sampler = MetaSetSampler(labels, 0.2, 8, seed=0, resample=False)
-    assert sampler.fixed_set.numel() == 20
-    assert not np.intersect1d(sampler.fixed_set.numpy(), sampler.train_indices().numpy()).size
-    assert sampler.train_indices().numel() == 80
-    assert np.isin(sampler.meta_batch(5).numpy(), sampler.fixed_set.numpy()).all()
-    separate = MetaSetSampler(labels, 0.2, 8, seed=0, resample=True, separate_source=True)
-    assert separate.meta_batch(0).numel() == 8
-    with pytest.raises(ValueError, match="separate"):
-        separate.train_indices()
 
 
 def test_epoch_batches_and_shards_partition():
