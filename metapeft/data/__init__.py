@@ -7,7 +7,15 @@ from metapeft.data.digits import DigitsTasks, TensorImageDataset, digits_tasks
 from metapeft.data.folder import image_folder
 from metapeft.data.images import ImageDecodeError, load_image
 from metapeft.data.index import DataFormatError, IndexDataset, read_index
-from metapeft.data.splits import BUILTIN_SPLITS, ClassSplit, builtin_split, class_split, read_class_split
+from metapeft.data.splits import (
+    BUILTIN_SPLITS,
+    ClassSplit,
+    builtin_split,
+    class_split,
+    find_classnames,
+    read_class_split,
+    read_classnames,
+)
 from metapeft.data.transforms import backbone_normalization, build_transforms
 
 __all__ = [
@@ -27,10 +35,12 @@ __all__ = [
     "builtin_split",
     "class_split",
     "digits_tasks",
+    "find_classnames",
     "image_folder",
     "load_image",
     "long_tail_counts",
     "long_tail_indices",
     "read_class_split",
+    "read_classnames",
     "read_index",
 ]

@@ -7,11 +7,13 @@ Keys (``kind`` decides which apply):
 | ``kind`` | all | ``index`` (authors' layout), ``folder`` (ImageFolder trees), ``cifar100_lt`` |
 | ``root`` | all | dataset root folder (relative paths resolve against ``base_dir``) |
 | ``train`` / ``test`` | index, folder | index files (index) or sub-folders (folder) of the two splits |
-| ``split`` | index, folder | built-in split (``dota``, ``fusrs_v2.5``, ``fusrs_v1.7``) or a split yaml path |
+| ``split`` | index, folder | built-in (``dota``, ``fusrs_v2.5``, ``fusrs_v1.7``) or a split yaml (ours or authors') |
+| ``classnames`` | index, folder | ``classnames.txt`` (line i names label i); default beside the split yaml, then root |
 | ``imbalance`` / ``subset_seed`` | cifar100_lt | imbalance factor (default 100) and which images the subset keeps |
 | ``image_size`` / ``resize`` | all | crop size (default 224) and the test-time resize (default 256 at 224) |
 
-Without ``split``, the groups come from the training counts (many > 100, medium 20-100, few < 20 images).
+Without ``split``, the groups come from the training counts (many > 100, medium 20-100, few < 20 images) and the class
+names from ``classnames`` (or ``root/classnames.txt``) when there is one, else the labels themselves.
 """
 
 from __future__ import annotations
@@ -25,12 +27,12 @@ from torch.utils.data import Dataset
 from metapeft.data.cifar import CIFAR100LT
 from metapeft.data.folder import image_folder
 from metapeft.data.index import IndexDataset
-from metapeft.data.splits import ClassSplit, class_split
+from metapeft.data.splits import CLASSNAMES_FILE, ClassSplit, class_split, read_classnames
 from metapeft.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transforms
 from metapeft.metrics import class_split_from_counts
 
 KINDS = ("index", "folder", "cifar100_lt")
-KEYS = {"kind", "root", "train", "test", "split", "imbalance", "subset_seed", "image_size", "resize"}
+KEYS = {"kind", "root", "train", "test", "split", "classnames", "imbalance", "subset_seed", "image_size", "resize"}
 
 
 @dataclass
@@ -72,12 +74,14 @@ def build_datasets(data: dict, mean=IMAGENET_MEAN, std=IMAGENET_STD, base_dir: s
         test = CIFAR100LT(root, "test", imbalance, test_tf, seed)
         return DataBundle(train, test, ClassSplit(f"CIFAR-100-LT (imbalance {imbalance:g})", tuple(train.classes),
                                                   train.class_split))
-    split = None if data.get("split") is None else class_split(_resolve_spec(data["split"], base_dir))
+    classnames = None if data.get("classnames") is None else Path(base_dir, os.path.expanduser(str(data["classnames"])))
+    split = None if data.get("split") is None else class_split(_resolve_spec(data["split"], base_dir), classnames, root)
     if kind == "index":
-        num_classes = None if split is None else split.num_classes
+        names = split.classes if split else _index_classnames(classnames, root)
+        num_classes = None if names is None else len(names)
         train = IndexDataset(root, data["train"], train_tf, num_classes)
         test = IndexDataset(root, data["test"], test_tf, num_classes)
-        classes = split.classes if split else tuple(str(c) for c in range(max(train.targets + test.targets) + 1))
+        classes = names or tuple(str(c) for c in range(max(train.targets + test.targets) + 1))
     else:
         train, test = image_folder(root / data["train"], train_tf), image_folder(root / data["test"], test_tf)
         if train.classes != test.classes:
@@ -88,6 +92,13 @@ def build_datasets(data: dict, mean=IMAGENET_MEAN, std=IMAGENET_STD, base_dir: s
             raise ValueError(f"class split {split.name!r} lists classes {list(split.classes)}, but the folders "
                              f"under {root / data['train']} are {list(classes)} (sorted sub-folder names)")
     return DataBundle(train, test, split or _split_from_counts(str(root.name), classes, train.targets))
+
+
+def _index_classnames(classnames: Path | None, root: Path) -> tuple[str, ...] | None:
+    """Class names of an index dataset without a split file: ``data.classnames``, else ``root/classnames.txt``."""
+    if classnames is None and (root / CLASSNAMES_FILE).is_file():
+        classnames = root / CLASSNAMES_FILE
+    return None if classnames is None else read_classnames(classnames)
 
 
 def _resolve_spec(spec: str, base_dir: str | os.PathLike) -> str:
