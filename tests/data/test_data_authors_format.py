@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from metapeft.data import DataFormatError, build_datasets, builtin_split, class_split, read_classnames
-from tests.data.imagefiles import digit_images
+from tests.helpers.imagefiles import digit_images
 
 DOTA_NAMES = ("baseball-diamond", "basketball-court", "bridge", "ground-track-field", "harbor", "helicopter",
               "large-vehicle", "plane", "roundabout", "ship", "small-vehicle", "soccer-ball-field", "storage-tank",
