@@ -73,30 +73,28 @@ def test_every_class_with_a_meta_set_member_reaches_meta_batches(cifar_lt_labels
     assert seen.all(), f"classes never drawn: {torch.nonzero(~seen).flatten().tolist()}"
 
 
+def class_counts_per_step(labels: torch.Tensor, sampler: MetaSetSampler) -> torch.Tensor:
+    """(STEPS, 100) int64: how many members of each class the meta batch of each outer step holds."""
+    return torch.stack([torch.bincount(labels[sampler.meta_batch(step)], minlength=100) for step in range(STEPS)])
+
+
 @pytest.mark.parametrize("resample", [True, False], ids=["resampled", "fixed"])
 def test_uniform_meta_batches_follow_the_meta_set_shares(cifar_lt_labels, resample):
-    labels = cifar_lt_labels
-    sampler = MetaSetSampler(labels, RATIO, BATCH, seed=1, resample=resample, sampling="uniform")
-    totals = torch.zeros(100, dtype=torch.long)
-    for step in range(STEPS):
-        batch = sampler.meta_batch(step)
-        assert batch.numel() == BATCH and batch.unique().numel() == BATCH
-        totals += torch.bincount(labels[batch], minlength=100)
-    quota = meta_set_counts(labels, RATIO)
-    assert hypergeometric_pvalue(totals, quota / quota.sum(), BATCH, int(quota.sum()), STEPS) > 1e-3
+    sampler = MetaSetSampler(cifar_lt_labels, RATIO, BATCH, seed=1, resample=resample, sampling="uniform")
+    counts = class_counts_per_step(cifar_lt_labels, sampler)
+    assert counts.sum(1).eq(BATCH).all() and sampler.meta_batch(0).unique().numel() == BATCH
+    quota = meta_set_counts(cifar_lt_labels, RATIO)
+    assert hypergeometric_pvalue(counts.sum(0), quota / quota.sum(), BATCH, int(quota.sum()), STEPS) > 1e-3
 
 
 @pytest.mark.parametrize("resample", [True, False], ids=["resampled", "fixed"])
 def test_class_balanced_meta_batches_give_every_class_an_equal_share(cifar_lt_labels, resample):
-    labels = cifar_lt_labels
-    sampler = MetaSetSampler(labels, RATIO, BATCH, seed=2, resample=resample, sampling="class_balanced")
-    totals = torch.zeros(100, dtype=torch.long)
-    for step in range(STEPS):
-        per_class = torch.bincount(labels[sampler.meta_batch(step)], minlength=100)
-        # 128 slots over 100 classes: one each plus 28 extra slots on 28 distinct random classes
-        assert per_class.sum() == BATCH and set(per_class.tolist()) <= {1, 2} and per_class.eq(2).sum() == 28
-        totals += per_class
-    extras = totals - STEPS * (BATCH // 100)
+    sampler = MetaSetSampler(cifar_lt_labels, RATIO, BATCH, seed=2, resample=resample, sampling="class_balanced")
+    counts = class_counts_per_step(cifar_lt_labels, sampler)
+    # 128 slots over 100 classes: one each plus 28 extra slots on 28 distinct random classes at every step
+    assert counts.sum(1).eq(BATCH).all() and counts.min() == 1 and counts.max() == 2
+    assert counts.eq(2).sum(1).eq(28).all()
+    extras = counts.sum(0) - STEPS * (BATCH // 100)
     assert hypergeometric_pvalue(extras, torch.full((100,), 0.01), BATCH % 100, 100, STEPS) > 1e-3
 
 
