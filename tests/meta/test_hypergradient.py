@@ -104,8 +104,10 @@ def reference_twin(model: nn.Module) -> nn.Module:
     return twin
 
 
-def brute_force(model, train_batch, val_batch, *, lr, momentum=0.0, buffers=None, weight_decay=0.0):
-    """(hypergradient, direct term, phi', g) of ``classification_loss`` by torch.func through the reference twin."""
+def brute_force(model, train_batch, val_batch, *, lr, momentum=0.0, buffers=None, weight_decay=0.0,
+                lookahead_batches=()):
+    """(hypergradient, direct term, phi_K, g_0) of ``classification_loss`` by torch.func through the reference
+    twin, unrolling the K = 1 + len(lookahead_batches) SGD steps (momentum, weight decay) as torch's SGD takes them."""
     twin = reference_twin(model)
     phi_ids = {id(p) for p in trainable_phi(model)}
     rho_ids = {id(p) for p in metapeft.meta_parameters(model)}
@@ -114,17 +116,20 @@ def brute_force(model, train_batch, val_batch, *, lr, momentum=0.0, buffers=None
     rho = {n: p.detach() for n, p in named.items() if id(p) in rho_ids}
     frozen = {n: p.detach() for n, p in named.items() if id(p) not in phi_ids | rho_ids}
     frozen.update(dict(model.named_buffers()))
-    momentum_terms = {n: torch.zeros_like(p) for n, p in phi.items()}
-    if buffers is not None:
-        momentum_terms = {n: momentum * m for n, m in zip(phi, buffers)}
+    start_buffers = {n: torch.zeros_like(p) if buffers is None else m for (n, p), m in
+                     zip(phi.items(), buffers or [None] * len(phi))}
 
     def loss(phi_, rho_, batch):
         inputs, labels = batch
         return F.cross_entropy(functional_call(twin, {**frozen, **phi_, **rho_}, (inputs,)), labels)
 
     def lookahead(rho_):
-        g = torch.func.grad(loss)(phi, rho_, train_batch)
-        return {n: phi[n] - lr * (g[n] + weight_decay * phi[n] + momentum_terms[n]) for n in phi}
+        phi_k, m = phi, start_buffers
+        for batch in (train_batch, *lookahead_batches):
+            g = torch.func.grad(loss)(phi_k, rho_, batch)
+            m = {n: g[n] + weight_decay * phi_k[n] + momentum * m[n] for n in phi}
+            phi_k = {n: phi_k[n] - lr * m[n] for n in phi}
+        return phi_k
 
     with math_attention(twin):
         hyper = torch.func.grad(lambda rho_: loss(lookahead(rho_), rho_, val_batch))(rho)
@@ -224,6 +229,57 @@ def test_adapters_match_brute_force(mode):
     assert relative_error(hyper, direct) > 1e-3
 
 
+def more_train_batches(steps: int, classes: int = 4, features: int = 10) -> list:
+    """Train batches for look-ahead steps 2..``steps``, of sizes 6, 4, ... (different from the first batch's 7)."""
+    return [(torch.randn(8 - 2 * k, features, dtype=torch.float64), torch.randint(0, classes, (8 - 2 * k,)))
+            for k in range(1, steps)]
+
+
+@pytest.mark.parametrize("steps", [2, 3], ids=lambda k: f"K{k}")
+@pytest.mark.parametrize("kind", ["lora", "adapters"])
+def test_lookahead_steps_match_unrolled_brute_force(kind, steps):
+    model = lora_mlp(3) if kind == "lora" else AdapterNet().double()
+    if kind == "adapters":
+        randomize_lora(model)
+        metapeft.mark_only_peft_trainable(model, extra=(model.head,))
+    train, val = batches("mlp")
+    more = more_train_batches(steps)
+    buffers = momentum_buffers(model)
+    kwargs = {"lr": LR, "momentum": MOMENTUM, "weight_decay": WEIGHT_DECAY}
+    hyper, direct, phi_next, g = brute_force(model, train, val, buffers=buffers, lookahead_batches=more, **kwargs)
+    one_step = brute_force(model, train, val, buffers=buffers, **kwargs)
+    assert relative_error(phi_next, one_step[2]) > 1e-2, "the later steps must move phi"
+    assert relative_error(hyper, one_step[0]) > 1e-3, "the later steps must change the hypergradient"
+    assert relative_error(hyper, direct) > 1e-3, "the second-order terms must matter in this test"
+    # finite differences: O(eps^2) truncation per step (2.7e-4 measured at K = 3 with the default 0.01 radius;
+    # fd_epsilon = 1e-5 brings it to 1e-8 (LoRA) and 1e-7 (adapters), the quadratic convergence of a correct central difference)
+    cases = {"exact": ({}, hyper, 1e-8), "finite_difference": ({}, hyper, 1e-3),
+             "fd_small_eps": ({"mode": "finite_difference", "fd_epsilon": 1e-5}, hyper, 1e-6),
+             "first_order": ({}, direct, 1e-12)}
+    for name, (extra, expected, tolerance) in cases.items():
+        extra = extra or {"mode": name}
+        result = hypergradient(model, classification_loss, train, val, momentum_buffers=buffers,
+                               lookahead_batches=more, **kwargs, **extra)
+        assert relative_error(result.meta_grads, expected) < tolerance, name
+        assert relative_error(result.lookahead, phi_next) < 1e-12, name
+        assert relative_error(result.phi_grads, g) < 1e-12, name
+
+
+def test_lookahead_finite_difference_replays_each_steps_dropout_masks():
+    model = lora_mlp(3, dropout=0.25).train()
+    train, val = batches("mlp")
+    more = more_train_batches(3)
+    torch.manual_seed(7)
+    exact = hypergradient(model, classification_loss, train, val, lr=LR, momentum=MOMENTUM, lookahead_batches=more)
+    rng_after = torch.get_rng_state()
+    torch.manual_seed(7)
+    fd = hypergradient(model, classification_loss, train, val, lr=LR, momentum=MOMENTUM, lookahead_batches=more,
+                       mode="finite_difference")
+    assert relative_error(fd.meta_grads, exact.meta_grads) < 1e-4
+    assert relative_error(fd.lookahead, exact.lookahead) < 1e-12, "the look-ahead steps draw the same masks"
+    assert torch.equal(torch.get_rng_state(), rng_after)
+
+
 def test_fused_sdpa_has_no_double_backward_without_math_attention(vit_case):
     model, train, _, _, _ = vit_case
     phi, rho = trainable_phi(model), metapeft.meta_parameters(model)
@@ -304,6 +360,8 @@ def test_bad_arguments_are_named():
         hypergradient(model, classification_loss, train, val, lr=LR, momentum=0.9, momentum_buffers=buffers)
     with pytest.raises(ValueError, match="momentum_buffers"):
         hypergradient(model, classification_loss, train, val, lr=LR, momentum_buffers=[None])
+    with pytest.raises(ValueError, match="lookahead_batches"):
+        hypergradient(model, classification_loss, train, val, lr=LR, lookahead_batches=train[0])
     with pytest.raises(ValueError, match="scalar"):
         hypergradient(model, lambda m, b: m(b[0]), train, val, lr=LR)
     frozen_modulators = nn.Sequential(metapeft.FusedMetaLoRA(nn.Linear(10, 4), rank=2, meta=False)).double()
