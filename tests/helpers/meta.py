@@ -1,0 +1,181 @@
+"""Small models, batches and the brute-force oracle of the meta-step tests.
+
+Oracle: the same parameters run through a twin model whose LoRA / adapter layers are ``metapeft.reference``'s
+unfused computation, differentiated twice by ``torch.func`` through the unrolled SGD look-ahead, in float64.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+import metapeft
+from metapeft.meta import math_attention, trainable_phi
+from metapeft.reference import ReferenceMetaLoRA, adapter_reference
+
+
+def classification_loss(model: nn.Module, batch) -> torch.Tensor:
+    inputs, labels = batch
+    return F.cross_entropy(model(inputs), labels)
+
+
+def randomize_lora(model: nn.Module, std: float = 0.2) -> None:
+    """Nonzero LoRA B / adapter up projection (and gamma away from 1): every second-order term is exercised."""
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, metapeft.FusedMetaLoRA):
+                layer.lora_B.normal_(std=std)
+            if isinstance(layer, metapeft.FusedMetaAdapter):
+                layer.up_weight.normal_(std=std)
+                layer.up_bias.normal_(std=std)
+            if isinstance(layer, metapeft.MetaPEFTModule):
+                layer.modulator.uniform_(-0.5, 1.0)
+
+
+def lora_mlp(segments: int, dropout: float = 0.0) -> nn.Module:
+    """Three FusedMetaLoRA layers (the middle one with ``segments`` segments) and a trainable head."""
+    model = nn.Sequential(
+        metapeft.FusedMetaLoRA(nn.Linear(10, 12), rank=3, dropout=dropout), nn.Tanh(),
+        metapeft.FusedMetaLoRA(nn.Linear(12, 18), rank=2, segments=segments, alpha=4.0, dropout=dropout), nn.GELU(),
+        metapeft.FusedMetaLoRA(nn.Linear(18, 9, bias=False), rank=2, dropout=dropout), nn.Tanh(),
+        nn.Linear(9, 4),
+    ).double()
+    randomize_lora(model)
+    return metapeft.mark_only_peft_trainable(model, extra=(model[6],))
+
+
+def lora_vit() -> nn.Module:
+    """A tiny timm ViT with FusedMetaLoRA on qkv (S = 3), proj, fc1 and fc2 of every block; head trainable."""
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
+                              num_classes=5)
+    for block in model.blocks:
+        block.attn.qkv = metapeft.FusedMetaLoRA(block.attn.qkv, rank=2, segments=3)
+        block.attn.proj = metapeft.FusedMetaLoRA(block.attn.proj, rank=2)
+        block.mlp.fc1 = metapeft.FusedMetaLoRA(block.mlp.fc1, rank=2)
+        block.mlp.fc2 = metapeft.FusedMetaLoRA(block.mlp.fc2, rank=2)
+    model = model.double().eval()
+    randomize_lora(model, std=0.05)
+    return metapeft.mark_only_peft_trainable(model, extra=(model.head,))
+
+
+def batches(model_kind: str):
+    """A float64 (train, val) pair of batches for ``"vit"`` (3 and 5 images) or the MLPs (7 and 5 rows)."""
+    if model_kind == "vit":
+        shape, classes = (3, 3, 32, 32), 5
+    else:
+        shape, classes = (7, 10), 4
+    train = (torch.randn(*shape, dtype=torch.float64), torch.randint(0, classes, shape[:1]))
+    val = (torch.randn(5, *shape[1:], dtype=torch.float64), torch.randint(0, classes, (5,)))
+    return train, val
+
+
+class ReferenceMetaAdapter(nn.Module):
+    """``metapeft.reference.adapter_reference`` with FusedMetaAdapter's parameter names (softplus modulator)."""
+
+    def __init__(self, layer: metapeft.FusedMetaAdapter) -> None:
+        super().__init__()
+        self.alpha, self.activation = layer.alpha, layer.activation
+        for name in (*layer.peft_parameter_names, "modulator"):
+            setattr(self, name, nn.Parameter(torch.empty_like(getattr(layer, name))))
+
+    def forward(self, x, residual=None):
+        scale = F.softplus(self.modulator) * self.alpha
+        return adapter_reference(x, residual, self.down_weight, self.down_bias, self.up_weight, self.up_bias, scale,
+                                 self.activation)
+
+
+def reference_twin(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose FusedMetaLoRA / FusedMetaAdapter layers are the unfused reference (same
+    parameter names; values come from ``functional_call``)."""
+    twin = copy.deepcopy(model)
+    for name, layer in list(twin.named_modules()):
+        if isinstance(layer, metapeft.FusedMetaLoRA):
+            twin.set_submodule(name, ReferenceMetaLoRA(layer.base, layer.rank, layer.alpha, layer.segments))
+        elif isinstance(layer, metapeft.FusedMetaAdapter):
+            twin.set_submodule(name, ReferenceMetaAdapter(layer))
+    return twin
+
+
+def brute_force(model, train_batch, val_batch, *, lr, momentum=0.0, buffers=None, weight_decay=0.0,
+                lookahead_batches=()):
+    """(hypergradient, direct term, phi_K, g_0) of ``classification_loss`` by torch.func through the reference
+    twin, unrolling the K = 1 + len(lookahead_batches) SGD steps (momentum, weight decay) as torch's SGD takes them."""
+    twin = reference_twin(model)
+    phi_ids = {id(p) for p in trainable_phi(model)}
+    rho_ids = {id(p) for p in metapeft.meta_parameters(model)}
+    named = dict(model.named_parameters())
+    phi = {n: p.detach() for n, p in named.items() if id(p) in phi_ids}
+    rho = {n: p.detach() for n, p in named.items() if id(p) in rho_ids}
+    frozen = {n: p.detach() for n, p in named.items() if id(p) not in phi_ids | rho_ids}
+    frozen.update(dict(model.named_buffers()))
+    start_buffers = {n: torch.zeros_like(p) if buffers is None else m for (n, p), m in
+                     zip(phi.items(), buffers or [None] * len(phi))}
+
+    def loss(phi_, rho_, batch):
+        inputs, labels = batch
+        return F.cross_entropy(functional_call(twin, {**frozen, **phi_, **rho_}, (inputs,)), labels)
+
+    def lookahead(rho_):
+        phi_k, m = phi, start_buffers
+        for batch in (train_batch, *lookahead_batches):
+            g = torch.func.grad(loss)(phi_k, rho_, batch)
+            m = {n: g[n] + weight_decay * phi_k[n] + momentum * m[n] for n in phi}
+            phi_k = {n: phi_k[n] - lr * m[n] for n in phi}
+        return phi_k
+
+    with math_attention(twin):
+        hyper = torch.func.grad(lambda rho_: loss(lookahead(rho_), rho_, val_batch))(rho)
+        phi_next = lookahead(rho)
+        direct = torch.func.grad(loss, argnums=1)(phi_next, rho, val_batch)
+        g = torch.func.grad(loss)(phi, rho, train_batch)
+    order = list(rho)
+    return [hyper[n] for n in order], [direct[n] for n in order], list(phi_next.values()), list(g.values())
+
+
+def relative_error(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> float:
+    a, e = torch.cat([t.flatten() for t in actual]), torch.cat([t.flatten() for t in expected])
+    return ((a - e).norm() / e.norm()).item()
+
+
+def momentum_buffers(model: nn.Module) -> list[torch.Tensor]:
+    """Random SGD momentum buffers, one per trainable_phi parameter."""
+    return [torch.randn_like(p) for p in trainable_phi(model)]
+
+
+
+class AdapterNet(nn.Module):
+    """A LoRA layer, an AdaptFormer (parallel) adapter beside a frozen MLP, a Houlsby (sequential) adapter, a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lora = metapeft.FusedMetaLoRA(nn.Linear(10, 12), rank=2)
+        self.mlp = nn.Sequential(nn.Linear(12, 16), nn.GELU(), nn.Linear(16, 12))
+        self.parallel = metapeft.FusedMetaAdapter(12, 3, alpha=0.5, kind="parallel", activation="gelu")
+        self.sequential = metapeft.FusedMetaAdapter(12, 2, kind="sequential", activation="gelu")
+        self.head = nn.Linear(12, 4)
+
+    def forward(self, x):
+        h = torch.tanh(self.lora(x))
+        h = h + self.parallel(h, residual=self.mlp(h))
+        return self.head(self.sequential(h))
+
+
+
+def more_train_batches(steps: int, classes: int = 4, features: int = 10) -> list:
+    """Train batches for look-ahead steps 2..``steps``, of sizes 6, 4, ... (different from the first batch's 7)."""
+    return [(torch.randn(8 - 2 * k, features, dtype=torch.float64), torch.randint(0, classes, (8 - 2 * k,)))
+            for k in range(1, steps)]
+
+
+
+
+def adapter_net() -> nn.Module:
+    """:class:`AdapterNet` in float64 with random PEFT weights and modulators; PEFT weights and head trainable."""
+    model = AdapterNet().double()
+    randomize_lora(model)
+    return metapeft.mark_only_peft_trainable(model, extra=(model.head,))
