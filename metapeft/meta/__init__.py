@@ -1,6 +1,9 @@
-"""The meta-learning engine: hypergradients of the modulators through a one-step SGD look-ahead."""
+"""The meta-learning engine: hypergradients of the modulators through a K-step SGD look-ahead, sharded over
+the ranks of a process group when one is given."""
 
 from metapeft.meta.attention import math_attention
+from metapeft.meta.distributed import as_reduction, rank_sum
 from metapeft.meta.hypergradient import MODES, HypergradientResult, hypergradient, trainable_phi
 
-__all__ = ["MODES", "HypergradientResult", "hypergradient", "math_attention", "trainable_phi"]
+__all__ = ["MODES", "HypergradientResult", "as_reduction", "hypergradient", "math_attention", "rank_sum",
+           "trainable_phi"]

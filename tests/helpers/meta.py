@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 
-import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -51,6 +50,8 @@ def lora_mlp(segments: int, dropout: float = 0.0) -> nn.Module:
 
 def lora_vit() -> nn.Module:
     """A tiny timm ViT with FusedMetaLoRA on qkv (S = 3), proj, fc1 and fc2 of every block; head trainable."""
+    import timm  # 12 s on the loaded test machine: not paid by the spawned workers that never build a ViT
+
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
                               num_classes=5)
     for block in model.blocks:
