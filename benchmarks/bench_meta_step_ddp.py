@@ -62,16 +62,11 @@ def build(shape: dict, steps: int):
     """Model, K global train batches, a global meta batch and momentum buffers (the same on every rank)."""
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=CLASSES, **shape)
-    for block in model.blocks:
-        block.attn.qkv = metapeft.FusedMetaLoRA(block.attn.qkv, rank=RANK, segments=3)
-        block.attn.proj = metapeft.FusedMetaLoRA(block.attn.proj, rank=RANK)
-        block.mlp.fc1 = metapeft.FusedMetaLoRA(block.mlp.fc1, rank=RANK)
-        block.mlp.fc2 = metapeft.FusedMetaLoRA(block.mlp.fc2, rank=RANK)
+    metapeft.inject(model, method="lora", rank=RANK)  # q, k, v (one qkv module, S = 3), out, mlp1, mlp2; head trainable
     with torch.no_grad():
-        for layer in model.modules():
-            if isinstance(layer, metapeft.FusedMetaLoRA):
-                layer.lora_B.normal_(std=0.02)
-    metapeft.mark_only_peft_trainable(model, extra=(model.head,))
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(std=0.02)  # nonzero B: the modulators' gradients and every second-order term are nonzero
     size = shape["img_size"]
 
     def batch():
