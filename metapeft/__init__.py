@@ -9,11 +9,12 @@ from metapeft.layers import FusedMetaAdapter, FusedMetaLoRA, MetaPEFTModule
 from metapeft.losses import LogitAdjustedLoss
 from metapeft.meta import HypergradientResult, hypergradient, trainable_phi
 from metapeft.params import mark_only_peft_trainable, meta_parameters, peft_parameters
-from metapeft.trainer import MetaPEFTTrainer, TrainerConfig
+from metapeft.trainer import Callback, MetaPEFTTrainer, TrainerConfig
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Callback",
     "CosineClassifier",
     "LogitAdjustedLoss",
     "MetaPEFTTrainer",

@@ -68,6 +68,20 @@ def build_info() -> dict:
     }
 
 
+def package_versions(names: tuple[str, ...] = ("torch", "triton", "timm", "torchvision", "safetensors")
+                     ) -> dict[str, str]:
+    """Installed version of each distribution in ``names`` (``"not installed"`` when absent)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
 def format_build_info(info: dict) -> str:
     """``build_info()`` as the human-readable report ``python -m metapeft.build_info`` prints."""
     ext = info["extension"]

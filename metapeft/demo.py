@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from metapeft.metrics import class_split_from_counts
+from metapeft.metrics import class_split_from_counts, metrics_table
 
 # Target-task groups: many > 30 training images, few < 15 (the target counts are 57 ... 5).
 MANY_ABOVE, FEW_BELOW = 30, 15
@@ -183,7 +183,6 @@ def run_demo(quick: bool = False, output_dir: str | os.PathLike = "metapeft-demo
 
     quick: a tiny model and schedule (the test suite's smoke run). threads: torch intra-op threads while it runs.
     """
-    from metapeft.cli import metrics_table
     from metapeft.data.digits import digits_tasks
     from metapeft.gamma import gamma_table, plot_gamma
 

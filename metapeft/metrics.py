@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import torch
 
+# Column order of the standard groups in :func:`metrics_table`; other groups follow alphabetically.
+GROUP_ORDER = ("many", "medium", "few", "head", "tail")
+
 
 def confusion_matrix(predictions: torch.Tensor, targets: torch.Tensor, num_classes: int) -> torch.Tensor:
     """(C, C) int64 counts, ``[true, predicted]``; predictions and targets: (n,) ints in ``[0, num_classes)``."""
@@ -78,3 +81,30 @@ def evaluate(predictions, targets, num_classes: int, class_split: dict[str, list
     """Metrics (see :func:`metrics_from_confusion`) of ``predictions`` (n,) against ``targets`` (n,), ints in
     ``[0, num_classes)``."""
     return metrics_from_confusion(confusion_matrix(predictions, targets, num_classes), class_split)
+
+
+def format_percent(value: float | None) -> str:
+    """A fraction in [0, 1] as a percentage with one decimal (``0.527 -> "52.7"``); ``None`` (an empty group) as
+    ``"-"``."""
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def metrics_table(rows: dict[str, dict]) -> str:
+    """The paper-style Markdown table: one row per named metrics dict (:func:`metrics_from_confusion`), columns
+    overall, class-mean, each group present in any row (many / medium / few or head / tail first, then others
+    alphabetically), macro-F1; percentages with one decimal."""
+    groups = [g for g in GROUP_ORDER if any(f"{g}_accuracy" in m for m in rows.values())]
+    groups += sorted({k.removesuffix("_accuracy") for m in rows.values() for k, v in m.items()
+                      if k.endswith("_accuracy") and (v is None or isinstance(v, float))} - {"class_mean", *groups})
+    header = ["method", "overall", "class-mean", *groups, "macro-F1"]
+    body = [[name, format_percent(m.get("accuracy")), format_percent(m.get("class_mean_accuracy")),
+             *(format_percent(m.get(f"{g}_accuracy")) for g in groups), format_percent(m.get("macro_f1"))]
+            for name, m in rows.items()]
+    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        padded = (c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+        return "| " + " | ".join(padded) + " |"
+
+    rule = "|" + "|".join("-" * (w + 1) + (":" if i else "-") for i, w in enumerate(widths)) + "|"
+    return "\n".join([line(header), rule, *(line(r) for r in body)])

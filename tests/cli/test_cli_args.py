@@ -1,7 +1,9 @@
-"""The CLI's argument handling and error messages; the shipped configs; the metrics table; info and bench."""
+"""The CLI's argument handling and error messages (library errors -> exit status 2); the run config and builders;
+the shipped configs; info and bench."""
 
 from __future__ import annotations
 
+import ast
 import json
 from pathlib import Path
 
@@ -11,8 +13,11 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-import metapeft.cli as cli
-from metapeft.cli import CLIError, build_backbone, build_model, load_config, main, metrics_table, trainer_config
+import metapeft
+import metapeft.build
+from metapeft.build import build_backbone, build_model
+from metapeft.cli import main
+from metapeft.config import load_config, trainer_config
 from tests.helpers.cli import TINY_MODEL
 
 REPO = Path(__file__).resolve().parents[2]
@@ -78,7 +83,7 @@ def test_config_file_errors(tmp_path, capsys):
 
 
 def test_missing_pretrained_weights_names_both_sources(write_config, capsys, monkeypatch):
-    monkeypatch.setattr(cli, "hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(metapeft.build, "hub_reachable", lambda timeout=3.0: False)
     code, _, err = run(["train", "--config", str(write_config()), "--set", "model.pretrained=true"], capsys)
     assert code == 2 and "Hugging Face hub" in err and "--weights PATH" in err and "model.pretrained=false" in err
     code, _, err = run(["train", "--config", str(write_config()), "--weights", "/nope/w.safetensors"], capsys)
@@ -98,10 +103,10 @@ def test_weights_file_loads_the_backbone_and_skips_a_different_head(tmp_path):
             else:
                 assert torch.equal(own[key], value), key
     save_file({"blocks.0.attn.qkv.weight": torch.zeros(3, 3)}, str(tmp_path / "wrong.safetensors"))
-    with pytest.raises(CLIError, match="does not fit"):
+    with pytest.raises(ValueError, match="does not fit"):
         build_backbone({**TINY_MODEL, "weights": str(tmp_path / "wrong.safetensors")}, num_classes=4)
     (tmp_path / "junk.pth").write_bytes(b"junk")
-    with pytest.raises(CLIError, match="cannot read weights"):
+    with pytest.raises(ValueError, match="cannot read weights"):
         build_backbone({**TINY_MODEL, "weights": str(tmp_path / "junk.pth")}, num_classes=4)
 
 
@@ -153,19 +158,6 @@ def test_shipped_configs_are_valid(path):
     assert summary.meta_parameters == (len(summary.placements) if mode == "meta" else 0)
 
 
-def test_metrics_table_format():
-    rows = {"LoRA": {"accuracy": 0.5, "class_mean_accuracy": 0.25, "many_accuracy": 1.0, "medium_accuracy": None,
-                     "few_accuracy": 0.125, "macro_f1": 0.3333, "per_class_accuracy": [1.0, 0.0]},
-            "LoRA + MetaPEFT": {"accuracy": 0.75, "class_mean_accuracy": 0.5, "many_accuracy": 1.0,
-                                "medium_accuracy": 0.5, "few_accuracy": 0.0, "macro_f1": 0.5}}
-    assert metrics_table(rows).splitlines() == [
-        "| method          | overall | class-mean |  many | medium |  few | macro-F1 |",
-        "|-----------------|--------:|-----------:|------:|-------:|-----:|---------:|",
-        "| LoRA            |    50.0 |       25.0 | 100.0 |      - | 12.5 |     33.3 |",
-        "| LoRA + MetaPEFT |    75.0 |       50.0 | 100.0 |   50.0 |  0.0 |     50.0 |",
-    ]
-
-
 def test_info_reports_versions_devices_and_backends(capsys):
     code, out, _ = run(["info"], capsys)
     assert code == 0 and f"torch {torch.__version__.split('+')[0]}" in out and "timm " in out
@@ -176,8 +168,50 @@ def test_info_reports_versions_devices_and_backends(capsys):
     assert code == 0 and report["backends"]["torch"] is None and report["packages"]["timm"] == timm.__version__
 
 
-def test_bench_lists_and_rejects_unknown_names(capsys):
+def benchmark_modules() -> dict[str, str]:
+    """Oracle: the runnable benchmarks are the modules of benchmarks/ that no other module there imports (the
+    harness and the contenders are imported), with their docstrings' first lines."""
+    sources = {p: p.read_text() for p in (REPO / "benchmarks").glob("*.py") if p.stem != "__init__"}
+    imported = {p for p in sources for text in sources.values() if f"benchmarks.{p.stem} import" in text}
+    return {str(p.relative_to(REPO)): ast.get_docstring(ast.parse(text)).splitlines()[0]
+            for p, text in sources.items() if p not in imported}
+
+
+def test_bench_lists_every_benchmark_with_its_summary_and_rejects_unknown_names(capsys):
     code, out, _ = run(["bench", "--list"], capsys)
-    assert code == 0 and "bench_vit_step_cpu.py" in out
+    expected = benchmark_modules()
+    assert code == 0 and "benchmarks/test_scaled_lora_cpu.py" in expected  # the headline CPU benchmark
+    listed = {line.split()[1].rstrip(":"): line.split(": ", 1)[1] for line in out.splitlines()}
+    assert listed == expected
     code, _, err = run(["bench", "no_such_bench"], capsys)
     assert code == 2 and "unknown benchmark(s) ['no_such_bench']" in err and "vit_step_cpu" in err
+
+
+def test_bench_from_an_installed_package_says_it_needs_a_source_checkout(tmp_path, monkeypatch, capsys):
+    site = tmp_path / "site-packages" / "metapeft"
+    site.mkdir(parents=True)
+    monkeypatch.setattr(metapeft, "__file__", str(site / "__init__.py"))
+    code, _, err = run(["bench", "--list"], capsys)
+    assert code == 2 and "source checkout" in err and str(site) in err and "pip install" in err
+
+
+@pytest.mark.parametrize("error, status", [(ValueError("bad value x"), 2), (FileNotFoundError("no file y"), 2),
+                                           (KeyboardInterrupt(), 130)], ids=["value", "file", "interrupt"])
+def test_library_errors_map_to_exit_status_and_one_line(monkeypatch, capsys, error, status):
+    def load_run(run, weights=None):
+        raise error
+
+    monkeypatch.setattr("metapeft.runs.load_run", load_run)
+    code, out, err = run(["gamma", "some/run"], capsys)
+    assert code == status and out == ""
+    message = "metapeft: interrupted\n" if status == 130 else f"metapeft gamma: error: {error}\n"
+    assert err == message
+
+
+def test_a_bug_is_not_disguised_as_a_usage_error(monkeypatch):
+    def load_run(run, weights=None):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr("metapeft.runs.load_run", load_run)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["gamma", "some/run"])

@@ -1,10 +1,10 @@
-"""metapeft.metrics against hand-computed values and scikit-learn, including absent classes."""
+"""metapeft.metrics against hand-computed values and scikit-learn, including absent classes; the table."""
 
 import pytest
 import torch
 from sklearn.metrics import balanced_accuracy_score, f1_score
 
-from metapeft.metrics import class_split_from_counts, confusion_matrix, evaluate
+from metapeft.metrics import class_split_from_counts, confusion_matrix, evaluate, metrics_table
 
 
 def test_hand_computed_metrics_with_an_absent_class():
@@ -54,3 +54,16 @@ def test_confusion_matrix_layout_and_errors():
 def test_natural_long_tail_split_thresholds():
     split = class_split_from_counts([500, 101, 100, 20, 19, 0])
     assert split == {"many": [0, 1], "medium": [2, 3], "few": [4, 5]}
+
+
+def test_metrics_table_format():
+    rows = {"LoRA": {"accuracy": 0.5, "class_mean_accuracy": 0.25, "many_accuracy": 1.0, "medium_accuracy": None,
+                     "few_accuracy": 0.125, "macro_f1": 0.3333, "per_class_accuracy": [1.0, 0.0]},
+            "LoRA + MetaPEFT": {"accuracy": 0.75, "class_mean_accuracy": 0.5, "many_accuracy": 1.0,
+                                "medium_accuracy": 0.5, "few_accuracy": 0.0, "macro_f1": 0.5}}
+    assert metrics_table(rows).splitlines() == [
+        "| method          | overall | class-mean |  many | medium |  few | macro-F1 |",
+        "|-----------------|--------:|-----------:|------:|-------:|-----:|---------:|",
+        "| LoRA            |    50.0 |       25.0 | 100.0 |      - | 12.5 |     33.3 |",
+        "| LoRA + MetaPEFT |    75.0 |       50.0 | 100.0 |   50.0 |  0.0 |     50.0 |",
+    ]

@@ -170,7 +170,7 @@ def test_a_val_set_is_the_meta_batch_source(monkeypatch):
         seen.append(val_batch)
         return hypergradient(model, loss_fn, train_batch, val_batch, **kwargs)
 
-    monkeypatch.setattr("metapeft.trainer.hypergradient", spy)
+    monkeypatch.setattr("metapeft.trainer.step.hypergradient", spy)
     trainer = MetaPEFTTrainer(TinyNet(), train, val, config=quiet(epochs=1, batch_size=16, meta_batch_size=8))
     trainer.fit()
     assert trainer.train_indices.numel() == len(train) and len(seen) == 3

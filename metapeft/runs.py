@@ -1,0 +1,171 @@
+"""Run directories of the ``metapeft`` command line: preparing a fine-tuning run from a run config, finishing it, and
+rebuilding a trained model from its directory.
+
+A run directory holds ``config.yaml`` (the resolved run config plus ``num_classes``, ``classes`` and
+``class_split``), the trainer's files (``checkpoint.pt``, ``metrics.jsonl``, ``model.safetensors``;
+:mod:`metapeft.trainer.checkpointing`), ``adapter.safetensors`` (:func:`metapeft.save_adapter`) and ``eval.json``
+(the final test metrics).
+
+Errors are ``ValueError`` / ``FileNotFoundError`` whose message names the file or the key.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from torch import nn
+
+from metapeft.build import build_data, build_model
+from metapeft.config import SECTIONS, resolve_data_paths, trainer_config
+from metapeft.inject import InjectionSummary
+from metapeft.trainer import MetaPEFTTrainer, TrainerConfig
+from metapeft.trainer.checkpointing import CHECKPOINT_NAME, WEIGHTS_NAME
+from metapeft.trainer.evaluation import evaluate_model
+from metapeft.trainer.model_setup import install_head
+
+RUN_CONFIG, ADAPTER_NAME, EVAL_NAME = "config.yaml", "adapter.safetensors", "eval.json"
+
+
+@dataclass
+class PreparedRun:
+    """Everything a fine-tuning run needs, built from its run config by :func:`prepare_run`."""
+
+    config: dict
+    directory: Path
+    data: object
+    model: nn.Module
+    summary: InjectionSummary
+    trainer_config: TrainerConfig
+
+    @property
+    def eval_each_epoch(self) -> bool:
+        """Whether ``fit`` evaluates on the test split after every epoch."""
+        return bool(self.config.get("eval_each_epoch"))
+
+
+def check_resumable(directory: Path, config: dict) -> None:
+    """Refuse ``--resume`` without a checkpoint and ``config.yaml`` in ``directory``, or when a section of
+    ``config`` differs from the run's recorded one."""
+    stored_path = directory / RUN_CONFIG
+    if not (directory / CHECKPOINT_NAME).is_file() or not stored_path.is_file():
+        raise FileNotFoundError(f"--resume: no {CHECKPOINT_NAME} and {RUN_CONFIG} in {directory} to resume from")
+    stored = yaml.safe_load(stored_path.read_text(encoding="utf-8"))
+    changed = [key for key in SECTIONS if (stored.get(key) or {}) != (config.get(key) or {})]
+    if changed:
+        raise ValueError(f"--resume: the config's {changed} section(s) differ from the run's {stored_path}; "
+                         "resume with the same config and --set options")
+
+
+def prepare_run(config: dict, output_dir: str | os.PathLike | None, resume: bool = False,
+                base_dir: str | os.PathLike = ".") -> PreparedRun:
+    """Build the data, the PEFT model and the trainer config of a run config (relative data paths resolve against
+    ``base_dir``) and record the resolved config in ``output_dir/config.yaml`` (default: the config's
+    ``output_dir``). ``resume`` checks the directory holds a checkpoint of the same config first."""
+    config = copy.deepcopy(config)
+    output_dir = output_dir or config.get("output_dir")
+    if not output_dir:
+        raise ValueError("no output directory: set output_dir in the config or pass --output-dir")
+    directory = Path(output_dir)
+    resolve_data_paths(config, base_dir)
+    if resume:
+        check_resumable(directory, config)
+    data = build_data(config, base_dir)
+    model, summary = build_model(config, data.split.num_classes)
+    train = trainer_config(config, str(directory), resume)
+    train.class_split = train.class_split or data.split.groups
+    model_config = config.get("model") or {}
+    if model_config.get("weights") is None and not model_config.get("pretrained", True):
+        # A random backbone is not reproducible from a file: keep every tensor in the run's weights.
+        train.save_full_model = True
+    directory.mkdir(parents=True, exist_ok=True)
+    resolved = {**config, "output_dir": str(directory), "num_classes": data.split.num_classes,
+                "classes": list(data.split.classes), "class_split": data.split.groups}
+    (directory / RUN_CONFIG).write_text(yaml.safe_dump(resolved, sort_keys=False), encoding="utf-8")
+    return PreparedRun(resolved, directory, data, model, summary, train)
+
+
+def finish_run(run: PreparedRun, trainer: MetaPEFTTrainer) -> dict:
+    """After a completed ``fit``: write ``adapter.safetensors`` and the test metrics ``eval.json``; returns them."""
+    from metapeft.io import save_adapter
+
+    save_adapter(trainer.model, run.directory / ADAPTER_NAME)
+    metrics = trainer.evaluate(run.data.test)
+    (run.directory / EVAL_NAME).write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    return metrics
+
+
+def read_run_config(run: str | os.PathLike) -> tuple[dict, Path]:
+    """The recorded config of a run directory (or of the directory holding the file ``run``) and the directory."""
+    run = Path(run)
+    directory = run if run.is_dir() else run.parent
+    if not (directory / RUN_CONFIG).is_file():
+        raise FileNotFoundError(f"{run} is not a metapeft run: {directory / RUN_CONFIG} is missing (written by "
+                                "metapeft train)")
+    return yaml.safe_load((directory / RUN_CONFIG).read_text(encoding="utf-8")), directory
+
+
+def load_run(run: str | os.PathLike, weights: str | os.PathLike | None = None) -> tuple[dict, nn.Module, Path]:
+    """Rebuild a trained model from a run directory (or a file in one): the run's config, backbone (``weights``
+    overrides the recorded weights file), injection, classifier head and trained tensors (``model.safetensors``,
+    else the ``checkpoint.pt`` model state; ``run`` may name a checkpoint file). Returns ``(config, model in eval
+    mode, run directory)``."""
+    from safetensors.torch import load_file
+
+    from metapeft.checkpoint import load_checkpoint
+
+    config, directory = read_run_config(run)
+    run = Path(run)
+    if weights is not None:
+        config.setdefault("model", {})["weights"] = str(Path(weights).resolve())
+    model, _ = build_model({k: config.get(k) for k in SECTIONS}, config["num_classes"])
+    install_head(model, trainer_config({"train": config.get("train")}), config["num_classes"])
+    from_checkpoint = run.is_file() and run.suffix == ".pt"
+    if from_checkpoint or not (directory / WEIGHTS_NAME).is_file():
+        checkpoint = run if from_checkpoint else directory / CHECKPOINT_NAME
+        if not checkpoint.is_file():
+            raise FileNotFoundError(f"{directory} holds neither {WEIGHTS_NAME} nor {CHECKPOINT_NAME}")
+        state = load_checkpoint(checkpoint)["model"]
+    else:
+        state = load_file(str(directory / WEIGHTS_NAME))
+    unexpected = sorted(set(state) - set(model.state_dict()))
+    if unexpected:
+        raise ValueError(f"the trained tensors of {directory} do not fit the rebuilt model: {unexpected[:5]}")
+    model.load_state_dict(state, strict=False)
+    return config, model.eval(), directory
+
+
+def eval_data(config: dict, data: str | os.PathLike | None = None, split: str = "test"):
+    """The dataset and class split to evaluate a run (``config``: its recorded config) on: the run's ``split``
+    (``"test"`` or ``"train"``, the latter through the test transform, without augmentation), with ``data`` either
+    a config yaml whose ``data`` section replaces the run's, or an index file that replaces the run's ``split``
+    index. Returns ``(dataset, class split)``."""
+    data_config = dict(config.get("data") or {})
+    if data is not None:
+        data_path = Path(data)
+        if not data_path.is_file():
+            raise FileNotFoundError(f"--data {data_path}: no such file (give a config yaml with a data section, or "
+                                    "an index file listing 'relative/path label' lines under the run's data root)")
+        if data_path.suffix in (".yaml", ".yml"):
+            loaded = yaml.safe_load(data_path.read_text(encoding="utf-8")) or {}
+            data_config = dict(loaded.get("data", loaded))
+            resolve_data_paths({"data": data_config}, data_path.resolve().parent)
+        else:
+            data_config[split] = str(data_path.resolve())
+    bundle = build_data({"model": config.get("model"), "data": data_config}, ".")
+    dataset = bundle.test
+    if split == "train":
+        dataset = bundle.train
+        dataset.transform = bundle.test.transform
+    return dataset, config.get("class_split") or bundle.split.groups
+
+
+def evaluate_run(config: dict, model: nn.Module, data: str | os.PathLike | None = None, split: str = "test",
+                 batch_size: int = 256, num_workers: int = 0, progress: bool = True) -> dict:
+    """Metrics of a rebuilt run (:func:`load_run`) on :func:`eval_data`'s dataset."""
+    dataset, class_split = eval_data(config, data, split)
+    return evaluate_model(model, dataset, config["num_classes"], class_split, batch_size, num_workers, progress)

@@ -1,0 +1,110 @@
+"""``TrainerConfig``: every knob of :class:`metapeft.MetaPEFTTrainer`, checked at construction."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+LOSSES = ("logit_adjusted", "ce")
+CLASSIFIERS = ("cosine", "linear")
+SCHEDULES = ("cosine", "constant")
+AMP_MODES = ("auto", "bf16", "none")
+META_MODES = ("exact", "finite_difference", "first_order")
+# Fields a resumed run may change: they do not alter the training trajectory.
+RUN_CONTROL_FIELDS = ("resume", "progress", "num_workers", "log_every", "save_every_steps", "output_dir", "device")
+
+
+@dataclass
+class TrainerConfig:
+    """Every knob of :class:`MetaPEFTTrainer`; the defaults are the paper's recipe (docs/method.md).
+
+    Inner loop (phi = trainable non-modulator parameters: PEFT weights + head): SGD with ``lr``,
+    ``momentum``, ``weight_decay``, a per-step ``schedule`` over ``epochs`` epochs of ``batch_size``.
+    Outer loop (rho = modulators): Adam with ``meta_lr`` every ``meta_interval`` inner steps, hypergradient
+    mode ``meta_mode``, meta batches of ``meta_batch_size`` (default ``batch_size``) drawn from a stratified
+    ``meta_ratio`` sample of the training set, re-sampled every outer step unless ``meta_resample=False``
+    (a fixed split, excluded from the inner loop's data); a ``val_set`` given to the trainer replaces the
+    training set as the meta-batch source. ``meta=False`` (or a model without learnable modulators)
+    trains as plain PEFT.
+
+    Loss ``"logit_adjusted"`` (tau) or ``"ce"``; ``classifier="cosine"`` replaces the head (found by name
+    ``head`` or automatically) with a cosine classifier of scale ``cosine_scale`` initialised from class-mean
+    features, ``"linear"`` keeps it (resized if its width is not the number of classes). ``amp``: bf16
+    autocast on CUDA (``"auto"``), everywhere (``"bf16"``) or never. ``output_dir`` receives
+    ``checkpoint.pt`` (each epoch, every ``save_every_steps`` steps and on an early stop), ``metrics.jsonl``
+    and the final ``model.safetensors``; ``resume=True`` continues from its checkpoint when one exists.
+    ``class_split`` names class groups for the metrics (e.g. ``{"head": [...], "tail": [...]}``), or
+    ``"from_counts"`` for many/medium/few by training-set counts (> 100, 20-100, < 20).
+    """
+
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    max_grad_norm: float | None = None
+
+    meta: bool = True
+    meta_lr: float = 1e-3
+    meta_interval: int = 1
+    meta_mode: str = "exact"
+    meta_ratio: float = 0.2
+    meta_resample: bool = True
+    meta_batch_size: int | None = None
+    meta_reuse_lookahead: bool = True
+
+    loss: str = "logit_adjusted"
+    tau: float = 1.0
+    classifier: str = "cosine"
+    cosine_scale: float = 25.0
+    head: str | None = None
+    freeze_backbone: bool = True
+
+    amp: str = "auto"
+    device: str = "auto"
+    seed: int = 0
+    num_workers: int = 0
+    progress: bool = True
+    log_every: int = 10
+
+    output_dir: str | None = None
+    save_every_steps: int | None = None
+    save_full_model: bool = False
+    resume: bool = False
+    class_split: dict[str, list[int]] | str | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        positive_ints = ("epochs", "batch_size", "meta_interval", "log_every")
+        for name in positive_ints:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name in ("meta_batch_size", "save_every_steps"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be None or a positive int, got {value!r}")
+        for name in ("lr", "meta_lr", "cosine_scale"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("momentum", "weight_decay", "tau"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if not 0.0 < self.meta_ratio < 1.0:
+            raise ValueError(f"meta_ratio must be in (0, 1), got {self.meta_ratio!r}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be None or > 0, got {self.max_grad_norm!r}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers!r}")
+        for name, allowed in (("loss", LOSSES), ("classifier", CLASSIFIERS), ("schedule", SCHEDULES),
+                              ("amp", AMP_MODES), ("meta_mode", META_MODES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if isinstance(self.class_split, str) and self.class_split != "from_counts":
+            raise ValueError(f"class_split must be a dict, 'from_counts' or None, got {self.class_split!r}")
+        if self.resume and self.output_dir is None:
+            raise ValueError("resume=True needs output_dir (where the checkpoint lives)")
+
+    def to_dict(self) -> dict:
+        """A JSON-serialisable copy."""
+        return dataclasses.asdict(self)

@@ -1,0 +1,359 @@
+"""``MetaPEFTTrainer``: wires model, data, step and run files together and runs the epoch loop.
+
+The parts live beside this module: the config (:mod:`~metapeft.trainer.config`), the step and its optimizers
+(:mod:`~metapeft.trainer.step`), the run directory's files (:mod:`~metapeft.trainer.checkpointing`), device and head
+setup (:mod:`~metapeft.trainer.model_setup`), evaluation passes (:mod:`~metapeft.trainer.evaluation`), callbacks
+(:mod:`~metapeft.trainer.callbacks`) and torch.distributed plumbing (:mod:`~metapeft.trainer.distributed`).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
+
+from metapeft.checkpoint import load_checkpoint, rng_state, seed_everything, set_rng_state
+from metapeft.heads import CosineClassifier, find_head
+from metapeft.layers.base import MetaPEFTModule
+from metapeft.losses import LogitAdjustedLoss
+from metapeft.meta import trainable_phi
+from metapeft.metrics import class_split_from_counts, metrics_from_confusion
+from metapeft.sampling import LOADER, MetaSetSampler, dataset_labels, epoch_batches, generator_for, shard_bounds
+from metapeft.trainer.callbacks import Callback
+from metapeft.trainer.checkpointing import (
+    RunFiles,
+    check_same_config,
+    load_trained_tensors,
+    trained_tensors,
+)
+from metapeft.trainer.config import TrainerConfig
+from metapeft.trainer.distributed import all_reduce_sum, any_rank, broadcast_from_rank0, rank_and_world_size
+from metapeft.trainer.evaluation import class_feature_sums, confusion_counts
+from metapeft.trainer.model_setup import (
+    autocast_context,
+    batch_to_device,
+    install_head,
+    parameter_dtype,
+    resolve_device,
+    select_trainable,
+)
+from metapeft.trainer.step import BilevelStep, TrainingLoss
+
+
+class MetaPEFTTrainer:
+    """Trains a classifier with MetaPEFT modules by the paper's bi-level recipe (:mod:`metapeft.trainer.step`).
+
+    Args:
+        model: an ``nn.Module`` mapping images (B, ...) to logits (B, C) through a classifier head module
+            (timm's ``get_classifier()``, or an attribute ``head``/``fc``/``classifier``, or ``config.head``).
+            With ``classifier="cosine"`` that head is replaced by a :class:`~metapeft.heads.CosineClassifier`
+            initialised from class-mean features of the training set. Contains metapeft modules
+            (``metapeft.FusedMetaLoRA``, ...); with ``freeze_backbone`` everything but PEFT weights, modulators
+            and the head is frozen.
+        train_set: map-style dataset of ``(image tensor, int label)``; a ``targets`` list/array is used if present.
+        val_set: optional dataset of the same form, used as the meta-batch source instead of the training set.
+        config: :class:`TrainerConfig` (default: the paper's recipe).
+        callbacks: observers of :meth:`fit` (:mod:`metapeft.trainer.callbacks`), called in this order.
+
+    Stopping: :meth:`request_stop` (from any thread or a signal handler) ends :meth:`fit` at the next step
+    boundary with a checkpoint that resumes exactly (``resume=True``).
+
+    Distributed: when a default process group is initialised (``torchrun``; gloo on CPU, nccl on GPU) every
+    rank sees the same global batch order and splits each batch (:mod:`metapeft.trainer.step`); the result
+    equals single-process training on the same global batch up to rounding (dropout 0).
+    """
+
+    def __init__(self, model: nn.Module, train_set, val_set=None, config: TrainerConfig | None = None,
+                 callbacks: Sequence[Callback] = ()) -> None:
+        self.config = config = config or TrainerConfig()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        self.callbacks = list(callbacks)
+        self.rank, self.world_size = rank_and_world_size()
+        self.device = resolve_device(config.device)
+        self.train_set, self.val_set = train_set, val_set
+        self.train_labels = dataset_labels(train_set)
+        if self.train_labels.numel() == 0:
+            raise ValueError("train_set is empty")
+        self.val_labels = None if val_set is None else dataset_labels(val_set)
+        self.model = model
+        self.param_dtype = parameter_dtype(model)
+        self.num_classes = self._count_classes()
+        self.head_name = install_head(model, config, self.num_classes)
+        self.head = model.get_submodule(self.head_name)
+        model.to(self.device)
+        self.rho = select_trainable(model, self.head, config)
+        self.phi = trainable_phi(model)
+        if not self.phi:
+            raise ValueError("the model has no trainable PEFT weights or head parameters")
+        broadcast_from_rank0(model, self.world_size)
+
+        counts = torch.bincount(self.train_labels, minlength=self.num_classes)
+        self.class_split = class_split_from_counts(counts) if config.class_split == "from_counts" \
+            else config.class_split
+        self.autocast = functools.partial(autocast_context, self.device, config.amp)
+        self.criterion = LogitAdjustedLoss(counts, config.tau if config.loss == "logit_adjusted" else 0.0)
+        self.criterion.to(self.device)
+        self.loss_fn = TrainingLoss(self.criterion, self.autocast)
+        self.meta_sampler = self._meta_sampler()
+        self.train_indices = self.meta_sampler.train_indices() if self.meta_sampler and val_set is None else \
+            torch.arange(self.train_labels.numel())
+        self.steps_per_epoch = math.ceil(self.train_indices.numel() / config.batch_size)
+        self.total_steps = self.steps_per_epoch * config.epochs
+        self.step = BilevelStep(model, self.phi, self.rho, self.loss_fn, config, self.meta_sampler,
+                                train_set if val_set is None else val_set, self.total_steps, self.device,
+                                self.param_dtype, self.rank, self.world_size)
+        self.epoch = self.step_in_epoch = self.global_step = 0
+        self.output_dir = None if config.output_dir is None else Path(config.output_dir)
+        self.files = RunFiles(self.output_dir, self.rank)
+        self._stop_requested = False
+
+    def _count_classes(self) -> int:
+        """Classes = the largest label seen (training or validation set) + 1, at least the old head's width."""
+        labels_max = int(self.train_labels.max())
+        if self.val_labels is not None and self.val_labels.numel():
+            labels_max = max(labels_max, int(self.val_labels.max()))
+        old_head = self.model.get_submodule(find_head(self.model, self.config.head))
+        return max(labels_max + 1, getattr(old_head, "out_features", 0) or 0)
+
+    def _meta_sampler(self) -> MetaSetSampler | None:
+        if not self.rho:
+            return None
+        config = self.config
+        meta_batch_size = config.meta_batch_size or config.batch_size
+        if meta_batch_size < self.world_size:
+            raise ValueError(f"meta_batch_size ({meta_batch_size}) must be >= the world size ({self.world_size})")
+        source = self.train_labels if self.val_set is None else self.val_labels
+        return MetaSetSampler(source, config.meta_ratio, meta_batch_size, config.seed, config.meta_resample,
+                              separate_source=self.val_set is not None)
+
+    # ----- the optimizers and counters of the step, as attributes of the trainer -----------------------
+    @property
+    def optimizer(self) -> torch.optim.SGD:
+        """The inner SGD optimizer over phi."""
+        return self.step.optimizer
+
+    @property
+    def meta_optimizer(self) -> torch.optim.Adam | None:
+        """The outer Adam optimizer over rho (None without meta-learning)."""
+        return self.step.meta_optimizer
+
+    @property
+    def scheduler(self):
+        """The inner learning-rate schedule (None for ``schedule="constant"``)."""
+        return self.step.scheduler
+
+    @property
+    def outer_step(self) -> int:
+        """Meta steps taken so far."""
+        return self.step.outer_step
+
+    # ----- stepping, stopping ----------------------------------------------------------------------------
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, batch_indices: torch.Tensor) -> dict:
+        """One global step on the global batch (x, y) (training-set indices ``batch_indices``); returns the step's
+        values (``lr``, ``train_loss``, and ``meta_loss`` / ``grad_norm`` when computed)."""
+        self.model.train()
+        return self.step(x, y, batch_indices, self.global_step)
+
+    def request_stop(self) -> None:
+        """Ask :meth:`fit` to stop at the next step boundary, writing a resumable checkpoint (with ``output_dir``).
+
+        Safe from any thread and from a signal handler: it only sets a flag, which the training thread reads
+        between steps (in a process group, every rank stops at the same step once any rank was asked). The request
+        is consumed when ``fit`` returns; one made before ``fit`` stops it before its first step."""
+        self._stop_requested = True
+
+    @property
+    def stop_requested(self) -> bool:
+        """Whether a stop was requested and ``fit`` has not yet ended on it."""
+        return self._stop_requested
+
+    def _emit(self, event: str, *payload) -> None:
+        for callback in self.callbacks:
+            method = getattr(callback, event, None)
+            if method is not None:
+                method(self, *payload)
+
+    # ----- the loop ---------------------------------------------------------------------------------------
+    def _loader(self, batch_indices: list[torch.Tensor]) -> DataLoader:
+        """The training set's batches in the given order; its own generator, so the global RNG stays untouched."""
+        return DataLoader(self.train_set, batch_sampler=[b.tolist() for b in batch_indices],
+                          num_workers=self.config.num_workers, pin_memory=self.device.type == "cuda",
+                          generator=generator_for(self.config.seed, LOADER, self.epoch))
+
+    def _shard_loader(self, dataset) -> DataLoader:
+        """This rank's contiguous shard of ``dataset`` in order (evaluation passes)."""
+        start, stop = shard_bounds(len(dataset), self.rank, self.world_size)
+        return DataLoader(Subset(dataset, range(start, stop)), batch_size=self.config.batch_size,
+                          num_workers=self.config.num_workers, pin_memory=self.device.type == "cuda")
+
+    def _begin(self) -> None:
+        """Resume from ``output_dir``'s checkpoint (``resume=True``), or seed and initialise a fresh run."""
+        if self.config.resume and self.files.has_checkpoint():
+            self.load_state(self.files.checkpoint)
+        elif self.global_step == 0:
+            seed_everything(self.config.seed)
+            if isinstance(self.head, CosineClassifier):
+                self.init_head_from_class_means()
+            self.files.truncate_log(0)
+
+    def _stop_now(self) -> bool:
+        return any_rank(self._stop_requested, self.device, self.world_size)
+
+    def _end(self, result: dict) -> dict:
+        self._stop_requested = False
+        self._emit("on_fit_end", result)
+        return result
+
+    def fit(self, eval_set=None, max_steps: int | None = None) -> dict:
+        """Train to ``config.epochs`` epochs (resuming from ``output_dir`` when ``config.resume``).
+
+        ``eval_set``: evaluated (and logged) after every epoch. ``max_steps``: stop (with a checkpoint, if
+        ``output_dir`` is set) once ``global_step`` reaches it, e.g. mid-epoch. A :meth:`request_stop` ends the
+        loop at the next step boundary the same way. Returns the last evaluation's metrics (empty without
+        ``eval_set``) plus ``global_step``, ``epoch`` and ``stopped`` (True when a stop request ended it).
+        """
+        config = self.config
+        self._begin()
+        self._emit("on_fit_start")
+        metrics: dict = {}
+        while self.epoch < config.epochs:
+            batches = epoch_batches(self.train_indices, config.batch_size, config.seed, self.epoch)
+            remaining = batches[self.step_in_epoch:]
+            loader = iter(self._loader(remaining))
+            bar = tqdm(total=len(batches), initial=self.step_in_epoch, desc=f"epoch {self.epoch + 1}/{config.epochs}",
+                       disable=not config.progress or self.rank != 0, leave=False)
+            for batch_indices in remaining:
+                if self._stop_now():
+                    bar.close()
+                    self._checkpoint("stop")
+                    return self._end({"global_step": self.global_step, "epoch": self.epoch, "stopped": True})
+                logs = self.train_step(*batch_to_device(next(loader), self.device, self.param_dtype),
+                                       batch_indices)
+                self.step_in_epoch += 1
+                self.global_step += 1
+                bar.update(1)
+                self._after_step(bar, logs, len(batch_indices))
+                if max_steps is not None and self.global_step >= max_steps:
+                    bar.close()
+                    self._checkpoint("max_steps")
+                    return self._end({"global_step": self.global_step, "epoch": self.epoch, "stopped": False})
+            bar.close()
+            self.epoch += 1
+            self.step_in_epoch = 0
+            self._log_and_emit("on_epoch_end", {"event": "epoch", "epoch": self.epoch, "global_step": self.global_step,
+                                                "gammas": self.gammas()})
+            if eval_set is not None:
+                metrics = self.evaluate(eval_set)
+                self._log_and_emit("on_evaluate", {"event": "eval", "epoch": self.epoch,
+                                                   "global_step": self.global_step, **metrics})
+            self._checkpoint("epoch")
+        self.export_weights()
+        return self._end({**metrics, "global_step": self.global_step, "epoch": self.epoch, "stopped": False})
+
+    def _after_step(self, bar, logs: dict, batch_size: int) -> None:
+        """Log every ``log_every`` steps, tell the callbacks, write the ``save_every_steps`` checkpoint."""
+        position = {"event": "step", "epoch": self.epoch, "global_step": self.global_step}
+        if self.global_step % self.config.log_every == 0:
+            record = {k: float(v) for k, v in logs.items()}
+            bar.set_postfix(loss=f"{record['train_loss']:.4f}")
+            self.log({**position, **record})
+        self._emit("on_step_end", {**position, "step_in_epoch": self.step_in_epoch, "batch_size": batch_size,
+                                   **logs})
+        if self.config.save_every_steps and self.global_step % self.config.save_every_steps == 0:
+            self._checkpoint("interval")
+
+    def _log_and_emit(self, event: str, record: dict) -> None:
+        self.log(record)
+        self._emit(event, record)
+
+    def _checkpoint(self, reason: str) -> None:
+        self.save_state()
+        if self.output_dir is not None:
+            self._emit("on_checkpoint", {"path": self.files.checkpoint, "reason": reason, "epoch": self.epoch,
+                                         "step_in_epoch": self.step_in_epoch, "global_step": self.global_step})
+
+    # ----- evaluation, head initialisation, gammas --------------------------------------------------------
+    @torch.no_grad()
+    def init_head_from_class_means(self) -> None:
+        """Set the cosine head's prototypes to the class-mean features (the head's inputs) over the training set.
+        Each rank embeds a contiguous shard; sums and counts are all-reduced."""
+        sums, counts = class_feature_sums(self.model, self.head, self._shard_loader(self.train_set), self.num_classes,
+                                          self.device, self.param_dtype, self.autocast)
+        sums, counts = all_reduce_sum([sums, counts], self.world_size)
+        self.head.init_from_class_means(sums, counts)
+
+    @torch.no_grad()
+    def evaluate(self, dataset) -> dict:
+        """Metrics (``metapeft.metrics``) of the model's predictions (raw logits, no logit adjustment) on
+        ``dataset``, with ``config.class_split`` groups. Ranks evaluate shards and sum confusion matrices."""
+        cm = confusion_counts(self.model, self._shard_loader(dataset), self.num_classes, self.device,
+                              self.param_dtype, self.autocast)
+        (cm,) = all_reduce_sum([cm], self.world_size)
+        return metrics_from_confusion(cm.cpu(), self.class_split)
+
+    def gammas(self) -> dict[str, list[float]]:
+        """Every metapeft module's gamma, by module name."""
+        return {name: m.gamma.detach().cpu().tolist() for name, m in self.model.named_modules()
+                if isinstance(m, MetaPEFTModule)}
+
+    # ----- state, checkpoints, log --------------------------------------------------------------------------
+    def model_state(self) -> dict[str, torch.Tensor]:
+        """The saved model tensors: trainable parameters + modulators (or everything, ``save_full_model``)."""
+        return trained_tensors(self.model, self.config.save_full_model)
+
+    def state_dict(self) -> dict:
+        """Everything an exact resume needs: model tensors, optimizers, scheduler, RNG, loop position."""
+        return {
+            "model": self.model_state(),
+            **self.step.state_dict(),
+            "rng": rng_state(),
+            "position": {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+                         "global_step": self.global_step, "outer_step": self.outer_step},
+            "log_offset": self.files.log_size(),
+            "config": self.config.to_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s output (same model construction and config; only the fields in
+        ``RUN_CONTROL_FIELDS`` may differ)."""
+        check_same_config(state["config"], self.config.to_dict())
+        load_trained_tensors(self.model, state["model"])
+        self.step.load_state_dict(state)
+        set_rng_state(state["rng"])
+        position = state["position"]
+        self.epoch, self.step_in_epoch = position["epoch"], position["step_in_epoch"]
+        self.global_step, self.step.outer_step = position["global_step"], position["outer_step"]
+        self.files.truncate_log(state["log_offset"])
+
+    def save_state(self, path: str | os.PathLike | None = None) -> Path | None:
+        """Atomically write the checkpoint (rank 0; default ``output_dir/checkpoint.pt``); None without a path."""
+        if path is None and self.output_dir is None:
+            return None
+        written = self.files.save_checkpoint(self.state_dict(), path)
+        if self.world_size > 1:
+            torch.distributed.barrier()
+        return written
+
+    def load_state(self, path: str | os.PathLike) -> None:
+        """Resume from a checkpoint file written by :meth:`save_state` (loaded with ``weights_only=True``)."""
+        self.load_state_dict(load_checkpoint(path, map_location=self.device))
+
+    def export_weights(self) -> Path | None:
+        """Write the trained tensors (:meth:`model_state`) to ``output_dir/model.safetensors`` (rank 0)."""
+        if not self.files.writes:
+            return None
+        return self.files.export_weights(self.model_state(), {"global_step": self.global_step,
+                                                              "config": json.dumps(self.config.to_dict())})
+
+    def log(self, record: dict) -> None:
+        """Append one JSON line to ``output_dir/metrics.jsonl`` (rank 0; nothing without output_dir)."""
+        self.files.log(record)

@@ -1,0 +1,162 @@
+"""One training step of the bi-level recipe: the meta step on the modulators rho, then the inner step on phi.
+
+At global step ``t`` on the global batch ``B_t`` (docs/method.md, "Bi-level optimization"):
+
+- meta step (every ``meta_interval`` steps, when the model has learnable modulators and ``meta=True``):
+  draw a meta batch ``V_t`` (:class:`metapeft.sampling.MetaSetSampler`), compute the hypergradient of
+  ``L_val(phi')`` with ``phi' = phi - lr * (grad_phi L_train(phi, rho; B_t) + wd * phi + mu * m)``
+  (:func:`metapeft.meta.hypergradient`), and take an Adam step on rho;
+- inner step: an SGD step (momentum, weight decay, cosine schedule) on phi.
+
+When the meta step's look-ahead is the real inner step: the look-ahead is exactly the update torch's SGD
+applies (``buf = mu * buf + g + wd * phi; phi -= lr * buf``) with ``g = grad_phi L_train(phi, rho_t; B_t)``.
+The step therefore feeds the hypergradient's ``phi_grads`` to the SGD optimizer instead of running a
+second forward/backward; the result equals the look-ahead ``phi'`` (up to rounding) whenever no gradient
+clipping changes ``g`` (``max_grad_norm`` unset or not reached). The inner step thus uses the modulators
+rho_t from before the outer update (a simultaneous update of phi and rho). ``meta_reuse_lookahead=False``
+instead recomputes the inner gradient after the outer step, with rho_{t+1} (DARTS' alternating order), at
+the cost of one more forward/backward.
+
+Distributed: each rank computes the inner gradient on its shard of the global batch and the shards are summed.
+A meta step computes the look-ahead from the whole global training batch on every rank (the hypergradient needs
+the global phi' = phi - lr * mean gradient) and splits the meta batch, averaging the per-rank meta-gradients
+weighted by shard size; this is exact because, at a fixed phi', the hypergradient is linear in the meta-set loss
+(exact and first-order modes; the finite-difference mode's epsilon depends on the local ``||grad L_val||``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.utils.data import default_collate
+
+from metapeft.meta import hypergradient
+from metapeft.sampling import MetaSetSampler, shard_bounds
+from metapeft.trainer.config import TrainerConfig
+from metapeft.trainer.distributed import all_reduce_sum
+from metapeft.trainer.model_setup import batch_to_device
+
+
+class TrainingLoss:
+    """The training loss ``(model, (x, y)) -> scalar``: the model's logits under ``autocast()`` (cast to float32
+    when they come out in half precision), then ``criterion(logits, y)`` (mean over the batch)."""
+
+    def __init__(self, criterion: nn.Module, autocast: Callable[[], object]) -> None:
+        self.criterion, self.autocast = criterion, autocast
+
+    def __call__(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        with self.autocast():
+            logits = model(x)
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()
+        return self.criterion(logits, y)
+
+
+class BilevelStep:
+    """The optimizers and the step (module docstring).
+
+    Args:
+        model: the model being trained; ``phi`` / ``rho`` its inner / outer parameters (``rho`` empty: plain PEFT).
+        loss_fn: :class:`TrainingLoss`.
+        config: the trainer's config (optimizer settings, meta schedule and mode).
+        meta_sampler: where meta batches come from (None without meta-learning); ``meta_source`` the dataset it
+            indexes.
+        total_steps: steps of the whole run (the cosine schedule's length).
+        device, dtype, rank, world_size: where batches go and which shard this rank computes.
+    """
+
+    def __init__(self, model: nn.Module, phi: list[nn.Parameter], rho: list[nn.Parameter], loss_fn: TrainingLoss,
+                 config: TrainerConfig, meta_sampler: MetaSetSampler | None, meta_source, total_steps: int,
+                 device: torch.device, dtype: torch.dtype, rank: int, world_size: int) -> None:
+        self.model, self.phi, self.rho, self.loss_fn, self.config = model, phi, rho, loss_fn, config
+        self.meta_sampler, self.meta_source = meta_sampler, meta_source
+        self.device, self.dtype, self.rank, self.world_size = device, dtype, rank, world_size
+        self.optimizer = torch.optim.SGD(phi, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=total_steps) \
+            if config.schedule == "cosine" else None
+        self.meta_optimizer = torch.optim.Adam(rho, lr=config.meta_lr) if rho else None
+        self.outer_step = 0
+
+    def inner_gradients(self, x: torch.Tensor, y: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """grad_phi of the mean loss over the global batch (x, y): each rank takes its shard, sums weighted
+        by shard size across ranks. Returns (gradients in phi order, loss)."""
+        start, stop = shard_bounds(len(y), self.rank, self.world_size)
+        if stop > start:
+            loss = self.loss_fn(self.model, (x[start:stop], y[start:stop])) * ((stop - start) / len(y))
+            grads = list(torch.autograd.grad(loss, self.phi, allow_unused=True))
+            grads = [torch.zeros_like(p) if g is None else g for p, g in zip(self.phi, grads)]
+            loss = loss.detach()
+        else:
+            grads = [torch.zeros_like(p) for p in self.phi]
+            loss = torch.zeros((), device=self.device)
+        *grads, loss = all_reduce_sum(grads + [loss.to(grads[0].dtype).reshape(1)], self.world_size)
+        return grads, loss.reshape(())
+
+    def meta_step(self, x: torch.Tensor, y: torch.Tensor, batch_indices: torch.Tensor):
+        """Hypergradient + Adam step on rho. Returns (hypergradient result, meta loss)."""
+        sampler = self.meta_sampler
+        meta_indices = sampler.meta_batch(self.outer_step, None if sampler.separate_source else batch_indices)
+        if meta_indices.numel() < self.world_size:
+            raise ValueError(f"outer step {self.outer_step}: the meta batch has {meta_indices.numel()} samples, "
+                             f"fewer than the {self.world_size} ranks")
+        start, stop = shard_bounds(meta_indices.numel(), self.rank, self.world_size)
+        val_batch = batch_to_device(default_collate([self.meta_source[int(i)] for i in meta_indices[start:stop]]),
+                                    self.device, self.dtype)
+        momentum_buffers = [self.optimizer.state.get(p, {}).get("momentum_buffer") for p in self.phi]
+        if any(b is None for b in momentum_buffers):
+            momentum_buffers = None
+        result = hypergradient(self.model, self.loss_fn, (x, y), val_batch, lr=self.optimizer.param_groups[0]["lr"],
+                               momentum=self.config.momentum, momentum_buffers=momentum_buffers,
+                               weight_decay=self.config.weight_decay, mode=self.config.meta_mode)
+        weight = (stop - start) / meta_indices.numel()
+        *meta_grads, val_loss = all_reduce_sum(
+            [g * weight for g in result.meta_grads] + [(result.val_loss.detach() * weight).reshape(1)],
+            self.world_size)
+        for p, g in zip(self.rho, meta_grads):
+            p.grad = g.to(p.dtype)
+        self.meta_optimizer.step()
+        self.meta_optimizer.zero_grad(set_to_none=True)
+        self.outer_step += 1
+        return result, val_loss.reshape(())
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, batch_indices: torch.Tensor, global_step: int) -> dict:
+        """Step ``global_step`` on the global batch (x, y) (training-set indices ``batch_indices``); returns the
+        step's values: ``lr`` (float), ``train_loss`` and, when computed, ``meta_loss`` and ``grad_norm`` (0-dim
+        tensors)."""
+        logs = {}
+        if self.rho and global_step % self.config.meta_interval == 0:
+            result, logs["meta_loss"] = self.meta_step(x, y, batch_indices)
+            if self.config.meta_reuse_lookahead:
+                grads, loss = [g.detach() for g in result.phi_grads], result.train_loss.detach()
+            else:
+                grads, loss = self.inner_gradients(x, y)
+        else:
+            grads, loss = self.inner_gradients(x, y)
+        for p, g in zip(self.phi, grads):
+            p.grad = g.to(p.dtype)
+        if self.config.max_grad_norm is not None:
+            logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.phi, self.config.max_grad_norm)
+        logs["lr"] = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        logs["train_loss"] = loss
+        return logs
+
+    def state_dict(self) -> dict:
+        """The optimizers' and the schedule's state (the outer-step count is part of the loop position)."""
+        return {"optimizer": self.optimizer.state_dict(),
+                "meta_optimizer": None if self.meta_optimizer is None else self.meta_optimizer.state_dict(),
+                "scheduler": None if self.scheduler is None else self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s output."""
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.meta_optimizer is not None:
+            self.meta_optimizer.load_state_dict(state["meta_optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
