@@ -1,6 +1,11 @@
-"""The layers of the package (docs/architecture.md): every import points to the same layer or one below it."""
+"""The layers of the package (docs/architecture.md): every import points to the same layer or one below it; no
+import cycle (imports inside functions included); no library module imports an app; every module imports in a fresh
+interpreter."""
 
 import ast
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +22,7 @@ LAYERS = {
     "metapeft.inject": 3, "metapeft.params": 3, "metapeft.io": 3, "metapeft.gamma": 3, "metapeft.backbones": 3,
     "metapeft.meta": 4, "metapeft.trainer": 4, "metapeft.config": 4, "metapeft.runs": 4, "metapeft.build": 4,
     "metapeft.cli": 5, "metapeft.demo": 5, "metapeft.sweep": 5, "metapeft.build_info": 5, "metapeft.__main__": 5,
+    "metapeft.benchmark_scripts": 5,
     "metapeft": 5,
 }
 
@@ -68,3 +74,62 @@ def test_imports_point_down_the_layers(path):
     upward = sorted(f"{target} (layer {layer_of(target)})" for target in imports(path, package)
                     if (layer_of(target) or 0) > own)
     assert not upward, f"{name} (layer {own}) imports upward: {upward}"
+
+
+APPS = {"metapeft.cli", "metapeft.demo", "metapeft.__main__"}
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Each module of ``metapeft`` -> the modules of ``metapeft`` it imports anywhere in its source."""
+    names = {module_name(path): path for path in ROOT.joinpath("metapeft").rglob("*.py")}
+    graph = {}
+    for name, path in names.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        graph[name] = {target for target in imports(path, package) if target in names and target != name}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of ``graph`` as a path ``[a, b, ..., a]``, or None (depth-first search)."""
+    state, stack = {}, []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = "open"
+        stack.append(node)
+        for child in sorted(graph[node]):
+            if state.get(child) == "open":
+                return stack[stack.index(child):] + [child]
+            if child not in state and (cycle := visit(child)):
+                return cycle
+        stack.pop()
+        state[node] = "done"
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_find_cycle_finds_a_planted_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_import_cycle_and_no_library_module_imports_an_app():
+    graph = import_graph()
+    assert "metapeft.metrics" in graph["metapeft.demo"] and "metapeft.cli" not in graph["metapeft.demo"]
+    cycle = find_cycle(graph)
+    assert cycle is None, f"import cycle: {' -> '.join(cycle)}"
+    importers = {f"{name} imports {app}" for name, imported in graph.items() for app in APPS & imported
+                 if name not in APPS}
+    assert not importers, sorted(importers)
+
+
+def test_every_module_imports_in_a_fresh_interpreter():
+    names = sorted(name for name in import_graph() if name != "metapeft.__main__")  # importing it runs the CLI
+    assert "metapeft.cli" in names and "metapeft.trainer.loop" in names
+    script = "import importlib, json, sys\nfor name in json.loads(sys.argv[1]):\n    importlib.import_module(name)\n"
+    result = subprocess.run([sys.executable, "-c", script, json.dumps(names)], capture_output=True, text=True,
+                            cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
