@@ -50,6 +50,12 @@ def any_rank(flag: bool, device: torch.device, world_size: int) -> bool:
     return bool(value.item())
 
 
+def barrier(world_size: int) -> None:
+    """Wait until every rank gets here (nothing on a single process)."""
+    if world_size > 1:
+        dist.barrier()
+
+
 @torch.no_grad()
 def broadcast_from_rank0(model: nn.Module, world_size: int) -> None:
     """Overwrite every rank's parameters and buffers with rank 0's (identical starting points)."""

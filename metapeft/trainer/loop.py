@@ -35,7 +35,13 @@ from metapeft.trainer.checkpointing import (
     trained_tensors,
 )
 from metapeft.trainer.config import TrainerConfig
-from metapeft.trainer.distributed import all_reduce_sum, any_rank, broadcast_from_rank0, rank_and_world_size
+from metapeft.trainer.distributed import (
+    all_reduce_sum,
+    any_rank,
+    barrier,
+    broadcast_from_rank0,
+    rank_and_world_size,
+)
 from metapeft.trainer.evaluation import class_feature_sums, confusion_counts
 from metapeft.trainer.model_setup import (
     autocast_context,
@@ -65,6 +71,11 @@ class MetaPEFTTrainer:
 
     Stopping: :meth:`request_stop` (from any thread or a signal handler) ends :meth:`fit` at the next step
     boundary with a checkpoint that resumes exactly (``resume=True``).
+
+    Parts (public attributes): ``step`` (:class:`~metapeft.trainer.step.BilevelStep`: the optimizers, the step),
+    ``files`` (:class:`~metapeft.trainer.checkpointing.RunFiles`: the run directory's files), ``meta_sampler``,
+    ``phi`` / ``rho`` (inner / outer parameters), ``head``; position ``epoch``, ``step_in_epoch``, ``global_step``,
+    ``outer_step``.
 
     Distributed: when a default process group is initialised (``torchrun``; gloo on CPU, nccl on GPU) every
     rank sees the same global batch order and splits each batch (:mod:`metapeft.trainer.step`); the result
@@ -339,8 +350,7 @@ class MetaPEFTTrainer:
         if path is None and self.output_dir is None:
             return None
         written = self.files.save_checkpoint(self.state_dict(), path)
-        if self.world_size > 1:
-            torch.distributed.barrier()
+        barrier(self.world_size)
         return written
 
     def load_state(self, path: str | os.PathLike) -> None:
@@ -349,8 +359,6 @@ class MetaPEFTTrainer:
 
     def export_weights(self) -> Path | None:
         """Write the trained tensors (:meth:`model_state`) to ``output_dir/model.safetensors`` (rank 0)."""
-        if not self.files.writes:
-            return None
         return self.files.export_weights(self.model_state(), {"global_step": self.global_step,
                                                               "config": json.dumps(self.config.to_dict())})
 

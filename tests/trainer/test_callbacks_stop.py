@@ -1,16 +1,19 @@
 """Trainer callbacks (events, order, payloads against the JSONL log and the checkpoints) and the public stop request
-(from another thread, from a signal handler, before fit), each resuming bit for bit."""
+(from another thread, from a signal handler, before fit: each resumes bit for bit; on one of two gloo ranks: both
+stop at the same step)."""
 
 import json
 import os
 import signal
 import threading
+from pathlib import Path
 
 import pytest
 import torch
 
 from metapeft.checkpoint import load_checkpoint
 from metapeft.trainer import Callback, MetaPEFTTrainer, TrainerConfig
+from tests.helpers.distributed import run_gloo
 from tests.helpers.toy import LongTailedBlobs, TinyNet
 
 COUNTS = [20, 12, 6, 4]  # 42 samples: batches of 16, 16, 10 -> 3 steps per epoch
@@ -153,3 +156,16 @@ def test_a_stop_request_ends_at_a_step_boundary_and_resumes_exactly(tmp_path, ho
     for (name, expected), actual in zip(straight.model_state().items(), resumed.model_state().values(), strict=True):
         assert torch.equal(expected, actual), name
     assert (tmp_path / "stopped" / "metrics.jsonl").read_text() == (tmp_path / "straight" / "metrics.jsonl").read_text()
+
+
+def stop_on_rank_1_worker(rank: int, world_size: int, output_dir: str) -> None:
+    recorder = Recorder(on_step={2: MetaPEFTTrainer.request_stop} if rank == 1 else {})
+    result = make_trainer(output_dir, [recorder]).fit()
+    (Path(output_dir) / f"result{rank}.json").write_text(json.dumps(result))
+
+
+def test_a_stop_requested_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    run_gloo(stop_on_rank_1_worker, 2, str(tmp_path))  # a rank that did not stop would hang the other: timeout
+    results = [json.loads((tmp_path / f"result{rank}.json").read_text()) for rank in range(2)]
+    assert results == [{"global_step": 2, "epoch": 0, "stopped": True}] * 2
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["position"]["global_step"] == 2
