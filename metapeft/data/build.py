@@ -18,6 +18,7 @@ names from ``classnames`` (or ``root/classnames.txt``) when there is one, else t
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,11 +38,24 @@ KEYS = {"kind", "root", "train", "test", "split", "classnames", "imbalance", "su
 
 @dataclass
 class DataBundle:
-    """A training set, a test set (items ``(image (3, H, W) float32, label)``) and their :class:`ClassSplit`."""
+    """A training set, a test set (items ``(image (3, H, W) float32, label)``) and their :class:`ClassSplit`;
+    ``train_eval`` is the training set under the test transform (un-augmented, same order and labels): for the
+    cosine head's class-mean initialisation and for evaluating on training images."""
 
     train: Dataset
     test: Dataset
     split: ClassSplit
+    train_eval: Dataset
+
+
+def with_transform(dataset: Dataset, transform) -> Dataset:
+    """A shallow copy of ``dataset`` (one with a ``transform`` attribute applied in ``__getitem__``: IndexDataset,
+    ImageFolder, CIFAR100LT) whose items go through ``transform`` instead; the image lists are shared."""
+    if not hasattr(dataset, "transform"):
+        raise TypeError(f"{type(dataset).__name__} has no 'transform' attribute to replace")
+    twin = copy.copy(dataset)
+    twin.transform = transform
+    return twin
 
 
 def _split_from_counts(name: str, classes, labels) -> ClassSplit:
@@ -73,7 +87,7 @@ def build_datasets(data: dict, mean=IMAGENET_MEAN, std=IMAGENET_STD, base_dir: s
         train = CIFAR100LT(root, "train", imbalance, train_tf, seed)
         test = CIFAR100LT(root, "test", imbalance, test_tf, seed)
         return DataBundle(train, test, ClassSplit(f"CIFAR-100-LT (imbalance {imbalance:g})", tuple(train.classes),
-                                                  train.class_split))
+                                                  train.class_split), with_transform(train, test_tf))
     classnames = None if data.get("classnames") is None else Path(base_dir, os.path.expanduser(str(data["classnames"])))
     split = None if data.get("split") is None else class_split(_resolve_spec(data["split"], base_dir), classnames, root)
     if kind == "index":
@@ -91,7 +105,8 @@ def build_datasets(data: dict, mean=IMAGENET_MEAN, std=IMAGENET_STD, base_dir: s
         if split is not None and tuple(split.classes) != classes:
             raise ValueError(f"class split {split.name!r} lists classes {list(split.classes)}, but the folders "
                              f"under {root / data['train']} are {list(classes)} (sorted sub-folder names)")
-    return DataBundle(train, test, split or _split_from_counts(str(root.name), classes, train.targets))
+    return DataBundle(train, test, split or _split_from_counts(str(root.name), classes, train.targets),
+                      with_transform(train, test_tf))
 
 
 def _index_classnames(classnames: Path | None, root: Path) -> tuple[str, ...] | None:

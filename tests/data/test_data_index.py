@@ -17,6 +17,7 @@ from metapeft.data import (
     builtin_split,
     class_split,
     image_folder,
+    load_image,
     read_class_split,
     read_index,
 )
@@ -208,3 +209,15 @@ def test_index_dataset_in_worker_processes(tmp_path):
     broken.write_bytes(b"broken")
     with pytest.raises(ImageDecodeError, match=re.escape(str(broken))):
         list(DataLoader(dataset, batch_size=3, num_workers=2))
+
+
+def test_train_eval_is_the_training_set_under_the_test_transform(tmp_path):
+    root = write_index_dataset(tmp_path, {"train": [3, 2], "test": [1, 1]})
+    bundle = build_datasets({"kind": "index", "root": str(root), "train": "train.txt", "test": "test.txt",
+                             "image_size": 16, "resize": 20})
+    plain = bundle.train_eval
+    assert plain.targets == bundle.train.targets and list(plain.paths) == list(bundle.train.paths)
+    assert plain.transform is bundle.test.transform and bundle.train.transform is not bundle.test.transform
+    for i in range(len(plain)):
+        expected = bundle.test.transform(load_image(root / str(plain.paths[i])))
+        assert torch.equal(plain[i][0], expected) and plain[i][1] == bundle.train.targets[i]
