@@ -15,11 +15,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from metapeft.backbones import load_satmae_weights
 from metapeft.config import MODEL_KEYS, PEFT_KEYS, section
 from metapeft.heads import find_head
 from metapeft.inject import InjectionSummary, inject
 
 HUB_HOST = ("huggingface.co", 443)
+WEIGHTS_FORMATS = ("timm", "satmae")  # model.weights_format: the key layout of the --weights file
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -72,9 +74,11 @@ def load_backbone_weights(model: nn.Module, path: str | os.PathLike, name: str) 
 
 def build_backbone(model_config: dict, num_classes: int) -> nn.Module:
     """A timm model with ``num_classes`` outputs and pre-trained weights from, in order: ``model.weights`` (a local
-    file, :func:`load_backbone_weights`), timm's hub download when ``model.pretrained`` is true (the default) and
-    the hub is reachable (or ``HF_HUB_OFFLINE`` is set: timm's local cache). ``pretrained: false`` without weights
-    starts from a random initialisation. A clear error says which source is missing."""
+    file, :func:`load_backbone_weights`; with ``model.weights_format: satmae`` SatMAE's pre-training checkpoint,
+    :func:`metapeft.backbones.load_satmae_weights`, and then required), timm's hub download when
+    ``model.pretrained`` is true (the default) and the hub is reachable (or ``HF_HUB_OFFLINE`` is set: timm's local
+    cache). ``pretrained: false`` without weights starts from a random initialisation. A clear error says which
+    source is missing."""
     import timm
 
     values = section({"model": model_config}, "model", MODEL_KEYS)
@@ -83,6 +87,12 @@ def build_backbone(model_config: dict, num_classes: int) -> nn.Module:
         raise ValueError("model.name is required (a timm model name, e.g. vit_base_patch16_224)")
     kwargs = dict(values.get("kwargs") or {})
     weights, pretrained = values.get("weights"), bool(values.get("pretrained", True))
+    weights_format = values.get("weights_format", "timm")
+    if weights_format not in WEIGHTS_FORMATS:
+        raise ValueError(f"model.weights_format must be one of {WEIGHTS_FORMATS}, got {weights_format!r}")
+    if weights_format == "satmae" and weights is None:
+        raise ValueError(f"model.weights_format='satmae': {name!r} starts from SatMAE's pre-training checkpoint; "
+                         "pass --weights PATH (e.g. fmow_pretrain.pth)")
     download = weights is None and pretrained
     if download and not os.environ.get("HF_HUB_OFFLINE") and not hub_reachable():
         raise ConnectionError(
@@ -102,7 +112,9 @@ def build_backbone(model_config: dict, num_classes: int) -> nn.Module:
             raise
         raise OSError(f"timm could not download pre-trained weights for {name!r} ({type(error).__name__}: {error}); "
                       "pass --weights PATH") from None
-    if weights is not None:
+    if weights_format == "satmae":
+        load_satmae_weights(model, weights)
+    elif weights is not None:
         load_backbone_weights(model, weights, name)
     return model
 

@@ -105,7 +105,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"{run.summary}\ntrain {len(data.train)} images, test {len(data.test)} images, "
           f"{data.split.num_classes} classes ({data.split.name}); run directory {run.directory}")
     summary = EpochSummary(run.eval_each_epoch, data.split.groups)
-    trainer = MetaPEFTTrainer(run.model, data.train, config=run.trainer_config, callbacks=[summary])
+    trainer = MetaPEFTTrainer(run.model, data.train, config=run.trainer_config, callbacks=[summary],
+                              head_init_set=data.train_eval)
     result = fit_until_interrupted(trainer, data.test if run.eval_each_epoch else None)
     if result["stopped"]:
         print(f"interrupted at step {trainer.global_step}; checkpoint {trainer.files.checkpoint}\n"

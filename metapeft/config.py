@@ -27,7 +27,7 @@ from metapeft.trainer import TrainerConfig
 
 SECTIONS = ("model", "peft", "data", "train")
 TOP_LEVEL_KEYS = (*SECTIONS, "output_dir", "eval_each_epoch")
-MODEL_KEYS = ("name", "pretrained", "weights", "kwargs", "seed")
+MODEL_KEYS = ("name", "pretrained", "weights", "weights_format", "kwargs", "seed")
 PEFT_KEYS = ("method", "positions", "layers", "rank", "alpha", "dropout", "meta", "init_gamma", "constraint",
              "activation", "backend")
 METHOD_NAMES = {"lora": "LoRA", "adaptformer": "AdaptFormer", "adapter": "Adapter"}
@@ -108,12 +108,13 @@ def trainer_config(config: dict, output_dir: str | None = None, resume: bool = F
 
 
 def resolve_data_paths(config: dict, base_dir: str | os.PathLike) -> None:
-    """Make the ``data`` section's relative ``root`` and yaml ``split`` paths absolute against ``base_dir``, in place
-    (a run directory then names its data independently of the working directory)."""
+    """Make the ``data`` section's relative ``root``, ``classnames`` and yaml ``split`` paths absolute against
+    ``base_dir``, in place (a run directory then names its data independently of the working directory)."""
     base_dir = Path(base_dir)
     data = config.get("data") or {}
-    if data.get("root") is not None:
-        data["root"] = str((base_dir / os.path.expanduser(str(data["root"]))).resolve())
+    for key in ("root", "classnames"):
+        if data.get(key) is not None:
+            data[key] = str((base_dir / os.path.expanduser(str(data[key]))).resolve())
     split = data.get("split")
     if isinstance(split, str) and split.endswith((".yaml", ".yml")):
         data["split"] = str((base_dir / os.path.expanduser(split)).resolve())

@@ -157,10 +157,7 @@ def eval_data(config: dict, data: str | os.PathLike | None = None, split: str = 
         else:
             data_config[split] = str(data_path.resolve())
     bundle = build_data({"model": config.get("model"), "data": data_config}, ".")
-    dataset = bundle.test
-    if split == "train":
-        dataset = bundle.train
-        dataset.transform = bundle.test.transform
+    dataset = bundle.train_eval if split == "train" else bundle.test
     return dataset, config.get("class_split") or bundle.split.groups
 
 

@@ -10,8 +10,14 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+import yaml
 
 from metapeft.backbones import load_satmae_weights, read_satmae_checkpoint, satmae_to_timm
+from metapeft.build import build_backbone
+from metapeft.cli import main
+from metapeft.runs import load_run
+from tests.helpers.cli import tiny_config
+from tests.helpers.imagefiles import write_index_dataset
 
 SMALL = {"depth": 2, "embed_dim": 64, "num_heads": 2, "img_size": 32}  # ViT-L/16's layout, shrunk; grid 2 x 2
 
@@ -109,3 +115,29 @@ def test_checkpoint_files_that_are_refused(tmp_path):
     torch.save({"model": {"w": torch.zeros(1)}, "rng": random.Random(0)}, tmp_path / "code.pth")
     with pytest.raises(ValueError, match=r"code\.pth: cannot read it \(UnpicklingError"):
         read_satmae_checkpoint(tmp_path / "code.pth")
+
+
+def test_build_backbone_reads_the_satmae_layout_and_requires_the_file(encoder, tmp_path):
+    path = write_checkpoint(tmp_path / "fmow_pretrain.pth", satmae_state(encoder))
+    config = {"name": "vit_large_patch16_224", "pretrained": False, "weights_format": "satmae", "kwargs": SMALL}
+    model = build_backbone({**config, "weights": path}, 4)
+    assert torch.equal(model.blocks[1].mlp.fc2.weight, encoder.blocks[1].mlp.fc2.weight)
+    with pytest.raises(ValueError, match="weights_format='satmae'.*pass --weights PATH"):
+        build_backbone(config, 4)
+    with pytest.raises(ValueError, match=r"model.weights_format must be one of \('timm', 'satmae'\), got 'mae'"):
+        build_backbone({**config, "weights": path, "weights_format": "mae"}, 4)
+
+
+def test_metapeft_train_with_satmae_weights(encoder, tmp_path, capsys):
+    data = write_index_dataset(tmp_path / "fusrs", {"train": [6, 4, 3, 3], "test": [2] * 4}, size=32)
+    path = write_checkpoint(tmp_path / "fmow_pretrain.pth", satmae_state(encoder))
+    config = tiny_config(data, tmp_path / "run", epochs=1)
+    config["model"] = {"name": "vit_large_patch16_224", "pretrained": False, "weights_format": "satmae",
+                       "kwargs": SMALL}
+    config["data"] |= {"split": "fusrs_v2.5", "image_size": 32, "resize": 36}
+    (tmp_path / "fusrs.yaml").write_text(yaml.safe_dump(config))
+    assert main(["train", "--config", str(tmp_path / "fusrs.yaml")]) == 2
+    assert "pass --weights PATH (e.g. fmow_pretrain.pth)" in capsys.readouterr().err
+    assert main(["train", "--config", str(tmp_path / "fusrs.yaml"), "--weights", path]) == 0
+    _, model, _ = load_run(tmp_path / "run")
+    assert torch.equal(model.pos_embed, encoder.pos_embed) and torch.equal(model.norm.weight, encoder.norm.weight)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from metapeft.sampling import META_SAMPLINGS
+
 LOSSES = ("logit_adjusted", "ce")
 CLASSIFIERS = ("cosine", "linear")
 SCHEDULES = ("cosine", "constant")
@@ -23,8 +25,10 @@ class TrainerConfig:
     Outer loop (rho = modulators): Adam with ``meta_lr`` every ``meta_interval`` inner steps, hypergradient
     mode ``meta_mode``, meta batches of ``meta_batch_size`` (default ``batch_size``) drawn from a stratified
     ``meta_ratio`` sample of the training set, re-sampled every outer step unless ``meta_resample=False``
-    (a fixed split, excluded from the inner loop's data); a ``val_set`` given to the trainer replaces the
-    training set as the meta-batch source. ``meta=False`` (or a model without learnable modulators)
+    (a fixed split, excluded from the inner loop's data); each meta batch is a random draw from that meta set,
+    ``meta_sampling="uniform"`` (every class in its meta-set share) or ``"class_balanced"`` (an equal share per
+    class, small classes drawn with replacement; :mod:`metapeft.sampling`). A ``val_set`` given to the trainer
+    replaces the training set as the meta-batch source. ``meta=False`` (or a model without learnable modulators)
     trains as plain PEFT.
 
     Loss ``"logit_adjusted"`` (tau) or ``"ce"``; ``classifier="cosine"`` replaces the head (found by name
@@ -51,6 +55,7 @@ class TrainerConfig:
     meta_mode: str = "exact"
     meta_ratio: float = 0.2
     meta_resample: bool = True
+    meta_sampling: str = "uniform"
     meta_batch_size: int | None = None
     meta_reuse_lookahead: bool = True
 
@@ -97,7 +102,7 @@ class TrainerConfig:
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers!r}")
         for name, allowed in (("loss", LOSSES), ("classifier", CLASSIFIERS), ("schedule", SCHEDULES),
-                              ("amp", AMP_MODES), ("meta_mode", META_MODES)):
+                              ("amp", AMP_MODES), ("meta_mode", META_MODES), ("meta_sampling", META_SAMPLINGS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if isinstance(self.class_split, str) and self.class_split != "from_counts":

@@ -66,6 +66,9 @@ class MetaPEFTTrainer:
             and the head is frozen.
         train_set: map-style dataset of ``(image tensor, int label)``; a ``targets`` list/array is used if present.
         val_set: optional dataset of the same form, used as the meta-batch source instead of the training set.
+        head_init_set: the training set under the test transform (un-augmented; same samples and labels in the
+            same order, e.g. :attr:`metapeft.data.DataBundle.train_eval`), read for the cosine head's class-mean
+            initialisation; default ``train_set`` (whose augmented images give noisier means).
         config: :class:`TrainerConfig` (default: the paper's recipe).
         callbacks: observers of :meth:`fit` (:mod:`metapeft.trainer.callbacks`), called in this order.
 
@@ -83,7 +86,7 @@ class MetaPEFTTrainer:
     """
 
     def __init__(self, model: nn.Module, train_set, val_set=None, config: TrainerConfig | None = None,
-                 callbacks: Sequence[Callback] = ()) -> None:
+                 callbacks: Sequence[Callback] = (), head_init_set=None) -> None:
         self.config = config = config or TrainerConfig()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -95,6 +98,10 @@ class MetaPEFTTrainer:
         if self.train_labels.numel() == 0:
             raise ValueError("train_set is empty")
         self.val_labels = None if val_set is None else dataset_labels(val_set)
+        self.head_init_set = train_set if head_init_set is None else head_init_set
+        if head_init_set is not None and not torch.equal(dataset_labels(head_init_set), self.train_labels):
+            raise ValueError("head_init_set must hold train_set's samples with the same labels in the same order "
+                             "(the training images under the test transform)")
         self.model = model
         self.param_dtype = parameter_dtype(model)
         self.num_classes = self._count_classes()
@@ -144,7 +151,7 @@ class MetaPEFTTrainer:
             raise ValueError(f"meta_batch_size ({meta_batch_size}) must be >= the world size ({self.world_size})")
         source = self.train_labels if self.val_set is None else self.val_labels
         return MetaSetSampler(source, config.meta_ratio, meta_batch_size, config.seed, config.meta_resample,
-                              separate_source=self.val_set is not None)
+                              separate_source=self.val_set is not None, sampling=config.meta_sampling)
 
     # ----- the optimizers and counters of the step, as attributes of the trainer -----------------------
     @property
@@ -295,10 +302,10 @@ class MetaPEFTTrainer:
     # ----- evaluation, head initialisation, gammas --------------------------------------------------------
     @torch.no_grad()
     def init_head_from_class_means(self) -> None:
-        """Set the cosine head's prototypes to the class-mean features (the head's inputs) over the training set.
-        Each rank embeds a contiguous shard; sums and counts are all-reduced."""
-        sums, counts = class_feature_sums(self.model, self.head, self._shard_loader(self.train_set), self.num_classes,
-                                          self.device, self.param_dtype, self.autocast)
+        """Set the cosine head's prototypes to the class-mean features (the head's inputs) over the training images
+        of ``head_init_set``. Each rank embeds a contiguous shard; sums and counts are all-reduced."""
+        sums, counts = class_feature_sums(self.model, self.head, self._shard_loader(self.head_init_set),
+                                          self.num_classes, self.device, self.param_dtype, self.autocast)
         sums, counts = all_reduce_sum([sums, counts], self.world_size)
         self.head.init_from_class_means(sums, counts)
 

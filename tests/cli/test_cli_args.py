@@ -144,6 +144,10 @@ def test_shipped_configs_are_valid(path):
     config = load_config(path)
     name = path.stem
     dataset, method, mode = name.split("_")
+    positions = config["peft"].get("positions")
+    if method == "loraqv":  # the authors' LoRA: q and v only
+        assert positions == ["q", "v"]
+        method = "lora"
     assert config["peft"]["method"] == method and config["peft"]["meta"] == (mode == "meta")
     train = trainer_config(config, "runs/x", False)
     assert (train.lr, train.momentum, train.weight_decay, train.batch_size, train.epochs) == (0.01, 0.9, 5e-4, 128, 10)
@@ -152,8 +156,10 @@ def test_shipped_configs_are_valid(path):
     assert config["data"]["kind"] == ("cifar100_lt" if dataset == "cifar100lt" else "index")
     small = {"name": "vit_tiny_patch16_224", "pretrained": False,
              "kwargs": {"img_size": 16, "patch_size": 4, "embed_dim": 64, "depth": 2, "num_heads": 2}}
-    model, summary = build_model({**config, "model": small}, 5)
-    expected_modules = {"lora": 2 * 4, "adaptformer": 2}[method]
+    peft = {**config["peft"], "rank": min(config["peft"]["rank"], 8)}  # the tiny model is 64 wide
+    model, summary = build_model({**config, "model": small, "peft": peft}, 5)
+    linears = {"qkv" if p in ("q", "k", "v") else p for p in positions or ()}  # q, k, v share timm's qkv Linear
+    expected_modules = {"lora": 2 * len(linears), "adaptformer": 2, "adapter": 2 * len(positions or ())}[method]
     assert len(summary.modules) == expected_modules
     assert summary.meta_parameters == (len(summary.placements) if mode == "meta" else 0)
 
