@@ -12,6 +12,7 @@ attn.proj, norm2, mlp.fc1, mlp.fc2}.*``, ``norm.*``); what differs:
 - ``pos_embed`` holds the pre-training grid (14 x 14 + class token at 224 px); a model built for another image size
   gets it resampled (bicubic, timm's ``resample_abs_pos_embed``), a different width is an error;
 - there is no classifier head: the model's head stays as built (trained from scratch);
+- its inputs were normalised with fMoW-RGB's statistics (:data:`SATMAE_MEAN`, :data:`SATMAE_STD`), not ImageNet's;
 - the file may also hold ``optimizer``, ``epoch``, ``scaler`` and ``args`` (an ``argparse.Namespace``): the load
   uses ``torch.load(weights_only=True)`` with ``argparse.Namespace`` as the only extra allowed type, so no pickled
   code runs.
@@ -32,6 +33,10 @@ from torch import nn
 from metapeft.heads import find_head
 
 SATMAE_PRETRAINING_ONLY = ("decoder_", "mask_token")
+# Per-channel RGB mean / std of fMoW-RGB, the normalisation SatMAE's pre-training data loader applies: inputs of a
+# SatMAE encoder are normalised the same way.
+SATMAE_MEAN = (0.4182007312774658, 0.4214799106121063, 0.3991275727748871)
+SATMAE_STD = (0.28774282336235046, 0.27541765570640564, 0.2764017581939697)
 
 
 def read_satmae_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from metapeft.backbones import load_satmae_weights
+from metapeft.backbones import SATMAE_MEAN, SATMAE_STD, load_satmae_weights
 from metapeft.config import MODEL_KEYS, PEFT_KEYS, section
 from metapeft.heads import find_head
 from metapeft.inject import InjectionSummary, inject
@@ -135,9 +135,14 @@ def build_model(config: dict, num_classes: int) -> tuple[nn.Module, InjectionSum
 
 
 def build_data(config: dict, base_dir: str | os.PathLike):
-    """:func:`metapeft.data.build_datasets` of the ``data`` section, normalised with the mean / std of the ``model``
-    section's timm backbone; relative paths resolve against ``base_dir``."""
+    """:func:`metapeft.data.build_datasets` of the ``data`` section, normalised with the mean / std the ``model``
+    section's backbone was pre-trained with (timm's, or SatMAE's for ``weights_format: satmae``); relative paths
+    resolve against ``base_dir``."""
     from metapeft.data import backbone_normalization, build_datasets
 
-    mean, std = backbone_normalization((config.get("model") or {}).get("name"))
+    model = config.get("model") or {}
+    if model.get("weights_format") == "satmae":
+        mean, std = SATMAE_MEAN, SATMAE_STD
+    else:
+        mean, std = backbone_normalization(model.get("name"))
     return build_datasets(dict(config.get("data") or {}), mean, std, base_dir)

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from metapeft.backbones import load_satmae_weights, read_satmae_checkpoint, satmae_to_timm
-from metapeft.build import build_backbone
+from metapeft.backbones import SATMAE_MEAN, SATMAE_STD, load_satmae_weights, read_satmae_checkpoint, satmae_to_timm
+from metapeft.build import build_backbone, build_data
 from metapeft.cli import main
 from metapeft.runs import load_run
 from tests.helpers.cli import tiny_config
@@ -141,3 +141,5 @@ def test_metapeft_train_with_satmae_weights(encoder, tmp_path, capsys):
     assert main(["train", "--config", str(tmp_path / "fusrs.yaml"), "--weights", path]) == 0
     _, model, _ = load_run(tmp_path / "run")
     assert torch.equal(model.pos_embed, encoder.pos_embed) and torch.equal(model.norm.weight, encoder.norm.weight)
+    normalize = build_data(config, ".").test.transform.transforms[-1]
+    assert (tuple(normalize.mean), tuple(normalize.std)) == (SATMAE_MEAN, SATMAE_STD)  # fMoW-RGB, not ImageNet
