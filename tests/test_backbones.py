@@ -128,7 +128,16 @@ def test_build_backbone_reads_the_satmae_layout_and_requires_the_file(encoder, t
         build_backbone({**config, "weights": path, "weights_format": "mae"}, 4)
 
 
-def test_metapeft_train_with_satmae_weights(encoder, tmp_path, capsys):
+@pytest.fixture
+def one_thread():
+    """A tiny model trains several times faster on one thread than on the shared machine's oversubscribed cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_metapeft_train_with_satmae_weights(encoder, tmp_path, capsys, one_thread):
     data = write_index_dataset(tmp_path / "fusrs", {"train": [6, 4, 3, 3], "test": [2] * 4}, size=32)
     path = write_checkpoint(tmp_path / "fmow_pretrain.pth", satmae_state(encoder))
     config = tiny_config(data, tmp_path / "run", epochs=1)
