@@ -14,18 +14,18 @@ Backward (``_adapter_bwd_kernel``, one program per BLOCK_M rows):
     dx = drop'(dz down) [+ dOut when the residual is x]
   then torch GEMMs for the weight gradients, which reduce over M:  d up = scale dOut^T a,  d down = dz^T drop(x);
   d up_b = scale * (sum of the partials), d down_b = sum_m dz_m.
-Dropout: the scaled-LoRA kernels' rule (``kernels/scaled_lora.py``): keep x[m, d] iff ``tl.rand(seed, m*D + d) >= p``,
-scaled by 1/(1-p); regenerated in backward, never stored (d down materialises drop(x) transiently).
+Dropout: the kernels' shared rule (``kernels/common.py``), the scaled-LoRA kernels' mask; regenerated in backward,
+never stored (d down materialises drop(x) transiently).
 
 Bytes moved (fp16, no dropout; M x D tensors only): the forward reads x twice (the second read, BLOCK_M rows
 back, mostly hits L2) and the residual once and writes out once; the unfused reference also writes and re-reads
 the up projection and its scaled copy (4 more M x D passes). The backward kernel reads dOut twice (again L2 for
 the second) and writes dx; the torch GEMMs read dOut and x once each. The row-parallel grid has cdiv(M, BLOCK_M)
 programs: at ViT-B/16 batch 64 (M = 12608) that is 197 programs of 64 rows, 1.5 waves on a 132-SM H200.
-Tile sizes are chosen from ptxas register/spill reports for sm_90a (see the constants), not from timings: no GPU
-was available while writing this. BLOCK_D and the warp count are autotuned.
+Tile sizes are chosen from ptxas register/spill reports for sm_90a (see the constants), not from GPU timings;
+BLOCK_D and the warp count are autotuned.
 
-This module knows nothing of ``metapeft``; ``metapeft/ops/adapter_triton.py`` registers it as a backend.
+This module knows nothing of ``metapeft``; ``metapeft/ops/triton_backend.py`` registers it as a backend.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .scaled_lora import INTERPRET, MIN_DOT, _dot_precision, _dropout_args, _keep_scale, scaled_lora_dropout_mask
+from .common import INTERPRET, MIN_DOT, configs, dot_precision, dropout_args, dropout_mask, keep_scale, tune_bench
 
 # The bottleneck row block lives in registers: (BLOCK_M, next_pow2(b)) fp32 accumulators.
 MAX_BOTTLENECK = 256
@@ -47,16 +47,8 @@ WIDE_BOTTLENECK_BLOCK = 64
 ACTIVATIONS = {"relu": 0, "gelu": 1}
 
 
-def _tune_bench(kernel_call, quantiles):
-    """Autotuning timer: 5 ms warm-up, 25 ms of reps."""
-    return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
-
-
-def _configs() -> list[triton.Config]:
-    """BLOCK_D x warps (8 warps keep b <= 64 spill-free at 64 rows; see WIDE_BOTTLENECK_BLOCK)."""
-    if INTERPRET:
-        return [triton.Config({"BLOCK_D": 128}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_D": d}, num_warps=w, num_stages=s) for d in (64, 128) for w, s in ((4, 3), (8, 2))]
+# BLOCK_D x warps (8 warps keep b <= 64 spill-free at 64 rows; see WIDE_BOTTLENECK_BLOCK).
+CONFIGS = configs({"BLOCK_D": 128}, [({"BLOCK_D": d}, w, s) for d in (64, 128) for w, s in ((4, 3), (8, 2))])
 
 
 @triton.jit
@@ -75,7 +67,7 @@ def _act_grad(z, ACTIVATION: tl.constexpr):
     return 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476)) + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)
 
 
-@triton.autotune(configs=_configs(), key=["D", "B"], do_bench=_tune_bench)
+@triton.autotune(configs=CONFIGS, key=["D", "B"], do_bench=tune_bench)
 @triton.jit(do_not_specialize=["seed"])
 def _adapter_fwd_kernel(
     x_ptr, res_ptr, dw_ptr, db_ptr, uw_ptr, ub_ptr, scale_ptr, z_ptr, out_ptr, M, D, B,
@@ -97,7 +89,7 @@ def _adapter_fwd_kernel(
         x = tl.load(x_ptr + rm64[:, None] * stride_xm + rd[None, :] * stride_xd,
                     mask=m_mask[:, None] & (rd[None, :] < D), other=0.0)
         if HAS_DROPOUT:
-            x = (x.to(tl.float32) * _keep_scale(seed, rm, rd, D, p, inv_keep)).to(x_ptr.dtype.element_ty)
+            x = (x.to(tl.float32) * keep_scale(seed, rm, rd, D, p, inv_keep)).to(x_ptr.dtype.element_ty)
         dw_t = tl.load(dw_ptr + rb[None, :] * stride_dwb + rd[:, None] * stride_dwd,
                        mask=b_mask[None, :] & (rd[:, None] < D), other=0.0)
         acc = tl.dot(x, dw_t, acc, input_precision=DOT_PRECISION)
@@ -124,7 +116,7 @@ def _adapter_fwd_kernel(
                  mask=tile)
 
 
-@triton.autotune(configs=_configs(), key=["D", "B"], do_bench=_tune_bench)
+@triton.autotune(configs=CONFIGS, key=["D", "B"], do_bench=tune_bench)
 @triton.jit(do_not_specialize=["seed"])
 def _adapter_bwd_kernel(
     dout_ptr, z_ptr, dw_ptr, uw_ptr, ub_ptr, scale_ptr, dz_ptr, a_ptr, dx_ptr, dscale_part_ptr, colsum_part_ptr,
@@ -173,7 +165,7 @@ def _adapter_bwd_kernel(
                          mask=b_mask[:, None] & d_mask[None, :], other=0.0)
             dx = tl.dot(dz, dw, input_precision=DOT_PRECISION)
             if HAS_DROPOUT:
-                dx = dx * _keep_scale(seed, rm, rd, D, p, inv_keep)
+                dx = dx * keep_scale(seed, rm, rd, D, p, inv_keep)
             out_tile = m_mask[:, None] & d_mask[None, :]
             if RESIDUAL_IS_X:
                 dx += tl.load(dout_ptr + rm64[:, None] * stride_gm + rd[None, :] * stride_gd, mask=out_tile,
@@ -228,7 +220,7 @@ def adapter_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return ``(out (M, D), z (M, b))`` in x's dtype; all tensor operands but scale share dtype and device."""
     M, D, B = _check_shapes(x, residual, down_weight, down_bias, up_weight, up_bias, scale, activation)
-    p, inv_keep, has_dropout = _dropout_args(dropout_p, M, D)
+    p, inv_keep, has_dropout = dropout_args(dropout_p, M, D)
     z = torch.empty((M, B), dtype=x.dtype, device=x.device)
     out = torch.empty((M, D), dtype=x.dtype, device=x.device)
     res = x if residual is None else residual
@@ -240,7 +232,7 @@ def adapter_fwd(
         *x.stride(), *res.stride(), *down_weight.stride(), *up_weight.stride(), *z.stride(), *out.stride(),
         p, inv_keep, seed,
         HAS_DOWN_BIAS=down_bias is not None, HAS_UP_BIAS=up_bias is not None, ACTIVATION=ACTIVATIONS[activation],
-        HAS_DROPOUT=has_dropout, DOT_PRECISION=_dot_precision(x), BLOCK_M=block_m, BLOCK_B=block_b,
+        HAS_DROPOUT=has_dropout, DOT_PRECISION=dot_precision(x), BLOCK_M=block_m, BLOCK_B=block_b,
     )
     return out, z
 
@@ -267,7 +259,7 @@ def adapter_bwd(
     if tuple(grad_out.shape) != (M, D) or tuple(z.shape) != (M, B):
         raise ValueError(f"grad_out must be ({M}, {D}) and z ({M}, {B}), got {tuple(grad_out.shape)}, "
                          f"{tuple(z.shape)}")
-    p, inv_keep, has_dropout = _dropout_args(dropout_p, M, D)
+    p, inv_keep, has_dropout = dropout_args(dropout_p, M, D)
     has_up_bias = up_bias is not None
     block_b = _bottleneck_block(B)
     block_m = _row_block(block_b)
@@ -283,7 +275,7 @@ def adapter_bwd(
         colsum_part, M, D, B, *grad_out.stride(), *z.stride(), *down_weight.stride(), *up_weight.stride(),
         *dz.stride(), *a.stride(), *dx.stride(), p, inv_keep, seed,
         HAS_UP_BIAS=has_up_bias, ACTIVATION=ACTIVATIONS[activation], HAS_DROPOUT=has_dropout,
-        RESIDUAL_IS_X=residual_is_x, NEED_DX=need_dx, NEED_COLSUM=need_colsum, DOT_PRECISION=_dot_precision(x),
+        RESIDUAL_IS_X=residual_is_x, NEED_DX=need_dx, NEED_COLSUM=need_colsum, DOT_PRECISION=dot_precision(x),
         BLOCK_M=block_m, BLOCK_B=block_b,
     )
     # (D, b) GEMM on aligned operands; appending d up_b as a ones column of a would misalign it (b+1 columns).
@@ -291,7 +283,7 @@ def adapter_bwd(
     dup_b = (colsum_part.sum(dim=0) * scale.to(torch.float32)).to(x.dtype) if need_colsum else None
     ddown_w = ddown_b = None
     if need_ddown_w:
-        dropped = x * scaled_lora_dropout_mask(M, D, dropout_p, seed, x.device).to(x.dtype) if has_dropout else x
+        dropped = x * dropout_mask(M, D, dropout_p, seed, x.device).to(x.dtype) if has_dropout else x
         ddown_w = dz.t() @ dropped
     if need_ddown_b:
         ddown_b = dz.sum(dim=0)

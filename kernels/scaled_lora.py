@@ -13,8 +13,7 @@ Backward: T_j = dY_j B_j;  d scale_j = sum(T_j * h_j);  cT = scale_j T_j      (`
           dA = cT^T drop(x)                                                   (``_scaled_lora_bwd_da_kernel``)
           dx = drop'(cT A) + dY W   (the LoRA term seeds the accumulator)     (``_scaled_lora_bwd_dx_kernel``)
           dweight = dY^T x, dbias = sum_m dY (torch matmul/sum: the base weight is frozen in practice).
-Dropout: keep element (m, k) of x iff ``tl.rand(seed, m*K + k) >= p`` (Philox), scaled by 1/(1-p); the mask
-is regenerated in backward from the seed, never stored. It is reproducible within this backend only.
+Dropout: the kernels' shared rule (``kernels/common.py``), regenerated in backward from the seed, never stored.
 
 Bytes moved (fp16, no dropout): forward reads x twice (h kernel + GEMM) and writes y once, the unfused
 reference writes and re-reads two more M x N tensors; backward reads dY three times (T, dB, dx) and x once (dA).
@@ -23,45 +22,26 @@ dB is a second pass over dY rather than a by-product of the T pass: T reduces ov
 pass must spill per-tile fp32 partials of one of them, 4r/BLOCK_M bytes per dY element written and re-read
 (r = 16, BLOCK_M = 128: as many bytes as re-reading bf16 dY), which saves nothing at the ranks used (8..64).
 
-This module knows nothing of ``metapeft``; ``metapeft/ops/scaled_lora_triton.py`` registers it as a backend.
+This module knows nothing of ``metapeft``; ``metapeft/ops/triton_backend.py`` registers it as a backend.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-# Under TRITON_INTERPRET=1 (CPU tests) kernels run in numpy: one config, no tuning runs, and big tiles, because the
-# interpreter costs ~0.1 s per program and almost nothing per element (M=1000, N=768: 14 s at 64-tiles, ~2 s at 128).
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# tl.dot needs every tile dimension >= 16: ranks below are zero-padded to this.
-MIN_DOT = 16
+from .common import INTERPRET, MIN_DOT, configs, dot_precision, dropout_args, keep_scale, tune_bench
+
 # Rank tiles above 64 cost registers (BLOCK_M x BLOCK_R fp32 accumulators) without saving traffic.
 MAX_BLOCK_R = 64
 # Programs to aim for in split reductions over M (dA, dB): ~2 waves of a 132-SM H200.
 TARGET_PROGRAMS = 264
-# Philox offsets are int32 (m*K + k): dropout needs M*K < 2**31.
-MAX_DROPOUT_ELEMENTS = 2**31 - 1
-
-
-def _tune_bench(kernel_call, quantiles):
-    """Autotuning timer: 5 ms warm-up, 25 ms of reps (a new shape tunes in well under a second)."""
-    return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
-
-
-def _configs(interpret_config: dict, gpu_configs: list[tuple[dict, int, int]]) -> list[triton.Config]:
-    """Tile configs: ``gpu_configs`` are (meta, num_warps, num_stages), Hopper-first then Ampere-sized."""
-    if INTERPRET:
-        return [triton.Config(interpret_config, num_warps=4, num_stages=1)]
-    return [triton.Config(meta, num_warps=warps, num_stages=stages) for meta, warps, stages in gpu_configs]
 
 
 # Base GEMM tiles (fwd y, bwd dx). 128x128x64/8 warps/3 stages is the Hopper (sm_90) shape of Triton's matmul
 # tutorial; 128x64x32 and 64x128x32 with 4 stages fit Ampere's 164 KB of shared memory; 64x64x32 serves small M.
-GEMM_CONFIGS = _configs(
+GEMM_CONFIGS = configs(
     {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8},
     [
         ({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, 8, 3),
@@ -72,7 +52,7 @@ GEMM_CONFIGS = _configs(
     ],
 )
 # Skinny kernels: one tiled dimension is a (padded) rank, the other streams.
-SKINNY_CONFIGS = _configs(
+SKINNY_CONFIGS = configs(
     {"BLOCK_M": 128, "BLOCK_K": 128},
     [
         ({"BLOCK_M": 128, "BLOCK_K": 64}, 4, 3),
@@ -81,7 +61,7 @@ SKINNY_CONFIGS = _configs(
         ({"BLOCK_M": 32, "BLOCK_K": 64}, 4, 4),
     ],
 )
-REDUCE_CONFIGS = _configs(
+REDUCE_CONFIGS = configs(
     {"BLOCK_M": 128},
     [
         ({"BLOCK_M": 64}, 4, 3),
@@ -89,7 +69,7 @@ REDUCE_CONFIGS = _configs(
         ({"BLOCK_M": 32}, 4, 4),
     ],
 )
-T_CONFIGS = _configs(
+T_CONFIGS = configs(
     {"BLOCK_N": 128},
     [
         ({"BLOCK_N": 64}, 4, 3),
@@ -99,13 +79,6 @@ T_CONFIGS = _configs(
 )
 # Untuned output tiles: the T kernel's rows (fixed so that its d-scale partials have a known count) and dB's rows.
 OUT_TILE = 128 if INTERPRET else 64
-
-
-@triton.jit
-def _keep_scale(seed, rm, rk, K, p, inv_keep):
-    """fp32 (BLOCK_M, BLOCK_K) dropout factors of x[rm, rk]: 1/(1-p) where kept, 0 where dropped."""
-    offsets = rm[:, None] * K + rk[None, :]
-    return tl.where(tl.rand(seed, offsets) >= p, inv_keep, 0.0)
 
 
 @triton.jit
@@ -119,17 +92,7 @@ def _grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
     return pid_m, pid_n
 
 
-@triton.jit(do_not_specialize=["seed"])
-def _scaled_lora_dropout_mask_kernel(out_ptr, M, K, p, inv_keep, seed, BLOCK_M: tl.constexpr,
-                                     BLOCK_K: tl.constexpr):
-    """out (M, K) fp32, contiguous: the dropout factors the other kernels apply to x."""
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    factors = _keep_scale(seed, rm, rk, K, p, inv_keep)
-    tl.store(out_ptr + rm[:, None] * K + rk[None, :], factors, mask=(rm[:, None] < M) & (rk[None, :] < K))
-
-
-@triton.autotune(configs=SKINNY_CONFIGS, key=["M", "SR", "K"], do_bench=_tune_bench)
+@triton.autotune(configs=SKINNY_CONFIGS, key=["M", "SR", "K"], do_bench=tune_bench)
 @triton.jit(do_not_specialize=["seed"])
 def _scaled_lora_h_kernel(
     x_ptr, a_ptr, h_ptr, M, SR, K,
@@ -148,7 +111,7 @@ def _scaled_lora_h_kernel(
         x = tl.load(x_ptr + rm64[:, None] * stride_xm + rk[None, :] * stride_xk,
                     mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
         if HAS_DROPOUT:
-            x = (x.to(tl.float32) * _keep_scale(seed, rm, rk, K, p, inv_keep)).to(x_ptr.dtype.element_ty)
+            x = (x.to(tl.float32) * keep_scale(seed, rm, rk, K, p, inv_keep)).to(x_ptr.dtype.element_ty)
         a_t = tl.load(a_ptr + rr[None, :] * stride_am + rk[:, None] * stride_ak,
                       mask=(rr[None, :] < SR) & (rk[:, None] < K), other=0.0)
         acc = tl.dot(x, a_t, acc, input_precision=DOT_PRECISION)
@@ -156,7 +119,7 @@ def _scaled_lora_h_kernel(
              mask=(rm[:, None] < M) & (rr[None, :] < SR))
 
 
-@triton.autotune(configs=GEMM_CONFIGS, key=["M", "N_SEG", "K", "R"], do_bench=_tune_bench)
+@triton.autotune(configs=GEMM_CONFIGS, key=["M", "N_SEG", "K", "R"], do_bench=tune_bench)
 @triton.jit
 def _scaled_lora_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, h_ptr, b_ptr, scale_ptr, y_ptr, M, N_SEG, K, R,
@@ -197,7 +160,7 @@ def _scaled_lora_fwd_kernel(
              mask=m_mask[:, None] & n_mask[None, :])
 
 
-@triton.autotune(configs=T_CONFIGS, key=["M", "N_SEG", "R"], do_bench=_tune_bench)
+@triton.autotune(configs=T_CONFIGS, key=["M", "N_SEG", "R"], do_bench=tune_bench)
 @triton.jit
 def _scaled_lora_bwd_t_kernel(
     dy_ptr, b_ptr, h_ptr, scale_ptr, ct_ptr, dscale_part_ptr, M, N_SEG, R, S,
@@ -235,7 +198,7 @@ def _scaled_lora_bwd_t_kernel(
              ct.to(ct_ptr.dtype.element_ty), mask=tile_mask)
 
 
-@triton.autotune(configs=REDUCE_CONFIGS, key=["M", "N_SEG", "R", "SPLIT"], do_bench=_tune_bench)
+@triton.autotune(configs=REDUCE_CONFIGS, key=["M", "N_SEG", "R", "SPLIT"], do_bench=tune_bench)
 @triton.jit
 def _scaled_lora_bwd_db_kernel(
     dy_ptr, h_ptr, scale_ptr, part_ptr, M, N_SEG, R, SPLIT,
@@ -273,7 +236,7 @@ def _scaled_lora_bwd_db_kernel(
              mask=n_mask[:, None] & r_mask[None, :])
 
 
-@triton.autotune(configs=REDUCE_CONFIGS, key=["M", "SR", "K", "SPLIT"], do_bench=_tune_bench)
+@triton.autotune(configs=REDUCE_CONFIGS, key=["M", "SR", "K", "SPLIT"], do_bench=tune_bench)
 @triton.jit(do_not_specialize=["seed"])
 def _scaled_lora_bwd_da_kernel(
     ct_ptr, x_ptr, part_ptr, M, SR, K, SPLIT,
@@ -306,13 +269,13 @@ def _scaled_lora_bwd_da_kernel(
         x = tl.load(x_ptr + rm64[:, None] * stride_xm + rk[None, :] * stride_xk,
                     mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         if HAS_DROPOUT:
-            x = (x.to(tl.float32) * _keep_scale(seed, rm, rk, K, p, inv_keep)).to(x_ptr.dtype.element_ty)
+            x = (x.to(tl.float32) * keep_scale(seed, rm, rk, K, p, inv_keep)).to(x_ptr.dtype.element_ty)
         acc = tl.dot(ct_t, x, acc, input_precision=DOT_PRECISION)
     tl.store(part_ptr + split * stride_ps + rr[:, None] * stride_pr + rk[None, :] * stride_pk, acc,
              mask=r_mask[:, None] & k_mask[None, :])
 
 
-@triton.autotune(configs=GEMM_CONFIGS, key=["M", "N", "K", "SR"], do_bench=_tune_bench)
+@triton.autotune(configs=GEMM_CONFIGS, key=["M", "N", "K", "SR"], do_bench=tune_bench)
 @triton.jit(do_not_specialize=["seed"])
 def _scaled_lora_bwd_dx_kernel(
     dy_ptr, w_ptr, ct_ptr, a_ptr, dx_ptr, M, N, K, SR,
@@ -339,7 +302,7 @@ def _scaled_lora_bwd_dx_kernel(
                     mask=(rr[:, None] < SR) & k_mask[None, :], other=0.0)
         acc = tl.dot(ct, a, acc, input_precision=DOT_PRECISION)
     if HAS_DROPOUT:
-        acc = acc * _keep_scale(seed, rm, rk, K, p, inv_keep)
+        acc = acc * keep_scale(seed, rm, rk, K, p, inv_keep)
     for n0 in range(0, N, BLOCK_K):
         rn = n0 + tl.arange(0, BLOCK_K)
         dy = tl.load(dy_ptr + rm64[:, None] * stride_dym + rn[None, :] * stride_dyn,
@@ -354,22 +317,6 @@ def _scaled_lora_bwd_dx_kernel(
 def _rank_block(width: int) -> int:
     """Tile for a rank dimension of ``width``: a power of two in [MIN_DOT, MAX_BLOCK_R]."""
     return min(MAX_BLOCK_R, max(MIN_DOT, triton.next_power_of_2(width)))
-
-
-def _dot_precision(x: torch.Tensor) -> str:
-    """``"ieee"`` for fp32 unless torch allows TF32 matmuls on CUDA; fp16/bf16 ignore it."""
-    if x.dtype == torch.float32 and (x.device.type != "cuda" or torch.get_float32_matmul_precision() == "highest"):
-        return "ieee"
-    return "tf32"
-
-
-def _dropout_args(dropout_p: float, M: int, K: int) -> tuple[float, float, bool]:
-    """(p, 1/(1-p), has_dropout) for the kernels; raises if the Philox offsets would overflow int32."""
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    if dropout_p > 0.0 and M * K > MAX_DROPOUT_ELEMENTS:
-        raise ValueError(f"dropout on x needs M*K < 2**31 (int32 Philox offsets), got M={M}, K={K}")
-    return float(dropout_p), 1.0 / (1.0 - dropout_p), dropout_p > 0.0
 
 
 def _split(tiles: int, M: int) -> int:
@@ -390,15 +337,6 @@ def _check_shapes(x, weight, lora_A, lora_B, scale) -> tuple[int, int, int, int,
     return M, K, N, S, r
 
 
-def scaled_lora_dropout_mask(M: int, K: int, dropout_p: float, seed: int, device: torch.device) -> torch.Tensor:
-    """The dropout factors (M, K) fp32 this backend applies to x for ``seed``: 1/(1-p) where kept, else 0."""
-    p, inv_keep, _ = _dropout_args(dropout_p, M, K)
-    out = torch.empty((M, K), dtype=torch.float32, device=device)
-    grid = (triton.cdiv(M, OUT_TILE), triton.cdiv(K, OUT_TILE))
-    _scaled_lora_dropout_mask_kernel[grid](out, M, K, p, inv_keep, seed, BLOCK_M=OUT_TILE, BLOCK_K=OUT_TILE)
-    return out
-
-
 def scaled_lora_fwd(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -411,8 +349,8 @@ def scaled_lora_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return ``(y (M, N), h (M, S*r))`` in x's dtype; x, weight, bias, lora_A, lora_B share dtype and device."""
     M, K, N, S, r = _check_shapes(x, weight, lora_A, lora_B, scale)
-    p, inv_keep, has_dropout = _dropout_args(dropout_p, M, K)
-    precision = _dot_precision(x)
+    p, inv_keep, has_dropout = dropout_args(dropout_p, M, K)
+    precision = dot_precision(x)
     h = torch.empty((M, S * r), dtype=x.dtype, device=x.device)
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     block_sr = _rank_block(S * r)
@@ -457,8 +395,8 @@ def scaled_lora_bwd(
     if tuple(grad_y.shape) != (M, N) or tuple(h.shape) != (M, S * r):
         raise ValueError(f"grad_y must be ({M}, {N}) and h ({M}, {S * r}), got {tuple(grad_y.shape)}, "
                          f"{tuple(h.shape)}")
-    p, inv_keep, has_dropout = _dropout_args(dropout_p, M, K)
-    precision = _dot_precision(x)
+    p, inv_keep, has_dropout = dropout_args(dropout_p, M, K)
+    precision = dot_precision(x)
     n_seg = N // S
     block_r = _rank_block(r)
     dx = dweight = dbias = dA = dB = dscale = None

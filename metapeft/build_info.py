@@ -15,7 +15,7 @@ import sys
 import torch
 
 from metapeft.ops.backends import available_backends
-from metapeft.ops.scaled_lora_cuda import EXTENSION_ERROR
+from metapeft.ops.cuda_backend import EXTENSION_ERROR
 
 
 def _extension() -> dict:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from metapeft.layers import FusedMetaAdapter, FusedMetaLoRA, MetaPEFTModule
+from metapeft.layers import FusedMetaAdapter, FusedMetaLoRA, MetaPEFTModule, ParallelAdapter, SequentialAdapter
 from metapeft.params import mark_only_peft_trainable, meta_parameters, peft_parameters
 
 POSITIONS = {
@@ -130,29 +130,6 @@ class InjectionSummary:
         return (f"metapeft {self.method}: {len(self.modules)} modules, {len(self.placements)} modulated outputs; "
                 f"trainable {self.trainable_parameters:,} of {self.total_parameters:,} parameters "
                 f"(PEFT {self.peft_parameters:,}, meta {self.meta_parameters:,})")
-
-
-class ParallelAdapter(nn.Module):
-    """AdaptFormer beside a sub-block: ``module(x) + gamma * alpha * up(act(down(x)))``; x (..., dim) -> (..., dim)."""
-
-    def __init__(self, module: nn.Module, adapter: MetaPEFTModule) -> None:
-        super().__init__()
-        self.module, self.adapter = module, adapter
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.adapter(x, residual=self.module(x))
-
-
-class SequentialAdapter(nn.Module):
-    """Houlsby adapter after a sub-layer: ``h + gamma * alpha * up(act(down(h)))`` with ``h = module(*args)``;
-    h (..., dim). Keyword arguments (e.g. timm's ``attn_mask``) pass through to ``module``."""
-
-    def __init__(self, module: nn.Module, adapter: MetaPEFTModule) -> None:
-        super().__init__()
-        self.module, self.adapter = module, adapter
-
-    def forward(self, *args, **kwargs) -> torch.Tensor:
-        return self.adapter(self.module(*args, **kwargs))
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

@@ -21,6 +21,11 @@ def gamma_from_modulator(modulator: torch.Tensor, constraint: str) -> torch.Tens
     return torch.nn.functional.softplus(modulator) if constraint == "softplus" else modulator
 
 
+def modulator_gradient(grad_gamma: torch.Tensor, modulator: torch.Tensor, constraint: str) -> torch.Tensor:
+    """d loss / d rho from d loss / d gamma: times sigmoid(rho) (softplus' derivative) or unchanged ("none")."""
+    return grad_gamma * torch.sigmoid(modulator) if constraint == "softplus" else grad_gamma
+
+
 def modulator_for_gamma(gamma: float, constraint: str) -> float:
     """The raw value rho with ``gamma_from_modulator(rho) == gamma`` (softplus needs gamma > 0)."""
     check_constraint(constraint)

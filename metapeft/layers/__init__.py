@@ -1,7 +1,7 @@
 """metapeft's PEFT modules."""
 
-from metapeft.layers.adapter import FusedMetaAdapter
+from metapeft.layers.adapter import FusedMetaAdapter, ParallelAdapter, SequentialAdapter
 from metapeft.layers.base import MetaPEFTModule
 from metapeft.layers.lora import FusedMetaLoRA
 
-__all__ = ["FusedMetaAdapter", "FusedMetaLoRA", "MetaPEFTModule"]
+__all__ = ["FusedMetaAdapter", "FusedMetaLoRA", "MetaPEFTModule", "ParallelAdapter", "SequentialAdapter"]

@@ -1,4 +1,5 @@
-"""``FusedMetaAdapter``: a bottleneck adapter (AdaptFormer or Houlsby) whose output is scaled by a learnable gamma."""
+"""``FusedMetaAdapter``: a bottleneck adapter (AdaptFormer or Houlsby) whose output is scaled by a learnable gamma,
+and the wrappers that place one beside (:class:`ParallelAdapter`) or after (:class:`SequentialAdapter`) a sub-block."""
 
 from __future__ import annotations
 
@@ -7,11 +8,9 @@ import math
 import torch
 from torch import nn
 
-from metapeft.layers.base import MetaPEFTModule
-from metapeft.layers.lora import autocast_dtype, draw_dropout_seed
-from metapeft.ops.adapter import adapter, select_adapter_backend
+from metapeft.layers.base import MetaPEFTModule, autocast_dtype, draw_dropout_seed
+from metapeft.ops.adapter import adapter_call, check_adapter_params
 from metapeft.ops.adapter_torch import ADAPTER_ACTIVATIONS
-from metapeft.ops.checks import check_finite, check_floating
 
 ADAPTER_KINDS = ("parallel", "sequential")
 
@@ -37,8 +36,9 @@ class FusedMetaAdapter(MetaPEFTModule):
 
     Parameters (float32; move them with ``.to(device, dtype)``): ``down_weight`` (b, D), kaiming-uniform like
     LoRA's A; ``down_bias`` (b,), zeros; ``up_weight`` (D, b), zeros; ``up_bias`` (D,), zeros (so the adapter
-    adds nothing at init); ``modulator`` (1,). Input x (..., D) and residual (..., D) of the parameters' dtype
-    (or any float dtype under autocast); output (..., D).
+    adds nothing at init); ``modulator`` (1,), float64 when the module is cast to float64, float32 otherwise.
+    Input x (..., D) and residual (..., D) of the parameters' dtype (or any float dtype under autocast); output
+    (..., D).
 
     Adapters cannot be merged into a frozen weight (the activation sits between the two projections), so there
     is no ``merge()``: inference runs the same fused op, which stores nothing for backward under ``no_grad``.
@@ -77,11 +77,17 @@ class FusedMetaAdapter(MetaPEFTModule):
         self.up_weight = nn.Parameter(torch.zeros(dim, bottleneck))
         self.up_bias = nn.Parameter(torch.zeros(dim))
         nn.init.kaiming_uniform_(self.down_weight, a=math.sqrt(5))
-        self._init_modulator(1, init_gamma, constraint, meta, backend, self.down_weight.device)
+        self._init_modulator(1, init_gamma, constraint, meta, backend, self.down_weight)
+        self.check_parameters()
 
     def scale(self) -> torch.Tensor:
         """The adapter scale ``gamma * alpha``: (1,), differentiable in the modulator."""
         return self.gamma * self.alpha
+
+    def check_parameters(self) -> None:
+        """The adapter op's checks on the four PEFT weights and the scale."""
+        check_adapter_params(self.down_weight, self.down_bias, self.up_weight, self.up_bias, self.scale(),
+                             self.activation, self.dropout)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """x (..., dim) -> (..., dim); ``residual`` (..., dim) is required for ``kind="parallel"`` and refused for
@@ -90,7 +96,7 @@ class FusedMetaAdapter(MetaPEFTModule):
             raise ValueError("a parallel (AdaptFormer) FusedMetaAdapter needs residual=mlp(LN(x)) in forward")
         if self.kind == "sequential" and residual is not None:
             raise ValueError("a sequential (Houlsby) FusedMetaAdapter adds to its input x: pass no residual")
-        check_finite(self.modulator, f"modulator of {type(self).__name__}")
+        self.check_modulator()
         weights = (self.down_weight, self.down_bias, self.up_weight, self.up_bias)
         dtype = autocast_dtype(x.device.type)
         if dtype is not None:
@@ -101,14 +107,38 @@ class FusedMetaAdapter(MetaPEFTModule):
         return self._adapter(x, residual, *weights)
 
     def _adapter(self, x, residual, down_weight, down_bias, up_weight, up_bias) -> torch.Tensor:
-        check_floating(x, "x")
         dropout = self.dropout if self.training else 0.0
         seed = draw_dropout_seed() if dropout > 0.0 else 0
-        self.last_backend = select_adapter_backend(self.backend, x)
-        return adapter(x, residual, down_weight, down_bias, up_weight, up_bias, self.scale(), self.activation,
-                       dropout, seed, self.last_backend)
+        out, backend = adapter_call(x, residual, down_weight, down_bias, up_weight, up_bias, self.modulator,
+                                    self.constraint, self.alpha, self.activation, dropout, seed, self.backend)
+        if backend != self.last_backend:  # nn.Module.__setattr__ costs more than the comparison
+            self.last_backend = backend
+        return out
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, bottleneck={self.bottleneck}, alpha={self.alpha}, kind={self.kind!r}, "
                 f"activation={self.activation!r}, dropout={self.dropout}, constraint={self.constraint!r}, "
                 f"meta={self.meta}, backend={self.backend!r}")
+
+
+class ParallelAdapter(nn.Module):
+    """AdaptFormer beside a sub-block: ``module(x) + gamma * alpha * up(act(down(x)))``; x (..., dim) -> (..., dim)."""
+
+    def __init__(self, module: nn.Module, adapter: MetaPEFTModule) -> None:
+        super().__init__()
+        self.module, self.adapter = module, adapter
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.adapter(x, residual=self.module(x))
+
+
+class SequentialAdapter(nn.Module):
+    """Houlsby adapter after a sub-layer: ``h + gamma * alpha * up(act(down(h)))`` with ``h = module(*args)``;
+    h (..., dim). Keyword arguments (e.g. timm's ``attn_mask``) pass through to ``module``."""
+
+    def __init__(self, module: nn.Module, adapter: MetaPEFTModule) -> None:
+        super().__init__()
+        self.module, self.adapter = module, adapter
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        return self.adapter(self.module(*args, **kwargs))

@@ -1,4 +1,5 @@
-"""What every metapeft PEFT module shares: a frozen base, PEFT weights (phi) and modulators (rho)."""
+"""What every metapeft PEFT module shares: a frozen base, PEFT weights (phi), modulators (rho), and the helpers
+the layers use around the ops (autocast, dropout seeds, the once-per-change modulator check)."""
 
 from __future__ import annotations
 
@@ -7,26 +8,49 @@ from torch import nn
 
 from metapeft.modulator import check_constraint, gamma_from_modulator, modulator_for_gamma
 from metapeft.ops.backends import validate_backend_name
+from metapeft.ops.checks import check_finite, transforms_active
+
+
+def draw_dropout_seed() -> int:
+    """A dropout seed from torch's global CPU generator (reproducible under ``torch.manual_seed``)."""
+    return int(torch.randint(0, 2**62, (), device="cpu"))
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast compute dtype active for ``device_type``, or None outside autocast."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def modulator_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """The modulator's dtype for PEFT weights of ``weight_dtype``: float64 for float64 weights (gamma and its
+    gradient keep float64 precision), float32 otherwise (bf16/fp16 models keep an fp32 gamma)."""
+    return torch.float64 if weight_dtype == torch.float64 else torch.float32
 
 
 class MetaPEFTModule(nn.Module):
     """Base class of metapeft PEFT modules.
 
-    Subclasses register their PEFT weights by name in ``peft_parameter_names`` and call
-    :meth:`_init_modulator`. ``meta=True`` makes the modulator an ``nn.Parameter`` (learned by the
-    outer loop); ``meta=False`` makes it a buffer, a fixed scale (plain PEFT, the baseline).
+    Subclasses register their PEFT weights by name in ``peft_parameter_names``, call :meth:`_init_modulator`,
+    and implement :meth:`check_parameters` (the op's argument checks on everything but the input, run when the
+    module is built and after ``.to()`` / ``.cuda()`` / ``.half()``, never per call). ``meta=True`` makes the
+    modulator an ``nn.Parameter`` (learned by the outer loop); ``meta=False`` makes it a buffer, a fixed scale
+    (plain PEFT, the baseline). ``last_backend`` names the backend the last forward ran.
     """
 
     peft_parameter_names: tuple[str, ...] = ()
 
     def _init_modulator(
-        self, count: int, init_gamma: float, constraint: str, meta: bool, backend: str, device: torch.device
+        self, count: int, init_gamma: float, constraint: str, meta: bool, backend: str, weight: torch.Tensor
     ) -> None:
         self.constraint = check_constraint(constraint)
         self.backend = validate_backend_name(backend)
         self.meta = bool(meta)
         self.last_backend: str | None = None
-        value = torch.full((count,), modulator_for_gamma(init_gamma, constraint), device=device)
+        self._checked_modulator: tuple[int, int] | None = None
+        value = torch.full((count,), modulator_for_gamma(init_gamma, constraint), device=weight.device,
+                           dtype=modulator_dtype(weight.dtype))
         if self.meta:
             self.modulator = nn.Parameter(value)
         else:
@@ -44,3 +68,34 @@ class MetaPEFTModule(nn.Module):
     def meta_parameters(self) -> list[nn.Parameter]:
         """This module's modulator (rho) when it is learnable, else nothing."""
         return [self.modulator] if self.meta else []
+
+    def check_parameters(self) -> None:
+        """Raise naming the first parameter the op cannot run (shapes, dtypes, devices)."""
+        raise NotImplementedError
+
+    def check_modulator(self) -> None:
+        """Raise if the modulator holds NaN or inf, reading it only when it changed since the last check.
+
+        Its version counter changes with every in-place update (optimizer step, ``load_state_dict``, assignment
+        under ``no_grad``), so a forward pays a host read once per update instead of once per call; on CUDA the
+        read needs ``METAPEFT_CHECK_FINITE=1`` (see :func:`metapeft.ops.checks.check_finite`). Skipped while
+        compiling and inside ``torch.func`` transforms.
+        """
+        if torch.compiler.is_compiling() or transforms_active():
+            return
+        modulator = self.modulator
+        state = (id(modulator), modulator._version)
+        if state != self._checked_modulator:
+            check_finite(modulator, f"modulator of {type(self).__name__}")
+            self._checked_modulator = state
+
+    def _apply(self, fn, recurse=True):
+        """``nn.Module._apply`` (``.to()``, ``.cuda()``, ``.half()``...), then the modulator dtype rule and the
+        parameter checks: a module cast to bf16 keeps an fp32 modulator, one cast to float64 a float64 one."""
+        super()._apply(fn, recurse)
+        wanted = modulator_dtype(self.modulator.dtype)
+        if self.modulator.dtype != wanted:
+            self.modulator.data = self.modulator.data.to(wanted)
+        self._checked_modulator = None
+        self.check_parameters()
+        return self

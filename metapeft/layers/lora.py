@@ -7,22 +7,8 @@ import math
 import torch
 from torch import nn
 
-from metapeft.layers.base import MetaPEFTModule
-from metapeft.ops.backends import select_backend
-from metapeft.ops.checks import check_finite, check_floating, check_same
-from metapeft.ops.scaled_lora import scaled_lora
-
-
-def draw_dropout_seed() -> int:
-    """A dropout seed from torch's global CPU generator (reproducible under ``torch.manual_seed``)."""
-    return int(torch.randint(0, 2**62, (), device="cpu"))
-
-
-def autocast_dtype(device_type: str) -> torch.dtype | None:
-    """The autocast compute dtype active for ``device_type``, or None outside autocast."""
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return None
+from metapeft.layers.base import MetaPEFTModule, autocast_dtype, draw_dropout_seed
+from metapeft.ops.scaled_lora import check_scaled_lora_params, scaled_lora_call
 
 
 class FusedMetaLoRA(MetaPEFTModule):
@@ -45,7 +31,8 @@ class FusedMetaLoRA(MetaPEFTModule):
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
 
     Parameters: ``lora_A`` (S_a*r, K), kaiming-uniform; ``lora_B`` (S_a*N/S, r), zeros (so the layer
-    equals ``base`` at init); ``modulator`` (S_a,), where S_a = number of active segments.
+    equals ``base`` at init); ``modulator`` (S_a,), where S_a = number of active segments, float64 on a float64
+    base and float32 otherwise.
     Input x: (..., K) of any float dtype matching the base (or under autocast); output (..., N).
     """
 
@@ -90,10 +77,11 @@ class FusedMetaLoRA(MetaPEFTModule):
         self.lora_B = nn.Parameter(torch.zeros(len(active) * per_segment, rank, **factory))
         for block in self.lora_A.data.split(rank):
             nn.init.kaiming_uniform_(block, a=math.sqrt(5))
-        self._init_modulator(len(active), init_gamma, constraint, meta, backend, base.weight.device)
+        self._init_modulator(len(active), init_gamma, constraint, meta, backend, base.weight)
         # the active segments' indices as a device buffer: building the (S,) scale never copies from the host
         self.register_buffer("active_index", torch.tensor(self.active_segments, device=base.weight.device),
                              persistent=False)
+        self.check_parameters()
 
     @property
     def in_features(self) -> int:
@@ -121,11 +109,16 @@ class FusedMetaLoRA(MetaPEFTModule):
         full_b = [b_blocks[position[j]] if j in position else zeros_b for j in range(self.segments)]
         return torch.cat(full_a), torch.cat(full_b)
 
+    def check_parameters(self) -> None:
+        """The scaled-LoRA op's checks on the base weight and bias, the LoRA factors and the scale."""
+        lora_A, lora_B = self.lora_factors()
+        check_scaled_lora_params(self.base.weight, self.base.bias, lora_A, lora_B, self.scale(), self.dropout)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., in_features) -> (..., out_features)."""
         if self.merged:
             return self.base(x)
-        check_finite(self.modulator, f"modulator of {type(self).__name__}")
+        self.check_modulator()
         weight, bias = self.base.weight, self.base.bias
         lora_A, lora_B = self.lora_factors()
         dtype = autocast_dtype(x.device.type)
@@ -137,12 +130,16 @@ class FusedMetaLoRA(MetaPEFTModule):
         return self._scaled_lora(x, weight, bias, lora_A, lora_B)
 
     def _scaled_lora(self, x, weight, bias, lora_A, lora_B) -> torch.Tensor:
-        check_floating(x, "x")
-        check_same(x, weight, "x", "the base layer's weight")
         dropout = self.dropout if self.training else 0.0
         seed = draw_dropout_seed() if dropout > 0.0 else 0
-        self.last_backend = select_backend(self.backend, x)
-        return scaled_lora(x, weight, bias, lora_A, lora_B, self.scale(), dropout, seed, self.last_backend)
+        if len(self.active_segments) == self.segments:  # the op computes gamma * alpha / r itself
+            scale_args = (self.modulator, self.constraint, self.alpha / self.rank)
+        else:
+            scale_args = (self.scale(), "none", 1.0)
+        y, backend = scaled_lora_call(x, weight, bias, lora_A, lora_B, *scale_args, dropout, seed, self.backend)
+        if backend != self.last_backend:  # nn.Module.__setattr__ costs more than the comparison
+            self.last_backend = backend
+        return y
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:

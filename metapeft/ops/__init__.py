@@ -1,12 +1,8 @@
-"""metapeft's custom ops (namespace ``metapeft``) and their backend dispatch."""
+"""metapeft's custom ops (namespace ``metapeft``), their backends and the one dispatch point per op family."""
 
-from metapeft.ops import (
-    adapter_triton,  # noqa: F401  (adds the adapter op to the triton backend; imports no triton)
-    scaled_lora_cuda,  # noqa: F401  (registers the cuda backend; loads metapeft._C if built)
-    scaled_lora_triton,  # noqa: F401  (registers the triton backend; imports no triton)
-)
+from metapeft.ops import cuda_backend, triton_backend  # noqa: F401  (register the cuda and triton backends)
 from metapeft.ops.adapter import adapter
-from metapeft.ops.backends import available_backends, select_backend
+from metapeft.ops.backends import available_backends, refresh_backends, select_backend
 from metapeft.ops.scaled_lora import scaled_lora
 
-__all__ = ["adapter", "available_backends", "scaled_lora", "select_backend"]
+__all__ = ["adapter", "available_backends", "refresh_backends", "scaled_lora", "select_backend"]

@@ -12,39 +12,77 @@ Backward (the math is in :mod:`metapeft.ops.adapter_torch`): saved are x, the we
 bottleneck z (M, b); never a tensor of size M x D beyond x itself, never a dropout mask. The residual's
 gradient is dOut itself; d scale is reduced from (D, b) or (M, b) tensors, never an M x D product.
 
-Meta-gradient readiness: first-order backward runs the selected backend's kernels. Double backward is
-supported: when the backward runs with grad mode on (``create_graph=True``) it is computed from
-differentiable ATen ops, with ``z`` recomputed from x. Forward-mode AD is supported by :func:`adapter`:
-inside ``torch.func.jvp`` or a ``forward_ad.dual_level`` it computes the same forward from differentiable
-ATen ops. The raw ``torch.ops.metapeft.adapter_fwd`` op has no jvp rule, and PyTorch then silently gives it a
-zero (``torch.func.jvp``) or no (``forward_ad``) tangent: call it only through :func:`adapter`.
+How a call runs (:func:`adapter_call`, the only place that selects a backend) and what it supports (double
+backward, forward-mode AD, ``torch.func`` transforms) follow the scaled-LoRA op: see :mod:`metapeft.ops.scaled_lora`.
+The one differentiable torch forward is :func:`metapeft.ops.adapter_torch.adapter_fwd_torch`.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from metapeft.modulator import gamma_from_modulator, modulator_gradient
 from metapeft.ops.adapter_torch import (
     ADAPTER_ACTIVATIONS,
     adapter_bwd_torch,
     adapter_fwd_torch,
     adapter_recompute_z,
 )
-from metapeft.ops.backends import BACKEND_ENV, get_backend, select_backend
-from metapeft.ops.checks import check_finite, check_floating, check_same
-from metapeft.ops.dropout import backend_dropout_factors
-from metapeft.ops.scaled_lora import forward_ad_active
+from metapeft.ops.backends import OpImpl, op_impl, register_op, select_backend
+from metapeft.ops.checks import check_finite, check_floating, check_input, check_same, transforms_active
+from metapeft.ops.dropout import torch_dropout_factors
 
-_FWD_IMPLS = {"torch": adapter_fwd_torch}
-_BWD_IMPLS = {"torch": adapter_bwd_torch}
+FAMILY = "adapter"
 
 
-def register_adapter_impl(backend: str, fwd, bwd) -> None:
-    """Plug a backend's forward and backward launchers (same signatures as the torch ones) into the op."""
-    _FWD_IMPLS[backend] = fwd
-    _BWD_IMPLS[backend] = bwd
+def _grads(saved, grad_out, needs, activation, dropout_p, seed, residual_is_x, backend, kernel_backward):
+    """``(dx, d down_weight, d down_bias, d up_weight, d up_bias, d scale)`` (None where not needed) from the
+    saved tensors; differentiable when grad mode is on (double backward), else from ``kernel_backward``."""
+    x, down_weight, down_bias, up_weight, up_bias, scale, z = saved
+    args = (activation, dropout_p, seed, residual_is_x, needs)
+    if torch.is_grad_enabled():
+        factors = op_impl(backend, FAMILY).dropout
+        z = adapter_recompute_z(x, down_weight, down_bias, dropout_p, seed, factors)
+        return adapter_bwd_torch(grad_out, x, down_weight, up_weight, up_bias, scale, z, *args, factors)
+    return kernel_backward(grad_out, x, down_weight, up_weight, up_bias, scale, z, *args)
+
+
+def _needs(need):
+    return (need[0], need[2], need[3], need[4], need[5], need[6])
+
+
+class _Adapter(torch.autograd.Function):
+    """The eager path (see :mod:`metapeft.ops.scaled_lora`): x (..., D) is flattened and the scale
+    ``factor * gamma(modulator)`` computed here, so that neither costs an autograd node per call."""
+
+    @staticmethod
+    def forward(ctx, x, residual, down_weight, down_bias, up_weight, up_bias, modulator, constraint, factor,
+                activation, dropout_p, seed, backend):
+        impl = op_impl(backend, FAMILY)
+        x2d = x.reshape(-1, x.shape[-1])
+        residual2d = None if residual is None else residual.reshape(x2d.shape)
+        scale = gamma_from_modulator(modulator, constraint) * factor
+        out, z = impl.forward(x2d, residual2d, down_weight, down_bias, up_weight, up_bias, scale, activation,
+                              dropout_p, seed)
+        ctx.save_for_backward(x, down_weight, down_bias, up_weight, up_bias, modulator, scale, z)  # x: see scaled_lora
+        ctx.options = (constraint, factor, activation, dropout_p, seed, residual is None, backend, impl.backward)
+        return out.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, down_weight, down_bias, up_weight, up_bias, modulator, scale, z = ctx.saved_tensors
+        constraint, factor, *options = ctx.options
+        if torch.is_grad_enabled():  # double backward: the scale as a differentiable function of the modulator
+            scale = gamma_from_modulator(modulator, constraint) * factor
+        need = ctx.needs_input_grad
+        x2d = x.reshape(-1, x.shape[-1])
+        dx, ddown_w, ddown_b, dup_w, dup_b, dscale = _grads(
+            (x2d, down_weight, down_bias, up_weight, up_bias, scale, z), grad_out.reshape(x2d.shape), _needs(need),
+            *options)
+        dx = None if dx is None else dx.view(grad_out.shape)
+        dmodulator = None if dscale is None else modulator_gradient(dscale * factor, modulator, constraint)
+        return (dx, grad_out if need[1] else None, ddown_w, ddown_b, dup_w, dup_b, dmodulator,
+                None, None, None, None, None, None)
 
 
 @torch.library.custom_op("metapeft::adapter_fwd", mutates_args=())
@@ -62,8 +100,8 @@ def adapter_fwd(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward on 2-D x; returns ``(out (M, D), z (M, b))``. ``z`` is saved for backward, not a user output."""
-    return _FWD_IMPLS[backend](x, residual, down_weight, down_bias, up_weight, up_bias, scale, activation,
-                               dropout_p, seed)
+    return op_impl(backend, FAMILY).forward(x, residual, down_weight, down_bias, up_weight, up_bias, scale,
+                                            activation, dropout_p, seed)
 
 
 @adapter_fwd.register_fake
@@ -89,8 +127,8 @@ def adapter_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward; returns ``(dx, d down_weight, d down_bias, d up_weight, d up_bias, d scale)``, an empty tensor
     where ``needs`` is False. ``dx`` includes ``grad_out`` when ``residual_is_x``."""
-    grads = _BWD_IMPLS[backend](grad_out, x, down_weight, up_weight, up_bias, scale, z, activation, dropout_p, seed,
-                                residual_is_x, tuple(needs))
+    grads = op_impl(backend, FAMILY).backward(grad_out, x, down_weight, up_weight, up_bias, scale, z, activation,
+                                              dropout_p, seed, residual_is_x, tuple(needs))
     return tuple(g if g is not None else x.new_empty(0) for g in grads)
 
 
@@ -102,75 +140,48 @@ def _(grad_out, x, down_weight, up_weight, up_bias, scale, z, activation, dropou
     return tuple(owner.new_empty(shape if need else (0,)) for owner, shape, need in zip(owners, shapes, needs))
 
 
-def _setup_context(ctx, inputs, output):
+def _op_setup_context(ctx, inputs, output):
     x, residual, down_weight, down_bias, up_weight, up_bias, scale, activation, dropout_p, seed, backend = inputs
     ctx.save_for_backward(x, down_weight, down_bias, up_weight, up_bias, scale, output[1])
-    ctx.activation, ctx.dropout_p, ctx.seed, ctx.backend = activation, dropout_p, seed, backend
-    ctx.residual_is_x = residual is None
+    ctx.options = (activation, dropout_p, seed, residual is None, backend)
     ctx.mark_non_differentiable(output[1])
 
 
-def _backward(ctx, grad_out, _grad_z):
-    x, down_weight, down_bias, up_weight, up_bias, scale, z = ctx.saved_tensors
+def _op_backward(ctx, grad_out, _grad_z):
     need = ctx.needs_input_grad
-    needs = (need[0], need[2], need[3], need[4], need[5], need[6])
-    args = (ctx.activation, ctx.dropout_p, ctx.seed, ctx.residual_is_x)
-    if torch.is_grad_enabled():
-        factors = backend_dropout_factors(ctx.backend)
-        z = adapter_recompute_z(x, down_weight, down_bias, ctx.dropout_p, ctx.seed, factors)
-        grads = adapter_bwd_torch(grad_out, x, down_weight, up_weight, up_bias, scale, z, *args, needs, factors)
-    else:
-        grads = adapter_bwd(grad_out, x, down_weight, up_weight, up_bias, scale, z, *args, ctx.backend, list(needs))
-        grads = tuple(g if n else None for g, n in zip(grads, needs))
-    dx, ddown_w, ddown_b, dup_w, dup_b, dscale = grads
-    dresidual = grad_out if need[1] else None
-    return dx, dresidual, ddown_w, ddown_b, dup_w, dup_b, dscale, None, None, None, None
+    activation, dropout_p, seed, residual_is_x, backend = ctx.options
+
+    def kernel_backward(*args):
+        grads = adapter_bwd(*args[:-1], backend, list(args[-1]))
+        return tuple(g if n else None for g, n in zip(grads, args[-1]))
+
+    dx, ddown_w, ddown_b, dup_w, dup_b, dscale = _grads(ctx.saved_tensors, grad_out, _needs(need), *ctx.options,
+                                                        kernel_backward)
+    return dx, grad_out if need[1] else None, ddown_w, ddown_b, dup_w, dup_b, dscale, None, None, None, None
 
 
-adapter_fwd.register_autograd(_backward, setup_context=_setup_context)
+adapter_fwd.register_autograd(_op_backward, setup_context=_op_setup_context)
+register_op("torch", FAMILY, OpImpl(adapter_fwd_torch, adapter_bwd_torch, torch_dropout_factors))
 
 
-def select_adapter_backend(requested: str, x: torch.Tensor) -> str:
-    """Resolve ``requested`` ("auto" or a backend name) for an adapter input ``x`` via :func:`select_backend`.
-
-    Only backends with an adapter implementation qualify: when ``"auto"`` picks one without (the CUDA
-    extension has no adapter kernels) the next capable backend in auto order runs; an explicit request for one
-    raises a ``RuntimeError``.
-    """
-    chosen = select_backend(requested, x)
-    if chosen in _FWD_IMPLS:
-        return chosen
-    if requested == "auto" and (os.environ.get(BACKEND_ENV) or "auto") == "auto":
-        for name in ("triton", "torch"):
-            if name in _FWD_IMPLS and not get_backend(name).not_supported_reasons(x):
-                return name
-    raise RuntimeError(f"backend {chosen!r} has no adapter implementation; adapter backends: {sorted(_FWD_IMPLS)}")
-
-
-def check_adapter_inputs(x, residual, down_weight, down_bias, up_weight, up_bias, scale, activation, dropout_p):
-    """Raise a ``ValueError``/``TypeError`` naming the first bad argument of :func:`adapter`."""
-    check_floating(x, "x")
-    if x.dim() < 1:
-        raise ValueError(f"x must have at least 1 dimension (..., dim), got shape {tuple(x.shape)}")
+def check_adapter_params(down_weight, down_bias, up_weight, up_bias, scale, activation, dropout_p) -> None:
+    """Raise a ``ValueError``/``TypeError`` naming the first bad argument of :func:`adapter` other than x and the
+    residual. Layers run it when they are built and when their parameters change, not per call."""
     for name, t, ndim in (("down_weight", down_weight, 2), ("up_weight", up_weight, 2), ("scale", scale, 1)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
         if t.dim() != ndim:
             raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
-    optional = (("residual", residual), ("down_bias", down_bias), ("up_bias", up_bias))
-    for name, t in (*optional, ("down_weight", down_weight), ("up_weight", up_weight)):
+    check_floating(down_weight, "down_weight")
+    for name, t in (("down_bias", down_bias), ("up_weight", up_weight), ("up_bias", up_bias)):
         if t is not None:
-            check_same(t, x, name, "x")
+            check_same(t, down_weight, name, "down_weight")
     check_floating(scale, "scale")
-    if scale.device != x.device:
-        raise ValueError(f"scale must be on x's device {x.device}, got {scale.device}")
+    if scale.device != down_weight.device:
+        raise ValueError(f"scale must be on down_weight's device {down_weight.device}, got {scale.device}")
     bottleneck, dim = down_weight.shape
-    if x.shape[-1] != dim:
-        raise ValueError(f"x's last dimension ({x.shape[-1]}) must equal down_weight's in_features ({dim})")
     if bottleneck < 1:
         raise ValueError(f"bottleneck (down_weight's rows) must be >= 1, got {bottleneck}")
-    if residual is not None and residual.shape != x.shape:
-        raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
     if tuple(up_weight.shape) != (dim, bottleneck):
         raise ValueError(f"up_weight must have shape (dim, bottleneck) = ({dim}, {bottleneck}), "
                          f"got {tuple(up_weight.shape)}")
@@ -183,7 +194,46 @@ def check_adapter_inputs(x, residual, down_weight, down_bias, up_weight, up_bias
         raise ValueError(f"activation must be one of {ADAPTER_ACTIVATIONS}, got {activation!r}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    check_finite(scale, "scale")
+
+
+def adapter_call(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    down_weight: torch.Tensor,
+    down_bias: torch.Tensor | None,
+    up_weight: torch.Tensor,
+    up_bias: torch.Tensor | None,
+    modulator: torch.Tensor,
+    constraint: str,
+    factor: float,
+    activation: str,
+    dropout_p: float,
+    seed: int,
+    backend: str,
+) -> tuple[torch.Tensor, str]:
+    """The dispatch point: check x and the residual, select the backend for ``backend``, run with
+    ``scale = factor * gamma(modulator)``; return ``(out (..., D), name of the backend that ran)``.
+
+    For callers whose other arguments passed :func:`check_adapter_params` (layers check them once).
+    """
+    check_input(x, down_weight, "down_weight")
+    if residual is not None:
+        check_same(residual, x, "residual", "x")
+        if residual.shape != x.shape:
+            raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+    chosen = select_backend(backend, x, FAMILY)
+    if not (torch.compiler.is_compiling() or transforms_active()):
+        return _Adapter.apply(x, residual, down_weight, down_bias, up_weight, up_bias, modulator, constraint, factor,
+                              activation, dropout_p, seed, chosen), chosen
+    x2d = x.reshape(-1, x.shape[-1])
+    residual2d = None if residual is None else residual.reshape(x2d.shape)
+    scale = gamma_from_modulator(modulator, constraint) * factor
+    args = (x2d, residual2d, down_weight, down_bias, up_weight, up_bias, scale, activation, dropout_p, seed)
+    if torch.compiler.is_compiling():
+        out = adapter_fwd(*args, chosen)[0]
+    else:
+        out = adapter_fwd_torch(*args, op_impl(chosen, FAMILY).dropout)[0]
+    return out.view(x.shape), chosen
 
 
 def adapter(
@@ -203,13 +253,10 @@ def adapter(
 
     ``residual`` (..., D) or None (the residual is x: the sequential, Houlsby form). ``scale`` (1,) is usually
     ``gamma * alpha``. ``backend`` is "auto" (by device, overridden by ``METAPEFT_BACKEND``) or a backend name;
-    an unavailable backend raises, it never falls back.
+    an unavailable backend raises, it never falls back. Checks every argument (``scale`` must be finite) on each
+    call; layers check their parameters once instead.
     """
-    check_adapter_inputs(x, residual, down_weight, down_bias, up_weight, up_bias, scale, activation, dropout_p)
-    backend = select_adapter_backend(backend, x)
-    x2d = x.reshape(-1, x.shape[-1])
-    residual2d = None if residual is None else residual.reshape(-1, x.shape[-1])
-    args = (x2d, residual2d, down_weight, down_bias, up_weight, up_bias, scale, activation, float(dropout_p), int(seed))
-    if forward_ad_active():
-        return adapter_fwd_torch(*args, backend_dropout_factors(backend))[0].view(x.shape)
-    return adapter_fwd(*args, backend)[0].view(x.shape)
+    check_adapter_params(down_weight, down_bias, up_weight, up_bias, scale, activation, dropout_p)
+    check_finite(scale, "scale")
+    return adapter_call(x, residual, down_weight, down_bias, up_weight, up_bias, scale, "none", 1.0, activation,
+                        float(dropout_p), int(seed), backend)[0]

@@ -1,9 +1,15 @@
-"""Backend registry: which implementations of the metapeft ops exist, and why one cannot run an input.
+"""The backend registry: per op family, each backend's forward, backward, dropout rule and capability checks.
 
-Every op family (``scaled_lora``, ``adapter``) dispatches through the same registry. A backend says
-whether it is usable at all (``unavailable_reason``) and whether it can run a given input
-(``not_supported_reasons``); dispatch picks the first capable backend for ``"auto"`` and raises a
-clear error, listing the reasons, when an explicitly requested backend cannot run.
+One registry serves every op family (``scaled_lora``, ``adapter``). A :class:`Backend` says whether it can run
+in this process at all (``unavailable_reason``, evaluated once per process) and whether it can run a given input
+(:meth:`Backend.not_supported_reasons`: device type, dtype, the op family). :func:`select_backend` resolves a
+requested name ("auto" or a backend) for an input; the op entry points (``metapeft.ops.scaled_lora`` /
+``metapeft.ops.adapter``) are its only callers, and they report the backend that ran.
+
+What decides a selection (the family, the request, ``METAPEFT_BACKEND``, the input's device type and dtype) is
+fixed per process for a given key, so each answer is cached: a forward pays one dictionary lookup, not a scan of
+the registry. :func:`refresh_backends` drops every cached answer and re-reads availability and the environment
+(e.g. after a test changes ``METAPEFT_BACKEND``).
 """
 
 from __future__ import annotations
@@ -15,44 +21,76 @@ from dataclasses import dataclass, field
 import torch
 
 BACKEND_ENV = "METAPEFT_BACKEND"
-BACKEND_NAMES = ("cuda", "triton", "torch")
+BACKEND_NAMES = ("cuda", "triton", "torch")  # the order in which "auto" tries them
+FAMILIES = ("scaled_lora", "adapter")
+
+
+@dataclass(frozen=True)
+class OpImpl:
+    """One backend's implementation of one op family.
+
+    ``forward`` and ``backward`` are launchers with the signatures of the family's torch implementation
+    (``metapeft.ops.scaled_lora_torch`` / ``metapeft.ops.adapter_torch``). ``dropout(x (M, K), p, seed)`` returns
+    the factors the launchers apply to x: 1/(1-p) where they keep an element, 0 elsewhere; the differentiable
+    paths (double backward, forward-mode AD, ``torch.func``) use it to reproduce this backend's mask exactly.
+    """
+
+    forward: Callable
+    backward: Callable
+    dropout: Callable
 
 
 @dataclass
 class Backend:
     """One implementation of the metapeft ops.
 
-    ``unavailable_reason()`` returns why the backend cannot run at all in this process (``None`` when
-    it can); ``device_types`` are the tensor device types it runs on when asked by name, and
-    ``auto_device_types`` those on which ``"auto"`` may pick it (default: the same).
+    ``unavailable_reason()`` returns why the backend cannot run at all in this process (``None`` when it can);
+    ``device_types`` are the tensor device types it runs when asked by name, ``auto_device_types`` those on
+    which "auto" may pick it (default: the same); ``input_checks`` each return why an input x cannot run (or
+    ``None``); ``ops`` maps an op family to its :class:`OpImpl`.
     """
 
     name: str
     device_types: tuple[str, ...]
     auto_device_types: tuple[str, ...] | None = None
     unavailable_reason: Callable[[], str | None] = lambda: None
-    extra_checks: list[Callable[[torch.Tensor], str | None]] = field(default_factory=list)
+    input_checks: list[Callable[[torch.Tensor], str | None]] = field(default_factory=list)
+    ops: dict[str, OpImpl] = field(default_factory=dict)
 
-    def not_supported_reasons(self, x: torch.Tensor) -> list[str]:
-        """Why this backend cannot run an op whose main input is ``x`` (empty list: it can)."""
+    def not_supported_reasons(self, x: torch.Tensor, family: str = "scaled_lora") -> list[str]:
+        """Why this backend cannot run op ``family`` on the input ``x`` (empty list: it can)."""
         reasons = []
-        unavailable = self.unavailable_reason()
+        unavailable = available_backends()[self.name]
         if unavailable is not None:
             reasons.append(unavailable)
+        if family not in self.ops:
+            reasons.append(f"has no {family} implementation")
         if x.device.type not in self.device_types:
             reasons.append(f"runs on {'/'.join(self.device_types)} tensors, got a {x.device.type} tensor")
-        reasons.extend(r for check in self.extra_checks if (r := check(x)) is not None)
+        reasons.extend(r for check in self.input_checks if (r := check(x)) is not None)
         return reasons
 
 
 _REGISTRY: dict[str, Backend] = {}
+_AVAILABILITY: dict[str, str | None] = {}
+_SELECTIONS: dict[tuple, str | RuntimeError] = {}
+_ENV_REQUEST: list[str] = []  # the "auto" override read from METAPEFT_BACKEND, one entry once read
 
 
 def register_backend(backend: Backend) -> None:
-    """Add (or replace) a backend in the registry; names must be one of ``BACKEND_NAMES``."""
+    """Add (or replace) a backend; its name must be one of ``BACKEND_NAMES``."""
     if backend.name not in BACKEND_NAMES:
         raise ValueError(f"backend name must be one of {BACKEND_NAMES}, got {backend.name!r}")
     _REGISTRY[backend.name] = backend
+    refresh_backends()
+
+
+def register_op(backend: str, family: str, impl: OpImpl) -> None:
+    """Add ``family``'s implementation to the registered backend called ``backend``."""
+    if family not in FAMILIES:
+        raise ValueError(f"op family must be one of {FAMILIES}, got {family!r}")
+    get_backend(backend).ops[family] = impl
+    refresh_backends()
 
 
 def get_backend(name: str) -> Backend:
@@ -62,9 +100,24 @@ def get_backend(name: str) -> Backend:
     return _REGISTRY[name]
 
 
+def op_impl(backend: str, family: str) -> OpImpl:
+    """``backend``'s implementation of ``family`` (a ``KeyError`` when it has none: select first)."""
+    return _REGISTRY[backend].ops[family]
+
+
+def refresh_backends() -> None:
+    """Forget every cached answer: availability, ``METAPEFT_BACKEND`` and selections are computed anew."""
+    _AVAILABILITY.clear()
+    _SELECTIONS.clear()
+    _ENV_REQUEST.clear()
+
+
 def available_backends() -> dict[str, str | None]:
-    """Map every registered backend to ``None`` (usable here) or the reason it is not."""
-    return {name: _REGISTRY[name].unavailable_reason() for name in BACKEND_NAMES if name in _REGISTRY}
+    """Map every registered backend to ``None`` (usable in this process) or the reason it is not (cached)."""
+    if len(_AVAILABILITY) != len(_REGISTRY):
+        _AVAILABILITY.update({name: _REGISTRY[name].unavailable_reason() for name in BACKEND_NAMES
+                              if name in _REGISTRY})
+    return dict(_AVAILABILITY)
 
 
 def validate_backend_name(backend: str) -> str:
@@ -74,33 +127,50 @@ def validate_backend_name(backend: str) -> str:
     return backend
 
 
-def select_backend(requested: str, x: torch.Tensor) -> str:
-    """Resolve ``requested`` ("auto" or a backend name) for input ``x``.
-
-    ``METAPEFT_BACKEND`` overrides ``"auto"``. An explicit request that cannot run raises a
-    ``RuntimeError`` naming the backend and its reasons; it never falls back silently.
-    """
-    if requested == "auto":
+def _env_request() -> str:
+    if not _ENV_REQUEST:
         requested = os.environ.get(BACKEND_ENV, "auto") or "auto"
         if requested != "auto" and requested not in BACKEND_NAMES:
             raise ValueError(f"{BACKEND_ENV} must be 'auto' or one of {BACKEND_NAMES}, got {requested!r}")
+        _ENV_REQUEST.append(requested)
+    return _ENV_REQUEST[0]
+
+
+def _resolve(requested: str, family: str, x: torch.Tensor) -> str | RuntimeError:
     if requested != "auto":
-        reasons = get_backend(requested).not_supported_reasons(x)
+        reasons = get_backend(requested).not_supported_reasons(x, family)
         if reasons:
-            raise RuntimeError(f"backend {requested!r} cannot run this input: " + "; ".join(reasons))
+            return RuntimeError(f"backend {requested!r} cannot run this input ({family}): " + "; ".join(reasons))
         return requested
     all_reasons = {}
     for name in BACKEND_NAMES:
         if name not in _REGISTRY:
             continue
         backend = _REGISTRY[name]
-        reasons = backend.not_supported_reasons(x)
+        reasons = backend.not_supported_reasons(x, family)
         if backend.auto_device_types is not None and x.device.type not in backend.auto_device_types:
-            reasons.append(f"'auto' picks it only for {'/'.join(backend.auto_device_types)} tensors")
+            reasons.append(f"'auto' picks it only for {'/'.join(backend.auto_device_types) or 'no'} tensors")
         if not reasons:
             return name
         all_reasons[name] = reasons
-    raise RuntimeError(f"no metapeft backend can run a {x.device.type} {x.dtype} input: {all_reasons}")
+    return RuntimeError(f"no metapeft backend can run a {x.device.type} {x.dtype} {family} input: {all_reasons}")
+
+
+def select_backend(requested: str, x: torch.Tensor, family: str = "scaled_lora") -> str:
+    """Resolve ``requested`` ("auto" or a backend name) for op ``family`` on input ``x``; cached per process.
+
+    ``METAPEFT_BACKEND`` overrides "auto". A request that cannot run raises a ``RuntimeError`` naming the
+    backend and its reasons; it never falls back silently.
+    """
+    if requested == "auto":
+        requested = _env_request()
+    key = (family, requested, x.device.type, x.dtype)
+    chosen = _SELECTIONS.get(key)
+    if chosen is None:
+        chosen = _SELECTIONS[key] = _resolve(requested, family, x)
+    if isinstance(chosen, RuntimeError):
+        raise RuntimeError(*chosen.args)
+    return chosen
 
 
 register_backend(Backend("torch", device_types=("cpu", "cuda", "mps", "xpu")))

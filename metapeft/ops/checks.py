@@ -23,16 +23,34 @@ def check_same(t: torch.Tensor, ref: torch.Tensor, name: str, ref_name: str) -> 
         raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}; they must match")
 
 
+def check_input(x: torch.Tensor, weight: torch.Tensor, weight_name: str) -> None:
+    """The per-call checks of an op's input x (..., K) against its first weight (rows, K): a floating tensor of
+    the weight's dtype and device whose last dimension is K."""
+    check_floating(x, "x")
+    if x.device != weight.device:
+        raise ValueError(f"x is on {x.device} but {weight_name} is on {weight.device}; they must be on one device")
+    if x.dtype != weight.dtype:
+        raise TypeError(f"{weight_name} has dtype {weight.dtype} but x has dtype {x.dtype}; they must match")
+    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x's last dimension ({x.shape[-1] if x.dim() else 'none'}) must equal {weight_name}'s "
+                         f"in_features ({weight.shape[1]})")
+
+
+def transforms_active() -> bool:
+    """True inside a ``torch.func`` transform (grad, vjp, jacrev, vmap, jvp) or a ``forward_ad.dual_level``."""
+    return torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0
+
+
 def check_finite(t: torch.Tensor, name: str) -> None:
     """``t`` (a small parameter such as a modulator) must hold no NaN or inf.
 
     The check reads the values, so it runs only where that costs no device sync (CPU tensors) and
-    never while compiling; on CUDA set ``METAPEFT_CHECK_FINITE=1`` to enable it there too.
+    never while compiling or inside a ``torch.func`` transform (where reading a value is data-dependent
+    control flow); on CUDA set ``METAPEFT_CHECK_FINITE=1`` to enable it there too.
     """
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or transforms_active():
         return
     if t.device.type != "cpu" and os.environ.get("METAPEFT_CHECK_FINITE", "0") != "1":
         return
     if not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} contains NaN or inf: {t.detach().cpu().tolist()}")
-

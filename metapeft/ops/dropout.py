@@ -1,8 +1,9 @@
-"""Seeded dropout masks for the ``torch`` backend and the reference: regenerated, never stored.
+"""The ``torch`` backend's dropout rule and inverted dropout from a rule's factors: masks regenerated, never stored.
 
-The ``torch`` backend never saves a dropout mask for backward: it saves the seed and regenerates the
-identical mask from a ``torch.Generator`` seeded with it. (The Triton kernels draw their masks from
-Philox with the same seed; masks are reproducible within a backend, not across backends.)
+A backend's dropout rule ``dropout(x (M, K), p, seed)`` returns the factors its kernels apply to x (1/(1-p) where
+kept, 0 elsewhere); it is registered with the backend's launchers (``metapeft.ops.backends.OpImpl``). The torch
+rule draws the mask from a ``torch.Generator`` seeded with ``seed``; the Triton kernels draw theirs from Philox
+and ``metapeft._C`` from a hash of (seed, index): masks are reproducible within a backend, not across backends.
 """
 
 from __future__ import annotations
@@ -22,26 +23,11 @@ def torch_dropout_factors(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     return dropout_keep_mask(tuple(x.shape), p, seed, x.device).to(x.dtype) * (1.0 / (1.0 - p))
 
 
-_BACKEND_FACTORS = {"torch": torch_dropout_factors}
-
-
-def register_dropout_factors(backend: str, factors) -> None:
-    """Declare ``backend``'s dropout mask: ``factors(x (M, K), p, seed) -> (M, K)`` tensor, 1/(1-p) where its
-    kernels keep an element and 0 elsewhere. The differentiable paths (double backward, forward-mode AD)
-    of every op use it to reproduce that backend's forward exactly."""
-    _BACKEND_FACTORS[backend] = factors
-
-
-def backend_dropout_factors(backend: str):
-    """The dropout-factor function registered for ``backend``."""
-    return _BACKEND_FACTORS[backend]
-
-
 def seeded_dropout(x: torch.Tensor, p: float, seed: int, factors=torch_dropout_factors) -> torch.Tensor:
     """Inverted dropout of ``x`` (any shape, float dtype), differentiable in x; ``p == 0`` returns ``x``.
 
-    ``factors(x, p, seed)`` gives the mask scaled by 1/(1-p): the torch backend's by default, or another
-    backend's so that a composite recomputation matches that backend's kernels.
+    ``factors(x, p, seed)`` is a backend's dropout rule (the torch backend's by default), so that a
+    differentiable recomputation matches that backend's kernels.
     """
     if p == 0.0:
         return x

@@ -1,4 +1,4 @@
-"""The scaled-LoRA op: registration (``metapeft::scaled_lora_fwd`` / ``_bwd``), fake kernels, autograd, dispatch.
+"""The scaled-LoRA op: its dispatch point, autograd, and registration (``metapeft::scaled_lora_fwd`` / ``_bwd``).
 
     y[:, seg j] = x W^T[:, seg j] + bias[seg j] + scale_j * (drop(x) A_j^T) B_j^T
 
@@ -7,32 +7,75 @@ one floating dtype on one device; scale (S,) on the same device, any float dtype
 real gradient, never a Python float: changing it never recompiles and never syncs the host).
 Segment j is the j-th equal slice of the N outputs (S = 3 for a fused qkv projection).
 
-Meta-gradient readiness: first-order backward runs the selected backend's fused kernels. Double
-backward is supported: when the backward runs with grad mode on (``create_graph=True``) it is
-computed from differentiable ATen ops, with ``h`` recomputed from x and A. Forward-mode AD is
-supported by :func:`scaled_lora`: inside ``torch.func.jvp`` or a ``forward_ad.dual_level`` it computes
-the same forward from differentiable ATen ops (the raw ``torch.ops.metapeft.scaled_lora_fwd`` op has no
-jvp rule: call it only through :func:`scaled_lora`).
+How a call runs (:func:`scaled_lora_call`, the only place that selects a backend):
+- eager: a ``torch.autograd.Function`` that calls the backend's launchers directly and also computes the scale
+  from a layer's modulator (no autograd node for either). (The registered custom op's
+  Python wrapper costs more host time per call than the whole op at small shapes, and an autograd.Function with
+  ``setup_context`` binds its arguments with ``inspect.signature`` on every call: ~40 us more than the
+  ``forward(ctx, ...)`` form, measured at x (16, 16), r = 4 on CPU.)
+- under ``torch.compile``: the registered custom op, whose fake kernels and autograd let the compiler trace it
+  without graph breaks.
+- under forward-mode AD or a ``torch.func`` transform (``grad``, ``jacrev``, ``vmap``, ``jvp``): the one
+  differentiable torch forward (:func:`metapeft.ops.scaled_lora_torch.scaled_lora_fwd_torch`) with the selected
+  backend's dropout rule, so every transform composes with it (vmap included, over x or over the scale).
+
+Meta-gradient readiness: first-order backward runs the selected backend's fused kernels. Double backward is
+supported: when the backward runs with grad mode on (``create_graph=True``) it is computed from differentiable
+ATen ops (:func:`metapeft.ops.scaled_lora_torch.scaled_lora_bwd_torch`), with ``h`` recomputed from x and A
+under the forward backend's dropout mask.
 """
 
 from __future__ import annotations
 
 import torch
 
-from metapeft.ops.backends import select_backend
-from metapeft.ops.checks import check_finite, check_floating, check_same
-from metapeft.ops.dropout import backend_dropout_factors, seeded_dropout
-from metapeft.ops.scaled_lora_torch import scaled_lora_bwd_torch, scaled_lora_composite, scaled_lora_fwd_torch
+from metapeft.modulator import gamma_from_modulator, modulator_gradient
+from metapeft.ops.backends import OpImpl, op_impl, register_op, select_backend
+from metapeft.ops.checks import check_finite, check_floating, check_input, check_same, transforms_active
+from metapeft.ops.dropout import seeded_dropout, torch_dropout_factors
+from metapeft.ops.scaled_lora_torch import scaled_lora_bwd_torch, scaled_lora_fwd_torch
 
-_FWD_IMPLS = {"torch": scaled_lora_fwd_torch}
-_BWD_IMPLS = {"torch": scaled_lora_bwd_torch}
+FAMILY = "scaled_lora"
 
 
-def register_scaled_lora_impl(backend: str, fwd, bwd) -> None:
-    """Plug a backend's forward and backward launchers (same signatures as the torch ones) into the op; its
-    dropout mask is declared once for all ops with ``metapeft.ops.dropout.register_dropout_factors``."""
-    _FWD_IMPLS[backend] = fwd
-    _BWD_IMPLS[backend] = bwd
+def _grads(saved, grad_y, needs, dropout_p, seed, backend, kernel_backward):
+    """``(dx, dweight, dbias, dA, dB, dscale)`` (None where not needed) from the saved tensors; differentiable
+    when grad mode is on (double backward), else from ``kernel_backward`` (the backend's launcher or its op)."""
+    x, weight, lora_A, lora_B, scale, h = saved
+    if torch.is_grad_enabled():
+        factors = op_impl(backend, FAMILY).dropout
+        h = seeded_dropout(x, dropout_p, seed, factors) @ lora_A.t()
+        return scaled_lora_bwd_torch(grad_y, x, weight, lora_A, lora_B, scale, h, dropout_p, seed, needs, factors)
+    return kernel_backward(grad_y, x, weight, lora_A, lora_B, scale, h, dropout_p, seed, needs)
+
+
+class _ScaledLoRA(torch.autograd.Function):
+    """The eager path (see the module docstring): x (..., K) is flattened here, and the scale
+    ``factor * gamma(modulator)`` is computed here, so that neither costs an autograd node per call."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, modulator, constraint, factor, dropout_p, seed, backend):
+        impl = op_impl(backend, FAMILY)
+        x2d = x.reshape(-1, x.shape[-1])
+        scale = gamma_from_modulator(modulator, constraint) * factor
+        y, h = impl.forward(x2d, weight, bias, lora_A, lora_B, scale, dropout_p, seed)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, modulator, scale, h)  # x itself: double backward needs it
+        ctx.options = (constraint, factor, dropout_p, seed, backend, impl.backward)
+        return y.view(*x.shape[:-1], y.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, lora_A, lora_B, modulator, scale, h = ctx.saved_tensors
+        constraint, factor, dropout_p, seed, backend, kernel_backward = ctx.options
+        if torch.is_grad_enabled():  # double backward: the scale as a differentiable function of the modulator
+            scale = gamma_from_modulator(modulator, constraint) * factor
+        x2d, grad_y2d = x.reshape(-1, x.shape[-1]), grad_y.reshape(-1, grad_y.shape[-1])
+        dx, dweight, dbias, dA, dB, dscale = _grads((x2d, weight, lora_A, lora_B, scale, h), grad_y2d,
+                                                    ctx.needs_input_grad[:6], dropout_p, seed, backend,
+                                                    kernel_backward)
+        dx = None if dx is None else dx.view(x.shape)
+        dmodulator = None if dscale is None else modulator_gradient(dscale * factor, modulator, constraint)
+        return dx, dweight, dbias, dA, dB, dmodulator, None, None, None, None, None
 
 
 @torch.library.custom_op("metapeft::scaled_lora_fwd", mutates_args=())
@@ -48,14 +91,12 @@ def scaled_lora_fwd(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward on 2-D x; returns ``(y (M, N), h (M, S*r))``. ``h`` is saved for backward, not a user output."""
-    return _FWD_IMPLS[backend](x, weight, bias, lora_A, lora_B, scale, dropout_p, seed)
+    return op_impl(backend, FAMILY).forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed)
 
 
 @scaled_lora_fwd.register_fake
 def _(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, backend):
-    y = x.new_empty((x.shape[0], weight.shape[0]))
-    h = x.new_empty((x.shape[0], lora_A.shape[0]))
-    return y, h
+    return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], lora_A.shape[0]))
 
 
 @torch.library.custom_op("metapeft::scaled_lora_bwd", mutates_args=())
@@ -73,7 +114,8 @@ def scaled_lora_bwd(
     needs: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward; returns ``(dx, dweight, dbias, dA, dB, dscale)``, an empty tensor where ``needs`` is False."""
-    grads = _BWD_IMPLS[backend](grad_y, x, weight, lora_A, lora_B, scale, h, dropout_p, seed, tuple(needs))
+    grads = op_impl(backend, FAMILY).backward(grad_y, x, weight, lora_A, lora_B, scale, h, dropout_p, seed,
+                                              tuple(needs))
     return tuple(g if g is not None else x.new_empty(0) for g in grads)
 
 
@@ -84,56 +126,46 @@ def _(grad_y, x, weight, lora_A, lora_B, scale, h, dropout_p, seed, backend, nee
     return tuple(owner.new_empty(shape if need else (0,)) for owner, shape, need in zip(owners, shapes, needs))
 
 
-def _setup_context(ctx, inputs, output):
+def _op_setup_context(ctx, inputs, output):
     x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, backend = inputs
     ctx.save_for_backward(x, weight, lora_A, lora_B, scale, output[1])
     ctx.dropout_p, ctx.seed, ctx.backend = dropout_p, seed, backend
     ctx.mark_non_differentiable(output[1])
 
 
-def _backward(ctx, grad_y, _grad_h):
-    x, weight, lora_A, lora_B, scale, h = ctx.saved_tensors
-    needs = tuple(ctx.needs_input_grad[:6])
-    if torch.is_grad_enabled():
-        factors = backend_dropout_factors(ctx.backend)
-        h = seeded_dropout(x, ctx.dropout_p, ctx.seed, factors) @ lora_A.t()
-        grads = scaled_lora_bwd_torch(grad_y, x, weight, lora_A, lora_B, scale, h, ctx.dropout_p, ctx.seed, needs,
-                                      factors)
-    else:
-        grads = scaled_lora_bwd(grad_y, x, weight, lora_A, lora_B, scale, h, ctx.dropout_p, ctx.seed, ctx.backend,
-                                list(needs))
-        grads = tuple(g if need else None for g, need in zip(grads, needs))
+def _op_backward(ctx, grad_y, _grad_h):
+    def kernel_backward(*args):
+        grads = scaled_lora_bwd(*args[:-1], ctx.backend, list(args[-1]))
+        return tuple(g if need else None for g, need in zip(grads, args[-1]))
+
+    grads = _grads(ctx.saved_tensors, grad_y, tuple(ctx.needs_input_grad[:6]), ctx.dropout_p, ctx.seed, ctx.backend,
+                   kernel_backward)
     return (*grads, None, None, None)
 
 
-scaled_lora_fwd.register_autograd(_backward, setup_context=_setup_context)
+scaled_lora_fwd.register_autograd(_op_backward, setup_context=_op_setup_context)
+register_op("torch", FAMILY, OpImpl(scaled_lora_fwd_torch, scaled_lora_bwd_torch, torch_dropout_factors))
 
 
-def forward_ad_active() -> bool:
-    """True inside ``torch.func.jvp`` or a ``torch.autograd.forward_ad.dual_level`` (never while compiling)."""
-    return not torch.compiler.is_compiling() and torch.autograd.forward_ad._current_level >= 0
+def check_scaled_lora_params(weight, bias, lora_A, lora_B, scale, dropout_p) -> None:
+    """Raise a ``ValueError``/``TypeError`` naming the first bad argument of :func:`scaled_lora` other than x.
 
-
-def check_scaled_lora_inputs(x, weight, bias, lora_A, lora_B, scale, dropout_p) -> None:
-    """Raise a ``ValueError``/``TypeError`` naming the first bad argument of :func:`scaled_lora`."""
-    check_floating(x, "x")
-    if x.dim() < 1:
-        raise ValueError(f"x must have at least 1 dimension (..., in_features), got shape {tuple(x.shape)}")
+    Layers run it when they are built and when their parameters change, not per call.
+    """
     for name, t, ndim in (("weight", weight, 2), ("lora_A", lora_A, 2), ("lora_B", lora_B, 2), ("scale", scale, 1)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
         if t.dim() != ndim:
             raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
-    for name, t in (("weight", weight), ("bias", bias), ("lora_A", lora_A), ("lora_B", lora_B)):
+    check_floating(weight, "weight")
+    for name, t in (("bias", bias), ("lora_A", lora_A), ("lora_B", lora_B)):
         if t is not None:
-            check_same(t, x, name, "x")
+            check_same(t, weight, name, "weight")
     check_floating(scale, "scale")
-    if scale.device != x.device:
-        raise ValueError(f"scale must be on x's device {x.device}, got {scale.device}")
+    if scale.device != weight.device:
+        raise ValueError(f"scale must be on weight's device {weight.device}, got {scale.device}")
     out_features, in_features = weight.shape
     segments, rank = scale.shape[0], lora_B.shape[1]
-    if x.shape[-1] != in_features:
-        raise ValueError(f"x's last dimension ({x.shape[-1]}) must equal weight's in_features ({in_features})")
     if bias is not None and tuple(bias.shape) != (out_features,):
         raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
     if segments < 1 or out_features % segments != 0:
@@ -149,7 +181,41 @@ def check_scaled_lora_inputs(x, weight, bias, lora_A, lora_B, scale, dropout_p) 
                          f"got {tuple(lora_B.shape)}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    check_finite(scale, "scale")
+
+
+def scaled_lora_call(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    modulator: torch.Tensor,
+    constraint: str,
+    factor: float,
+    dropout_p: float,
+    seed: int,
+    backend: str,
+) -> tuple[torch.Tensor, str]:
+    """The dispatch point: check x, select the backend for ``backend`` ("auto" or a name), run with
+    ``scale = factor * gamma(modulator)`` (``gamma`` per :func:`metapeft.modulator.gamma_from_modulator`);
+    return ``(y (..., N), name of the backend that ran)``.
+
+    For callers whose other arguments passed :func:`check_scaled_lora_params` (layers check them once); the
+    per-call checks cover x only.
+    """
+    check_input(x, weight, "weight")
+    chosen = select_backend(backend, x, FAMILY)
+    if not (torch.compiler.is_compiling() or transforms_active()):
+        return _ScaledLoRA.apply(x, weight, bias, lora_A, lora_B, modulator, constraint, factor, dropout_p, seed,
+                                 chosen), chosen
+    scale = gamma_from_modulator(modulator, constraint) * factor
+    x2d = x.reshape(-1, x.shape[-1])
+    if torch.compiler.is_compiling():
+        y = scaled_lora_fwd(x2d, weight, bias, lora_A, lora_B, scale, dropout_p, seed, chosen)[0]
+    else:
+        y = scaled_lora_fwd_torch(x2d, weight, bias, lora_A, lora_B, scale, dropout_p, seed,
+                                  op_impl(chosen, FAMILY).dropout)[0]
+    return y.view(*x.shape[:-1], weight.shape[0]), chosen
 
 
 def scaled_lora(
@@ -166,14 +232,10 @@ def scaled_lora(
     """Scaled LoRA linear: ``x (..., K) -> y (..., N)``; see the module docstring for the math and shapes.
 
     ``scale`` (S,) is usually ``gamma * alpha / r``. ``backend`` is "auto" (by device, overridden by
-    ``METAPEFT_BACKEND``) or a backend name; an unavailable backend raises, it never falls back.
+    ``METAPEFT_BACKEND``) or a backend name; an unavailable backend raises, it never falls back. Checks every
+    argument (``scale`` must be finite) on each call; layers check their parameters once instead.
     """
-    check_scaled_lora_inputs(x, weight, bias, lora_A, lora_B, scale, dropout_p)
-    backend = select_backend(backend, x)
-    x2d = x.reshape(-1, x.shape[-1])
-    if forward_ad_active():
-        y = scaled_lora_composite(x2d, weight, bias, lora_A, lora_B, scale, float(dropout_p), int(seed),
-                                  backend_dropout_factors(backend))
-        return y.view(*x.shape[:-1], weight.shape[0])
-    y, _ = scaled_lora_fwd(x2d, weight, bias, lora_A, lora_B, scale, float(dropout_p), int(seed), backend)
-    return y.view(*x.shape[:-1], weight.shape[0])
+    check_scaled_lora_params(weight, bias, lora_A, lora_B, scale, dropout_p)
+    check_finite(scale, "scale")
+    return scaled_lora_call(x, weight, bias, lora_A, lora_B, scale, "none", 1.0, float(dropout_p), int(seed),
+                            backend)[0]

@@ -30,38 +30,25 @@ def scaled_lora_fwd_torch(
     scale: torch.Tensor,
     dropout_p: float,
     seed: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return ``(y (M, N), h (M, S*r))``; one base GEMM plus S rank-r GEMMs accumulated into y in place."""
-    segments = scale.shape[0]
-    h = seeded_dropout(x, dropout_p, seed) @ lora_A.t()
-    y = torch.nn.functional.linear(x, weight, bias)
-    scaled_h = _segment_view(h, segments) * scale.to(h.dtype).view(segments, 1, 1)
-    for j, y_j in enumerate(_segment_view(y, segments)):
-        y_j.addmm_(scaled_h[j], lora_B[j * y_j.shape[1] : (j + 1) * y_j.shape[1]].t())
-    return y, h
-
-
-def scaled_lora_composite(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
-    scale: torch.Tensor,
-    dropout_p: float,
-    seed: int,
     dropout_factors=torch_dropout_factors,
-) -> torch.Tensor:
-    """The forward from out-of-place differentiable ATen ops: the path for forward-mode AD (jvp).
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(y (M, N), h (M, S*r))``: the base GEMM, then one rank-space GEMM accumulated onto it.
 
-    Same math as :func:`scaled_lora_fwd_torch`, with the dropout mask of ``dropout_factors`` (the
-    backend whose forward this stands for); returns y (M, N).
+    The one differentiable torch forward of the op: the torch backend's forward and, with another backend's
+    ``dropout_factors``, the path of double backward, forward-mode AD and ``torch.func`` transforms. Every op is
+    out of place (``vmap`` over the modulator alone batches the output), nothing of size M x N is kept but y.
+    At S > 1 the LoRA GEMM runs on a block-diagonal (N, S*r) B: one addmm over S*r columns instead of S
+    segment GEMMs writing into strided slices of y (the base GEMM dominates: K >> S*r).
     """
-    segments = scale.shape[0]
-    h = _segment_view(seeded_dropout(x, dropout_p, seed, dropout_factors) @ lora_A.t(), segments)  # (S, M, r)
-    lora_B_segments = lora_B.unflatten(0, (segments, lora_B.shape[0] // segments))  # (S, N/S, r)
-    lora = torch.bmm(h * scale.to(h.dtype).view(segments, 1, 1), lora_B_segments.transpose(1, 2))  # (S, M, N/S)
-    return torch.nn.functional.linear(x, weight, bias) + lora.transpose(0, 1).flatten(1)
+    segments, rank = scale.shape[0], lora_B.shape[1]
+    h = seeded_dropout(x, dropout_p, seed, dropout_factors) @ lora_A.t()
+    c = scale.to(h.dtype)
+    if segments == 1:
+        scaled_h, lora_B_full = h * c, lora_B
+    else:
+        scaled_h = h * c.repeat_interleave(rank)
+        lora_B_full = torch.block_diag(*lora_B.chunk(segments))
+    return torch.addmm(torch.nn.functional.linear(x, weight, bias), scaled_h, lora_B_full.t()), h
 
 
 def scaled_lora_bwd_torch(
@@ -85,20 +72,26 @@ def scaled_lora_bwd_torch(
     """
     need_dx, need_dweight, need_dbias, need_dA, need_dB, need_dscale = needs
     segments = scale.shape[0]
-    rank = lora_B.shape[1]
-    out_per_segment = lora_B.shape[0] // segments
-    grad_segments = _segment_view(grad_y, segments)  # (S, M, N/S)
-    h_segments = _segment_view(h, segments)  # (S, M, r)
-    c = scale.to(grad_y.dtype).view(segments, 1, 1)
-    T = torch.bmm(grad_segments, lora_B.view(segments, out_per_segment, rank))  # (S, M, r)
-    scaled_T = (T * c).transpose(0, 1).reshape(grad_y.shape[0], segments * rank)  # (M, S*r)
+    c = scale.to(grad_y.dtype)
+    if segments == 1:  # plain GEMMs: at small M the batched (S, M, r) views cost more host time than the math
+        T = grad_y @ lora_B  # (M, r)
+        scaled_T = T * c
+    else:
+        grad_segments = _segment_view(grad_y, segments)  # (S, M, N/S)
+        T = torch.bmm(grad_segments, lora_B.unflatten(0, (segments, -1)))  # (S, M, r)
+        scaled_T = (T * c.view(segments, 1, 1)).transpose(0, 1).reshape(grad_y.shape[0], h.shape[1])  # (M, S*r)
 
     dx = dweight = dbias = dA = dB = dscale = None
     if need_dscale:
         accumulate = torch.promote_types(T.dtype, torch.float32)
-        dscale = (T.to(accumulate) * h_segments.to(accumulate)).sum(dim=(1, 2)).to(scale.dtype)
+        products = T.to(accumulate) * (h if segments == 1 else _segment_view(h, segments)).to(accumulate)
+        dscale = products.sum(dim=(-2, -1)).reshape(segments).to(scale.dtype)
     if need_dB:
-        dB = torch.bmm(grad_segments.transpose(1, 2), h_segments * c).reshape(lora_B.shape)
+        if segments == 1:
+            dB = grad_y.t() @ (h * c)
+        else:
+            dB = torch.bmm(grad_segments.transpose(1, 2), _segment_view(h, segments) * c.view(segments, 1, 1))
+            dB = dB.reshape(lora_B.shape)
     if need_dA:
         dA = scaled_T.t() @ seeded_dropout(x, dropout_p, seed, dropout_factors)
     if need_dx:

@@ -47,10 +47,17 @@ def forward_backward(fn, inputs, grad_y, x_transform=lambda t: t):
 
 
 def kernels():
-    """The kernel module, imported only inside the interpreter child."""
-    from metapeft.ops.scaled_lora_triton import kernels as load
+    """The scaled-LoRA kernel module, imported only inside the interpreter child."""
+    from metapeft.ops.triton_backend import kernel_module
 
-    return load()
+    return kernel_module("scaled_lora")
+
+
+def dropout_mask(M: int, K: int, p: float, seed: int, device="cpu") -> torch.Tensor:
+    """The dropout factors (M, K) fp32 every triton kernel applies to x for ``seed``."""
+    from metapeft.ops.triton_backend import kernel_module
+
+    return kernel_module("common").dropout_mask(M, K, p, seed, torch.device(device))
 
 
 def poison_allocator(numel: int, dtype: torch.dtype, device: str = "cpu") -> None:
@@ -86,7 +93,7 @@ def check_against_oracle(shape, dtype, bias, dropout_p=0.0, seed=0, device="cpu"
     inputs64 = {k: None if v is None else v.double() for k, v in inputs.items()}
     grad64 = torch.randn(M, N, dtype=torch.float64, device=device)
     if dropout_p > 0.0:
-        factors = kernels().scaled_lora_dropout_mask(M, K, dropout_p, seed, torch.device(device)).double()
+        factors = dropout_mask(M, K, dropout_p, seed, device).double()
         oracle, baseline = dropout_oracle(factors), dropout_oracle(factors.to(dtype))
     else:
         oracle = baseline = scaled_lora_reference

@@ -199,13 +199,19 @@ def test_backend_selection_and_overrides(monkeypatch):
     x = torch.randn(2, 24)
     layer(x)
     assert layer.last_backend == "torch"
-    monkeypatch.setenv("METAPEFT_BACKEND", "torch")
-    layer(x)
-    assert layer.last_backend == "torch"
-    monkeypatch.setenv("METAPEFT_BACKEND", "nonsense")
-    with pytest.raises(ValueError, match="METAPEFT_BACKEND"):
+    try:
+        monkeypatch.setenv("METAPEFT_BACKEND", "nonsense")
+        layer(x)  # the environment is read once per process: a change needs refresh_backends()
+        metapeft.ops.refresh_backends()
+        with pytest.raises(ValueError, match="METAPEFT_BACKEND"):
+            layer(x)
+        monkeypatch.setenv("METAPEFT_BACKEND", "torch")
+        metapeft.ops.refresh_backends()
         layer(x)
-    monkeypatch.delenv("METAPEFT_BACKEND")
+        assert layer.last_backend == "torch"
+    finally:
+        monkeypatch.delenv("METAPEFT_BACKEND")
+        metapeft.ops.refresh_backends()
     cuda_layer = make_layer(backend="cuda")
     with pytest.raises((RuntimeError, ValueError), match="cuda"):
         cuda_layer(x)

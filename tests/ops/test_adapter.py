@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from metapeft.ops.adapter import adapter, adapter_fwd, select_adapter_backend
+from metapeft.ops import select_backend
+from metapeft.ops.adapter import adapter, adapter_fwd
 from metapeft.reference import adapter_reference
 from tests.helpers.adapter import NAMES, forward_backward, make_inputs
 from tests.helpers.oracle import HostReadCounter, assert_2x_rule, non_contiguous
@@ -213,4 +214,4 @@ def test_unknown_backend_raises():
     _, inputs = make_inputs(3, 8, 2, dtype=torch.float32)
     with pytest.raises(ValueError, match="backend must be"):
         adapter(*(inputs[k] for k in NAMES), backend="nope")
-    assert select_adapter_backend("torch", inputs["x"]) == "torch"
+    assert select_backend("torch", inputs["x"], "adapter") == "torch"

@@ -12,10 +12,12 @@ import pytest
 import torch
 
 import metapeft
-from metapeft.ops.adapter import adapter, adapter_fwd, select_adapter_backend
+from metapeft.ops import select_backend
+from metapeft.ops.adapter import adapter, adapter_fwd
 from metapeft.reference import adapter_reference
 from tests.helpers.adapter import NAMES, forward_backward, make_inputs
 from tests.helpers.oracle import assert_2x_rule, non_contiguous, run_interpreter_suite
+from tests.helpers.scaled_lora import dropout_mask
 
 pytest.importorskip("triton")
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -38,16 +40,9 @@ DTYPES = {"f32": torch.float32, "f16": torch.float16}
 
 def kernels():
     """The kernel module, imported only inside the interpreter child."""
-    from metapeft.ops.adapter_triton import kernels as load
+    from metapeft.ops.triton_backend import kernel_module
 
-    return load()
-
-
-def dropout_mask(M, D, p, seed, device="cpu"):
-    """The dropout factors (M, D) fp32 the triton kernels apply to x (the scaled-LoRA kernels' shared rule)."""
-    from metapeft.ops.scaled_lora_triton import kernels as load
-
-    return load().scaled_lora_dropout_mask(M, D, p, seed, torch.device(device))
+    return kernel_module("adapter")
 
 
 def triton_op(activation, dropout_p=0.0, seed=0):
@@ -101,10 +96,10 @@ def test_interpreter_suite():
 
 def test_auto_never_picks_triton_for_cpu_tensors():
     x = torch.randn(3, 8)
-    assert select_adapter_backend("auto", x) == "torch"
+    assert select_backend("auto", x, "adapter") == "torch"
     if not INTERPRET:
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-            select_adapter_backend("triton", x)
+            select_backend("triton", x, "adapter")
 
 
 @interpreted

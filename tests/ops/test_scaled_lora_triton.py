@@ -18,7 +18,7 @@ from metapeft.ops import scaled_lora, select_backend
 from metapeft.ops.scaled_lora import scaled_lora_fwd
 from metapeft.reference import scaled_lora_reference
 from tests.helpers.oracle import run_interpreter_suite
-from tests.helpers.scaled_lora import check_against_oracle, kernels, make_inputs
+from tests.helpers.scaled_lora import check_against_oracle, dropout_mask, kernels, make_inputs
 
 pytest.importorskip("triton")
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -75,14 +75,14 @@ def test_dropout_matches_oracle_built_from_the_kernel_mask(dtype_name):
 @interpreted
 def test_dropout_mask_statistics_and_forward_agrees_with_the_mask_helper():
     M, K, p, seed = 300, 64, 0.3, 1234
-    factors = kernels().scaled_lora_dropout_mask(M, K, p, seed, torch.device("cpu"))
+    factors = dropout_mask(M, K, p, seed, torch.device("cpu"))
     kept = factors != 0
     assert torch.equal(factors[kept], torch.full_like(factors[kept], 1.0 / (1.0 - p)))
     sigma = (p * (1 - p) / kept.numel()) ** 0.5
     assert abs(kept.float().mean().item() - (1 - p)) < 5 * sigma
     assert abs(kept.float().mean(0) - (1 - p)).max() < 0.15, "columns must not share a mask pattern"
-    assert torch.equal(factors, kernels().scaled_lora_dropout_mask(M, K, p, seed, torch.device("cpu")))
-    assert not torch.equal(factors, kernels().scaled_lora_dropout_mask(M, K, p, seed + 1, torch.device("cpu")))
+    assert torch.equal(factors, dropout_mask(M, K, p, seed, torch.device("cpu")))
+    assert not torch.equal(factors, dropout_mask(M, K, p, seed + 1, torch.device("cpu")))
     # With A = identity, h = drop(x): the forward kernel must drop exactly what the helper says.
     x = torch.rand(M, K) + 1.0
     _, h = scaled_lora_fwd(x, torch.zeros(K, K), None, torch.eye(K), torch.zeros(K, K), torch.ones(1), p, seed,
@@ -143,7 +143,7 @@ def test_launcher_errors_name_the_problem():
     with pytest.raises(ValueError, match="inconsistent shapes"):
         kernels().scaled_lora_fwd(x, weight, bias, lora_A[:1], lora_B, scale, 0.0, 0)
     with pytest.raises(ValueError, match="M\\*K < 2\\*\\*31"):
-        kernels().scaled_lora_dropout_mask(2**20, 2**12, 0.1, 0, torch.device("cpu"))
+        dropout_mask(2**20, 2**12, 0.1, 0, torch.device("cpu"))
     _, h = kernels().scaled_lora_fwd(x, weight, bias, lora_A, lora_B, scale, 0.0, 0)
     with pytest.raises(ValueError, match="grad_y must be"):
         kernels().scaled_lora_bwd(torch.randn(5, 7), x, weight, lora_A, lora_B, scale, h, 0.0, 0, (True,) * 6)
@@ -163,7 +163,7 @@ def test_create_graph_backward_matches_the_kernel_backward(dropout):
 
 # Constexprs of one representative variant of every kernel (the mask kernel's args need none beyond these).
 AOT_CONSTEXPRS = {
-    "_scaled_lora_dropout_mask_kernel": dict(BLOCK_M=64, BLOCK_K=64),
+    "_dropout_mask_kernel": dict(BLOCK_M=64, BLOCK_K=64),
     "_scaled_lora_h_kernel": dict(HAS_DROPOUT=True, BLOCK_M=64, BLOCK_R=32, BLOCK_K=64),
     "_scaled_lora_fwd_kernel": dict(HAS_BIAS=True, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, BLOCK_R=16, GROUP_M=8),
     "_scaled_lora_bwd_t_kernel": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_R=16),
@@ -183,7 +183,9 @@ def test_kernels_compile_for_the_gpu_without_one(name, arch, dtype):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    kernel = getattr(kernels(), name)
+    from metapeft.ops.triton_backend import kernel_module
+
+    kernel = getattr(kernel_module("common" if name == "_dropout_mask_kernel" else "scaled_lora"), name)
     fn = kernel if isinstance(kernel, triton.runtime.JITFunction) else kernel.fn  # unwrap the autotuner
     constexprs = {**AOT_CONSTEXPRS[name], "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"}
     constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}

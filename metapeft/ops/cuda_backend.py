@@ -1,4 +1,4 @@
-"""The ``cuda`` backend of the scaled-LoRA op: launchers for ``metapeft._C`` (built from ``csrc/``).
+"""The ``cuda`` backend: the scaled-LoRA op's launchers for ``metapeft._C`` (built from ``csrc/``); no adapter op.
 
 The C++ ops ``metapeft::scaled_lora_fwd_cuda`` / ``metapeft::scaled_lora_bwd_cuda`` take the same
 arguments as the torch backend (x (M, K), weight (N, K), bias (N,) or None, lora_A (S*r, K),
@@ -18,9 +18,8 @@ import importlib.util
 
 import torch
 
-from metapeft.ops.backends import Backend, register_backend
-from metapeft.ops.dropout import register_dropout_factors
-from metapeft.ops.scaled_lora import register_scaled_lora_impl, scaled_lora_bwd, scaled_lora_fwd
+from metapeft.ops.backends import Backend, OpImpl, register_backend, register_op
+from metapeft.ops.scaled_lora import scaled_lora_bwd, scaled_lora_fwd
 
 if importlib.util.find_spec("metapeft._C") is None:
     EXTENSION_ERROR = ("metapeft._C is not built (installed without a CUDA toolkit or with METAPEFT_BUILD_CUDA=0; "
@@ -55,7 +54,7 @@ def scaled_lora_bwd_cuda(grad_y, x, weight, lora_A, lora_B, scale, h, dropout_p,
     return tuple(g if need else None for g, need in zip(grads, needs))
 
 
-def scaled_lora_dropout_factors_cuda(x, dropout_p, seed):
+def dropout_factors_cuda(x, dropout_p, seed):
     """The C++ ops' dropout factors for x (M, K): 1/(1-p) where kept, 0 elsewhere (hash of seed and index)."""
     return torch.ops.metapeft.seeded_dropout_cuda(torch.ones_like(x), dropout_p, seed)
 
@@ -75,11 +74,10 @@ if EXTENSION_ERROR is None:
     def _(x, p, seed):
         return torch.empty_like(x, memory_format=torch.contiguous_format)
 
-    register_scaled_lora_impl("cuda", scaled_lora_fwd_cuda, scaled_lora_bwd_cuda)
-    register_dropout_factors("cuda", scaled_lora_dropout_factors_cuda)
-
 # "auto" does not pick this backend yet: its kernels have not run on a GPU in CI; the GPU benchmark
 # (cuda vs triton vs reference vs HF PEFT) decides whether it becomes the CUDA default.
 register_backend(
     Backend("cuda", device_types=("cuda",), auto_device_types=(), unavailable_reason=cuda_unavailable_reason)
 )
+if EXTENSION_ERROR is None:
+    register_op("cuda", "scaled_lora", OpImpl(scaled_lora_fwd_cuda, scaled_lora_bwd_cuda, dropout_factors_cuda))
