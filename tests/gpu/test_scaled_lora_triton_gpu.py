@@ -8,7 +8,7 @@ import torch
 
 import metapeft
 from metapeft.ops import scaled_lora, select_backend
-from tests.helpers.scaled_lora import check_against_oracle, kernels, make_inputs
+from tests.helpers.scaled_lora import check_against_oracle, dropout_mask, kernels, make_inputs
 
 pytest.importorskip("triton")
 pytestmark = pytest.mark.gpu
@@ -41,11 +41,11 @@ def test_dropout_matches_oracle_built_from_the_kernel_mask(dtype_name):
 
 def test_dropout_mask_statistics_on_gpu():
     M, K, p = 8192, 1024, 0.1
-    factors = kernels().scaled_lora_dropout_mask(M, K, p, 42, torch.device("cuda"))
+    factors = dropout_mask(M, K, p, 42, "cuda")
     kept = (factors != 0).float()
     sigma = (p * (1 - p) / kept.numel()) ** 0.5
     assert abs(kept.mean().item() - (1 - p)) < 5 * sigma
-    assert torch.equal(factors, kernels().scaled_lora_dropout_mask(M, K, p, 42, torch.device("cuda")))
+    assert torch.equal(factors, dropout_mask(M, K, p, 42, "cuda"))
 
 
 def test_auto_picks_triton_for_cuda_tensors():
