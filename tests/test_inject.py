@@ -9,6 +9,7 @@ from torch import nn
 
 import metapeft
 from metapeft.inject import POSITIONS, ParallelAdapter, SequentialAdapter, peft_modules
+from metapeft.modulator import modulator_for_gamma
 from tests.helpers.vit import images, randomize, tiny_vit
 
 ALL_LORA = POSITIONS["lora"]
@@ -123,7 +124,7 @@ def test_parity_with_hf_peft_logits_and_gradients():
     randomize(ours)
     with torch.no_grad():
         for name, module in peft_modules(ours):
-            module.modulator.fill_(torch.log(torch.expm1(torch.tensor(1.0))).item())
+            module.modulator.fill_(modulator_for_gamma(1.0, "softplus"))  # float64 on this float64 model
             peft_layer = theirs.base_model.model.get_submodule(name)
             peft_layer.lora_A["default"].weight.copy_(module.lora_A)
             peft_layer.lora_B["default"].weight.copy_(module.lora_B)
