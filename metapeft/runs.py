@@ -22,6 +22,7 @@ from torch import nn
 
 from metapeft.build import build_data, build_model
 from metapeft.config import SECTIONS, resolve_data_paths, trainer_config
+from metapeft.data import DataBundle
 from metapeft.inject import InjectionSummary
 from metapeft.trainer import MetaPEFTTrainer, TrainerConfig
 from metapeft.trainer.checkpointing import CHECKPOINT_NAME, WEIGHTS_NAME
@@ -37,7 +38,7 @@ class PreparedRun:
 
     config: dict
     directory: Path
-    data: object
+    data: DataBundle
     model: nn.Module
     summary: InjectionSummary
     trainer_config: TrainerConfig
