@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 EPOCH_ORDER, META_SET, META_BATCH, FIXED_SPLIT, LOADER = range(5)
+LOOKAHEAD_BATCHES = 5
 
 
 def generator_for(seed: int, purpose: int, step: int) -> torch.Generator:
@@ -161,6 +162,18 @@ def epoch_batches(indices: torch.Tensor, batch_size: int, seed: int, epoch: int)
     ``batch_size`` chunks (the last one may be smaller)."""
     order = indices[torch.randperm(indices.numel(), generator=generator_for(seed, EPOCH_ORDER, epoch))]
     return list(order.split(batch_size))
+
+
+def lookahead_batches(indices: torch.Tensor, exclude: torch.Tensor, count: int, batch_size: int, seed: int,
+                      step: int) -> list[torch.Tensor]:
+    """Training-set indices for the ``count`` extra look-ahead steps (2..K) of outer step ``step``: each batch
+    ``batch_size`` indices drawn at random without replacement (all of the pool if smaller) from ``indices``
+    minus ``exclude`` (the step's own batch), independently of each other, seeded by ``(seed, step)``."""
+    pool = indices[~torch.isin(indices, exclude)]
+    if pool.numel() == 0:
+        raise ValueError(f"outer step {step}: no training sample is left for the look-ahead batches")
+    generator = generator_for(seed, LOOKAHEAD_BATCHES, step)
+    return [pool[torch.randperm(pool.numel(), generator=generator)[:batch_size]] for _ in range(count)]
 
 
 def shard_bounds(length: int, rank: int, world_size: int) -> tuple[int, int]:
