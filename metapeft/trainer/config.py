@@ -29,7 +29,9 @@ class TrainerConfig:
     ``meta_sampling="uniform"`` (every class in its meta-set share) or ``"class_balanced"`` (an equal share per
     class, small classes drawn with replacement; :mod:`metapeft.sampling`). A ``val_set`` given to the trainer
     replaces the training set as the meta-batch source. ``meta=False`` (or a model without learnable modulators)
-    trains as plain PEFT.
+    trains as plain PEFT. ``meta_lookahead_steps`` K: SGD steps of the meta step's look-ahead, the first on the
+    step's own batch, the others on batches of ``batch_size`` drawn from the training set
+    (:func:`metapeft.sampling.lookahead_batches`); the authors' code uses K = 2-3.
 
     Loss ``"logit_adjusted"`` (tau) or ``"ce"``; ``classifier="cosine"`` replaces the head (found by name
     ``head`` or automatically) with a cosine classifier of scale ``cosine_scale`` initialised from class-mean
@@ -58,6 +60,7 @@ class TrainerConfig:
     meta_sampling: str = "uniform"
     meta_batch_size: int | None = None
     meta_reuse_lookahead: bool = True
+    meta_lookahead_steps: int = 1
 
     loss: str = "logit_adjusted"
     tau: float = 1.0
@@ -80,7 +83,7 @@ class TrainerConfig:
     class_split: dict[str, list[int]] | str | None = field(default=None)
 
     def __post_init__(self) -> None:
-        positive_ints = ("epochs", "batch_size", "meta_interval", "log_every")
+        positive_ints = ("epochs", "batch_size", "meta_interval", "meta_lookahead_steps", "log_every")
         for name in positive_ints:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:

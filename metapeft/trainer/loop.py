@@ -9,6 +9,7 @@ setup (:mod:`~metapeft.trainer.model_setup`), evaluation passes (:mod:`~metapeft
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 import os
@@ -34,12 +35,13 @@ from metapeft.trainer.checkpointing import (
     load_trained_tensors,
     trained_tensors,
 )
-from metapeft.trainer.config import TrainerConfig
+from metapeft.trainer.config import RUN_CONTROL_FIELDS, TrainerConfig
 from metapeft.trainer.distributed import (
     all_reduce_sum,
     any_rank,
     barrier,
     broadcast_from_rank0,
+    check_ranks_agree,
     rank_and_world_size,
 )
 from metapeft.trainer.evaluation import class_feature_sums, confusion_counts
@@ -112,6 +114,7 @@ class MetaPEFTTrainer:
         self.phi = trainable_phi(model)
         if not self.phi:
             raise ValueError("the model has no trainable PEFT weights or head parameters")
+        check_ranks_agree(self._facts_every_rank_shares(), self.world_size)
         broadcast_from_rank0(model, self.world_size)
 
         counts = torch.bincount(self.train_labels, minlength=self.num_classes)
@@ -127,12 +130,31 @@ class MetaPEFTTrainer:
         self.steps_per_epoch = math.ceil(self.train_indices.numel() / config.batch_size)
         self.total_steps = self.steps_per_epoch * config.epochs
         self.step = BilevelStep(model, self.phi, self.rho, self.loss_fn, config, self.meta_sampler,
-                                train_set if val_set is None else val_set, self.total_steps, self.device,
-                                self.param_dtype, self.rank, self.world_size)
+                                train_set if val_set is None else val_set, train_set, self.train_indices,
+                                self.total_steps, self.device, self.param_dtype, self.rank, self.world_size)
         self.epoch = self.step_in_epoch = self.global_step = 0
         self.output_dir = None if config.output_dir is None else Path(config.output_dir)
         self.files = RunFiles(self.output_dir, self.rank)
         self._stop_requested = False
+
+    def _facts_every_rank_shares(self) -> dict[str, object]:
+        """What must be equal on every rank (:func:`~metapeft.trainer.distributed.check_ranks_agree`): the config
+        (but the run-control fields), the datasets' sizes and labels, the model's tensors and its modulators."""
+        config = self.config.to_dict()
+        facts = {f"config.{name}": value for name, value in config.items() if name not in RUN_CONTROL_FIELDS}
+
+        def digest(values) -> str:
+            return hashlib.sha256(repr(values).encode()).hexdigest()[:16]
+
+        facts.update({
+            "train_set length": len(self.train_set), "train_set labels": digest(self.train_labels.tolist()),
+            "val_set length": None if self.val_set is None else len(self.val_set),
+            "val_set labels": None if self.val_labels is None else digest(self.val_labels.tolist()),
+            "modulators": len(self.rho), "trainable parameters": len(self.phi),
+            "model tensors": digest([(name, tuple(t.shape), str(t.dtype))
+                                     for name, t in self.model.state_dict().items()]),
+        })
+        return facts
 
     def _count_classes(self) -> int:
         """Classes = the largest label seen (training or validation set) + 1, at least the old head's width."""

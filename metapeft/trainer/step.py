@@ -4,24 +4,25 @@ At global step ``t`` on the global batch ``B_t`` (docs/method.md, "Bi-level opti
 
 - meta step (every ``meta_interval`` steps, when the model has learnable modulators and ``meta=True``):
   draw a meta batch ``V_t`` (:class:`metapeft.sampling.MetaSetSampler`), compute the hypergradient of
-  ``L_val(phi')`` with ``phi' = phi - lr * (grad_phi L_train(phi, rho; B_t) + wd * phi + mu * m)``
-  (:func:`metapeft.meta.hypergradient`), and take an Adam step on rho;
+  ``L_val(phi_K)`` through K = ``meta_lookahead_steps`` SGD look-ahead steps, the first
+  ``phi_1 = phi - lr * (grad_phi L_train(phi, rho; B_t) + wd * phi + mu * m)`` and the others on batches drawn
+  from the training set (:func:`metapeft.sampling.lookahead_batches`; the meta batch excludes every look-ahead
+  batch), with :func:`metapeft.meta.hypergradient`, and take an Adam step on rho;
 - inner step: an SGD step (momentum, weight decay, cosine schedule) on phi.
 
-When the meta step's look-ahead is the real inner step: the look-ahead is exactly the update torch's SGD
+When the meta step's first look-ahead step is the real inner step: it is exactly the update torch's SGD
 applies (``buf = mu * buf + g + wd * phi; phi -= lr * buf``) with ``g = grad_phi L_train(phi, rho_t; B_t)``.
 The step therefore feeds the hypergradient's ``phi_grads`` to the SGD optimizer instead of running a
-second forward/backward; the result equals the look-ahead ``phi'`` (up to rounding) whenever no gradient
+second forward/backward; the result equals the look-ahead ``phi_1`` (up to rounding) whenever no gradient
 clipping changes ``g`` (``max_grad_norm`` unset or not reached). The inner step thus uses the modulators
 rho_t from before the outer update (a simultaneous update of phi and rho). ``meta_reuse_lookahead=False``
 instead recomputes the inner gradient after the outer step, with rho_{t+1} (DARTS' alternating order), at
 the cost of one more forward/backward.
 
-Distributed: each rank computes the inner gradient on its shard of the global batch and the shards are summed.
-A meta step computes the look-ahead from the whole global training batch on every rank (the hypergradient needs
-the global phi' = phi - lr * mean gradient) and splits the meta batch, averaging the per-rank meta-gradients
-weighted by shard size; this is exact because, at a fixed phi', the hypergradient is linear in the meta-set loss
-(exact and first-order modes; the finite-difference mode's epsilon depends on the local ``||grad L_val||``).
+Distributed: every batch (the step's batch, each look-ahead batch, the meta batch) is split into contiguous
+shards (:func:`metapeft.sampling.shard_bounds`); each rank computes every pass on its shards only and the
+pieces are summed weighted by shard size (:func:`metapeft.meta.hypergradient` over the default process group),
+so each rank does ~1/world of the work and the result is the single-process one up to rounding.
 """
 
 from __future__ import annotations
@@ -29,11 +30,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils.data import default_collate
 
 from metapeft.meta import hypergradient
-from metapeft.sampling import MetaSetSampler, shard_bounds
+from metapeft.sampling import MetaSetSampler, lookahead_batches, shard_bounds
 from metapeft.trainer.config import TrainerConfig
 from metapeft.trainer.distributed import all_reduce_sum
 from metapeft.trainer.model_setup import batch_to_device
@@ -64,15 +66,19 @@ class BilevelStep:
         config: the trainer's config (optimizer settings, meta schedule and mode).
         meta_sampler: where meta batches come from (None without meta-learning); ``meta_source`` the dataset it
             indexes.
+        train_set, train_indices: the training set and the indices the inner loop draws from (the extra
+            look-ahead steps' batches come from them).
         total_steps: steps of the whole run (the cosine schedule's length).
         device, dtype, rank, world_size: where batches go and which shard this rank computes.
     """
 
     def __init__(self, model: nn.Module, phi: list[nn.Parameter], rho: list[nn.Parameter], loss_fn: TrainingLoss,
-                 config: TrainerConfig, meta_sampler: MetaSetSampler | None, meta_source, total_steps: int,
-                 device: torch.device, dtype: torch.dtype, rank: int, world_size: int) -> None:
+                 config: TrainerConfig, meta_sampler: MetaSetSampler | None, meta_source, train_set,
+                 train_indices: torch.Tensor, total_steps: int, device: torch.device, dtype: torch.dtype, rank: int,
+                 world_size: int) -> None:
         self.model, self.phi, self.rho, self.loss_fn, self.config = model, phi, rho, loss_fn, config
         self.meta_sampler, self.meta_source = meta_sampler, meta_source
+        self.train_set, self.train_indices = train_set, train_indices
         self.device, self.dtype, self.rank, self.world_size = device, dtype, rank, world_size
         self.optimizer = torch.optim.SGD(phi, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=total_steps) \
@@ -95,32 +101,44 @@ class BilevelStep:
         *grads, loss = all_reduce_sum(grads + [loss.to(grads[0].dtype).reshape(1)], self.world_size)
         return grads, loss.reshape(())
 
+    def _shard_of(self, dataset, indices: torch.Tensor, empty: tuple[torch.Tensor, torch.Tensor]):
+        """This rank's shard of the samples ``dataset[indices]``, collated and on the device; ``empty`` (a
+        zero-length batch of the right shapes) when the shard is empty."""
+        start, stop = shard_bounds(indices.numel(), self.rank, self.world_size)
+        if stop == start:
+            return empty
+        return batch_to_device(default_collate([dataset[int(i)] for i in indices[start:stop]]), self.device,
+                               self.dtype)
+
     def meta_step(self, x: torch.Tensor, y: torch.Tensor, batch_indices: torch.Tensor):
-        """Hypergradient + Adam step on rho. Returns (hypergradient result, meta loss)."""
-        sampler = self.meta_sampler
-        meta_indices = sampler.meta_batch(self.outer_step, None if sampler.separate_source else batch_indices)
+        """Hypergradient on this rank's shards + Adam step on rho. Returns (hypergradient result, meta loss)."""
+        config, sampler = self.config, self.meta_sampler
+        start, stop = shard_bounds(len(y), self.rank, self.world_size)
+        train_shard, empty = (x[start:stop], y[start:stop]), (x[:0], y[:0])
+        extra = lookahead_batches(self.train_indices, batch_indices, config.meta_lookahead_steps - 1,
+                                  config.batch_size, config.seed, self.outer_step) \
+            if config.meta_lookahead_steps > 1 else []
+        seen = torch.cat([batch_indices, *extra])
+        meta_indices = sampler.meta_batch(self.outer_step, None if sampler.separate_source else seen)
         if meta_indices.numel() < self.world_size:
             raise ValueError(f"outer step {self.outer_step}: the meta batch has {meta_indices.numel()} samples, "
                              f"fewer than the {self.world_size} ranks")
-        start, stop = shard_bounds(meta_indices.numel(), self.rank, self.world_size)
-        val_batch = batch_to_device(default_collate([self.meta_source[int(i)] for i in meta_indices[start:stop]]),
-                                    self.device, self.dtype)
+        val_shard = self._shard_of(self.meta_source, meta_indices, empty)
         momentum_buffers = [self.optimizer.state.get(p, {}).get("momentum_buffer") for p in self.phi]
         if any(b is None for b in momentum_buffers):
             momentum_buffers = None
-        result = hypergradient(self.model, self.loss_fn, (x, y), val_batch, lr=self.optimizer.param_groups[0]["lr"],
-                               momentum=self.config.momentum, momentum_buffers=momentum_buffers,
-                               weight_decay=self.config.weight_decay, mode=self.config.meta_mode)
-        weight = (stop - start) / meta_indices.numel()
-        *meta_grads, val_loss = all_reduce_sum(
-            [g * weight for g in result.meta_grads] + [(result.val_loss.detach() * weight).reshape(1)],
-            self.world_size)
-        for p, g in zip(self.rho, meta_grads):
+        result = hypergradient(self.model, self.loss_fn, train_shard, val_shard,
+                               lr=self.optimizer.param_groups[0]["lr"], momentum=config.momentum,
+                               momentum_buffers=momentum_buffers, weight_decay=config.weight_decay,
+                               mode=config.meta_mode,
+                               lookahead_batches=[self._shard_of(self.train_set, b, empty) for b in extra],
+                               reduce=dist.group.WORLD if self.world_size > 1 else None)
+        for p, g in zip(self.rho, result.meta_grads):
             p.grad = g.to(p.dtype)
         self.meta_optimizer.step()
         self.meta_optimizer.zero_grad(set_to_none=True)
         self.outer_step += 1
-        return result, val_loss.reshape(())
+        return result, result.val_loss
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, batch_indices: torch.Tensor, global_step: int) -> dict:
         """Step ``global_step`` on the global batch (x, y) (training-set indices ``batch_indices``); returns the

@@ -1,16 +1,22 @@
-"""2-process gloo DDP training equals single-process training on the same global batches (float64)."""
+"""Training under 2 gloo processes (float64): equal to single-process training on the same global batches, with the
+sharded meta step (K = 1 exact, K = 2 finite differences); ranks that disagree on data or model fail at start naming
+the difference; a checkpoint resumes on another world size (2 -> 1 and 1 -> 2 processes); a rank that dies ends the
+other with an error."""
+
+from __future__ import annotations
 
 import os
-import socket
 
+import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from metapeft.trainer import MetaPEFTTrainer, TrainerConfig, setup_distributed
+from metapeft.trainer import Callback, MetaPEFTTrainer, TrainerConfig, setup_distributed
+from tests.helpers.distributed import run_gloo
 from tests.helpers.toy import LongTailedBlobs, TinyNet
 
 COUNTS = [20, 12, 6, 4]
+RUNS = {"exact_K1": {}, "finite_difference_K2": {"meta_mode": "finite_difference", "meta_lookahead_steps": 2}}
+RESUME_AT = 3
 
 
 def config(**kwargs) -> TrainerConfig:
@@ -19,43 +25,118 @@ def config(**kwargs) -> TrainerConfig:
                          progress=False, **kwargs)
 
 
-def train(**kwargs):
+def trainer_for(counts=COUNTS, model: TinyNet | None = None, **kwargs) -> MetaPEFTTrainer:
     torch.manual_seed(0)
-    trainer = MetaPEFTTrainer(TinyNet(dtype=torch.float64), LongTailedBlobs(COUNTS), config=config(**kwargs))
+    return MetaPEFTTrainer(model or TinyNet(dtype=torch.float64), LongTailedBlobs(counts), config=config(**kwargs))
+
+
+def train(**kwargs):
+    trainer = trainer_for(**kwargs)
     metrics = trainer.fit(eval_set=LongTailedBlobs(COUNTS, seed=5))
     return trainer, metrics
 
 
-def worker(rank: int, world_size: int, port: int, out_path: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world_size))  # what torchrun sets
-    torch.set_num_threads(1)
-    assert setup_distributed() == (rank, world_size)
+def disagreement(rank: int, **differing) -> str:
+    """The error a 2-rank trainer raises when rank 1 builds it with ``differing`` arguments."""
     try:
-        torch.manual_seed(rank)  # different inits: the trainer must broadcast rank 0's model
-        trainer, metrics = train()
-        states = [None] * world_size
-        dist.all_gather_object(states, trainer.model_state())
-        if rank == 0:
-            torch.save({"states": states, "metrics": metrics, "outer_step": trainer.outer_step}, out_path)
-    finally:
-        dist.destroy_process_group()
+        trainer_for(**(differing if rank == 1 else {}))
+    except ValueError as error:
+        return str(error)
+    return "no error"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def worker(rank: int, world_size: int, out_dir: str) -> None:
+    assert setup_distributed() == (rank, world_size)
+    torch.manual_seed(rank)  # different inits: the trainer must broadcast rank 0's model
+    out = {"errors": [disagreement(rank, counts=COUNTS[:-1] + [COUNTS[-1] - 1]),
+                      disagreement(rank, model=TinyNet(dtype=torch.float64, meta=False))]}
+    for name, kwargs in RUNS.items():
+        trainer, metrics = train(**kwargs)
+        out[name] = {"state": trainer.model_state(), "metrics": metrics, "outer_step": trainer.outer_step}
+    trainer_for(output_dir=os.path.join(out_dir, "two_to_one")).fit(max_steps=RESUME_AT)
+    resumed = trainer_for(output_dir=os.path.join(out_dir, "one_to_two"), resume=True)
+    resumed.fit()
+    out["one_to_two"] = {"state": resumed.model_state(), "outer_step": resumed.outer_step}
+    torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-def test_two_process_gloo_matches_single_process(tmp_path):
-    out_path = str(tmp_path / "ddp.pt")
-    mp.spawn(worker, args=(2, free_port(), out_path), nprocs=2, join=True)
-    result = torch.load(out_path, weights_only=True)
-    single, metrics = train()
-    assert result["outer_step"] == single.outer_step == 3
-    for name, expected in single.model_state().items():
-        for rank, state in enumerate(result["states"]):
-            assert torch.allclose(state[name], expected, rtol=1e-10, atol=1e-12), (rank, name)
-    assert result["metrics"]["accuracy"] == metrics["accuracy"]
-    assert result["metrics"]["macro_f1"] == metrics["macro_f1"]
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    """The workers' results (one spawn for every check of this module) and the run directory."""
+    out_dir = tmp_path_factory.mktemp("ddp")
+    trainer_for(output_dir=str(out_dir / "one_to_two")).fit(max_steps=RESUME_AT)
+    run_gloo(worker, 2, str(out_dir))
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(2)], out_dir
+
+
+def assert_states_equal(actual: dict, expected: dict, label) -> None:
+    assert actual.keys() == expected.keys()
+    for name, tensor in expected.items():
+        # float64; the ranks' sums differ from the single process's only in their order
+        assert torch.allclose(actual[name], tensor, rtol=1e-10, atol=1e-12), (label, name)
+
+
+@pytest.mark.parametrize("run", list(RUNS))
+def test_two_processes_train_as_one(two_process_run, run):
+    results, _ = two_process_run
+    single, metrics = train(**RUNS[run])
+    assert single.outer_step == 3
+    for rank, result in enumerate(results):
+        assert result[run]["outer_step"] == single.outer_step
+        assert_states_equal(result[run]["state"], single.model_state(), (run, rank))
+        assert result[run]["metrics"]["accuracy"] == metrics["accuracy"]
+        assert result[run]["metrics"]["macro_f1"] == metrics["macro_f1"]
+
+
+def test_ranks_that_disagree_fail_at_start_naming_the_difference(two_process_run):
+    results, _ = two_process_run
+    for result in results:
+        dataset_error, modulator_error = result["errors"]
+        assert "train_set length" in dataset_error and "rank 0 42, rank 1 41" in dataset_error
+        assert "train_set labels" in dataset_error and "config." not in dataset_error
+        assert "modulators: rank 0 2, rank 1 0" in modulator_error
+
+
+def test_checkpoint_resumes_on_another_world_size(two_process_run):
+    results, out_dir = two_process_run
+    uninterrupted = train()[0]
+    resumed = trainer_for(output_dir=str(out_dir / "two_to_one"), resume=True)
+    resumed.fit()
+    assert resumed.outer_step == uninterrupted.outer_step
+    assert_states_equal(resumed.model_state(), uninterrupted.model_state(), "2 -> 1")
+    for rank, result in enumerate(results):
+        assert result["one_to_two"]["outer_step"] == uninterrupted.outer_step
+        assert_states_equal(result["one_to_two"]["state"], uninterrupted.model_state(), ("1 -> 2", rank))
+
+
+class DieAtStep(Callback):
+    """Ends this process abruptly (no cleanup, as a crash would) after step ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, trainer, record: dict) -> None:
+        if record["global_step"] == self.step:
+            os._exit(0)
+
+
+def dying_worker(rank: int, world_size: int, out_path: str) -> None:
+    torch.manual_seed(0)
+    trainer = MetaPEFTTrainer(TinyNet(dtype=torch.float64), LongTailedBlobs(COUNTS), config=config(),
+                              callbacks=[DieAtStep(2)] if rank == 1 else [])
+    try:
+        trainer.fit()
+        outcome = "finished"
+    except Exception as error:  # the error the surviving rank gets is the backend's (gloo: a RuntimeError subclass)
+        outcome = f"{type(error).__name__} at step {trainer.global_step}: {error}"
+    if rank == 0:
+        with open(out_path, "w") as f:
+            f.write(outcome)
+
+
+@pytest.mark.slow
+def test_a_rank_that_dies_ends_the_other_with_an_error(tmp_path):
+    out_path = tmp_path / "rank0.txt"
+    run_gloo(dying_worker, 2, str(out_path))
+    outcome = out_path.read_text()
+    assert outcome.startswith(("RuntimeError", "DistBackendError")) and " at step 2:" in outcome, outcome
