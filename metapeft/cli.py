@@ -95,25 +95,32 @@ def fit_until_interrupted(trainer, eval_set=None) -> dict:
 def cmd_train(args: argparse.Namespace) -> int:
     from metapeft.config import apply_overrides, load_config, method_name
     from metapeft.runs import finish_run, prepare_run
-    from metapeft.trainer import MetaPEFTTrainer
+    from metapeft.trainer import MetaPEFTTrainer, setup_distributed
 
+    rank, world_size = setup_distributed()  # under torchrun: join its process group; (0, 1) otherwise
+    say = print if rank == 0 else _silent
     config = apply_overrides(load_config(args.config), args.set or [])
     if args.weights is not None:
         config.setdefault("model", {})["weights"] = str(Path(args.weights).resolve())
     run = prepare_run(config, args.output_dir, args.resume, Path.cwd())
     data = run.data
-    print(f"{run.summary}\ntrain {len(data.train)} images, test {len(data.test)} images, "
-          f"{data.split.num_classes} classes ({data.split.name}); run directory {run.directory}")
+    say(f"{run.summary}\ntrain {len(data.train)} images, test {len(data.test)} images, "
+        f"{data.split.num_classes} classes ({data.split.name}); run directory {run.directory}"
+        + (f"; {world_size} processes" if world_size > 1 else ""))
     summary = EpochSummary(run.eval_each_epoch, data.split.groups)
     trainer = MetaPEFTTrainer(run.model, data.train, config=run.trainer_config, callbacks=[summary],
                               head_init_set=data.train_eval)
     result = fit_until_interrupted(trainer, data.test if run.eval_each_epoch else None)
     if result["stopped"]:
-        print(f"interrupted at step {trainer.global_step}; checkpoint {trainer.files.checkpoint}\n"
-              f"resume with: metapeft train --config {args.config} --resume" + _echo_options(args))
+        say(f"interrupted at step {trainer.global_step}; checkpoint {trainer.files.checkpoint}\n"
+            f"resume with: metapeft train --config {args.config} --resume" + _echo_options(args))
         return 130
-    print(metrics_table({method_name(config): finish_run(run, trainer)}))
+    say(metrics_table({method_name(config): finish_run(run, trainer)}))
     return 0
+
+
+def _silent(*args, **kwargs) -> None:
+    """``print`` on ranks other than 0 under torchrun: one copy of every message."""
 
 
 def _echo_options(args: argparse.Namespace) -> str:

@@ -26,6 +26,7 @@ from metapeft.data import DataBundle
 from metapeft.inject import InjectionSummary
 from metapeft.trainer import MetaPEFTTrainer, TrainerConfig
 from metapeft.trainer.checkpointing import CHECKPOINT_NAME, WEIGHTS_NAME
+from metapeft.trainer.distributed import rank_and_world_size
 from metapeft.trainer.evaluation import evaluate_model
 from metapeft.trainer.model_setup import install_head
 
@@ -86,17 +87,20 @@ def prepare_run(config: dict, output_dir: str | os.PathLike | None, resume: bool
     directory.mkdir(parents=True, exist_ok=True)
     resolved = {**config, "output_dir": str(directory), "num_classes": data.split.num_classes,
                 "classes": list(data.split.classes), "class_split": data.split.groups}
-    (directory / RUN_CONFIG).write_text(yaml.safe_dump(resolved, sort_keys=False), encoding="utf-8")
+    if rank_and_world_size()[0] == 0:
+        (directory / RUN_CONFIG).write_text(yaml.safe_dump(resolved, sort_keys=False), encoding="utf-8")
     return PreparedRun(resolved, directory, data, model, summary, train)
 
 
 def finish_run(run: PreparedRun, trainer: MetaPEFTTrainer) -> dict:
-    """After a completed ``fit``: write ``adapter.safetensors`` and the test metrics ``eval.json``; returns them."""
+    """After a completed ``fit``: write ``adapter.safetensors`` and the test metrics ``eval.json``; returns them. Under
+    torchrun every rank evaluates its shard and rank 0 writes."""
     from metapeft.io import save_adapter
 
-    save_adapter(trainer.model, run.directory / ADAPTER_NAME)
     metrics = trainer.evaluate(run.data.test)
-    (run.directory / EVAL_NAME).write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    if trainer.rank == 0:
+        save_adapter(trainer.model, run.directory / ADAPTER_NAME)
+        (run.directory / EVAL_NAME).write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     return metrics
 
 
