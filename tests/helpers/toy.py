@@ -45,3 +45,12 @@ class TinyNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
+
+
+def tiny_net_with_random_lora(dtype: torch.dtype = torch.float64) -> TinyNet:
+    """:class:`TinyNet` with standard-normal LoRA B (zero at init): the modulators' gradients are nonzero."""
+    model = TinyNet(dtype=dtype)
+    with torch.no_grad():
+        for layer in (model.l1, model.l2):
+            layer.lora_B.normal_()
+    return model

@@ -13,7 +13,7 @@ from metapeft.meta import hypergradient
 from metapeft.sampling import lookahead_batches
 from metapeft.trainer import MetaPEFTTrainer, TrainerConfig
 from tests.helpers.meta import relative_error
-from tests.helpers.toy import LongTailedBlobs, TinyNet
+from tests.helpers.toy import LongTailedBlobs, tiny_net_with_random_lora
 
 COUNTS = [60, 30, 15, 8]  # 113 samples: three batches of 16 leave a meta set
 
@@ -33,10 +33,7 @@ def test_lookahead_batches_are_reproducible_and_leave_out_the_steps_batch():
 @pytest.mark.parametrize("mode", ["exact", "first_order"])
 def test_meta_step_uses_k_lookahead_steps(mode):
     data = LongTailedBlobs(COUNTS)
-    model = TinyNet(dtype=torch.float64)
-    with torch.no_grad():
-        for layer in (model.l1, model.l2):
-            layer.lora_B.normal_()
+    model = tiny_net_with_random_lora()
     config = TrainerConfig(batch_size=16, meta_lr=0.05, classifier="linear", meta_mode=mode, meta_lookahead_steps=3,
                            progress=False)
     trainer = MetaPEFTTrainer(model, data, config=config)

@@ -16,7 +16,7 @@ from metapeft.losses import LogitAdjustedLoss
 from metapeft.meta import hypergradient
 from metapeft.sampling import epoch_batches
 from metapeft.trainer import MetaPEFTTrainer, TrainerConfig
-from tests.helpers.toy import LongTailedBlobs, TinyNet
+from tests.helpers.toy import LongTailedBlobs, TinyNet, tiny_net_with_random_lora
 
 COUNTS = [20, 12, 6, 4]
 
@@ -72,10 +72,7 @@ def test_meta_false_config_freezes_learnable_modulators():
 @pytest.mark.parametrize("reuse", [True, False], ids=["reuse_lookahead", "recompute"])
 def test_meta_step_applies_the_hypergradient_and_the_lookahead(reuse):
     data = LongTailedBlobs(COUNTS)
-    model = TinyNet(dtype=torch.float64)
-    with torch.no_grad():
-        for layer in (model.l1, model.l2):
-            layer.lora_B.normal_()
+    model = tiny_net_with_random_lora()
     config = quiet(batch_size=16, meta_lr=0.05, classifier="linear", meta_reuse_lookahead=reuse)
     trainer = MetaPEFTTrainer(model, data, config=config)
     twin = copy.deepcopy(model)
