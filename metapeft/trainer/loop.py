@@ -84,7 +84,9 @@ class MetaPEFTTrainer:
 
     Distributed: when a default process group is initialised (``torchrun``; gloo on CPU, nccl on GPU) every
     rank sees the same global batch order and splits each batch (:mod:`metapeft.trainer.step`); the result
-    equals single-process training on the same global batch up to rounding (dropout 0).
+    equals single-process training on the same global batch up to rounding (dropout 0). The ranks must agree on
+    the config, the datasets and the model (checked at construction, an error names what differs); checkpoints
+    resume on any world size.
     """
 
     def __init__(self, model: nn.Module, train_set, val_set=None, config: TrainerConfig | None = None,
