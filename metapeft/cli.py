@@ -7,7 +7,8 @@
 | ``metapeft gamma RUN [--plot out.png]`` | the learned gamma table (and heatmap) |
 | ``metapeft info`` | versions, devices, built extensions, backend availability |
 | ``metapeft bench [NAME ...] [--quick] [--list]`` | the benchmark scripts of a source checkout |
-| ``metapeft demo [--quick]`` | the small-scale end-to-end demonstration (:mod:`metapeft.demo`) |
+| ``metapeft demo [--seeds N] [--quick] [--readme README.md]`` | the small-scale demonstration (:mod:`metapeft.demo`) |
+| ``metapeft sweep KIND [--config CFG] [--seeds N] [--jobs N]`` | the paper's analyses (:mod:`metapeft.sweep`) |
 
 The run config's schema is :mod:`metapeft.config`; building models and data, :mod:`metapeft.build`; run directories,
 :mod:`metapeft.runs`. Library errors (``ValueError``, ``OSError``) print as ``metapeft COMMAND: error: MESSAGE`` with
@@ -29,7 +30,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from metapeft.demo import DEFAULT_SEEDS as DEMO_SEEDS
 from metapeft.metrics import format_percent, metrics_table
+from metapeft.sweep import KINDS as SWEEP_KINDS
 from metapeft.trainer.callbacks import Callback
 
 
@@ -200,7 +203,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from metapeft.demo import run_demo
 
     run_demo(quick=args.quick, output_dir=args.output_dir, cache_dir=args.cache_dir, threads=args.threads,
-             seed=args.seed)
+             seed=args.seed, seeds=args.seeds, jobs=args.jobs, readme=args.readme)
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from metapeft.sweep import ConfigTask, parse_values, run_sweep
+
+    if args.config is not None:
+        from metapeft.config import apply_overrides, load_config
+
+        task = ConfigTask(apply_overrides(load_config(args.config), args.set or []), str(Path.cwd()))
+    elif args.set:
+        raise ValueError("--set changes a config: give it with --config (without one the sweep runs the demo task)")
+    else:
+        from metapeft.demo import FULL, QUICK, DemoTask
+
+        task = DemoTask(QUICK if args.quick else FULL, args.cache_dir)
+    result = run_sweep(args.kind, task, args.output_dir or f"metapeft-sweep/{args.kind}",
+                       seeds=range(args.seed, args.seed + args.seeds), jobs=args.jobs,
+                       values=parse_values(args.kind, args.values or []), modes=args.modes)
+    print(f"{result['table']}\nwrote {', '.join(result['files'].values())}")
     return 0
 
 
@@ -259,8 +282,30 @@ def build_parser() -> argparse.ArgumentParser:
                                           "$METAPEFT_CACHE or ~/.cache/metapeft)")
     demo.add_argument("--threads", type=_positive_int, default=1,
                       help="torch CPU threads (default 1: the demo's matrices are too small to gain from more)")
-    demo.add_argument("--seed", type=_non_negative_int, default=0)
+    demo.add_argument("--seed", type=_non_negative_int, default=0, help="the first fine-tuning seed (default 0)")
+    demo.add_argument("--seeds", type=_positive_int, default=DEMO_SEEDS,
+                      help=f"number of fine-tuning seeds (default {DEMO_SEEDS})")
+    demo.add_argument("--jobs", type=_positive_int, default=1, help="fine-tuning runs in parallel processes")
+    demo.add_argument("--readme", metavar="README.md", help="rewrite this file's demo table from the results")
     demo.set_defaults(handler=cmd_demo)
+
+    sweep = commands.add_parser("sweep", help="the paper's analyses as resumable grids of fine-tuning runs",
+                                description="Position x depth map, scaling-factor sweep, meta-set ratio and meta "
+                                            "interval sweeps (metapeft.sweep) on a config or on the demo task.")
+    sweep.add_argument("kind", choices=SWEEP_KINDS)
+    sweep.add_argument("--config", help="training config yaml (default: the demo task, offline)")
+    sweep.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
+    sweep.add_argument("--values", nargs="+", metavar="V", help="swept values: log2(alpha), meta ratios, or meta "
+                                                                "intervals (integers or 'epoch')")
+    sweep.add_argument("--modes", nargs="+", metavar="MODE", help="hypergradient modes of the meta_interval sweep")
+    sweep.add_argument("--seed", type=_non_negative_int, default=0, help="the first seed (default 0)")
+    sweep.add_argument("--seeds", type=_positive_int, default=1, help="seeds per grid point (default 1)")
+    sweep.add_argument("--jobs", type=_positive_int, default=1, help="runs in parallel processes (default 1)")
+    sweep.add_argument("--output-dir", help="where the runs, tables and plot go (default metapeft-sweep/KIND)")
+    sweep.add_argument("--quick", action="store_true", help="the demo task at its tiny size")
+    sweep.add_argument("--cache-dir", help="the demo task's backbone cache (default $METAPEFT_CACHE or "
+                                           "~/.cache/metapeft)")
+    sweep.set_defaults(handler=cmd_sweep)
     return parser
 
 

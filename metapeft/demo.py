@@ -5,23 +5,24 @@ What it does (all data is scikit-learn's bundled handwritten digits, see :mod:`m
 1. builds a small timm ``VisionTransformer`` (8x8 grayscale input, 2x2 patches) and pre-trains it by itself on the
    balanced, upright *source* digits (AdamW, cross-entropy); the result is cached (``$METAPEFT_CACHE`` or
    ``~/.cache/metapeft``), so later runs skip this step;
-2. fine-tunes two copies on the long-tailed, domain-shifted *target* task (rotated, speckled digits; imbalance 10)
-   with the real :func:`metapeft.inject` and :class:`metapeft.MetaPEFTTrainer` (the paper's recipe: SGD with
-   momentum 0.9 and weight decay 5e-4, cosine schedule, logit-adjusted loss, cosine classifier; lr 0.05 instead of
-   0.01 because the demo trains for only about a hundred steps): LoRA on q, k, v, out, mlp1, mlp2 of every block
-   with a fixed scale (plain LoRA), and the same LoRA with learned modulators gamma (LoRA + MetaPEFT, exact
-   hypergradient through a one-step look-ahead, meta batches from a re-sampled stratified 20 % of the training set);
-3. prints the paper-style table (overall / class-mean / many / medium / few / macro-F1) on the balanced target test
-   set and writes ``gamma_heatmap.png``, ``training_curves.png``, ``results.json`` and ``results.md``.
+2. fine-tunes copies on the long-tailed, domain-shifted *target* task (rotated, speckled digits; imbalance 10) with
+   the real :func:`metapeft.inject` and :class:`metapeft.MetaPEFTTrainer` (the paper's recipe: SGD with momentum 0.9
+   and weight decay 5e-4, cosine schedule, logit-adjusted loss, cosine classifier; lr 0.05 instead of 0.01 because
+   the demo trains for only about a hundred steps): LoRA on q, k, v, out, mlp1, mlp2 of every block with a fixed
+   scale (plain LoRA), and the same LoRA with learned modulators gamma (LoRA + MetaPEFT, the trainer's default meta
+   schedule), once per seed. The seeds vary the LoRA initialisation, the batch order and the meta batches; the data
+   split and the pre-trained backbone stay fixed, so each seed gives a paired comparison;
+3. prints mean +- std over the seeds of the paper-style metrics (overall / class-mean / many / medium / few /
+   macro-F1) on the balanced target test set, the paired difference (MetaPEFT - LoRA) with its 95 % t-interval, and
+   writes ``gamma_heatmap.png`` (the learned gamma averaged over seeds), ``training_curves.png``, ``results.json``
+   and ``results.md``; ``readme`` rewrites a README's demo table from those results.
 
 It is a demonstration of the method and the package at toy scale (hundreds of 8x8 images, a 4-block ViT, a few
-minutes on 2 CPU cores), not a reproduction of the paper's numbers; differences between the two rows at this scale
-are within a few images of the small test set.
+minutes on 2 CPU cores), not a reproduction of the paper's numbers.
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
@@ -34,7 +35,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from metapeft.metrics import class_split_from_counts, metrics_table
+from metapeft.gamma import GammaTable, plot_gamma
+from metapeft.metrics import class_split_from_counts
+from metapeft.report import replace_section, write_json, write_text
+from metapeft.stats import format_difference, format_summary, paired_difference, summarize
+from metapeft.sweep import META, PLAIN, Cell, fit_and_evaluate, metric_columns, run_grid, with_seeds
 
 # Target-task groups: many > 30 training images, few < 15 (the target counts are 57 ... 5).
 MANY_ABOVE, FEW_BELOW = 30, 15
@@ -61,7 +66,11 @@ FULL = DemoSize(embed_dim=64, depth=4, num_heads=4, pretrain_epochs=40, finetune
                 lr=0.05, meta_lr=0.05)
 QUICK = DemoSize(embed_dim=32, depth=2, num_heads=2, pretrain_epochs=4, finetune_epochs=2, batch_size=32, rank=2,
                  lr=0.05, meta_lr=0.05)
-VARIANTS = (("LoRA", False), ("LoRA + MetaPEFT", True))
+VARIANTS = (Cell("lora", {"method": "LoRA"}, peft=PLAIN, train=PLAIN),
+            Cell("lora_meta", {"method": "LoRA + MetaPEFT"}, peft=META, train=META))
+BASELINE, METHOD = (cell.point["method"] for cell in VARIANTS)
+DEFAULT_SEEDS = 5
+README_SECTION = "demo-table"
 
 
 def default_cache_dir() -> Path:
@@ -124,25 +133,67 @@ def cached_backbone(size: DemoSize, tasks, cache_dir: Path, seed: int) -> tuple[
     return model, f"pre-trained the source backbone in {time.perf_counter() - start:.0f} s, cached at {path}"
 
 
-def finetune(backbone: nn.Module, size: DemoSize, tasks, meta: bool, run_dir: Path, seed: int, class_split: dict):
-    """Inject LoRA (fixed scale or meta-learned gamma) into a copy of ``backbone`` and fit it on the target task
-    with :class:`metapeft.MetaPEFTTrainer`, evaluating on the target test set after every epoch.
-    Returns ``(trainer, final metrics, seconds)``."""
-    from metapeft.inject import inject
-    from metapeft.trainer import MetaPEFTTrainer, TrainerConfig
+@dataclass(frozen=True)
+class DemoTask:
+    """The demo's fine-tuning task as a :class:`metapeft.sweep.Task`: the cached source backbone, LoRA of the
+    size's rank on every position of every block (a cell's ``peft`` overrides :func:`metapeft.inject` arguments),
+    the demo's trainer recipe (a cell's ``train`` overrides :class:`metapeft.TrainerConfig` fields), the target task.
 
-    model = copy.deepcopy(backbone)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)  # both variants start from the same LoRA weights, cached backbone or not
-        inject(model, method="lora", rank=size.rank, meta=meta)
-    config = TrainerConfig(epochs=size.finetune_epochs, batch_size=size.batch_size, lr=size.lr, meta=meta,
-                           meta_lr=size.meta_lr,
-                           device="cpu", amp="none", seed=seed, log_every=1, output_dir=str(run_dir),
-                           class_split=class_split)
-    trainer = MetaPEFTTrainer(model, tasks.target_train, config=config)
-    start = time.perf_counter()
-    metrics = trainer.fit(eval_set=tasks.target_test)
-    return trainer, metrics, time.perf_counter() - start
+    ``eval_each_epoch`` evaluates (and logs) the target test set after every epoch, inside the timed fit; otherwise
+    once after it. ``data_seed`` fixes the data split and the backbone's pre-training.
+    """
+
+    size: DemoSize = FULL
+    cache_dir: str | None = None
+    eval_each_epoch: bool = False
+    data_seed: int = 0
+
+    def tasks(self):
+        """The digits tasks (:func:`metapeft.data.digits.digits_tasks`) of ``data_seed``."""
+        from metapeft.data.digits import digits_tasks
+
+        return digits_tasks(seed=self.data_seed)
+
+    def _cache(self) -> Path:
+        return Path(self.cache_dir) if self.cache_dir else default_cache_dir()
+
+    def prepare(self) -> str:
+        """Pre-train and cache the source backbone unless cached; a note on what happened and its accuracies."""
+        tasks = self.tasks()
+        backbone, note = cached_backbone(self.size, tasks, self._cache(), self.data_seed)
+        return (f"{note}; source test accuracy {100 * accuracy(backbone, tasks.source_test):.1f}%, target test "
+                f"accuracy before fine-tuning (source head) {100 * accuracy(backbone, tasks.target_test):.1f}%")
+
+    def layout(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(blocks, LoRA positions) of the demo ViT."""
+        from metapeft.inject import POSITIONS
+
+        return tuple(str(i) for i in range(self.size.depth)), POSITIONS["lora"]
+
+    def trainer_config(self, cell: Cell, run_dir: Path):
+        """The :class:`metapeft.TrainerConfig` of ``cell``: the demo's recipe updated by ``cell.train``."""
+        from metapeft.trainer import TrainerConfig
+
+        train = {"epochs": self.size.finetune_epochs, "batch_size": self.size.batch_size, "lr": self.size.lr,
+                 "meta_lr": self.size.meta_lr, **cell.train}
+        return TrainerConfig(**train, device="cpu", amp="none", seed=cell.seed, progress=False, log_every=1,
+                             output_dir=str(run_dir), resume=True,
+                             class_split=class_split_from_counts(self.tasks().target_counts, many=MANY_ABOVE,
+                                                                 few=FEW_BELOW))
+
+    def run(self, cell: Cell, run_dir: Path) -> dict:
+        """Fine-tune for ``cell`` in ``run_dir``: :func:`metapeft.sweep.fit_and_evaluate`'s result."""
+        from metapeft.inject import inject
+        from metapeft.trainer import MetaPEFTTrainer
+
+        tasks = self.tasks()
+        model, _ = cached_backbone(self.size, tasks, self._cache(), self.data_seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cell.seed)  # every variant of a seed starts from the same LoRA weights
+            inject(model, **{"method": "lora", "rank": self.size.rank, **cell.peft})
+        resumed = (run_dir / "checkpoint.pt").is_file()
+        trainer = MetaPEFTTrainer(model, tasks.target_train, config=self.trainer_config(cell, run_dir))
+        return fit_and_evaluate(trainer, tasks.target_test, self.eval_each_epoch, resumed)
 
 
 def read_log(path: Path) -> list[dict]:
@@ -151,23 +202,33 @@ def read_log(path: Path) -> list[dict]:
         return [json.loads(line) for line in handle if line.strip()]
 
 
-def plot_curves(logs: dict[str, list[dict]], path: Path) -> Path:
-    """Training loss per step and target test accuracy (overall, few) per epoch of each run, as one PNG."""
+def _mean_by(records: list[dict], event: str, x: str, y: str) -> tuple[list, list[float]]:
+    """Mean of ``y`` over the records of ``event`` grouped by ``x`` (e.g. per step over seeds)."""
+    groups: dict = {}
+    for record in records:
+        if record["event"] == event and record.get(y) is not None:
+            groups.setdefault(record[x], []).append(record[y])
+    xs = sorted(groups)
+    return xs, [sum(groups[v]) / len(groups[v]) for v in xs]
+
+
+def plot_curves(logs: dict[str, list[dict]], path: Path, seeds: int) -> Path:
+    """Training loss per step and target test accuracy (overall, few) per epoch of each variant, averaged over the
+    seeds' logs (``logs``: variant -> every seed's log records), as one PNG."""
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(11, 3.8))
     loss_axes, accuracy_axes = figure.subplots(1, 2)
     for (name, records), color in zip(logs.items(), ("tab:blue", "tab:red")):
-        steps = [r for r in records if r["event"] == "step"]
-        loss_axes.plot([r["global_step"] for r in steps], [r["train_loss"] for r in steps], color=color, lw=1,
-                       label=name)
-        evals = [r for r in records if r["event"] == "eval"]
-        epochs = [r["epoch"] for r in evals]
-        accuracy_axes.plot(epochs, [100 * r["accuracy"] for r in evals], color=color, marker="o", label=f"{name}: all")
-        accuracy_axes.plot(epochs, [100 * (r.get("few_accuracy") or 0) for r in evals], color=color, ls="--",
-                           marker="x", label=f"{name}: few")
-    loss_axes.set(xlabel="step", ylabel="training loss (logit-adjusted)", title="training loss")
-    accuracy_axes.set(xlabel="epoch", ylabel="target test accuracy (%)", title="target test accuracy")
+        loss_axes.plot(*_mean_by(records, "step", "global_step", "train_loss"), color=color, lw=1, label=name)
+        for metric, style, marker in (("accuracy", "-", "o"), ("few_accuracy", "--", "x")):
+            epochs, values = _mean_by(records, "eval", "epoch", metric)
+            accuracy_axes.plot(epochs, [100 * v for v in values], color=color, ls=style, marker=marker,
+                               label=f"{name}: {'all' if metric == 'accuracy' else 'few'}")
+    loss_axes.set(xlabel="step", ylabel="training loss (logit-adjusted)",
+                  title=f"training loss (mean of {seeds} seeds)")
+    accuracy_axes.set(xlabel="epoch", ylabel="target test accuracy (%)",
+                      title=f"target test accuracy (mean of {seeds} seeds)")
     for axes in (loss_axes, accuracy_axes):
         axes.grid(alpha=0.3)
         axes.legend(fontsize=8)
@@ -177,54 +238,106 @@ def plot_curves(logs: dict[str, list[dict]], path: Path) -> Path:
     return path
 
 
+def seeds_table(runs: dict[str, list[dict]], seconds: dict[str, list[float]]) -> str:
+    """The demo's Markdown table: per variant, mean +- std over seeds of every metric (%) and of the fine-tuning
+    time; then the paired difference MetaPEFT - LoRA with its 95 % t-interval, and the mean time ratio."""
+    columns = metric_columns([m for values in runs.values() for m in values])
+    names = {"accuracy": "overall", "class_mean_accuracy": "class-mean", "macro_f1": "macro-F1"}
+    header = ["method", *(names.get(c, c.removesuffix("_accuracy")) for c in columns), "fine-tune time (s)"]
+    body = [[name, *(format_summary(summarize([m[c] for m in values])) for c in columns),
+             format_summary(summarize(seconds[name]), scale=1.0)] for name, values in runs.items()]
+    ratios = [b / a for a, b in zip(seconds[BASELINE], seconds[METHOD])]
+    body.append(["difference (95% CI)",
+                 *(format_difference(paired_difference([m[c] for m in runs[BASELINE]], [m[c] for m in runs[METHOD]]))
+                   for c in columns),
+                 f"{summarize(ratios).mean:.2f}x"])
+    lines = ["| " + " | ".join(header) + " |", "|---" + "|--:" * (len(header) - 1) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in body])
+
+
+def verdict(difference: dict, what: str) -> str:
+    """One sentence on a paired difference (a :class:`metapeft.stats.PairedDifference` as a dict) of ``what``."""
+    interval = "" if difference["low"] is None else \
+        f", 95 % interval [{100 * difference['low']:+.1f}, {100 * difference['high']:+.1f}]"
+    if difference["low"] is None:
+        reading = "one seed gives no interval"
+    elif difference["low"] > 0:
+        reading = "MetaPEFT is better beyond the seeds' noise"
+    elif difference["high"] < 0:
+        reading = "MetaPEFT is worse beyond the seeds' noise"
+    else:
+        reading = "the interval covers 0: these seeds cannot tell the two apart"
+    return f"{what}: MetaPEFT - LoRA = {100 * difference['mean']:+.1f} points{interval}; {reading}."
+
+
+def readme_text(result: dict) -> str:
+    """The README's demo section (between its ``demo-table`` markers) from a demo ``results.json``."""
+    seeds, size = result["seeds"], result["size"]
+    options = (" --quick" if size != asdict(FULL) else "") + f" --seeds {len(seeds)}" + (
+        f" --seed {seeds[0]}" if seeds[0] else "")
+    return (f"`metapeft demo{options}` (seeds {seeds[0]}-{seeds[-1]}; target test set, "
+            f"accuracy in %, mean +- std over seeds; difference: MetaPEFT - LoRA per seed, mean and 95 % t-interval; "
+            f"time ratio: mean over seeds of MetaPEFT / LoRA fine-tuning time; generated from `results.json` by "
+            f"`metapeft demo --readme README.md`):\n\n{result['table']}\n\n"
+            f"{verdict(result['difference']['accuracy'], 'Overall accuracy')} "
+            f"{verdict(result['difference']['few_accuracy'], 'Few-shot classes')}\n")
+
+
+def update_readme(result: dict, readme: str | os.PathLike) -> Path:
+    """Rewrite the demo table section of ``readme`` (:func:`metapeft.report.replace_section`) from ``result``."""
+    return replace_section(readme, README_SECTION, readme_text(result))
+
+
 def run_demo(quick: bool = False, output_dir: str | os.PathLike = "metapeft-demo",
-             cache_dir: str | os.PathLike | None = None, threads: int = 1, seed: int = 0) -> dict:
-    """Run the demo (module docstring); returns ``{"rows": {method: metrics}, "seconds": {...}, "files": {...}}``.
+             cache_dir: str | os.PathLike | None = None, threads: int = 1, seed: int = 0, seeds: int = DEFAULT_SEEDS,
+             jobs: int = 1, readme: str | os.PathLike | None = None) -> dict:
+    """Run the demo (module docstring) over seeds ``seed .. seed + seeds - 1``; returns the ``results.json`` dict
+    (``runs``: per-variant metrics per seed, ``seconds``, ``summary``, ``difference``, ``table``, ``files``...).
 
-    quick: a tiny model and schedule (the test suite's smoke run). threads: torch intra-op threads while it runs.
+    quick: a tiny model and schedule (the test suite's smoke run). threads: torch threads per run; jobs: runs in
+    parallel processes. readme: a README whose demo section to rewrite from the results.
     """
-    from metapeft.data.digits import digits_tasks
-    from metapeft.gamma import gamma_table, plot_gamma
-
     size = QUICK if quick else FULL
-    output_dir, cache_dir = Path(output_dir), Path(cache_dir) if cache_dir else default_cache_dir()
-    output_dir.mkdir(parents=True, exist_ok=True)
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        print(BANNER)
-        tasks = digits_tasks(seed=seed)
-        class_split = class_split_from_counts(tasks.target_counts, many=MANY_ABOVE, few=FEW_BELOW)
-        print(f"source: {len(tasks.source_train)} training images (balanced); target: {len(tasks.target_train)} "
-              f"training images per class {tasks.target_counts}, {len(tasks.target_test)} test images (balanced); "
-              f"groups: many > {MANY_ABOVE}, few < {FEW_BELOW} training images")
-        backbone, note = cached_backbone(size, tasks, cache_dir, seed)
-        print(f"{note}; source test accuracy {100 * accuracy(backbone, tasks.source_test):.1f}%, target test "
-              f"accuracy before fine-tuning (source head) {100 * accuracy(backbone, tasks.target_test):.1f}%")
-        rows, seconds, logs, trainers = {}, {}, {}, {}
-        for name, meta in VARIANTS:
-            print(f"fine-tuning: {name}")
-            run_dir = output_dir / ("lora_meta" if meta else "lora")
-            trainer, metrics, elapsed = finetune(backbone, size, tasks, meta, run_dir, seed, class_split)
-            rows[name], seconds[name], trainers[name] = metrics, elapsed, trainer
-            logs[name] = read_log(run_dir / "metrics.jsonl")
-        meta_model = trainers["LoRA + MetaPEFT"].model
-        table = metrics_table(rows)
-        files = {"gamma_heatmap": str(plot_gamma(meta_model, output_dir / "gamma_heatmap.png",
-                                                 title="demo: learned gamma")),
-                 "training_curves": str(plot_curves(logs, output_dir / "training_curves.png"))}
-        gammas = gamma_table(meta_model)
-        timing = ", ".join(f"{name} {s:.0f} s" for name, s in seconds.items())
-        print(f"\nTarget test set ({len(tasks.target_test)} images, balanced), accuracy in %:\n{table}\n")
-        print(f"learned gamma (rows: block, columns: position; plain LoRA keeps gamma = 1):\n{gammas}\n")
-        print(f"fine-tuning time: {timing}\nwrote {files['gamma_heatmap']} and {files['training_curves']}")
-        print("This is a small-scale demonstration on toy data; the paper's settings are in configs/ "
-              "(metapeft train --config ...).")
-        result = {"rows": rows, "seconds": seconds, "files": files, "size": asdict(size), "seed": seed,
-                  "target_counts": tasks.target_counts, "class_split": class_split}
-        (output_dir / "results.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
-        (output_dir / "results.md").write_text(f"{BANNER}\n\n{table}\n\ngamma:\n\n```\n{gammas}\n```\n",
-                                               encoding="utf-8")
-        return result
-    finally:
-        torch.set_num_threads(previous_threads)
+    output_dir = Path(output_dir)
+    task = DemoTask(size, None if cache_dir is None else str(cache_dir), eval_each_epoch=True)
+    seed_list = list(range(seed, seed + seeds))
+    print(BANNER)
+    tasks = task.tasks()
+    class_split = class_split_from_counts(tasks.target_counts, many=MANY_ABOVE, few=FEW_BELOW)
+    print(f"source: {len(tasks.source_train)} training images (balanced); target: {len(tasks.target_train)} "
+          f"training images per class {tasks.target_counts}, {len(tasks.target_test)} test images (balanced); "
+          f"groups: many > {MANY_ABOVE}, few < {FEW_BELOW} training images; fine-tuning seeds {seed_list}")
+    start = time.perf_counter()
+    records = run_grid(task, with_seeds(VARIANTS, seed_list), output_dir, jobs=jobs, threads=threads, fresh=True)
+    by_variant = {cell.point["method"]: [r for r in records if r["cell"]["name"] == cell.name] for cell in VARIANTS}
+    runs = {name: [r["metrics"] for r in rs] for name, rs in by_variant.items()}
+    seconds = {name: [r["seconds"] for r in rs] for name, rs in by_variant.items()}
+    gamma = GammaTable.mean([r["gamma"] for r in by_variant[METHOD]])
+    logs = {name: [line for cell in VARIANTS if cell.point["method"] == name
+                   for s in seed_list for line in read_log(output_dir / Cell(cell.name, {}, s).key / "metrics.jsonl")]
+            for name in runs}
+    files = {"gamma_heatmap": plot_gamma(gamma, output_dir / "gamma_heatmap.png",
+                                         title=f"demo: learned gamma, mean of {seeds} seeds"),
+             "training_curves": str(plot_curves(logs, output_dir / "training_curves.png", seeds))}
+    table = seeds_table(runs, seconds)
+    columns = metric_columns([m for values in runs.values() for m in values])
+    result = {"seeds": seed_list, "runs": runs, "seconds": seconds, "table": table,
+              "summary": {name: {c: asdict(summarize([m[c] for m in values])) for c in columns}
+                          for name, values in runs.items()},
+              "difference": {c: asdict(paired_difference([m[c] for m in runs[BASELINE]], [m[c] for m in runs[METHOD]]))
+                             for c in columns},
+              "gamma_mean": gamma.to_dict(), "files": files, "size": asdict(size), "threads": threads, "jobs": jobs,
+              "target_counts": tasks.target_counts, "class_split": class_split,
+              "wall_seconds": time.perf_counter() - start}
+    print(f"\nTarget test set ({len(tasks.target_test)} images, balanced), accuracy in %, mean +- std over "
+          f"{seeds} seeds; difference = MetaPEFT - LoRA per seed (95% t-interval):\n{table}\n")
+    print(f"learned gamma, mean over seeds (rows: block, columns: position; plain LoRA keeps gamma = 1):\n{gamma}\n")
+    print(f"wrote {files['gamma_heatmap']} and {files['training_curves']}")
+    print("This is a small-scale demonstration on toy data; the paper's settings are in configs/ "
+          "(metapeft train --config ...).")
+    write_json(output_dir / "results.json", result)
+    write_text(output_dir / "results.md", f"{BANNER}\n\n{readme_text(result)}\ngamma (mean over seeds):\n\n"
+                                          f"```\n{gamma}\n```\n")
+    if readme is not None:
+        print(f"rewrote the demo section of {update_readme(result, readme)}")
+    return result

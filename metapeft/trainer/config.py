@@ -18,14 +18,16 @@ RUN_CONTROL_FIELDS = ("resume", "progress", "num_workers", "log_every", "save_ev
 
 @dataclass
 class TrainerConfig:
-    """Every knob of :class:`MetaPEFTTrainer`; the defaults are the paper's recipe (docs/method.md).
+    """Every knob of :class:`MetaPEFTTrainer`; the defaults are the paper's recipe (docs/method.md) except the meta
+    schedule (first-order every 5 steps instead of exact at every step; see the comment on ``meta_interval``).
 
     Inner loop (phi = trainable non-modulator parameters: PEFT weights + head): SGD with ``lr``,
     ``momentum``, ``weight_decay``, a per-step ``schedule`` over ``epochs`` epochs of ``batch_size``.
-    Outer loop (rho = modulators): Adam with ``meta_lr`` every ``meta_interval`` inner steps, hypergradient
-    mode ``meta_mode``, meta batches of ``meta_batch_size`` (default ``batch_size``) drawn from a stratified
-    ``meta_ratio`` sample of the training set, re-sampled every outer step unless ``meta_resample=False``
-    (a fixed split, excluded from the inner loop's data); each meta batch is a random draw from that meta set,
+    Outer loop (rho = modulators): Adam with ``meta_lr`` every ``meta_interval`` inner steps (``"epoch"``: at
+    the first step of every epoch, the authors' schedule), hypergradient mode ``meta_mode``, meta batches of
+    ``meta_batch_size`` (default ``batch_size``) drawn from a stratified ``meta_ratio`` sample of the training
+    set, re-sampled every outer step unless ``meta_resample=False`` (a fixed split, excluded from the inner loop's
+    data); each meta batch is a random draw from that meta set,
     ``meta_sampling="uniform"`` (every class in its meta-set share) or ``"class_balanced"`` (an equal share per
     class, small classes drawn with replacement; :mod:`metapeft.sampling`). A ``val_set`` given to the trainer
     replaces the training set as the meta-batch source. ``meta=False`` (or a model without learnable modulators)
@@ -53,8 +55,12 @@ class TrainerConfig:
 
     meta: bool = True
     meta_lr: float = 1e-3
-    meta_interval: int = 1
-    meta_mode: str = "exact"
+    # A first-order meta step every 5 inner steps costs 1.10x plain LoRA's fine-tuning CPU time on the demo task
+    # (benchmarks/results/meta_defaults_cpu.md; 1 + 0.85 / 5 from a 1.85x meta step) with accuracy within the seeds'
+    # noise of the best schedule; an exact meta step at every step costs 2.9x (schedule_cpu.md, README "What the
+    # meta step costs").
+    meta_interval: int | str = 5
+    meta_mode: str = "first_order"
     meta_ratio: float = 0.2
     meta_resample: bool = True
     meta_sampling: str = "uniform"
@@ -83,11 +89,13 @@ class TrainerConfig:
     class_split: dict[str, list[int]] | str | None = field(default=None)
 
     def __post_init__(self) -> None:
-        positive_ints = ("epochs", "batch_size", "meta_interval", "meta_lookahead_steps", "log_every")
+        positive_ints = ("epochs", "batch_size", "meta_lookahead_steps", "log_every")
         for name in positive_ints:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.meta_interval != "epoch" and (not isinstance(self.meta_interval, int) or self.meta_interval < 1):
+            raise ValueError(f"meta_interval must be a positive int or 'epoch', got {self.meta_interval!r}")
         for name in ("meta_batch_size", "save_every_steps"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):

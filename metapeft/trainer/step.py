@@ -2,7 +2,8 @@
 
 At global step ``t`` on the global batch ``B_t`` (docs/method.md, "Bi-level optimization"):
 
-- meta step (every ``meta_interval`` steps, when the model has learnable modulators and ``meta=True``):
+- meta step (every ``meta_interval`` steps, or at the first step of every epoch, when the model has learnable
+  modulators and ``meta=True``):
   draw a meta batch ``V_t`` (:class:`metapeft.sampling.MetaSetSampler`), compute the hypergradient of
   ``L_val(phi_K)`` through K = ``meta_lookahead_steps`` SGD look-ahead steps, the first
   ``phi_1 = phi - lr * (grad_phi L_train(phi, rho; B_t) + wd * phi + mu * m)`` and the others on batches drawn
@@ -84,6 +85,7 @@ class BilevelStep:
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=total_steps) \
             if config.schedule == "cosine" else None
         self.meta_optimizer = torch.optim.Adam(rho, lr=config.meta_lr) if rho else None
+        self.meta_every = total_steps // config.epochs if config.meta_interval == "epoch" else config.meta_interval
         self.outer_step = 0
 
     def inner_gradients(self, x: torch.Tensor, y: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -145,7 +147,7 @@ class BilevelStep:
         step's values: ``lr`` (float), ``train_loss`` and, when computed, ``meta_loss`` and ``grad_norm`` (0-dim
         tensors)."""
         logs = {}
-        if self.rho and global_step % self.config.meta_interval == 0:
+        if self.rho and global_step % self.meta_every == 0:
             result, logs["meta_loss"] = self.meta_step(x, y, batch_indices)
             if self.config.meta_reuse_lookahead:
                 grads, loss = [g.detach() for g in result.phi_grads], result.train_loss.detach()

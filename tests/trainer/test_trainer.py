@@ -22,15 +22,33 @@ COUNTS = [20, 12, 6, 4]
 
 
 def quiet(**kwargs) -> TrainerConfig:
-    return TrainerConfig(progress=False, **kwargs)
+    """A config without progress bars on the paper's meta schedule (an exact meta step at every step; the shipped
+    default is a first-order meta step every 5 steps)."""
+    return TrainerConfig(**{"progress": False, "meta_mode": "exact", "meta_interval": 1, **kwargs})
 
 
 def test_config_rejects_bad_values():
     for bad, match in (({"epochs": 0}, "epochs"), ({"meta_ratio": 1.0}, "meta_ratio"), ({"lr": 0.0}, "lr"),
                        ({"meta_mode": "second"}, "meta_mode"), ({"resume": True}, "output_dir"),
-                       ({"max_grad_norm": -1.0}, "max_grad_norm"), ({"meta_batch_size": 0}, "meta_batch_size")):
+                       ({"max_grad_norm": -1.0}, "max_grad_norm"), ({"meta_batch_size": 0}, "meta_batch_size"),
+                       ({"meta_interval": 0}, "meta_interval"), ({"meta_interval": "weekly"}, "meta_interval")):
         with pytest.raises(ValueError, match=match):
             TrainerConfig(**bad)
+
+
+@pytest.mark.parametrize("interval", [1, 3, "epoch"])
+def test_meta_steps_follow_the_meta_interval(interval):
+    """Meta steps at the global steps a brute-force schedule names: every ``interval`` steps, or the first step of
+    every epoch."""
+    data = LongTailedBlobs(COUNTS)
+    trainer = MetaPEFTTrainer(TinyNet(), data, config=quiet(epochs=3, batch_size=16, meta_interval=interval,
+                                                            meta_mode="first_order"))
+    steps = []
+    trainer.step.meta_step = lambda *args, run=trainer.step.meta_step: steps.append(trainer.global_step) or run(*args)
+    trainer.fit()
+    per_epoch = -(-len(data) // 16)
+    every = per_epoch if interval == "epoch" else interval
+    assert steps == [t for t in range(3 * per_epoch) if t % every == 0]
 
 
 def test_plain_peft_equals_a_hand_written_sgd_loop():
