@@ -200,8 +200,14 @@ class MetaPEFTTrainer:
 
     # ----- stepping, stopping ----------------------------------------------------------------------------
     def train_step(self, x: torch.Tensor, y: torch.Tensor, batch_indices: torch.Tensor) -> dict:
-        """One global step on the global batch (x, y) (training-set indices ``batch_indices``); returns the step's
-        values (``lr``, ``train_loss``, and ``meta_loss`` / ``grad_norm`` when computed)."""
+        """One global step on the global batch (x, y) (training-set indices ``batch_indices``), each rank computing
+        on its shard; returns the step's values (``lr``, ``train_loss``, and ``meta_loss`` / ``grad_norm`` when
+        computed)."""
+        start, stop = shard_bounds(len(y), self.rank, self.world_size)
+        return self._train_shard(x[start:stop], y[start:stop], batch_indices)
+
+    def _train_shard(self, x: torch.Tensor, y: torch.Tensor, batch_indices: torch.Tensor) -> dict:
+        """:meth:`train_step` given this rank's shard (x, y) of the global batch ``batch_indices``."""
         self.model.train()
         return self.step(x, y, batch_indices, self.global_step)
 
@@ -226,10 +232,21 @@ class MetaPEFTTrainer:
 
     # ----- the loop ---------------------------------------------------------------------------------------
     def _loader(self, batch_indices: list[torch.Tensor]) -> DataLoader:
-        """The training set's batches in the given order; its own generator, so the global RNG stays untouched."""
-        return DataLoader(self.train_set, batch_sampler=[b.tolist() for b in batch_indices],
+        """This rank's shards of the training set's batches, in the given order (a rank loads only the samples it
+        computes on; an empty shard loads its batch's first sample, cut away by :meth:`_local`); its own
+        generator, so the global RNG stays untouched."""
+        shards = [b[slice(*shard_bounds(len(b), self.rank, self.world_size))].tolist() or b[:1].tolist()
+                  for b in batch_indices]
+        return DataLoader(self.train_set, batch_sampler=shards,
                           num_workers=self.config.num_workers, pin_memory=self.device.type == "cuda",
                           generator=generator_for(self.config.seed, LOADER, self.epoch))
+
+    def _local(self, loaded, batch_indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch from :meth:`_loader` on the device: this rank's shard of ``batch_indices`` (zero samples when
+        the shard is empty)."""
+        x, y = batch_to_device(loaded, self.device, self.param_dtype)
+        start, stop = shard_bounds(len(batch_indices), self.rank, self.world_size)
+        return x[: stop - start], y[: stop - start]
 
     def _shard_loader(self, dataset) -> DataLoader:
         """This rank's contiguous shard of ``dataset`` in order (evaluation passes)."""
@@ -278,8 +295,7 @@ class MetaPEFTTrainer:
                     bar.close()
                     self._checkpoint("stop")
                     return self._end({"global_step": self.global_step, "epoch": self.epoch, "stopped": True})
-                logs = self.train_step(*batch_to_device(next(loader), self.device, self.param_dtype),
-                                       batch_indices)
+                logs = self._train_shard(*self._local(next(loader), batch_indices), batch_indices)
                 self.step_in_epoch += 1
                 self.global_step += 1
                 bar.update(1)

@@ -88,12 +88,13 @@ class BilevelStep:
         self.meta_every = total_steps // config.epochs if config.meta_interval == "epoch" else config.meta_interval
         self.outer_step = 0
 
-    def inner_gradients(self, x: torch.Tensor, y: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """grad_phi of the mean loss over the global batch (x, y): each rank takes its shard, sums weighted
-        by shard size across ranks. Returns (gradients in phi order, loss)."""
-        start, stop = shard_bounds(len(y), self.rank, self.world_size)
-        if stop > start:
-            loss = self.loss_fn(self.model, (x[start:stop], y[start:stop])) * ((stop - start) / len(y))
+    def inner_gradients(self, x: torch.Tensor, y: torch.Tensor,
+                        batch_size: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """grad_phi of the mean loss over a global batch of ``batch_size`` samples, of which (x, y) is this rank's
+        shard: the shards' gradients summed weighted by shard size across ranks. Returns (gradients in phi order,
+        loss)."""
+        if len(y):
+            loss = self.loss_fn(self.model, (x, y)) * (len(y) / batch_size)
             grads = list(torch.autograd.grad(loss, self.phi, allow_unused=True))
             grads = [torch.zeros_like(p) if g is None else g for p, g in zip(self.phi, grads)]
             loss = loss.detach()
@@ -113,10 +114,10 @@ class BilevelStep:
                                self.dtype)
 
     def meta_step(self, x: torch.Tensor, y: torch.Tensor, batch_indices: torch.Tensor):
-        """Hypergradient on this rank's shards + Adam step on rho. Returns (hypergradient result, meta loss)."""
+        """Hypergradient on this rank's shards + Adam step on rho; (x, y) is this rank's shard of the step's
+        global batch ``batch_indices``. Returns (hypergradient result, meta loss)."""
         config, sampler = self.config, self.meta_sampler
-        start, stop = shard_bounds(len(y), self.rank, self.world_size)
-        train_shard, empty = (x[start:stop], y[start:stop]), (x[:0], y[:0])
+        train_shard, empty = (x, y), (x[:0], y[:0])
         extra = lookahead_batches(self.train_indices, batch_indices, config.meta_lookahead_steps - 1,
                                   config.batch_size, config.seed, self.outer_step) \
             if config.meta_lookahead_steps > 1 else []
@@ -143,18 +144,18 @@ class BilevelStep:
         return result, result.val_loss
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, batch_indices: torch.Tensor, global_step: int) -> dict:
-        """Step ``global_step`` on the global batch (x, y) (training-set indices ``batch_indices``); returns the
-        step's values: ``lr`` (float), ``train_loss`` and, when computed, ``meta_loss`` and ``grad_norm`` (0-dim
-        tensors)."""
+        """Step ``global_step`` on the global batch of training-set indices ``batch_indices``, of which (x, y) is
+        this rank's shard (:func:`metapeft.sampling.shard_bounds`); returns the step's values: ``lr`` (float),
+        ``train_loss`` and, when computed, ``meta_loss`` and ``grad_norm`` (0-dim tensors)."""
         logs = {}
         if self.rho and global_step % self.meta_every == 0:
             result, logs["meta_loss"] = self.meta_step(x, y, batch_indices)
             if self.config.meta_reuse_lookahead:
                 grads, loss = [g.detach() for g in result.phi_grads], result.train_loss.detach()
             else:
-                grads, loss = self.inner_gradients(x, y)
+                grads, loss = self.inner_gradients(x, y, len(batch_indices))
         else:
-            grads, loss = self.inner_gradients(x, y)
+            grads, loss = self.inner_gradients(x, y, len(batch_indices))
         for p, g in zip(self.phi, grads):
             p.grad = g.to(p.dtype)
         if self.config.max_grad_norm is not None:
