@@ -15,7 +15,8 @@ from tests.helpers.distributed import run_gloo
 from tests.helpers.toy import LongTailedBlobs, TinyNet
 
 COUNTS = [20, 12, 8, 6]  # 46 samples: batches of 15, 15, 15 and 1 (an empty shard on rank 1)
-RUNS = {"exact_K1": {"meta_mode": "exact"}, "finite_difference_K2": {"meta_mode": "finite_difference", "meta_lookahead_steps": 2}}
+RUNS = {"exact_K1": {"meta_mode": "exact"},
+        "finite_difference_K2": {"meta_mode": "finite_difference", "meta_lookahead_steps": 2}}
 RESUME_AT = 3
 
 
