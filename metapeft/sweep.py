@@ -106,8 +106,9 @@ class ConfigTask:
     base_dir: str = "."
 
     def prepare(self) -> str:
-        """Nothing to share between cells; names the backbone."""
-        return f"sweeping {(self.config.get('model') or {}).get('name')!r} fine-tuned on {self.config.get('data')}"
+        """Nothing to share between cells; names the backbone and the data."""
+        model, data = self.config.get("model") or {}, self.config.get("data") or {}
+        return f"sweeping {model.get('name')!r} on {data.get('kind')} data at {data.get('root')}"
 
     def layout(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """Blocks and the config's PEFT positions, read from the model built without its pre-trained weights."""
