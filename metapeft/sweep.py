@@ -179,13 +179,14 @@ def meta_ratio_cells(ratios: Sequence[float]) -> list[Cell]:
         for r in ratios]
 
 
-def meta_interval_cells(intervals: Sequence[int | str], modes: Sequence[str]) -> list[Cell]:
+def meta_interval_cells(intervals: Sequence[int | str], modes: Sequence[str] | None = None) -> list[Cell]:
     """MetaPEFT with each hypergradient mode x meta interval (inner steps per meta step, or ``"epoch"``), and plain
-    PEFT (mode and interval ``-``)."""
-    return [Cell("plain", {"meta": False, "meta_mode": "-", "meta_interval": "-"}, peft=PLAIN, train=PLAIN)] + [
-        Cell(f"{m}_every_{i}", {"meta": True, "meta_mode": m, "meta_interval": i}, peft=META,
-             train={**META, "meta_mode": m, "meta_interval": i})
-        for m in modes for i in intervals]
+    PEFT (mode and interval ``-``). Without ``modes`` the task's own mode is kept (mode ``task``)."""
+    plain = Cell("plain", {"meta": False, "meta_mode": "-", "meta_interval": "-"}, peft=PLAIN, train=PLAIN)
+    return [plain] + [
+        Cell(f"{m or 'task'}_every_{i}", {"meta": True, "meta_mode": m or "task", "meta_interval": i}, peft=META,
+             train={**META, **({"meta_mode": m} if m else {}), "meta_interval": i})
+        for m in (modes or [None]) for i in intervals]
 
 
 def parse_interval(text: str) -> int | str:
@@ -456,7 +457,7 @@ def sweep_cells(kind: str, task: Task, values: Sequence | None = None, modes: Se
         return alpha_cells(positions, values or DEFAULT_LOG2_ALPHA)
     if kind == "meta_ratio":
         return meta_ratio_cells(values or DEFAULT_RATIOS)
-    return meta_interval_cells(values or DEFAULT_INTERVALS, modes or ("exact",))
+    return meta_interval_cells(values or DEFAULT_INTERVALS, modes)
 
 
 def run_sweep(kind: str, task: Task, output_dir: str | os.PathLike, seeds: Sequence[int] = (0,), jobs: int = 1,

@@ -66,6 +66,8 @@ def test_grids():
     assert [c.name for c in intervals] == ["plain", "exact_every_1", "exact_every_epoch", "first_order_every_1",
                                            "first_order_every_epoch"]
     assert intervals[2].train == {"meta": True, "meta_mode": "exact", "meta_interval": "epoch"}
+    own_mode = meta_interval_cells((2,))
+    assert own_mode[1].name == "task_every_2" and own_mode[1].train == {"meta": True, "meta_interval": 2}
     seeded = with_seeds(cells[:2], [3, 4])
     assert [c.key for c in seeded] == ["block_0_q/seed_3", "block_0_mlp1/seed_3", "block_0_q/seed_4",
                                        "block_0_mlp1/seed_4"]
