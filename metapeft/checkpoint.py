@@ -166,7 +166,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise LoadError(f"{path}: refused: the file holds objects other than tensors, numbers, strings and "
                         f"containers ({_unpickling_reason(error)}); metapeft never loads pickled code, so a file "
                         "that needs it is not a metapeft checkpoint or was altered") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as error:
+    except Exception as error:  # noqa: BLE001 - a corrupt archive fails anywhere in zip reading or unpickling
         first = str(error).split(". ")[0] or type(error).__name__
         raise LoadError(f"{path}: not a readable checkpoint: truncated or corrupt torch.save archive ({first})") \
             from None
@@ -227,16 +227,22 @@ def check_tensors_fit(stored: Mapping[str, torch.Tensor], expected: Mapping[str,
     stored tensor has a name in ``expected`` with the same shape and dtype and every name in ``required``
     (default: all of ``expected``) is stored."""
     required = set(expected) if required is None else required
-    problems = [f"missing {k}" for k in sorted(required - set(stored))]
-    problems += [f"unexpected {k}" for k in sorted(set(stored) - set(expected))]
+    problems = []
+    absent, extra = sorted(required - set(stored)), sorted(set(stored) - set(expected))
+    for kind, names in (("missing", absent), ("unexpected", extra)):
+        if names:
+            problems.append(f"{kind} {len(names)} tensor(s) {names[:5]}" + (" ..." if len(names) > 5 else ""))
+    mismatched = []
     for key in (k for k in stored if k in expected):
         file_tensor, model_tensor = stored[key], expected[key]
         if file_tensor.shape != model_tensor.shape:
-            problems.append(f"{key}: file shape {tuple(file_tensor.shape)} != model shape {tuple(model_tensor.shape)}")
+            mismatched.append(f"{key}: file shape {tuple(file_tensor.shape)} != model shape "
+                              f"{tuple(model_tensor.shape)}")
         elif file_tensor.dtype != model_tensor.dtype:
-            problems.append(f"{key}: file dtype {file_tensor.dtype} != model dtype {model_tensor.dtype}")
+            mismatched.append(f"{key}: file dtype {file_tensor.dtype} != model dtype {model_tensor.dtype}")
+    problems += mismatched[:5] + ([f"... {len(mismatched) - 5} more"] if len(mismatched) > 5 else [])
     if problems:
-        raise LoadError(f"{source} does not fit the model ({len(problems)} problem(s)): " + "; ".join(problems[:8]))
+        raise LoadError(f"{source} does not fit the model: " + "; ".join(problems))
 
 
 def copy_into(targets: Mapping[str, torch.Tensor], stored: Mapping[str, torch.Tensor]) -> None:

@@ -2,7 +2,7 @@
 
 | command | what it does |
 |---|---|
-| ``metapeft train --config CFG [--set key=value ...] [--weights PATH] [--resume]`` | fine-tune with the trainer |
+| ``metapeft train --config CFG [--set key=value ...] [--weights PATH] [--resume or --overwrite]`` | fine-tune |
 | ``metapeft eval RUN [--data CFG_OR_INDEX] [--split test]`` | the paper's metrics table for a trained run |
 | ``metapeft gamma RUN [--plot out.png]`` | the learned gamma table (and heatmap) |
 | ``metapeft info`` | versions, devices, built extensions, backend availability |
@@ -18,6 +18,7 @@ exit status 2; an interrupted run exits with 130.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import signal
@@ -105,20 +106,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = apply_overrides(load_config(args.config), args.set or [])
     if args.weights is not None:
         config.setdefault("model", {})["weights"] = str(Path(args.weights).resolve())
-    run = prepare_run(config, args.output_dir, args.resume, Path.cwd())
-    data = run.data
-    say(f"{run.summary}\ntrain {len(data.train)} images, test {len(data.test)} images, "
-        f"{data.split.num_classes} classes ({data.split.name}); run directory {run.directory}"
-        + (f"; {world_size} processes" if world_size > 1 else ""))
-    summary = EpochSummary(run.eval_each_epoch, data.split.groups)
-    trainer = MetaPEFTTrainer(run.model, data.train, config=run.trainer_config, callbacks=[summary],
-                              head_init_set=data.train_eval)
-    result = fit_until_interrupted(trainer, data.test if run.eval_each_epoch else None)
-    if result["stopped"]:
-        say(f"interrupted at step {trainer.global_step}; checkpoint {trainer.files.checkpoint}\n"
-            f"resume with: metapeft train --config {args.config} --resume" + _echo_options(args))
-        return 130
-    say(metrics_table({method_name(config): finish_run(run, trainer)}))
+    run = prepare_run(config, args.output_dir, args.resume, Path.cwd(), overwrite=args.overwrite)
+    with run.claim or contextlib.nullcontext():
+        data = run.data
+        moved = "" if run.claim is None or run.claim.moved_to is None else \
+            f" (the previous run moved to {run.claim.moved_to})"
+        say(f"{run.summary}\ntrain {len(data.train)} images, test {len(data.test)} images, "
+            f"{data.split.num_classes} classes ({data.split.name}); run directory {run.directory}{moved}"
+            + (f"; {world_size} processes" if world_size > 1 else ""))
+        summary = EpochSummary(run.eval_each_epoch, data.split.groups)
+        trainer = MetaPEFTTrainer(run.model, data.train, config=run.trainer_config, callbacks=[summary],
+                                  head_init_set=data.train_eval)
+        result = fit_until_interrupted(trainer, data.test if run.eval_each_epoch else None)
+        if result["stopped"]:
+            say(f"interrupted at step {trainer.global_step}; checkpoint {trainer.files.checkpoint}\n"
+                f"resume with: metapeft train --config {args.config} --resume" + _echo_options(args))
+            return 130
+        say(metrics_table({method_name(config): finish_run(run, trainer)}))
     return 0
 
 
@@ -243,7 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--weights", help="local backbone weights (.safetensors or torch state dict) instead of the "
                                          "timm hub download")
     train.add_argument("--output-dir", help="run directory (default: the config's output_dir)")
-    train.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint.pt")
+    resume = train.add_mutually_exclusive_group()
+    resume.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint.pt")
+    resume.add_argument("--overwrite", action="store_true", help="move an existing run in the run directory aside "
+                                                                 "(to a timestamped sibling) and start a new one")
     train.set_defaults(handler=cmd_train)
 
     evaluate = commands.add_parser("eval", help="metrics table (overall, class-mean, groups, macro-F1) of a run")
@@ -328,7 +335,8 @@ _positive_int, _non_negative_int = _int_at_least(1), _int_at_least(0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``metapeft`` command; returns the exit status (0 ok, 2 usage error, 130 interrupted)."""
+    """Entry point of the ``metapeft`` command; returns the exit status (0 ok, 1 training diverged, 2 usage
+    error, 130 interrupted)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -336,6 +344,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError) as error:
         print(f"metapeft {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except FloatingPointError as error:  # the trainer's NonFiniteError: training diverged, no usage error
+        print(f"metapeft {args.command}: error: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("metapeft: interrupted", file=sys.stderr)
         return 130

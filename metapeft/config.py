@@ -95,12 +95,13 @@ def section(config: dict, name: str, allowed: Sequence[str]) -> dict:
     return values
 
 
-def trainer_config(config: dict, output_dir: str | None = None, resume: bool = False) -> TrainerConfig:
-    """The :class:`metapeft.TrainerConfig` of a config's ``train`` section with ``output_dir`` and ``resume``
-    (errors name the bad key)."""
+def trainer_config(config: dict, output_dir: str | None = None, resume: bool = False,
+                   overwrite: bool = False) -> TrainerConfig:
+    """The :class:`metapeft.TrainerConfig` of a config's ``train`` section with ``output_dir``, ``resume`` and
+    ``overwrite`` (errors name the bad key)."""
     known = [f.name for f in dataclasses.fields(TrainerConfig)]
     values = section(config, "train", known)
-    values.update(output_dir=output_dir, resume=resume)
+    values.update(output_dir=output_dir, resume=resume, overwrite=overwrite)
     try:
         return TrainerConfig(**values)
     except (TypeError, ValueError) as error:

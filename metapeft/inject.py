@@ -21,6 +21,7 @@ PEFT export.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -339,6 +340,12 @@ def inject(
         raise ValueError("model already holds metapeft modules; inject once per model")
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise ValueError(f"rank must be a positive int, got {rank!r}")
+    for name, value in (("alpha", alpha), ("dropout", dropout), ("init_gamma", init_gamma)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
+                                  or not math.isfinite(value)):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if alpha is not None and alpha <= 0:
+        raise ValueError(f"alpha must be > 0, got {alpha!r}")
     builder = _Builder(method, rank, alpha, dropout, meta, init_gamma, constraint, activation, backend)
     if target_modules is not None:
         if positions is not None or layers != "all":

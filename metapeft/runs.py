@@ -1,12 +1,14 @@
 """Run directories of the ``metapeft`` command line: preparing a fine-tuning run from a run config, finishing it, and
 rebuilding a trained model from its directory.
 
-A run directory holds ``config.yaml`` (the resolved run config plus ``num_classes``, ``classes`` and
+A run directory holds one run (:mod:`metapeft.run_directory`: a lock while it trains, a new run never overwrites an
+old one) and ``config.yaml`` (the resolved run config plus ``num_classes``, ``classes`` and
 ``class_split``), the trainer's files (``checkpoint.pt``, ``metrics.jsonl``, ``model.safetensors``;
 :mod:`metapeft.trainer.checkpointing`), ``adapter.safetensors`` (:func:`metapeft.save_adapter`) and ``eval.json``
 (the final test metrics).
 
-Errors are ``ValueError`` / ``FileNotFoundError`` whose message names the file or the key.
+Errors are ``ValueError`` (:class:`~metapeft.checkpoint.LoadError` for files that cannot be loaded) / ``OSError``
+(``FileNotFoundError``, :class:`~metapeft.run_directory.RunDirectoryError`) whose message names the file or the key.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from metapeft.build import build_data, build_model
 from metapeft.config import SECTIONS, resolve_data_paths, trainer_config
 from metapeft.data import DataBundle
 from metapeft.inject import InjectionSummary
+from metapeft.run_directory import RunClaim, claim_run_directory
 from metapeft.trainer import MetaPEFTTrainer, TrainerConfig
 from metapeft.trainer.checkpointing import CHECKPOINT_NAME, WEIGHTS_NAME
 from metapeft.trainer.distributed import rank_and_world_size
@@ -35,7 +38,8 @@ RUN_CONFIG, ADAPTER_NAME, EVAL_NAME = "config.yaml", "adapter.safetensors", "eva
 
 @dataclass
 class PreparedRun:
-    """Everything a fine-tuning run needs, built from its run config by :func:`prepare_run`."""
+    """Everything a fine-tuning run needs, built from its run config by :func:`prepare_run`, and the claim on its
+    directory."""
 
     config: dict
     directory: Path
@@ -43,6 +47,7 @@ class PreparedRun:
     model: nn.Module
     summary: InjectionSummary
     trainer_config: TrainerConfig
+    claim: RunClaim | None
 
     @property
     def eval_each_epoch(self) -> bool:
@@ -64,32 +69,47 @@ def check_resumable(directory: Path, config: dict) -> None:
 
 
 def prepare_run(config: dict, output_dir: str | os.PathLike | None, resume: bool = False,
-                base_dir: str | os.PathLike = ".") -> PreparedRun:
-    """Build the data, the PEFT model and the trainer config of a run config (relative data paths resolve against
-    ``base_dir``) and record the resolved config in ``output_dir/config.yaml`` (default: the config's
-    ``output_dir``). ``resume`` checks the directory holds a checkpoint of the same config first."""
+                base_dir: str | os.PathLike = ".", overwrite: bool = False) -> PreparedRun:
+    """Claim ``output_dir`` (default: the config's ``output_dir``) for the run, build the data, the PEFT model and
+    the trainer config of a run config (relative data paths resolve against ``base_dir``) and record the resolved
+    config in ``output_dir/config.yaml``. A new run refuses a non-empty directory; ``resume`` checks it holds a
+    checkpoint of the same config, ``overwrite`` moves the old run aside first. The returned run holds the claim
+    (:attr:`PreparedRun.claim`; rank 0 claims, the other ranks of a torchrun get None); release it when the run
+    ends."""
     config = copy.deepcopy(config)
     output_dir = output_dir or config.get("output_dir")
     if not output_dir:
         raise ValueError("no output directory: set output_dir in the config or pass --output-dir")
     directory = Path(output_dir)
     resolve_data_paths(config, base_dir)
+    claim = claim_run_directory(directory, resume=resume, overwrite=overwrite) \
+        if rank_and_world_size()[0] == 0 else None
+    try:
+        return _prepare_claimed(config, directory, resume, overwrite, base_dir, claim)
+    except BaseException:
+        if claim is not None:
+            claim.release()
+        raise
+
+
+def _prepare_claimed(config: dict, directory: Path, resume: bool, overwrite: bool, base_dir,
+                     claim: RunClaim | None) -> PreparedRun:
     if resume:
         check_resumable(directory, config)
     data = build_data(config, base_dir)
     model, summary = build_model(config, data.split.num_classes)
-    train = trainer_config(config, str(directory), resume)
+    train = trainer_config(config, str(directory), resume, overwrite)
     train.class_split = train.class_split or data.split.groups
+    train.num_classes = data.split.num_classes
     model_config = config.get("model") or {}
     if model_config.get("weights") is None and not model_config.get("pretrained", True):
         # A random backbone is not reproducible from a file: keep every tensor in the run's weights.
         train.save_full_model = True
-    directory.mkdir(parents=True, exist_ok=True)
     resolved = {**config, "output_dir": str(directory), "num_classes": data.split.num_classes,
                 "classes": list(data.split.classes), "class_split": data.split.groups}
-    if rank_and_world_size()[0] == 0:
+    if claim is not None:
         (directory / RUN_CONFIG).write_text(yaml.safe_dump(resolved, sort_keys=False), encoding="utf-8")
-    return PreparedRun(resolved, directory, data, model, summary, train)
+    return PreparedRun(resolved, directory, data, model, summary, train, claim)
 
 
 def finish_run(run: PreparedRun, trainer: MetaPEFTTrainer) -> dict:
@@ -99,7 +119,7 @@ def finish_run(run: PreparedRun, trainer: MetaPEFTTrainer) -> dict:
 
     metrics = trainer.evaluate(run.data.test)
     if trainer.rank == 0:
-        save_adapter(trainer.model, run.directory / ADAPTER_NAME)
+        save_adapter(trainer.model, run.directory / ADAPTER_NAME, class_names=run.config["classes"])
         (run.directory / EVAL_NAME).write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     return metrics
 
@@ -118,10 +138,13 @@ def load_run(run: str | os.PathLike, weights: str | os.PathLike | None = None) -
     """Rebuild a trained model from a run directory (or a file in one): the run's config, backbone (``weights``
     overrides the recorded weights file), injection, classifier head and trained tensors (``model.safetensors``,
     else the ``checkpoint.pt`` model state; ``run`` may name a checkpoint file). Returns ``(config, model in eval
-    mode, run directory)``."""
-    from safetensors.torch import load_file
+    mode, run directory)``.
 
-    from metapeft.checkpoint import load_checkpoint
+    Strict: the file is verified (checksum, finiteness) and must hold every PEFT weight, modulator and head tensor
+    of the rebuilt model, and nothing the model lacks, with the model's shapes and dtypes
+    (:class:`~metapeft.checkpoint.LoadError` naming the file and every problem otherwise)."""
+    from metapeft.checkpoint import check_tensors_fit, copy_into, load_checkpoint, load_safetensors
+    from metapeft.io import adapter_tensors
 
     config, directory = read_run_config(run)
     run = Path(run)
@@ -134,13 +157,12 @@ def load_run(run: str | os.PathLike, weights: str | os.PathLike | None = None) -
         checkpoint = run if from_checkpoint else directory / CHECKPOINT_NAME
         if not checkpoint.is_file():
             raise FileNotFoundError(f"{directory} holds neither {WEIGHTS_NAME} nor {CHECKPOINT_NAME}")
-        state = load_checkpoint(checkpoint)["model"]
+        source, state = checkpoint, load_checkpoint(checkpoint)["model"]
     else:
-        state = load_file(str(directory / WEIGHTS_NAME))
-    unexpected = sorted(set(state) - set(model.state_dict()))
-    if unexpected:
-        raise ValueError(f"the trained tensors of {directory} do not fit the rebuilt model: {unexpected[:5]}")
-    model.load_state_dict(state, strict=False)
+        source, (state, _) = directory / WEIGHTS_NAME, load_safetensors(directory / WEIGHTS_NAME)
+    current = model.state_dict()
+    check_tensors_fit(state, current, f"{source}", required=set(adapter_tensors(model)))
+    copy_into(current, state)
     return config, model.eval(), directory
 
 

@@ -4,6 +4,7 @@ what they cannot represent; compiled and DDP-wrapped models are accepted."""
 
 import json
 import os
+import random
 
 import pytest
 import torch
@@ -132,7 +133,7 @@ def test_damaged_adapter_files_are_refused_naming_the_file(tmp_path, how):
         at = data.find(model.blocks[0].attn.qkv.lora_A.detach().numpy().tobytes())
         data[at + 5] ^= 0x01
     else:
-        data = {"truncated": data[: len(data) - 40], "empty": b"", "random": os.urandom(len(data))}[how]
+        data = {"truncated": data[: len(data) - 40], "empty": b"", "random": random.Random(0).randbytes(len(data))}[how]
     path.write_bytes(bytes(data))
     fresh = tiny_vit()
     before = snapshot(fresh)

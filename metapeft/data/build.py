@@ -19,6 +19,7 @@ names from ``classnames`` (or ``root/classnames.txt``) when there is one, else t
 from __future__ import annotations
 
 import copy
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +66,19 @@ def _split_from_counts(name: str, classes, labels) -> ClassSplit:
     return ClassSplit(name, tuple(classes), class_split_from_counts(counts))
 
 
+def _number(data: dict, key: str, default, kind: type, minimum: float):
+    """``data[key]`` (``default`` when absent) as an int (``kind=int``) or a finite number, at least ``minimum``;
+    a ``ValueError`` naming ``data.<key>`` otherwise (``image_size: big``, ``true``, ``.inf``)."""
+    value = data.get(key, default)
+    if value is None and default is None:
+        return None
+    admitted = (int,) if kind is int else (int, float)
+    if isinstance(value, bool) or not isinstance(value, admitted) or not math.isfinite(value) or value < minimum:
+        what = "an int" if kind is int else "a finite number"
+        raise ValueError(f"data.{key} must be {what} >= {minimum}, got {value!r}")
+    return kind(value)
+
+
 def build_datasets(data: dict, mean=IMAGENET_MEAN, std=IMAGENET_STD, base_dir: str | os.PathLike = ".") -> DataBundle:
     """Build the :class:`DataBundle` a ``data:`` config section describes (module docstring); ``mean``/``std``
     normalise for the backbone. Unknown keys and missing required keys raise a ``ValueError`` naming them."""
@@ -79,11 +93,11 @@ def build_datasets(data: dict, mean=IMAGENET_MEAN, std=IMAGENET_STD, base_dir: s
     if missing:
         raise ValueError(f"data.kind={kind!r} needs {', '.join(missing)}")
     root = Path(base_dir, os.path.expanduser(str(data["root"])))
-    size = int(data.get("image_size", 224))
-    train_tf = build_transforms(True, size, mean, std, data.get("resize"))
-    test_tf = build_transforms(False, size, mean, std, data.get("resize"))
+    size, resize = _number(data, "image_size", 224, int, 1), _number(data, "resize", None, int, 1)
+    train_tf = build_transforms(True, size, mean, std, resize)
+    test_tf = build_transforms(False, size, mean, std, resize)
     if kind == "cifar100_lt":
-        imbalance, seed = float(data.get("imbalance", 100)), int(data.get("subset_seed", 0))
+        imbalance, seed = _number(data, "imbalance", 100, float, 1), _number(data, "subset_seed", 0, int, 0)
         train = CIFAR100LT(root, "train", imbalance, train_tf, seed)
         test = CIFAR100LT(root, "test", imbalance, test_tf, seed)
         return DataBundle(train, test, ClassSplit(f"CIFAR-100-LT (imbalance {imbalance:g})", tuple(train.classes),

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from metapeft.checkpoint import save_checkpoint, save_safetensors
+from metapeft.checkpoint import LoadError, check_tensors_fit, save_checkpoint, save_safetensors
 from metapeft.trainer.config import RUN_CONTROL_FIELDS
 
 CHECKPOINT_NAME, LOG_NAME, WEIGHTS_NAME = "checkpoint.pt", "metrics.jsonl", "model.safetensors"
@@ -52,16 +52,29 @@ def trained_tensors(model: nn.Module, full: bool) -> dict[str, torch.Tensor]:
     return {name: state[name].detach().clone() for name in trained_tensor_names(model, full)}
 
 
-def load_trained_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy ``tensors`` into the model's parameters and buffers of the same names; a name the model lacks is a
-    ``ValueError`` raised before anything changes."""
+def check_trained_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], full: bool, source: str) -> None:
+    """:class:`~metapeft.checkpoint.LoadError` naming ``source`` unless ``tensors`` are exactly the tensors a run of
+    ``model`` saves (:func:`trained_tensor_names`), with the model's shapes and dtypes."""
     current = model.state_dict()
-    missing = sorted(set(tensors) - set(current))
-    if missing:
-        raise ValueError(f"checkpoint has tensors the model lacks: {missing[:5]}")
-    with torch.no_grad():
-        for name, tensor in tensors.items():
-            current[name].copy_(tensor)
+    check_tensors_fit(tensors, {name: current[name] for name in trained_tensor_names(model, full)}, source)
+
+
+def check_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict | None, name: str, source: str) -> None:
+    """:class:`~metapeft.checkpoint.LoadError` naming ``source`` unless ``saved`` (an optimizer state dict) covers
+    as many parameters as ``optimizer`` with per-parameter buffers (momentum, Adam moments) of their shapes."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if not isinstance(saved, dict) or "param_groups" not in saved or "state" not in saved:
+        raise LoadError(f"{source} does not fit the trainer: no {name} state")
+    count = sum(len(group["params"]) for group in saved["param_groups"])
+    if count != len(params):
+        raise LoadError(f"{source} does not fit the trainer: its {name} holds {count} parameters, the trainer's "
+                        f"{len(params)}")
+    problems = [f"{name} state {index}.{key}: shape {tuple(value.shape)} != parameter shape "
+                f"{tuple(params[int(index)].shape)}"
+                for index, buffers in saved["state"].items() for key, value in buffers.items()
+                if isinstance(value, torch.Tensor) and value.ndim and value.shape != params[int(index)].shape]
+    if problems:
+        raise LoadError(f"{source} does not fit the trainer: " + "; ".join(problems[:5]))
 
 
 def check_same_config(saved: dict, current: dict) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from metapeft.sampling import META_SAMPLINGS
@@ -13,7 +14,25 @@ SCHEDULES = ("cosine", "constant")
 AMP_MODES = ("auto", "bf16", "none")
 META_MODES = ("exact", "finite_difference", "first_order")
 # Fields a resumed run may change: they do not alter the training trajectory.
-RUN_CONTROL_FIELDS = ("resume", "progress", "num_workers", "log_every", "save_every_steps", "output_dir", "device")
+RUN_CONTROL_FIELDS = ("resume", "overwrite", "progress", "num_workers", "log_every", "save_every_steps", "output_dir",
+                      "device")
+# What each annotation admits: bools are not ints here (``batch_size: true`` is an error), floats are finite.
+_KINDS = {
+    "int": ("an int", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    "float": ("a finite number", lambda v: isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)),
+    "bool": ("true or false", lambda v: isinstance(v, bool)),
+    "str": ("a string", lambda v: isinstance(v, str)),
+    "None": ("null", lambda v: v is None),
+    "dict[str, list[int]]": ("a mapping of group name to class indices", lambda v: isinstance(v, dict)),
+}
+
+
+def _check_type(name: str, annotation: str, value) -> None:
+    """``ValueError`` naming the field unless ``value`` is one of the ``|``-separated kinds of ``annotation``."""
+    kinds = [_KINDS[kind.strip()] for kind in annotation.split("|")]
+    if not any(accepts(value) for _, accepts in kinds):
+        expected = " or ".join(what for what, _ in kinds)
+        raise ValueError(f"{name} must be {expected}, got {value!r} ({type(value).__name__})")
 
 
 @dataclass
@@ -40,7 +59,10 @@ class TrainerConfig:
     features, ``"linear"`` keeps it (resized if its width is not the number of classes). ``amp``: bf16
     autocast on CUDA (``"auto"``), everywhere (``"bf16"``) or never. ``output_dir`` receives
     ``checkpoint.pt`` (each epoch, every ``save_every_steps`` steps and on an early stop), ``metrics.jsonl``
-    and the final ``model.safetensors``; ``resume=True`` continues from its checkpoint when one exists.
+    and the final ``model.safetensors``; it holds one run (:mod:`metapeft.run_directory`): a new run refuses a
+    non-empty directory, ``resume=True`` continues from its checkpoint when one exists, ``overwrite=True`` moves
+    the old run aside to a timestamped sibling first. ``num_classes``: the number of classes the data declares
+    (every label must be below it; default: the largest label + 1, at least the model head's width).
     ``class_split`` names class groups for the metrics (e.g. ``{"head": [...], "tail": [...]}``), or
     ``"from_counts"`` for many/medium/few by training-set counts (> 100, 20-100, < 20).
     """
@@ -86,9 +108,13 @@ class TrainerConfig:
     save_every_steps: int | None = None
     save_full_model: bool = False
     resume: bool = False
+    overwrite: bool = False
+    num_classes: int | None = None
     class_split: dict[str, list[int]] | str | None = field(default=None)
 
     def __post_init__(self) -> None:
+        for spec in dataclasses.fields(self):
+            _check_type(spec.name, spec.type, getattr(self, spec.name))
         positive_ints = ("epochs", "batch_size", "meta_lookahead_steps", "log_every")
         for name in positive_ints:
             value = getattr(self, name)
@@ -96,7 +122,7 @@ class TrainerConfig:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if self.meta_interval != "epoch" and (not isinstance(self.meta_interval, int) or self.meta_interval < 1):
             raise ValueError(f"meta_interval must be a positive int or 'epoch', got {self.meta_interval!r}")
-        for name in ("meta_batch_size", "save_every_steps"):
+        for name in ("meta_batch_size", "save_every_steps", "num_classes"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be None or a positive int, got {value!r}")
@@ -118,8 +144,11 @@ class TrainerConfig:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if isinstance(self.class_split, str) and self.class_split != "from_counts":
             raise ValueError(f"class_split must be a dict, 'from_counts' or None, got {self.class_split!r}")
-        if self.resume and self.output_dir is None:
-            raise ValueError("resume=True needs output_dir (where the checkpoint lives)")
+        if (self.resume or self.overwrite) and self.output_dir is None:
+            raise ValueError("resume=True and overwrite=True need output_dir (the run directory)")
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite exclude each other: resume continues the run in output_dir, "
+                             "overwrite moves it aside and starts a new one")
 
     def to_dict(self) -> dict:
         """A JSON-serialisable copy."""

@@ -21,18 +21,21 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from metapeft.checkpoint import load_checkpoint, rng_state, seed_everything, set_rng_state
+from metapeft.checkpoint import copy_into, load_checkpoint, rng_state, seed_everything, set_rng_state
 from metapeft.heads import CosineClassifier, find_head
+from metapeft.inject import unwrap_model
 from metapeft.layers.base import MetaPEFTModule
 from metapeft.losses import LogitAdjustedLoss
 from metapeft.meta import trainable_phi
 from metapeft.metrics import class_split_from_counts, metrics_from_confusion
+from metapeft.run_directory import RunClaim, claim_run_directory
 from metapeft.sampling import LOADER, MetaSetSampler, dataset_labels, epoch_batches, generator_for, shard_bounds
 from metapeft.trainer.callbacks import Callback
 from metapeft.trainer.checkpointing import (
     RunFiles,
+    check_optimizer_state,
     check_same_config,
-    load_trained_tensors,
+    check_trained_tensors,
     trained_tensors,
 )
 from metapeft.trainer.config import RUN_CONTROL_FIELDS, TrainerConfig
@@ -52,7 +55,9 @@ from metapeft.trainer.model_setup import (
     parameter_dtype,
     resolve_device,
     select_trainable,
+    training_forward,
 )
+from metapeft.trainer.nonfinite import NonFiniteError
 from metapeft.trainer.step import BilevelStep, TrainingLoss
 
 
@@ -106,7 +111,8 @@ class MetaPEFTTrainer:
         if head_init_set is not None and not torch.equal(dataset_labels(head_init_set), self.train_labels):
             raise ValueError("head_init_set must hold train_set's samples with the same labels in the same order "
                              "(the training images under the test transform)")
-        self.model = model
+        self.model, self.module = training_forward(model), unwrap_model(model)
+        model = self.module
         self.param_dtype = parameter_dtype(model)
         self.num_classes = self._count_classes()
         self.head_name = install_head(model, config, self.num_classes)
@@ -131,7 +137,7 @@ class MetaPEFTTrainer:
             torch.arange(self.train_labels.numel())
         self.steps_per_epoch = math.ceil(self.train_indices.numel() / config.batch_size)
         self.total_steps = self.steps_per_epoch * config.epochs
-        self.step = BilevelStep(model, self.phi, self.rho, self.loss_fn, config, self.meta_sampler,
+        self.step = BilevelStep(self.model, self.phi, self.rho, self.loss_fn, config, self.meta_sampler,
                                 train_set if val_set is None else val_set, train_set, self.train_indices,
                                 self.total_steps, self.device, self.param_dtype, self.rank, self.world_size)
         self.epoch = self.step_in_epoch = self.global_step = 0
@@ -154,16 +160,24 @@ class MetaPEFTTrainer:
             "val_set labels": None if self.val_labels is None else digest(self.val_labels.tolist()),
             "modulators": len(self.rho), "trainable parameters": len(self.phi),
             "model tensors": digest([(name, tuple(t.shape), str(t.dtype))
-                                     for name, t in self.model.state_dict().items()]),
+                                     for name, t in self.module.state_dict().items()]),
         })
         return facts
 
     def _count_classes(self) -> int:
-        """Classes = the largest label seen (training or validation set) + 1, at least the old head's width."""
+        """``config.num_classes``, which every label must be below; without it the largest label seen (training or
+        validation set) + 1, at least the old head's width."""
+        declared = self.config.num_classes
+        if declared is not None:
+            for name, labels in (("train_set", self.train_labels), ("val_set", self.val_labels)):
+                if labels is not None and labels.numel() and int(labels.max()) >= declared:
+                    raise ValueError(f"{name} has label {int(labels.max())}, but num_classes is {declared}: labels "
+                                     f"must lie in [0, {declared})")
+            return declared
         labels_max = int(self.train_labels.max())
         if self.val_labels is not None and self.val_labels.numel():
             labels_max = max(labels_max, int(self.val_labels.max()))
-        old_head = self.model.get_submodule(find_head(self.model, self.config.head))
+        old_head = self.module.get_submodule(find_head(self.module, self.config.head))
         return max(labels_max + 1, getattr(old_head, "out_features", 0) or 0)
 
     def _meta_sampler(self) -> MetaSetSampler | None:
@@ -279,7 +293,33 @@ class MetaPEFTTrainer:
         ``output_dir`` is set) once ``global_step`` reaches it, e.g. mid-epoch. A :meth:`request_stop` ends the
         loop at the next step boundary the same way. Returns the last evaluation's metrics (empty without
         ``eval_set``) plus ``global_step``, ``epoch`` and ``stopped`` (True when a stop request ended it).
+
+        ``output_dir`` is claimed for the call (:func:`metapeft.run_directory.claim_run_directory`: a second run on
+        it fails at once; a new run refuses an old one unless ``resume`` or ``overwrite``; a later ``fit`` of the
+        same trainer continues its own run). Non-finite values raise
+        :class:`~metapeft.trainer.nonfinite.NonFiniteError` naming the cause and the step, before that state is
+        logged or written.
         """
+        claim = self._claim_output_dir()
+        try:
+            return self._fit(eval_set, max_steps)
+        except NonFiniteError:
+            raise
+        except Exception as error:
+            self.step.monitor.raise_if_bad(error)  # a NaN modulator stops the next forward: name the first cause
+            raise
+        finally:
+            if claim is not None:
+                claim.release()
+
+    def _claim_output_dir(self) -> RunClaim | None:
+        if self.output_dir is None or self.rank != 0:
+            return None
+        continuing = self.global_step > 0
+        return claim_run_directory(self.output_dir, resume=self.config.resume or continuing,
+                                   overwrite=self.config.overwrite and not continuing)
+
+    def _fit(self, eval_set, max_steps: int | None) -> dict:
         config = self.config
         self._begin()
         self._emit("on_fit_start")
@@ -318,9 +358,13 @@ class MetaPEFTTrainer:
         return self._end({**metrics, "global_step": self.global_step, "epoch": self.epoch, "stopped": False})
 
     def _after_step(self, bar, logs: dict, batch_size: int) -> None:
-        """Log every ``log_every`` steps, tell the callbacks, write the ``save_every_steps`` checkpoint."""
+        """Check finiteness (every step on the CPU, where it costs no sync; at log boundaries elsewhere), log every
+        ``log_every`` steps, tell the callbacks, write the ``save_every_steps`` checkpoint."""
         position = {"event": "step", "epoch": self.epoch, "global_step": self.global_step}
-        if self.global_step % self.config.log_every == 0:
+        logging = self.global_step % self.config.log_every == 0
+        if logging or self.device.type == "cpu":
+            self.step.monitor.raise_if_bad()
+        if logging:
             record = {k: float(v) for k, v in logs.items()}
             bar.set_postfix(loss=f"{record['train_loss']:.4f}")
             self.log({**position, **record})
@@ -334,6 +378,7 @@ class MetaPEFTTrainer:
         self._emit(event, record)
 
     def _checkpoint(self, reason: str) -> None:
+        self.step.monitor.raise_if_bad()
         self.save_state()
         if self.output_dir is not None:
             self._emit("on_checkpoint", {"path": self.files.checkpoint, "reason": reason, "epoch": self.epoch,
@@ -344,7 +389,7 @@ class MetaPEFTTrainer:
     def init_head_from_class_means(self) -> None:
         """Set the cosine head's prototypes to the class-mean features (the head's inputs) over the training images
         of ``head_init_set``. Each rank embeds a contiguous shard; sums and counts are all-reduced."""
-        sums, counts = class_feature_sums(self.model, self.head, self._shard_loader(self.head_init_set),
+        sums, counts = class_feature_sums(self.module, self.head, self._shard_loader(self.head_init_set),
                                           self.num_classes, self.device, self.param_dtype, self.autocast)
         sums, counts = all_reduce_sum([sums, counts], self.world_size)
         self.head.init_from_class_means(sums, counts)
@@ -360,13 +405,13 @@ class MetaPEFTTrainer:
 
     def gammas(self) -> dict[str, list[float]]:
         """Every metapeft module's gamma, by module name."""
-        return {name: m.gamma.detach().cpu().tolist() for name, m in self.model.named_modules()
+        return {name: m.gamma.detach().cpu().tolist() for name, m in self.module.named_modules()
                 if isinstance(m, MetaPEFTModule)}
 
     # ----- state, checkpoints, log --------------------------------------------------------------------------
     def model_state(self) -> dict[str, torch.Tensor]:
         """The saved model tensors: trainable parameters + modulators (or everything, ``save_full_model``)."""
-        return trained_tensors(self.model, self.config.save_full_model)
+        return trained_tensors(self.module, self.config.save_full_model)
 
     def state_dict(self) -> dict:
         """Everything an exact resume needs: model tensors, optimizers, scheduler, RNG, loop position."""
@@ -380,11 +425,16 @@ class MetaPEFTTrainer:
             "config": self.config.to_dict(),
         }
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, source: str = "the checkpoint") -> None:
         """Restore :meth:`state_dict`'s output (same model construction and config; only the fields in
-        ``RUN_CONTROL_FIELDS`` may differ)."""
+        ``RUN_CONTROL_FIELDS`` may differ). All or nothing: the config, every model tensor (names, shapes, dtypes)
+        and the optimizers' buffers are checked before anything changes; errors name ``source``."""
         check_same_config(state["config"], self.config.to_dict())
-        load_trained_tensors(self.model, state["model"])
+        check_trained_tensors(self.module, state["model"], self.config.save_full_model, source)
+        for name, optimizer in (("optimizer", self.optimizer), ("meta_optimizer", self.meta_optimizer)):
+            if optimizer is not None:
+                check_optimizer_state(optimizer, state.get(name), name, source)
+        copy_into(self.module.state_dict(), state["model"])
         self.step.load_state_dict(state)
         set_rng_state(state["rng"])
         position = state["position"]
@@ -402,10 +452,11 @@ class MetaPEFTTrainer:
 
     def load_state(self, path: str | os.PathLike) -> None:
         """Resume from a checkpoint file written by :meth:`save_state` (loaded with ``weights_only=True``)."""
-        self.load_state_dict(load_checkpoint(path, map_location=self.device))
+        self.load_state_dict(load_checkpoint(path, map_location=self.device), source=f"checkpoint {path}")
 
     def export_weights(self) -> Path | None:
         """Write the trained tensors (:meth:`model_state`) to ``output_dir/model.safetensors`` (rank 0)."""
+        self.step.monitor.raise_if_bad()
         return self.files.export_weights(self.model_state(), {"global_step": self.global_step,
                                                               "config": json.dumps(self.config.to_dict())})
 

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from metapeft.heads import CosineClassifier, find_head, head_in_features, replace_head
+from metapeft.inject import unwrap_model
 from metapeft.params import mark_only_peft_trainable, meta_parameters
 from metapeft.trainer.config import TrainerConfig
 
@@ -35,6 +36,18 @@ def batch_to_device(batch, device: torch.device, dtype: torch.dtype) -> tuple[to
     x, y = batch
     x = x.to(device, dtype=dtype if x.is_floating_point() else None, non_blocking=True)
     return x, y.to(device, non_blocking=True).long()
+
+
+def training_forward(model: nn.Module) -> nn.Module:
+    """The module the trainer's forward passes run: ``model`` without ``DistributedDataParallel`` /
+    ``DataParallel`` wrappers (the trainer all-reduces gradients itself, and DDP's hooks do not fire under
+    ``torch.autograd.grad``); a ``torch.compile`` wrapper is kept unless a DDP wrapper sits inside it."""
+    while isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
+        model = model.module
+    inner = getattr(model, "_orig_mod", None)
+    if isinstance(inner, nn.parallel.DistributedDataParallel | nn.DataParallel):
+        return unwrap_model(model)
+    return model
 
 
 def parameter_dtype(model: nn.Module) -> torch.dtype:

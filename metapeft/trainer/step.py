@@ -24,6 +24,11 @@ Distributed: every batch (the step's batch, each look-ahead batch, the meta batc
 shards (:func:`metapeft.sampling.shard_bounds`); each rank computes every pass on its shards only and the
 pieces are summed weighted by shard size (:func:`metapeft.meta.hypergradient` over the default process group),
 so each rank does ~1/world of the work and the result is the single-process one up to rounding.
+
+A ``torch.compile``d model runs the inner step compiled, while the meta step's passes (double backward or
+forward-over-reverse, which aot_autograd does not support) run on the eager module under the compile wrapper: same
+parameters, same result. Every step reports to a :class:`~metapeft.trainer.nonfinite.NonFiniteMonitor` whether its
+input batches, losses, gradient, hypergradient and modulators are finite (device flags, no host sync).
 """
 
 from __future__ import annotations
@@ -35,11 +40,13 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import default_collate
 
+from metapeft.inject import unwrap_model
 from metapeft.meta import hypergradient
 from metapeft.sampling import MetaSetSampler, lookahead_batches, shard_bounds
 from metapeft.trainer.config import TrainerConfig
 from metapeft.trainer.distributed import all_reduce_sum
 from metapeft.trainer.model_setup import batch_to_device
+from metapeft.trainer.nonfinite import NonFiniteMonitor, all_finite
 
 
 class TrainingLoss:
@@ -87,6 +94,7 @@ class BilevelStep:
         self.meta_optimizer = torch.optim.Adam(rho, lr=config.meta_lr) if rho else None
         self.meta_every = total_steps // config.epochs if config.meta_interval == "epoch" else config.meta_interval
         self.outer_step = 0
+        self.monitor = NonFiniteMonitor(device)
 
     def inner_gradients(self, x: torch.Tensor, y: torch.Tensor,
                         batch_size: int) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -113,9 +121,10 @@ class BilevelStep:
         return batch_to_device(default_collate([dataset[int(i)] for i in indices[start:stop]]), self.device,
                                self.dtype)
 
-    def meta_step(self, x: torch.Tensor, y: torch.Tensor, batch_indices: torch.Tensor):
+    def meta_step(self, x: torch.Tensor, y: torch.Tensor, batch_indices: torch.Tensor, global_step: int):
         """Hypergradient on this rank's shards + Adam step on rho; (x, y) is this rank's shard of the step's
-        global batch ``batch_indices``. Returns (hypergradient result, meta loss)."""
+        global batch ``batch_indices``, reported to :attr:`monitor` as step ``global_step + 1``. Returns
+        (hypergradient result, meta loss)."""
         config, sampler = self.config, self.meta_sampler
         train_shard, empty = (x, y), (x[:0], y[:0])
         extra = lookahead_batches(self.train_indices, batch_indices, config.meta_lookahead_steps - 1,
@@ -130,7 +139,7 @@ class BilevelStep:
         momentum_buffers = [self.optimizer.state.get(p, {}).get("momentum_buffer") for p in self.phi]
         if any(b is None for b in momentum_buffers):
             momentum_buffers = None
-        result = hypergradient(self.model, self.loss_fn, train_shard, val_shard,
+        result = hypergradient(unwrap_model(self.model), self.loss_fn, train_shard, val_shard,
                                lr=self.optimizer.param_groups[0]["lr"], momentum=config.momentum,
                                momentum_buffers=momentum_buffers, weight_decay=config.weight_decay,
                                mode=config.meta_mode,
@@ -141,6 +150,9 @@ class BilevelStep:
         self.meta_optimizer.step()
         self.meta_optimizer.zero_grad(set_to_none=True)
         self.outer_step += 1
+        self.monitor.observe(global_step + 1, input_batch=all_finite([x, val_shard[0]]),
+                             loss=all_finite([result.train_loss, result.val_loss]),
+                             hypergradient=all_finite(result.meta_grads), modulator=all_finite(self.rho))
         return result, result.val_loss
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, batch_indices: torch.Tensor, global_step: int) -> dict:
@@ -149,13 +161,15 @@ class BilevelStep:
         ``train_loss`` and, when computed, ``meta_loss`` and ``grad_norm`` (0-dim tensors)."""
         logs = {}
         if self.rho and global_step % self.meta_every == 0:
-            result, logs["meta_loss"] = self.meta_step(x, y, batch_indices)
+            result, logs["meta_loss"] = self.meta_step(x, y, batch_indices, global_step)
             if self.config.meta_reuse_lookahead:
                 grads, loss = [g.detach() for g in result.phi_grads], result.train_loss.detach()
             else:
                 grads, loss = self.inner_gradients(x, y, len(batch_indices))
         else:
             grads, loss = self.inner_gradients(x, y, len(batch_indices))
+        self.monitor.observe(global_step + 1, input_batch=all_finite([x]), loss=all_finite([loss]),
+                             gradient=all_finite(grads))
         for p, g in zip(self.phi, grads):
             p.grad = g.to(p.dtype)
         if self.config.max_grad_norm is not None:

@@ -55,7 +55,7 @@ def test_meta_step_uses_k_lookahead_steps(mode):
     one_step = hypergradient(twin, loss_fn, (x, y), (data.x[meta_indices].double(), labels[meta_indices]), lr=0.01,
                              momentum=0.9, weight_decay=5e-4, mode=mode)
     assert relative_error(expected.meta_grads, one_step.meta_grads) > 1e-2, "K must matter in this test"
-    result, meta_loss = trainer.step.meta_step(x, y, batch_indices)
+    result, meta_loss = trainer.step.meta_step(x, y, batch_indices, 0)
     assert relative_error(result.meta_grads, expected.meta_grads) < 1e-12
     assert relative_error(result.lookahead, expected.lookahead) < 1e-12
     assert torch.allclose(meta_loss, expected.val_loss, rtol=1e-12)
