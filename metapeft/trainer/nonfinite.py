@@ -32,8 +32,8 @@ class NonFiniteError(FloatingPointError):
 def all_finite(tensors) -> torch.Tensor | None:
     """0-dim bool tensor: every element of the floating-point tensors in ``tensors`` is finite, from one fused
     max-abs norm (NaN and inf propagate through it, and unlike a 2-norm it cannot overflow); no host sync. None
-    when no tensor is floating-point (integer images)."""
-    floats = [t.detach() for t in tensors if t.is_floating_point()]
+    when no tensor is floating-point (integer images) or all are empty (a rank's empty shard)."""
+    floats = [t.detach() for t in tensors if t.is_floating_point() and t.numel()]
     return torch.isfinite(get_total_norm(floats, norm_type=math.inf)) if floats else None
 
 

@@ -88,7 +88,7 @@ def test_monitor_keeps_the_first_step_and_cause_in_causal_order_without_host_rea
     assert counter.count == 0 and not bool(flag)
     with pytest.raises(NonFiniteError, match="non-finite loss at global step 2"):
         monitor.raise_if_bad()
-    assert all_finite([torch.zeros(2, dtype=torch.uint8)]) is None
+    assert all_finite([torch.zeros(2, dtype=torch.uint8)]) is None and all_finite([torch.zeros(0, 3)]) is None
 
 
 def test_the_checks_add_no_host_read_to_a_training_step(monkeypatch):
