@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -34,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import metapeft  # noqa: E402
 from benchmarks.contenders import PlainMetaAdapter, PlainMetaLoRA, hf_peft_lora_linear  # noqa: E402
-from benchmarks.harness import interleaved_median_times, record_results  # noqa: E402
+from benchmarks.harness import interleaved_timings, record_results  # noqa: E402
 
 BATCH, TOKENS, DIM, RANK = 2, 8, 16, 4
 MODES = ("fwd", "fwd+bwd")
@@ -92,11 +91,11 @@ def measure(case: str, layers: dict[str, nn.Module], inputs: tuple[torch.Tensor,
     for mode in MODES:
         closures = {name: calls(layer, inputs, grad_y, args.calls)[mode] for name, layer in layers.items()}
         row = {"label": args.label, "case": case, "mode": mode}
-        for clock_name, clock in (("cpu", time.process_time), ("wall", time.perf_counter)):
-            times = interleaved_median_times(closures, warmup=1, reps=args.reps, clock=clock)
-            for name, (median, iqr) in times.items():
-                row[f"{name}_{clock_name}_us"] = median / args.calls * 1e6
-                row[f"{name}_{clock_name}_iqr_us"] = iqr / args.calls * 1e6
+        for name, timing in interleaved_timings(closures, warmup=1, reps=args.reps).items():
+            row[f"{name}_cpu_us"] = timing.cpu_s / args.calls * 1e6
+            row[f"{name}_cpu_iqr_us"] = timing.cpu_iqr_s / args.calls * 1e6
+            row[f"{name}_wall_us"] = timing.wall_s / args.calls * 1e6
+            row[f"{name}_wall_iqr_us"] = timing.wall_iqr_s / args.calls * 1e6
         for name in layers:
             if name != "metapeft":
                 row[f"metapeft/{name}"] = row["metapeft_cpu_us"] / row[f"{name}_cpu_us"]

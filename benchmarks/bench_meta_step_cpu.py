@@ -1,17 +1,18 @@
 """CPU benchmark of one meta step on a ViT-S/16-shaped model: metapeft's hypergradient modes against a plain
-training step and a naive exact hypergradient (``torch.func`` double differentiation over the unfused reference).
+training step and a naive exact hypergradient (``torch.func`` double differentiation over plain PyTorch LoRA).
 
-Run: ``python benchmarks/bench_meta_step_cpu.py`` (``--quick``: a tiny ViT, for a smoke run). Model:
-timm ``vit_small_patch16_224`` (pretrained=False, 12 blocks, dim 384, 197 tokens), fp32, batch 8 for the
-train and the meta batch, LoRA r = 8 on qkv (S = 3: q, k, v), proj, fc1 and fc2 of every block, trainable
-head; SGD look-ahead with momentum 0.9 and weight decay 5e-4, as in the paper's recipe.
+Run: ``python benchmarks/bench_meta_step_cpu.py --threads 1`` (``--quick``: a tiny ViT, a smoke run, nothing
+recorded). Model: timm ``vit_small_patch16_224`` (pretrained=False, 12 blocks, dim 384, 197 tokens), fp32,
+batch 8 for the train and the meta batch, LoRA r = 8 on qkv (S = 3: q, k, v), proj, fc1 and fc2 of every
+block, trainable head; SGD look-ahead with momentum 0.9 and weight decay 5e-4, as in the paper's recipe.
 
 Contenders (each returns the same kind of thing it would in training):
 - ``plain_step``: train forward + backward to the phi gradients (one ordinary PEFT step, optimizer excluded);
 - ``first_order`` / ``finite_difference`` / ``exact``: ``metapeft.meta.hypergradient`` in that mode;
-- ``naive_exact``: ``torch.func.grad`` of ``L_val(phi - lr * (torch.func.grad(L_train) + wd phi + mu m))``
-  through a twin whose LoRA layers are ``metapeft.reference``'s unfused computation (math attention, as the
-  double backward needs it).
+- ``naive_exact``: ``metapeft.reference.brute_force_hypergradient`` (the tests' oracle):
+  ``torch.func.grad`` of ``L_val(phi - lr * (torch.func.grad(L_train) + wd phi + mu m))`` through a twin whose
+  LoRA layers are ``benchmarks.contenders.PlainMetaLoRA`` (the strongest plain-PyTorch formulation; math
+  attention, as the double backward needs it).
 Times are medians of interleaved rounds (``benchmarks.harness``). Peak memory is the growth of the resident
 set during the first call in a fresh subprocess per contender, after ``malloc_trim`` returned the heap freed
 while building the model: glibc keeps freed memory mapped, so a warmed-up process would hide the peak.
@@ -32,15 +33,15 @@ import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import metapeft  # noqa: E402
-from benchmarks.harness import cpu_peak_rss_bytes, interleaved_median_times, record_results  # noqa: E402
-from metapeft.meta import hypergradient, math_attention, trainable_phi  # noqa: E402
-from metapeft.reference import ReferenceMetaLoRA  # noqa: E402
+from benchmarks.contenders import PlainMetaLoRA  # noqa: E402
+from benchmarks.harness import cpu_peak_rss_bytes, interleaved_timings, record_results  # noqa: E402
+from metapeft.meta import hypergradient, trainable_phi  # noqa: E402
+from metapeft.reference import brute_force_hypergradient  # noqa: E402
 
 RANK, BATCH, CLASSES, LR, MOMENTUM, WEIGHT_DECAY = 8, 8, 100, 0.01, 0.9, 5e-4
 FULL = {"img_size": 224, "depth": 12}
@@ -80,30 +81,11 @@ def classification_loss(model: nn.Module, batch) -> torch.Tensor:
 
 
 def naive_exact_step(model: nn.Module, train, val, buffers):
-    """A closure computing the exact hypergradient by torch.func over the unfused reference twin of ``model``."""
-    twin = lora_vit(copy.deepcopy(model), lambda layer, segments: ReferenceMetaLoRA(
+    """A closure computing the exact hypergradient by torch.func through a plain-PyTorch twin of ``model``."""
+    twin = lora_vit(copy.deepcopy(model), lambda layer, segments: PlainMetaLoRA(
         layer.base, layer.rank, layer.alpha, segments))
-    phi_ids = {id(p) for p in trainable_phi(model)}
-    rho_ids = {id(p) for p in metapeft.meta_parameters(model)}
-    named = dict(model.named_parameters())
-    phi = {n: p.detach() for n, p in named.items() if id(p) in phi_ids}
-    rho = {n: p.detach() for n, p in named.items() if id(p) in rho_ids}
-    frozen = {n: p.detach() for n, p in named.items() if id(p) not in phi_ids | rho_ids}
-    momentum_terms = {n: MOMENTUM * m for n, m in zip(phi, buffers)}
-
-    def loss(phi_, rho_, batch):
-        return F.cross_entropy(functional_call(twin, {**frozen, **phi_, **rho_}, (batch[0],)), batch[1])
-
-    def val_at_lookahead(rho_):
-        g = torch.func.grad(loss)(phi, rho_, train)
-        lookahead = {n: phi[n] - LR * (g[n] + WEIGHT_DECAY * phi[n] + momentum_terms[n]) for n in phi}
-        return loss(lookahead, rho_, val)
-
-    def step():
-        with math_attention(twin):
-            return torch.func.grad(val_at_lookahead)(rho)
-
-    return step
+    return lambda: brute_force_hypergradient(model, classification_loss, train, val, lr=LR, momentum=MOMENTUM,
+                                             momentum_buffers=buffers, weight_decay=WEIGHT_DECAY, twin=twin)
 
 
 def contenders(shape: dict) -> dict:
@@ -123,19 +105,23 @@ def contenders(shape: dict) -> dict:
     }
 
 
-def peak_memory_in_subprocess(name: str, quick: bool) -> int:
+def peak_memory_in_subprocess(name: str, quick: bool, threads: int) -> int:
     """Peak RSS growth of the first call of contender ``name`` in a fresh interpreter."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--memory-of", name] + (["--quick"] if quick else [])
+    command = [sys.executable, str(Path(__file__).resolve()), "--memory-of", name, "--threads", str(threads)]
+    command += ["--quick"] if quick else []
     output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     return int(json.loads(output.strip().splitlines()[-1])["peak_rss_bytes"])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny ViT (32 px, 2 blocks): a smoke run")
+    parser.add_argument("--quick", action="store_true", help="tiny ViT: a smoke run, nothing recorded")
     parser.add_argument("--reps", type=int, default=5, help="timed rounds per contender (default 5)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="intra-op threads (1 gives steadier medians on a shared, oversubscribed machine)")
     parser.add_argument("--memory-of", choices=CONTENDERS, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     shape = QUICK if args.quick else FULL
     if args.memory_of:
         fn = contenders(shape)[args.memory_of]
@@ -144,25 +130,27 @@ def main() -> None:
         print(json.dumps({"peak_rss_bytes": cpu_peak_rss_bytes(fn)}))
         return
 
-    memory = {name: peak_memory_in_subprocess(name, args.quick) for name in CONTENDERS}
-    times = interleaved_median_times(contenders(shape), warmup=1, reps=args.reps)
-    plain, naive = times["plain_step"][0], times["naive_exact"][0]
+    memory = {name: peak_memory_in_subprocess(name, args.quick, args.threads) for name in CONTENDERS}
+    times = interleaved_timings(contenders(shape), warmup=1, reps=args.reps)
+    plain, naive = times["plain_step"], times["naive_exact"]
     rows = []
     for name in CONTENDERS:
-        median, iqr = times[name]
+        timing = times[name]
         rows.append({
-            "contender": name, "median_s": median, "iqr_s": iqr, "peak_rss_MiB": memory[name] / 2**20,
-            "time / plain_step": median / plain, "time / naive_exact": median / naive,
+            "contender": name, "cpu_s": timing.cpu_s, "cpu_iqr_s": timing.cpu_iqr_s, "wall_s": timing.wall_s,
+            "wall_iqr_s": timing.wall_iqr_s, "peak_rss_MiB": memory[name] / 2**20,
+            "cpu / plain_step": timing.cpu_s / plain.cpu_s, "cpu / naive_exact": timing.cpu_s / naive.cpu_s,
             "memory / naive_exact": memory[name] / memory["naive_exact"],
         })
     for row in rows:
         print(row)
+    if args.quick:
+        return
     size = f"{shape['img_size']} px, {shape['depth']} blocks"
     record_results(
-        "meta_step_cpu" + ("_quick" if args.quick else ""), rows,
+        "meta_step_cpu", rows,
         f"One meta step on CPU: ViT-S/16 ({size}), fp32, batch 8 + meta batch 8, LoRA r=8 on qkv/proj/fc1/fc2",
-        command="python benchmarks/bench_meta_step_cpu.py" + (" --quick" if args.quick else "")
-        + (f" --reps {args.reps}" if args.reps != 5 else ""),
+        command=" ".join(["python benchmarks/bench_meta_step_cpu.py", *sys.argv[1:]]),
     )
 
 

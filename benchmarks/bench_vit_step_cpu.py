@@ -5,7 +5,8 @@ Contenders, all on the same frozen timm ``vit_base_patch16_224`` (``pretrained=F
 - ``hf_peft``: HF PEFT ``LoraConfig(r=8, lora_alpha=8)`` on ``attn.qkv``, ``attn.proj``, ``mlp.fc1``, ``mlp.fc2``
   (fixed scale; PEFT cannot split the fused qkv, so its qkv LoRA has rank 8 in all where metapeft gives each of q,
   k, v its own rank-8 LoRA: 3x the qkv LoRA work).
-- ``reference``: the same placement with ``metapeft.reference.ReferenceMetaLoRA`` (unfused, learnable modulators).
+- ``plain``: the same placement with ``benchmarks.contenders.PlainMetaLoRA``: learnable modulators in the
+  strongest plain-PyTorch formulation (scale on the rank-r activations; block-diagonal B for qkv), autograd backward.
 
 A step is ``zero_grad -> cross_entropy(model(x)) -> backward -> SGD(lr 0.01, momentum 0.9, wd 5e-4).step()`` over
 the PEFT weights and the head. Step times are interleaved medians (``benchmarks.harness``) of wall time and of
@@ -23,10 +24,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import timm
@@ -37,11 +36,11 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import metapeft  # noqa: E402
-from benchmarks.harness import cpu_peak_rss_bytes, interleaved_median_times, record_results  # noqa: E402
+from benchmarks.contenders import PlainMetaLoRA  # noqa: E402
+from benchmarks.harness import cpu_peak_rss_bytes, interleaved_timings, record_results  # noqa: E402
 from metapeft.inject import peft_modules, replace_module  # noqa: E402
-from metapeft.reference import ReferenceMetaLoRA  # noqa: E402
 
-CONTENDERS = ("metapeft", "hf_peft", "reference")
+CONTENDERS = ("metapeft", "hf_peft", "plain")
 RANK, BATCH, CLASSES = 8, 8, 15
 FULL = {"model_name": "vit_base_patch16_224", "model_kwargs": {}, "image": 224, "warmup": 2, "reps": 7}
 QUICK = {"model_name": "vit_tiny_patch16_224", "model_kwargs": {"img_size": 64, "depth": 2}, "image": 64,
@@ -69,11 +68,11 @@ def build(contender: str, setup: dict) -> tuple[nn.Module, list[nn.Parameter]]:
         for _, module in peft_modules(model):
             module.lora_B.normal_(0, 0.02)
     optimized = metapeft.peft_parameters(model) + list(model.get_classifier().parameters())
-    if contender == "reference":
+    if contender == "plain":
         for name, module in peft_modules(model):
-            reference = ReferenceMetaLoRA(module.base, rank=RANK, alpha=module.alpha, segments=module.segments)
-            reference.load_state_dict(module.state_dict())
-            replace_module(model, name, reference)
+            plain = PlainMetaLoRA(module.base, rank=RANK, alpha=module.alpha, segments=module.segments)
+            plain.load_state_dict(module.state_dict())
+            replace_module(model, name, plain)
         optimized = [p for name, p in model.named_parameters() if "lora_" in name] + list(model.head.parameters())
     return model.train(), optimized
 
@@ -113,21 +112,6 @@ def saved_activation_bytes(fn, model: nn.Module) -> int:
     return sum(storages.values())
 
 
-def with_cpu_clock(steps: dict, cpu_times: dict) -> dict:
-    """``steps`` whose calls also append their process CPU time to ``cpu_times[name]`` (on a shared,
-    oversubscribed machine CPU time is far steadier than wall time, which counts the waits for a core)."""
-
-    def timed(name, fn):
-        def run() -> None:
-            start = time.process_time()
-            fn()
-            cpu_times[name].append(time.process_time() - start)
-
-        return run
-
-    return {name: timed(name, fn) for name, fn in steps.items()}
-
-
 def peak_memory_in_subprocess(contender: str, quick: bool, threads: int) -> int:
     """Peak RSS growth of one warm step of ``contender``, measured in a fresh interpreter."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
@@ -158,24 +142,23 @@ def main() -> None:
     with torch.no_grad():
         first = {name: float(loss()) for name, loss in losses.items()}
     print("loss before the first step:", first)
-    if abs(first["metapeft"] - first["reference"]) > 1e-4 * max(1.0, abs(first["reference"])):
-        raise AssertionError("metapeft and the reference disagree on identical weights")
+    if abs(first["metapeft"] - first["plain"]) > 1e-4 * max(1.0, abs(first["plain"])):
+        raise AssertionError("metapeft and the plain-PyTorch contender disagree on identical weights")
     saved = {name: saved_activation_bytes(loss, models[name][0]) for name, loss in losses.items()}
-    cpu_times = {name: [] for name in steps}
-    times = interleaved_median_times(with_cpu_clock(steps, cpu_times), warmup=setup["warmup"], reps=setup["reps"])
-    cpu = {name: statistics.median(values[setup["warmup"]:]) for name, values in cpu_times.items()}
+    times = interleaved_timings(steps, warmup=setup["warmup"], reps=setup["reps"])
     peaks = {name: peak_memory_in_subprocess(name, args.quick, args.threads) for name in CONTENDERS}
     rows = []
     for name in CONTENDERS:
         model, optimized = models[name]
-        median, iqr = times[name]
+        timing = times[name]
         rows.append({
             "contender": name,
-            "cpu_step_ms": cpu[name] * 1e3,
-            "cpu_vs_metapeft": cpu[name] / cpu["metapeft"],
-            "wall_step_ms": median * 1e3,
-            "wall_iqr_ms": iqr * 1e3,
-            "wall_vs_metapeft": median / times["metapeft"][0],
+            "cpu_step_ms": timing.cpu_s * 1e3,
+            "cpu_iqr_ms": timing.cpu_iqr_s * 1e3,
+            "cpu_vs_metapeft": timing.cpu_s / times["metapeft"].cpu_s,
+            "wall_step_ms": timing.wall_s * 1e3,
+            "wall_iqr_ms": timing.wall_iqr_s * 1e3,
+            "wall_vs_metapeft": timing.wall_s / times["metapeft"].wall_s,
             "peak_rss_MiB": peaks[name] / 2**20,
             "saved_MiB": saved[name] / 2**20,
             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),

@@ -17,6 +17,7 @@ import statistics
 import subprocess
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,41 +25,44 @@ import torch
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
-def cpu_median_time(fn: Callable[[], object], warmup: int = 3, reps: int = 10) -> tuple[float, float]:
-    """Median and interquartile range, in seconds, of ``reps`` calls of ``fn`` after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
-    return statistics.median(times), quartiles[2] - quartiles[0]
+@dataclass
+class Timing:
+    """Medians and interquartile ranges, in seconds, of one contender's timed calls: wall time and this process's
+    CPU time (the steadier measure on a shared, oversubscribed machine when the work runs on one thread)."""
+
+    wall_s: float
+    wall_iqr_s: float
+    cpu_s: float
+    cpu_iqr_s: float
 
 
-def interleaved_median_times(
-    contenders: dict[str, Callable[[], object]], warmup: int = 3, reps: int = 10,
-    clock: Callable[[], float] = time.perf_counter,
-) -> dict[str, tuple[float, float]]:
-    """Like :func:`cpu_median_time` for several contenders, interleaving their calls round by round so that
-    a noisy, shared machine slows them alike; returns name -> (median_s, iqr_s) as measured by ``clock``
-    (wall time by default; ``time.process_time`` counts only this process's CPU time, steadier on a loaded
-    machine when the work runs on one thread)."""
+def _median_iqr(values: list[float]) -> tuple[float, float]:
+    quartiles = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+    return statistics.median(values), quartiles[2] - quartiles[0]
+
+
+def interleaved_timings(contenders: dict[str, Callable[[], object]], warmup: int = 3, reps: int = 10
+                        ) -> dict[str, Timing]:
+    """Time ``reps`` calls of each contender after ``warmup`` calls, interleaving the contenders round by round
+    so that a noisy, shared machine slows them alike; returns name -> :class:`Timing`."""
     for fn in contenders.values():
         for _ in range(warmup):
             fn()
-    times: dict[str, list[float]] = {name: [] for name in contenders}
+    wall: dict[str, list[float]] = {name: [] for name in contenders}
+    cpu: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(reps):
         for name, fn in contenders.items():
-            start = clock()
+            wall_start, cpu_start = time.perf_counter(), time.process_time()
             fn()
-            times[name].append(clock() - start)
-    result = {}
-    for name, values in times.items():
-        quartiles = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
-        result[name] = (statistics.median(values), quartiles[2] - quartiles[0])
-    return result
+            cpu[name].append(time.process_time() - cpu_start)
+            wall[name].append(time.perf_counter() - wall_start)
+    return {name: Timing(*_median_iqr(wall[name]), *_median_iqr(cpu[name])) for name in contenders}
+
+
+def interleaved_median_times(contenders: dict[str, Callable[[], object]], warmup: int = 3, reps: int = 10
+                             ) -> dict[str, tuple[float, float]]:
+    """Wall-time (median_s, iqr_s) per contender from :func:`interleaved_timings`."""
+    return {name: (t.wall_s, t.wall_iqr_s) for name, t in interleaved_timings(contenders, warmup, reps).items()}
 
 
 def saved_tensor_bytes(fn: Callable[[], object]) -> int:

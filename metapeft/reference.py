@@ -1,18 +1,30 @@
-"""The unfused, HF-PEFT-style computations: the tests' oracle twin and the benchmarks' baseline.
+"""Independent, plainly written oracles for the tests (run them in float64): never a user backend, never a
+benchmark contender (``benchmarks/contenders.py`` holds the strongest plain-PyTorch formulations for that).
 
-Never a user backend. Each step is a separate op with autograd through all of it, exactly as HF PEFT's
-``lora.Linear`` does it, plus a learnable per-segment scale; it keeps every intermediate autograd needs
-(several M x N tensors and a dropout mask).
+- :func:`scaled_lora_reference` / :func:`adapter_reference`: the ops written step by step, HF-PEFT style,
+  autograd through all of it (it keeps several M x N tensors and a dropout mask: fine for an oracle);
+- :class:`ReferenceMetaLoRA` / :class:`ReferenceMetaAdapter`: modules with the fused layers' parameter names;
+- :func:`brute_force_hypergradient`: the meta step's hypergradient by ``torch.func`` double differentiation
+  through a twin of the model built from those modules.
 """
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
+from metapeft.layers import FusedMetaAdapter, FusedMetaLoRA
+from metapeft.meta import math_attention, trainable_phi
 from metapeft.modulator import modulator_for_gamma
 from metapeft.ops.dropout import dropout_keep_mask
+from metapeft.params import meta_parameters
 
 
 def reference_dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
@@ -73,8 +85,7 @@ def adapter_reference(
 
 
 class ReferenceMetaLoRA(nn.Module):
-    """The unfused LoRA with a learnable per-segment modulator: the tests' brute-force twin of ``FusedMetaLoRA``
-    and the benchmarks' baseline.
+    """The unfused LoRA with a learnable per-segment modulator: the tests' brute-force twin of ``FusedMetaLoRA``.
 
     x (..., K) -> (..., N); parameters ``lora_A`` (S*r, K), ``lora_B`` (N, r) (zeros), ``modulator`` (S,) with
     gamma = softplus(modulator) = 1 at init.
@@ -91,3 +102,105 @@ class ReferenceMetaLoRA(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale = torch.nn.functional.softplus(self.modulator) * (self.alpha / self.rank)
         return scaled_lora_reference(x, self.base.weight, self.base.bias, self.lora_A, self.lora_B, scale)
+
+
+class ReferenceMetaAdapter(nn.Module):
+    """:func:`adapter_reference` with ``FusedMetaAdapter``'s parameter names and shapes (softplus modulator (1,));
+    x and residual (..., D) -> (..., D). Built from a ``FusedMetaAdapter`` (its hyperparameters, fresh weights)."""
+
+    def __init__(self, layer: FusedMetaAdapter) -> None:
+        super().__init__()
+        self.alpha, self.activation = layer.alpha, layer.activation
+        for name in (*layer.peft_parameter_names, "modulator"):
+            setattr(self, name, nn.Parameter(torch.empty_like(getattr(layer, name))))
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        scale = F.softplus(self.modulator) * self.alpha
+        return adapter_reference(x, residual, self.down_weight, self.down_bias, self.up_weight, self.up_bias, scale,
+                                 self.activation)
+
+
+def reference_twin(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose ``FusedMetaLoRA`` / ``FusedMetaAdapter`` layers are :class:`ReferenceMetaLoRA`
+    / :class:`ReferenceMetaAdapter` (same parameter names; values come from ``functional_call``).
+
+    Raises ValueError for a layer the reference does not express (constraint other than softplus, inactive
+    segments, dropout in training mode).
+    """
+    twin = copy.deepcopy(model)
+    for name, layer in list(twin.named_modules()):
+        if not isinstance(layer, (FusedMetaLoRA, FusedMetaAdapter)):
+            continue
+        if layer.constraint != "softplus" or (layer.training and layer.dropout > 0.0):
+            raise ValueError(f"reference_twin: layer {name!r} needs constraint='softplus' and no active dropout")
+        if isinstance(layer, FusedMetaAdapter):
+            twin.set_submodule(name, ReferenceMetaAdapter(layer))
+        elif len(layer.active_segments) != layer.segments:
+            raise ValueError(f"reference_twin: layer {name!r} has inactive segments {layer.active_segments}")
+        else:
+            twin.set_submodule(name, ReferenceMetaLoRA(layer.base, layer.rank, layer.alpha, layer.segments))
+    return twin
+
+
+@dataclass
+class BruteForceHypergradient:
+    """The oracle's meta step: ``meta_grads`` in ``meta_parameters(model)`` order, ``lookahead`` (phi') and
+    ``phi_grads`` (g = grad_phi L_train) in ``trainable_phi(model)`` order; all detached."""
+
+    meta_grads: list[torch.Tensor]
+    lookahead: list[torch.Tensor]
+    phi_grads: list[torch.Tensor]
+
+
+def brute_force_hypergradient(
+    model: nn.Module,
+    loss_fn: Callable[[Callable[..., Any], Any], torch.Tensor],
+    train_batch: Any,
+    val_batch: Any,
+    *,
+    lr: float,
+    momentum: float = 0.0,
+    momentum_buffers: Sequence[torch.Tensor] | None = None,
+    weight_decay: float = 0.0,
+    first_order: bool = False,
+    twin: nn.Module | None = None,
+) -> BruteForceHypergradient:
+    """``d/d rho L_val(phi - lr * (grad_phi L_train(phi, rho) + wd * phi + mu * m), rho)`` by ``torch.func``.
+
+    Exact: ``torch.func.grad`` of the look-ahead validation loss, differentiating through the inner
+    ``torch.func.grad`` (second order). ``first_order=True``: only the direct term, phi' held fixed.
+    ``loss_fn(model_callable, batch) -> 0-d tensor`` gets a callable running the twin on the parameter values.
+    ``twin`` (default :func:`reference_twin`) must have ``model``'s parameter names; it runs with
+    double-differentiable attention (:func:`metapeft.meta.math_attention`). ``momentum_buffers``: one tensor per
+    ``trainable_phi(model)`` entry (zeros when None).
+    """
+    twin = reference_twin(model) if twin is None else twin
+    phi_ids = {id(p) for p in trainable_phi(model)}
+    rho_ids = {id(p) for p in meta_parameters(model)}
+    named = dict(model.named_parameters())
+    phi = {n: p.detach() for n, p in named.items() if id(p) in phi_ids}
+    rho = {n: p.detach() for n, p in named.items() if id(p) in rho_ids}
+    frozen = {n: p.detach() for n, p in named.items() if id(p) not in phi_ids | rho_ids}
+    frozen.update(dict(model.named_buffers()))
+    buffers = [torch.zeros_like(p) for p in phi.values()] if momentum_buffers is None else momentum_buffers
+    momentum_terms = {n: momentum * m for n, m in zip(phi, buffers)}
+
+    def loss(phi_, rho_, batch):
+        return loss_fn(lambda *inputs: functional_call(twin, {**frozen, **phi_, **rho_}, inputs), batch)
+
+    def lookahead(rho_):
+        g = torch.func.grad(loss)(phi, rho_, train_batch)
+        return {n: phi[n] - lr * (g[n] + weight_decay * phi[n] + momentum_terms[n]) for n in phi}, g
+
+    def val_at_lookahead(rho_):
+        phi_next, g = lookahead(rho_)
+        return loss(phi_next, rho_, val_batch), (phi_next, g)
+
+    with math_attention(twin):
+        if first_order:
+            phi_next, g = lookahead(rho)
+            meta_grads = torch.func.grad(loss, argnums=1)(phi_next, rho, val_batch)
+        else:
+            meta_grads, (phi_next, g) = torch.func.grad(val_at_lookahead, has_aux=True)(rho)
+    return BruteForceHypergradient([meta_grads[n].detach() for n in rho], [phi_next[n].detach() for n in phi],
+                                   [g[n].detach() for n in phi])
