@@ -153,7 +153,7 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _write_atomically(path: Path, text: str) -> None:
+def write_atomically(path: Path, text: str) -> None:
     """Write ``text`` to a sibling temporary file, then rename it over ``path`` (no half-written results)."""
     partial = path.with_name(path.name + ".partial")
     partial.write_text(text)
@@ -170,12 +170,12 @@ def record_results(name: str, rows: list[dict], title: str, command: str | None 
     json_path = RESULTS_DIR / f"{name}.json"
     history = json.loads(json_path.read_text()) if json_path.exists() else []
     history.append({**env, "command": command, "rows": rows})
-    _write_atomically(json_path, json.dumps(history, indent=1) + "\n")
+    write_atomically(json_path, json.dumps(history, indent=1) + "\n")
     header = f"# {title}\n\n" + ", ".join(f"{k}: {v}" for k, v in env.items())
     if command:
         header += f"\n\nCommand: `{command}`"
     if all_runs_in_markdown:
         rows = [{"git_sha": run["git_sha"], "timestamp": run["timestamp"], "load_avg_1m": run.get("load_avg_1m", ""),
                  **row} for run in history for row in run["rows"]]
-    _write_atomically(RESULTS_DIR / f"{name}.md", header + "\n\n" + markdown_table(rows) + "\n")
+    write_atomically(RESULTS_DIR / f"{name}.md", header + "\n\n" + markdown_table(rows) + "\n")
     return json_path

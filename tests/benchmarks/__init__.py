@@ -1,0 +1,1 @@
+"""Tests of the benchmark tooling (benchmarks/): what decides or records results, not timings."""
