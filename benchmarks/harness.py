@@ -110,13 +110,20 @@ def gpu_bench(fn: Callable[[], object], warmup_ms: int = 25, rep_ms: int = 100) 
     return median_ms, peak
 
 
-def environment() -> dict[str, str]:
-    """Device, versions and git sha stamped on every result row."""
+def _git_sha() -> str:
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, check=False).stdout.strip()
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=False).stdout.strip()
     except OSError:
-        sha = ""
+        return ""
+
+
+# The commit whose code this process imported: a checkout may move while a long benchmark runs.
+GIT_SHA_AT_START = _git_sha()
+
+
+def environment() -> dict[str, str]:
+    """Device, versions, load and the git sha (of the code imported at start) stamped on every result run."""
     try:
         import triton
 
@@ -132,7 +139,7 @@ def environment() -> dict[str, str]:
         "load_avg_1m": f"{os.getloadavg()[0]:.2f}",
         "torch": torch.__version__,
         "triton": triton_version,
-        "git_sha": sha,
+        "git_sha": GIT_SHA_AT_START,
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 

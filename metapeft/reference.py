@@ -144,8 +144,8 @@ def reference_twin(model: nn.Module) -> nn.Module:
 
 @dataclass
 class BruteForceHypergradient:
-    """The oracle's meta step: ``meta_grads`` in ``meta_parameters(model)`` order, ``lookahead`` (phi') and
-    ``phi_grads`` (g = grad_phi L_train) in ``trainable_phi(model)`` order; all detached."""
+    """The oracle's meta step: ``meta_grads`` in ``meta_parameters(model)`` order, ``lookahead`` (phi_K) and
+    ``phi_grads`` (g_0 = grad_phi L_train(phi, rho) on ``train_batch``) in ``trainable_phi(model)`` order; detached."""
 
     meta_grads: list[torch.Tensor]
     lookahead: list[torch.Tensor]
@@ -162,17 +162,20 @@ def brute_force_hypergradient(
     momentum: float = 0.0,
     momentum_buffers: Sequence[torch.Tensor] | None = None,
     weight_decay: float = 0.0,
+    lookahead_batches: Sequence[Any] = (),
     first_order: bool = False,
     twin: nn.Module | None = None,
 ) -> BruteForceHypergradient:
-    """``d/d rho L_val(phi - lr * (grad_phi L_train(phi, rho) + wd * phi + mu * m), rho)`` by ``torch.func``.
+    """``d/d rho L_val(phi_K(rho), rho)`` by ``torch.func``, unrolling K = 1 + len(lookahead_batches) SGD steps as
+    ``torch.optim.SGD`` takes them (dampening 0): ``m_k = g_k + wd * phi_k + mu * m_{k-1}``,
+    ``phi_{k+1} = phi_k - lr * m_k``, with g_k = grad_phi L_train(phi_k, rho) on train_batch, lookahead_batches...
 
-    Exact: ``torch.func.grad`` of the look-ahead validation loss, differentiating through the inner
-    ``torch.func.grad`` (second order). ``first_order=True``: only the direct term, phi' held fixed.
-    ``loss_fn(model_callable, batch) -> 0-d tensor`` gets a callable running the twin on the parameter values.
-    ``twin`` (default :func:`reference_twin`) must have ``model``'s parameter names; it runs with
-    double-differentiable attention (:func:`metapeft.meta.math_attention`). ``momentum_buffers``: one tensor per
-    ``trainable_phi(model)`` entry (zeros when None).
+    Exact: ``torch.func.grad`` of the validation loss at phi_K through every inner ``torch.func.grad`` (second
+    order). ``first_order=True``: only the direct term, phi_K held fixed. ``loss_fn(model_callable, batch) -> 0-d
+    tensor`` gets a callable running the twin on the parameter values. ``twin`` (default :func:`reference_twin`)
+    must have ``model``'s parameter names; it runs with double-differentiable attention
+    (:func:`metapeft.meta.math_attention`). ``momentum_buffers``: m_{-1}, one tensor per ``trainable_phi(model)``
+    entry (zeros when None).
     """
     twin = reference_twin(model) if twin is None else twin
     phi_ids = {id(p) for p in trainable_phi(model)}
@@ -183,24 +186,29 @@ def brute_force_hypergradient(
     frozen = {n: p.detach() for n, p in named.items() if id(p) not in phi_ids | rho_ids}
     frozen.update(dict(model.named_buffers()))
     buffers = [torch.zeros_like(p) for p in phi.values()] if momentum_buffers is None else momentum_buffers
-    momentum_terms = {n: momentum * m for n, m in zip(phi, buffers)}
+    start_buffers = dict(zip(phi, buffers, strict=True))
 
     def loss(phi_, rho_, batch):
         return loss_fn(lambda *inputs: functional_call(twin, {**frozen, **phi_, **rho_}, inputs), batch)
 
     def lookahead(rho_):
-        g = torch.func.grad(loss)(phi, rho_, train_batch)
-        return {n: phi[n] - lr * (g[n] + weight_decay * phi[n] + momentum_terms[n]) for n in phi}, g
+        phi_k, m, first_grad = phi, start_buffers, None
+        for batch in (train_batch, *lookahead_batches):
+            g = torch.func.grad(loss)(phi_k, rho_, batch)
+            first_grad = g if first_grad is None else first_grad
+            m = {n: g[n] + weight_decay * phi_k[n] + momentum * m[n] for n in phi}
+            phi_k = {n: phi_k[n] - lr * m[n] for n in phi}
+        return phi_k, first_grad
 
     def val_at_lookahead(rho_):
-        phi_next, g = lookahead(rho_)
-        return loss(phi_next, rho_, val_batch), (phi_next, g)
+        phi_k, first_grad = lookahead(rho_)
+        return loss(phi_k, rho_, val_batch), (phi_k, first_grad)
 
     with math_attention(twin):
         if first_order:
-            phi_next, g = lookahead(rho)
-            meta_grads = torch.func.grad(loss, argnums=1)(phi_next, rho, val_batch)
+            phi_k, first_grad = lookahead(rho)
+            meta_grads = torch.func.grad(loss, argnums=1)(phi_k, rho, val_batch)
         else:
-            meta_grads, (phi_next, g) = torch.func.grad(val_at_lookahead, has_aux=True)(rho)
-    return BruteForceHypergradient([meta_grads[n].detach() for n in rho], [phi_next[n].detach() for n in phi],
-                                   [g[n].detach() for n in phi])
+            meta_grads, (phi_k, first_grad) = torch.func.grad(val_at_lookahead, has_aux=True)(rho)
+    return BruteForceHypergradient([meta_grads[n].detach() for n in rho], [phi_k[n].detach() for n in phi],
+                                   [first_grad[n].detach() for n in phi])

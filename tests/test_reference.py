@@ -1,10 +1,13 @@
 """The brute-force hypergradient oracle against central differences of the look-ahead loss, in float64.
 
-The finite differences use the fused layers and ``torch.autograd.grad`` (first order only), so they share no code
-path with the oracle's ``torch.func`` double differentiation through the unfused twin.
+The finite differences step a copy of the model with ``torch.optim.SGD`` (first-order autograd through the fused
+layers), so they share no code path with the oracle's ``torch.func`` double differentiation through the unfused
+twin.
 """
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -55,22 +58,18 @@ def case():
     return model, train, val, buffers
 
 
-def lookahead(model, train, buffers) -> list[torch.Tensor]:
-    phi = trainable_phi(model)
-    grads = torch.autograd.grad(classification_loss(model, train), phi)
-    return [p - LR * (g + WEIGHT_DECAY * p + MOMENTUM * m) for p, g, m in zip(phi, grads, buffers)]
-
-
-def val_loss_at(model, phi_values, val) -> float:
-    phi = trainable_phi(model)
-    saved = [p.detach().clone() for p in phi]
-    with torch.no_grad():
-        for p, value in zip(phi, phi_values):
-            p.copy_(value)
-        loss = classification_loss(model, val).item()
-        for p, value in zip(phi, saved):
-            p.copy_(value)
-    return loss
+def sgd_lookahead(model, batches, buffers) -> nn.Module:
+    """A copy of ``model`` after ``torch.optim.SGD`` steps on ``batches`` from momentum ``buffers``."""
+    stepped = copy.deepcopy(model)
+    phi = trainable_phi(stepped)
+    optimizer = torch.optim.SGD(phi, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    for p, m in zip(phi, buffers):
+        optimizer.state[p]["momentum_buffer"] = m.clone()
+    for batch in batches:
+        optimizer.zero_grad()
+        classification_loss(stepped, batch).backward()
+        optimizer.step()
+    return stepped
 
 
 def central_differences(model, objective) -> list[torch.Tensor]:
@@ -96,21 +95,27 @@ def assert_close_lists(actual, expected, rtol):
         torch.testing.assert_close(a, e, rtol=rtol, atol=rtol * e.abs().max().item())
 
 
-def test_exact_matches_central_differences_of_the_lookahead_loss(case):
+@pytest.mark.parametrize("steps", [1, 3], ids=lambda k: f"K{k}")
+def test_exact_matches_central_differences_through_torch_sgd(case, steps):
     model, train, val, buffers = case
+    more = [(torch.randn(4 + k, 6, dtype=torch.float64), torch.randint(0, 3, (4 + k,))) for k in range(steps - 1)]
     result = brute_force_hypergradient(model, classification_loss, train, val, lr=LR, momentum=MOMENTUM,
-                                       momentum_buffers=buffers, weight_decay=WEIGHT_DECAY)
-    expected = central_differences(model, lambda: val_loss_at(model, lookahead(model, train, buffers), val))
+                                       momentum_buffers=buffers, weight_decay=WEIGHT_DECAY, lookahead_batches=more)
+    expected = central_differences(
+        model, lambda: classification_loss(sgd_lookahead(model, [train, *more], buffers), val).item())
     assert_close_lists(result.meta_grads, expected, rtol=1e-6)
-    assert_close_lists(result.lookahead, [t.detach() for t in lookahead(model, train, buffers)], rtol=1e-12)
+    stepped = sgd_lookahead(model, [train, *more], buffers)
+    assert_close_lists(result.lookahead, [p.detach() for p in trainable_phi(stepped)], rtol=1e-12)
+    first_grads = torch.autograd.grad(classification_loss(model, train), trainable_phi(model))
+    assert_close_lists(result.phi_grads, list(first_grads), rtol=1e-12)
 
 
 def test_first_order_holds_the_lookahead_fixed(case):
     model, train, val, buffers = case
     kwargs = {"lr": LR, "momentum": MOMENTUM, "momentum_buffers": buffers, "weight_decay": WEIGHT_DECAY}
     direct = brute_force_hypergradient(model, classification_loss, train, val, first_order=True, **kwargs)
-    fixed = [t.detach() for t in lookahead(model, train, buffers)]
-    expected = central_differences(model, lambda: val_loss_at(model, fixed, val))
+    held = sgd_lookahead(model, [train], buffers)  # phi_1 fixed; its modulators are model's
+    expected = central_differences(held, lambda: classification_loss(held, val).item())
     assert_close_lists(direct.meta_grads, expected, rtol=1e-6)
     exact = brute_force_hypergradient(model, classification_loss, train, val, **kwargs)
     difference = torch.cat([(a - b).flatten() for a, b in zip(exact.meta_grads, direct.meta_grads)]).norm()

@@ -6,16 +6,13 @@ unfused computation, differentiated twice by ``torch.func`` through the unrolled
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 
 import metapeft
-from metapeft.meta import math_attention, trainable_phi
-from metapeft.reference import ReferenceMetaLoRA, adapter_reference
+from metapeft.meta import trainable_phi
+from metapeft.reference import brute_force_hypergradient
 
 
 def classification_loss(model: nn.Module, batch) -> torch.Tensor:
@@ -75,67 +72,15 @@ def batches(model_kind: str):
     return train, val
 
 
-class ReferenceMetaAdapter(nn.Module):
-    """``metapeft.reference.adapter_reference`` with FusedMetaAdapter's parameter names (softplus modulator)."""
-
-    def __init__(self, layer: metapeft.FusedMetaAdapter) -> None:
-        super().__init__()
-        self.alpha, self.activation = layer.alpha, layer.activation
-        for name in (*layer.peft_parameter_names, "modulator"):
-            setattr(self, name, nn.Parameter(torch.empty_like(getattr(layer, name))))
-
-    def forward(self, x, residual=None):
-        scale = F.softplus(self.modulator) * self.alpha
-        return adapter_reference(x, residual, self.down_weight, self.down_bias, self.up_weight, self.up_bias, scale,
-                                 self.activation)
-
-
-def reference_twin(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` whose FusedMetaLoRA / FusedMetaAdapter layers are the unfused reference (same
-    parameter names; values come from ``functional_call``)."""
-    twin = copy.deepcopy(model)
-    for name, layer in list(twin.named_modules()):
-        if isinstance(layer, metapeft.FusedMetaLoRA):
-            twin.set_submodule(name, ReferenceMetaLoRA(layer.base, layer.rank, layer.alpha, layer.segments))
-        elif isinstance(layer, metapeft.FusedMetaAdapter):
-            twin.set_submodule(name, ReferenceMetaAdapter(layer))
-    return twin
-
-
 def brute_force(model, train_batch, val_batch, *, lr, momentum=0.0, buffers=None, weight_decay=0.0,
                 lookahead_batches=()):
-    """(hypergradient, direct term, phi_K, g_0) of ``classification_loss`` by torch.func through the reference
-    twin, unrolling the K = 1 + len(lookahead_batches) SGD steps (momentum, weight decay) as torch's SGD takes them."""
-    twin = reference_twin(model)
-    phi_ids = {id(p) for p in trainable_phi(model)}
-    rho_ids = {id(p) for p in metapeft.meta_parameters(model)}
-    named = dict(model.named_parameters())
-    phi = {n: p.detach() for n, p in named.items() if id(p) in phi_ids}
-    rho = {n: p.detach() for n, p in named.items() if id(p) in rho_ids}
-    frozen = {n: p.detach() for n, p in named.items() if id(p) not in phi_ids | rho_ids}
-    frozen.update(dict(model.named_buffers()))
-    start_buffers = {n: torch.zeros_like(p) if buffers is None else m for (n, p), m in
-                     zip(phi.items(), buffers or [None] * len(phi))}
-
-    def loss(phi_, rho_, batch):
-        inputs, labels = batch
-        return F.cross_entropy(functional_call(twin, {**frozen, **phi_, **rho_}, (inputs,)), labels)
-
-    def lookahead(rho_):
-        phi_k, m = phi, start_buffers
-        for batch in (train_batch, *lookahead_batches):
-            g = torch.func.grad(loss)(phi_k, rho_, batch)
-            m = {n: g[n] + weight_decay * phi_k[n] + momentum * m[n] for n in phi}
-            phi_k = {n: phi_k[n] - lr * m[n] for n in phi}
-        return phi_k
-
-    with math_attention(twin):
-        hyper = torch.func.grad(lambda rho_: loss(lookahead(rho_), rho_, val_batch))(rho)
-        phi_next = lookahead(rho)
-        direct = torch.func.grad(loss, argnums=1)(phi_next, rho, val_batch)
-        g = torch.func.grad(loss)(phi, rho, train_batch)
-    order = list(rho)
-    return [hyper[n] for n in order], [direct[n] for n in order], list(phi_next.values()), list(g.values())
+    """(hypergradient, direct term, phi_K, g_0) of ``classification_loss`` from the float64 oracle
+    ``metapeft.reference.brute_force_hypergradient`` (torch.func through the reference twin, K unrolled SGD steps)."""
+    kwargs = {"lr": lr, "momentum": momentum, "momentum_buffers": buffers, "weight_decay": weight_decay,
+              "lookahead_batches": lookahead_batches}
+    exact = brute_force_hypergradient(model, classification_loss, train_batch, val_batch, **kwargs)
+    direct = brute_force_hypergradient(model, classification_loss, train_batch, val_batch, first_order=True, **kwargs)
+    return exact.meta_grads, direct.meta_grads, exact.lookahead, exact.phi_grads
 
 
 def relative_error(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> float:
