@@ -126,10 +126,9 @@ def main() -> None:
     rows += measure("adapter parallel", adapter_contenders("parallel"), (x, residual), args)
     rows += measure("adapter sequential", adapter_contenders("sequential"), (x,), args)
     if not args.quick:
-        command = " ".join(["python benchmarks/bench_host_overhead.py", *sys.argv[1:]])
         title = (f"Per-call host time at tiny shapes (x ({BATCH}, {TOKENS}, {DIM}), rank/bottleneck {RANK}, CPU fp32, "
                  f"{args.threads} thread): medians of {args.reps} interleaved samples of {args.calls} calls")
-        print(f"results: {record_results('host_overhead', rows, title, command=command, all_runs_in_markdown=True)}")
+        print(f"results: {record_results('host_overhead', rows, title, all_runs_in_markdown=True)}")
 
 
 if __name__ == "__main__":

@@ -150,7 +150,6 @@ def main() -> None:
     record_results(
         "meta_step_cpu", rows,
         f"One meta step on CPU: ViT-S/16 ({size}), fp32, batch 8 + meta batch 8, LoRA r=8 on qkv/proj/fc1/fc2",
-        command=" ".join(["python benchmarks/bench_meta_step_cpu.py", *sys.argv[1:]]),
     )
 
 

@@ -90,10 +90,9 @@ def main() -> None:
         print(", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
         rows.append(row)
     if not args.quick:
-        command = " ".join(["python benchmarks/bench_scaled_lora_cpu.py", *sys.argv[1:]])
         title = (f"Scaled LoRA fwd+bwd on CPU, fp32, M = 8*197, K = 768, {args.threads} thread(s), "
                  f"{args.reps} interleaved rounds")
-        print(f"results: {record_results('scaled_lora_cpu', rows, title, command=command)}")
+        print(f"results: {record_results('scaled_lora_cpu', rows, title)}")
 
 
 if __name__ == "__main__":

@@ -168,8 +168,7 @@ def main() -> None:
     if not args.quick:
         record_results("vit_step_cpu", rows,
                        f"ViT-B/16 training step on CPU: batch {BATCH}, LoRA r={RANK} on q,k,v,out,mlp1,mlp2 of "
-                       f"all blocks, fp32, {setup['reps']} interleaved reps",
-                       command=" ".join(["python benchmarks/bench_vit_step_cpu.py", *sys.argv[1:]]))
+                       f"all blocks, fp32, {setup['reps']} interleaved reps")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import platform
 import re
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = ROOT / "benchmarks" / "results"
 
 
 @dataclass
@@ -169,10 +171,15 @@ def write_atomically(path: Path, text: str) -> None:
 
 def record_results(name: str, rows: list[dict], title: str, command: str | None = None,
                    all_runs_in_markdown: bool = False) -> Path:
-    """Append ``rows`` (stamped with :func:`environment`) to ``results/<name>.json`` and rewrite
+    """Append ``rows`` (stamped with :func:`environment` and ``command``, by default this process's own command
+    line, e.g. ``python benchmarks/bench_x.py --threads 1``) to ``results/<name>.json`` and rewrite
     ``results/<name>.md`` with the latest run (or, with ``all_runs_in_markdown``, one table of every recorded
     run's rows, each prefixed by its git sha, time and load); returns the JSON path."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    if command is None:
+        script = Path(sys.argv[0]).resolve()
+        shown = script.relative_to(ROOT) if script.is_relative_to(ROOT) else script
+        command = " ".join(["python", str(shown), *sys.argv[1:]])
     env = environment()
     json_path = RESULTS_DIR / f"{name}.json"
     history = json.loads(json_path.read_text()) if json_path.exists() else []
