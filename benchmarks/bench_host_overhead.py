@@ -128,7 +128,7 @@ def main() -> None:
     if not args.quick:
         title = (f"Per-call host time at tiny shapes (x ({BATCH}, {TOKENS}, {DIM}), rank/bottleneck {RANK}, CPU fp32, "
                  f"{args.threads} thread): medians of {args.reps} interleaved samples of {args.calls} calls")
-        print(f"results: {record_results('host_overhead', rows, title, all_runs_in_markdown=True)}")
+        record_results('host_overhead', rows, title, all_runs_in_markdown=True)
 
 
 if __name__ == "__main__":

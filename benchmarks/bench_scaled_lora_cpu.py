@@ -92,7 +92,7 @@ def main() -> None:
     if not args.quick:
         title = (f"Scaled LoRA fwd+bwd on CPU, fp32, M = 8*197, K = 768, {args.threads} thread(s), "
                  f"{args.reps} interleaved rounds")
-        print(f"results: {record_results('scaled_lora_cpu', rows, title)}")
+        record_results('scaled_lora_cpu', rows, title)
 
 
 if __name__ == "__main__":

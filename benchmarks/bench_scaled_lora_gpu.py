@@ -204,7 +204,7 @@ def main() -> None:
     name = "scaled_lora_gpu_quick" if args.quick else "scaled_lora_gpu"
     title = (f"Scaled LoRA layer on GPU, bf16: fwd / bwd / fwd+bwd medians (ms) and peak memory; "
              f"{skipped} cases skipped by the time budget")
-    print(f"results: {record_results(name, rows, title)}")
+    record_results(name, rows, title)
     for contender in [c for c in ("triton", "cuda") if c in contenders]:
         failures = check_targets(rows, contender)
         print(f"targets for {contender}: " + ("all met" if not failures else f"{len(failures)} missed"))

@@ -174,7 +174,7 @@ def record_results(name: str, rows: list[dict], title: str, command: str | None 
     """Append ``rows`` (stamped with :func:`environment` and ``command``, by default this process's own command
     line, e.g. ``python benchmarks/bench_x.py --threads 1``) to ``results/<name>.json`` and rewrite
     ``results/<name>.md`` with the latest run (or, with ``all_runs_in_markdown``, one table of every recorded
-    run's rows, each prefixed by its git sha, time and load); returns the JSON path."""
+    run's rows, each prefixed by its git sha, time and load); prints and returns the JSON path."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     if command is None:
         script = Path(sys.argv[0]).resolve()
@@ -192,4 +192,5 @@ def record_results(name: str, rows: list[dict], title: str, command: str | None 
         rows = [{"git_sha": run["git_sha"], "timestamp": run["timestamp"], "load_avg_1m": run.get("load_avg_1m", ""),
                  **row} for run in history for row in run["rows"]]
     write_atomically(RESULTS_DIR / f"{name}.md", header + "\n\n" + markdown_table(rows) + "\n")
+    print(f"results: {json_path} and {json_path.with_suffix('.md')}", flush=True)
     return json_path

@@ -16,12 +16,13 @@ ROOT = Path(__file__).resolve().parents[1]
 # -> 4 meta engine, trainer and run building -> 5 apps (and the package root, which re-exports everything).
 LAYERS = {
     "kernels": 0, "metapeft._C": 0,
-    "metapeft.ops": 1, "metapeft.modulator": 1, "metapeft.reference": 1,
+    "metapeft.ops": 1, "metapeft.modulator": 1,
     "metapeft.layers": 2, "metapeft.heads": 2, "metapeft.losses": 2, "metapeft.metrics": 2, "metapeft.data": 2,
     "metapeft.sampling": 2, "metapeft.checkpoint": 2, "metapeft.run_directory": 2, "metapeft.stats": 2,
     "metapeft.report": 2,
     "metapeft.inject": 3, "metapeft.params": 3, "metapeft.io": 3, "metapeft.gamma": 3, "metapeft.backbones": 3,
     "metapeft.meta": 4, "metapeft.trainer": 4, "metapeft.config": 4, "metapeft.runs": 4, "metapeft.build": 4,
+    "metapeft.reference": 4,
     "metapeft.cli": 5, "metapeft.demo": 5, "metapeft.sweep": 5, "metapeft.build_info": 5, "metapeft.__main__": 5,
     "metapeft.benchmark_scripts": 5,
     "metapeft": 5,
