@@ -10,7 +10,7 @@ configs differing only there count once), with the GPU's fixed tiles. Shapes hav
 (M = 289 also makes the split reductions over M use two slices), ranks and bottlenecks 1/8/16/64 (and a 100-wide
 bottleneck, whose 128-wide tile takes the adapter's 32-row blocks), S = 1/3, dropout on and off, fp32.
 
-Slow (about 6 minutes on 2 cores shared with other jobs, load average 8):
+Slow (241 s on 2 cores shared with other jobs at load average 8):
 ``python -m pytest -m slow tests/kernels/test_autotune_configs.py`` runs the interpreter-marked tests below in a
 ``TRITON_INTERPRET=1`` child; directly: ``TRITON_INTERPRET=1 python -m pytest -m interpreter tests/kernels``.
 """
