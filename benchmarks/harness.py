@@ -61,12 +61,6 @@ def interleaved_timings(contenders: dict[str, Callable[[], object]], warmup: int
     return {name: Timing(*_median_iqr(wall[name]), *_median_iqr(cpu[name])) for name in contenders}
 
 
-def interleaved_median_times(contenders: dict[str, Callable[[], object]], warmup: int = 3, reps: int = 10
-                             ) -> dict[str, tuple[float, float]]:
-    """Wall-time (median_s, iqr_s) per contender from :func:`interleaved_timings`."""
-    return {name: (t.wall_s, t.wall_iqr_s) for name, t in interleaved_timings(contenders, warmup, reps).items()}
-
-
 def saved_tensor_bytes(fn: Callable[[], object]) -> int:
     """Bytes autograd saves for backward while running ``fn()`` (unique storages, leaf parameters included
     only once)."""
