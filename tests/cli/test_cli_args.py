@@ -176,9 +176,8 @@ def test_info_reports_versions_devices_and_backends(capsys):
 
 def benchmark_modules() -> dict[str, str]:
     """Oracle: the runnable modules of benchmarks/ (a ``__main__`` block or pytest tests; the harness and the
-    contenders have neither), with their docstrings' first lines; not ``gpu_check.py``, which builds and runs the
-    gpu tests besides a benchmark (``python benchmarks/gpu_check.py``)."""
-    sources = {p: p.read_text() for p in (REPO / "benchmarks").glob("*.py") if p.name != "gpu_check.py"}
+    contenders have neither), with their docstrings' first lines."""
+    sources = {p: p.read_text() for p in (REPO / "benchmarks").glob("*.py")}
     return {str(p.relative_to(REPO)): ast.get_docstring(ast.parse(text)).splitlines()[0]
             for p, text in sources.items() if 'if __name__ == "__main__":' in text or "\ndef test_" in text}
 
