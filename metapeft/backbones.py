@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from metapeft.checkpoint import read_torch_file
 from metapeft.heads import find_head
 
 SATMAE_PRETRAINING_ONLY = ("decoder_", "mask_token")
@@ -46,11 +47,8 @@ def read_satmae_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"SatMAE checkpoint {path}: no such file")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any read failure is reported with the file's name
-        raise ValueError(f"SatMAE checkpoint {path}: cannot read it ({type(error).__name__}: {error})") from None
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        checkpoint = read_torch_file(path)
     state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, Mapping) else None
     if not isinstance(state, Mapping) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"SatMAE checkpoint {path}: expected a 'model' state dict of tensors")

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from metapeft.backbones import SATMAE_MEAN, SATMAE_STD, load_satmae_weights
+from metapeft.checkpoint import load_safetensors, read_torch_file
 from metapeft.config import MODEL_KEYS, PEFT_KEYS, section
 from metapeft.heads import find_head
 from metapeft.inject import InjectionSummary, inject
@@ -35,18 +36,14 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A state dict from a ``.safetensors`` file or a ``torch.save`` file (loaded with ``weights_only=True``;
-    a ``{"state_dict": ...}`` or ``{"model": ...}`` wrapper is unwrapped)."""
+    a ``{"state_dict": ...}`` or ``{"model": ...}`` wrapper is unwrapped). A file that cannot be read, or holds
+    non-finite values, is a :class:`~metapeft.checkpoint.LoadError` naming it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--weights {path}: no such file")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any read failure is reported with the file's name
-        raise ValueError(f"--weights {path}: cannot read weights ({type(error).__name__}: {error})") from None
+    if path.suffix == ".safetensors":
+        return load_safetensors(path, require_checksum=False)[0]
+    state = read_torch_file(path)
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

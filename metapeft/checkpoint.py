@@ -148,20 +148,18 @@ def _unpickling_reason(error: Exception) -> str:
     return match.group(1).split(". ")[0] if match else type(error).__name__
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """The state a :func:`save_checkpoint` file holds, loaded with ``weights_only=True`` after checking that the
-    file is complete, is a metapeft checkpoint, matches its checksum and holds only finite floats.
-
-    Raises :class:`LoadError` naming the file and the problem (missing, empty, truncated or not a zip archive,
-    refused objects, foreign format, checksum mismatch, non-finite values).
-    """
+def read_torch_file(path: str | os.PathLike, map_location: str | torch.device = "cpu"):
+    """The object a ``torch.save`` file holds, loaded with ``torch.load(weights_only=True)``: tensors, numbers,
+    strings and containers, never pickled code. Raises :class:`LoadError` naming the file and the problem
+    (missing, empty, truncated or not a torch.save archive, objects ``weights_only`` refuses) without torch's
+    advice to load with ``weights_only=False``."""
     path = Path(path)
     if not path.is_file():
-        raise LoadError(f"{path}: no such checkpoint file")
+        raise LoadError(f"{path}: no such file")
     if path.stat().st_size == 0:
-        raise LoadError(f"{path}: the checkpoint file is empty (0 bytes)")
+        raise LoadError(f"{path}: the file is empty (0 bytes)")
     try:
-        record = torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
         raise LoadError(f"{path}: refused: the file holds objects other than tensors, numbers, strings and "
                         f"containers ({_unpickling_reason(error)}); metapeft never loads pickled code, so a file "
@@ -170,6 +168,17 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         first = str(error).split(". ")[0] or type(error).__name__
         raise LoadError(f"{path}: not a readable checkpoint: truncated or corrupt torch.save archive ({first})") \
             from None
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """The state a :func:`save_checkpoint` file holds (:func:`read_torch_file`) after checking that it is a
+    metapeft checkpoint, matches its checksum and holds only finite floats.
+
+    Raises :class:`LoadError` naming the file and the problem (missing, empty, truncated or not a zip archive,
+    refused objects, foreign format, checksum mismatch, non-finite values).
+    """
+    path = Path(path)
+    record = read_torch_file(path, map_location)
     if not isinstance(record, dict) or record.get("format") != CHECKPOINT_FORMAT or "state" not in record:
         found = record.get("format") if isinstance(record, dict) else type(record).__name__
         raise LoadError(f"{path}: not a metapeft checkpoint (format {found!r}, expected {CHECKPOINT_FORMAT!r})")

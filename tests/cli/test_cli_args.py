@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -106,8 +107,12 @@ def test_weights_file_loads_the_backbone_and_skips_a_different_head(tmp_path):
     with pytest.raises(ValueError, match="does not fit"):
         build_backbone({**TINY_MODEL, "weights": str(tmp_path / "wrong.safetensors")}, num_classes=4)
     (tmp_path / "junk.pth").write_bytes(b"junk")
-    with pytest.raises(ValueError, match="cannot read weights"):
+    with pytest.raises(ValueError, match="junk.pth: not a readable checkpoint"):
         build_backbone({**TINY_MODEL, "weights": str(tmp_path / "junk.pth")}, num_classes=4)
+    torch.save({"state_dict": source.state_dict(), "rng": random.Random(0)}, tmp_path / "code.pth")
+    with pytest.raises(ValueError, match=r"code.pth: refused: .*random\.Random") as error:
+        build_backbone({**TINY_MODEL, "weights": str(tmp_path / "code.pth")}, num_classes=4)
+    assert "weights_only" not in str(error.value)
 
 
 def test_model_build_is_seeded_and_leaves_the_global_rng_alone():
