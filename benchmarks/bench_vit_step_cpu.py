@@ -15,8 +15,12 @@ memory is the resident-set growth of one warm step, each contender in a fresh pr
 pinned low so freed activations leave the resident set at once; ``saved_MiB`` is what autograd keeps for backward
 besides the weights.
 
-Run: ``python benchmarks/bench_vit_step_cpu.py --threads 1`` (``--quick``: a tiny ViT, a smoke run, nothing
-recorded).
+``--compile``: every contender's model under ``torch.compile`` (inductor, CPU) on a ViT-S/16 (224 px, 12 blocks,
+batch 8; compile time and graph breaks from ``torch._dynamo.explain`` recorded, no peak memory: a fresh process
+per contender would compile again), recorded as ``vit_step_compiled_cpu``.
+
+Run: ``python benchmarks/bench_vit_step_cpu.py --threads 1`` (``--compile`` for the compiled step; ``--quick``: a
+tiny ViT, a smoke run, nothing recorded).
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ RANK, BATCH, CLASSES = 8, 8, 15
 FULL = {"model_name": "vit_base_patch16_224", "model_kwargs": {}, "image": 224, "warmup": 2, "reps": 7}
 QUICK = {"model_name": "vit_tiny_patch16_224", "model_kwargs": {"img_size": 64, "depth": 2}, "image": 64,
          "warmup": 1, "reps": 3}
+COMPILED = {"model_name": "vit_small_patch16_224", "model_kwargs": {}, "image": 224, "warmup": 1, "reps": 5}
 HF_TARGETS = r"blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"
 
 
@@ -121,15 +126,49 @@ def peak_memory_in_subprocess(contender: str, quick: bool, threads: int) -> int:
     return int(json.loads(result.stdout.strip().splitlines()[-1])["peak_rss_bytes"])
 
 
+def compiled_step(setup: dict, quick: bool) -> None:
+    """Time the training step of every contender's ``torch.compile``-d model (interleaved), with the first
+    step's time (compilation included) and the graph breaks dynamo reports; record ``vit_step_compiled_cpu``."""
+    import time
+
+    models, steps, compile_s, breaks = {}, {}, {}, {}
+    for name in CONTENDERS:
+        model, optimized = build(name, setup)
+        x = torch.randn(BATCH, 3, setup["image"], setup["image"])
+        breaks[name] = torch._dynamo.explain(model)(x).graph_break_count
+        torch._dynamo.reset()
+        models[name] = torch.compile(model, backend="inductor")
+        steps[name], _ = make_step(models[name], optimized, setup)
+        start = time.perf_counter()
+        steps[name]()
+        compile_s[name] = time.perf_counter() - start
+        print(f"{name}: {breaks[name]} graph breaks, first step (compiling) {compile_s[name]:.0f} s", flush=True)
+    times = interleaved_timings(steps, warmup=setup["warmup"], reps=setup["reps"])
+    rows = [{"contender": name, "cpu_step_ms": t.cpu_s * 1e3, "cpu_iqr_ms": t.cpu_iqr_s * 1e3,
+             "cpu_vs_metapeft": t.cpu_s / times["metapeft"].cpu_s, "wall_step_ms": t.wall_s * 1e3,
+             "wall_iqr_ms": t.wall_iqr_s * 1e3, "graph_breaks": breaks[name], "first_step_s": compile_s[name]}
+            for name, t in times.items()]
+    for row in rows:
+        print(json.dumps(row))
+    if not quick:
+        record_results("vit_step_compiled_cpu", rows,
+                       f"Compiled (torch.compile, inductor) {setup['model_name']} training step on CPU: batch {BATCH}, "
+                       f"LoRA r={RANK} on q,k,v,out,mlp1,mlp2 of all blocks, fp32, {setup['reps']} interleaved reps")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny ViT smoke run; nothing recorded")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="intra-op threads (1 gives steadier medians on a shared, oversubscribed machine)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile (inductor) every contender's model")
     parser.add_argument("--memory-of", choices=CONTENDERS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    setup = QUICK if args.quick else FULL
+    setup = QUICK if args.quick else COMPILED if args.compile else FULL
+    if args.compile:
+        compiled_step(setup, args.quick)
+        return
     if args.memory_of:
         step, _ = make_step(*build(args.memory_of, setup), setup)
         step()
