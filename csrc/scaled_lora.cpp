@@ -59,24 +59,37 @@ int64_t check_common(const at::Tensor& x, const at::Tensor& weight, const at::Te
   return S;
 }
 
+// The dropout seed: an int64 scalar tensor on x's device, required when p > 0 (a device tensor: the CUDA kernel
+// reads it itself, so a new seed never syncs the host and a captured CUDA graph draws a fresh mask per replay).
+void check_seed(const std::optional<at::Tensor>& seed, double p, const at::Tensor& x) {
+  if (p == 0.0) {
+    return;
+  }
+  TORCH_CHECK(seed.has_value(), "seed must be given when dropout_p > 0");
+  TORCH_CHECK(seed->numel() == 1 && seed->scalar_type() == at::kLong, "seed must be one int64 element, got dtype ",
+              seed->scalar_type(), " and shape ", seed->sizes());
+  TORCH_CHECK(seed->device() == x.device(), "seed is on ", seed->device(), " but x is on ", x.device(),
+              "; they must be on one device");
+}
+
 // dst = (accumulate ? dst : 0) + drop(src) on src's device; src is made contiguous (the mask is indexed
 // by the logical row-major position, so strides never change it).
-void dropout_apply(const at::Tensor& src, at::Tensor& dst, double p, int64_t seed, bool accumulate) {
+void dropout_apply(const at::Tensor& src, at::Tensor& dst, double p, const at::Tensor& seed, bool accumulate) {
   const at::Tensor src_c = src.contiguous();
   if (src_c.is_cuda()) {
     dropout_apply_cuda(src_c, dst, p, seed, accumulate);
   } else {
-    dropout_apply_cpu(src_c, dst, p, seed, accumulate);
+    dropout_apply_cpu(src_c, dst, p, seed.item<int64_t>(), accumulate);
   }
 }
 
 // drop(x) (M, K): x itself when p == 0, else a new contiguous tensor (the mask is regenerated, never kept).
-at::Tensor dropped(const at::Tensor& x, double p, int64_t seed) {
+at::Tensor dropped(const at::Tensor& x, double p, const std::optional<at::Tensor>& seed) {
   if (p == 0.0) {
     return x;
   }
   at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
-  dropout_apply(x, out, p, seed, /*accumulate=*/false);
+  dropout_apply(x, out, p, *seed, /*accumulate=*/false);
   return out;
 }
 
@@ -105,8 +118,9 @@ at::Tensor segment_view(const at::Tensor& t, int64_t segments) {
 std::tuple<at::Tensor, at::Tensor> scaled_lora_fwd(const at::Tensor& x, const at::Tensor& weight,
                                                    const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
                                                    const at::Tensor& lora_B, const at::Tensor& scale,
-                                                   double dropout_p, int64_t seed) {
+                                                   double dropout_p, const std::optional<at::Tensor>& seed) {
   const int64_t S = check_common(x, weight, lora_A, lora_B, scale, dropout_p);
+  check_seed(seed, dropout_p, x);
   if (bias.has_value()) {
     check_tensor(*bias, "bias", 1, x);
     TORCH_CHECK(bias->size(0) == weight.size(0), "bias must have shape (", weight.size(0), ",), got ", bias->sizes());
@@ -123,9 +137,10 @@ std::tuple<at::Tensor, at::Tensor> scaled_lora_fwd(const at::Tensor& x, const at
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> scaled_lora_bwd(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
-    const at::Tensor& lora_B, const at::Tensor& scale, const at::Tensor& h, double dropout_p, int64_t seed,
-    std::array<bool, 6> needs) {
+    const at::Tensor& lora_B, const at::Tensor& scale, const at::Tensor& h, double dropout_p,
+    const std::optional<at::Tensor>& seed, std::array<bool, 6> needs) {
   const int64_t S = check_common(x, weight, lora_A, lora_B, scale, dropout_p);
+  check_seed(seed, dropout_p, x);
   const int64_t M = x.size(0), N = weight.size(0), r = lora_B.size(1), n = N / S;
   check_tensor(grad_y, "grad_y", 2, x);
   TORCH_CHECK(grad_y.size(0) == M && grad_y.size(1) == N, "grad_y must have shape (", M, ", ", N, "), got ",
@@ -151,7 +166,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     if (need_dx) {
       dx = at::mm(grad_y, weight);
       if (dropout_p > 0.0) {
-        dropout_apply(at::mm(scaled_T, lora_A), dx, dropout_p, seed, /*accumulate=*/true);
+        dropout_apply(at::mm(scaled_T, lora_A), dx, dropout_p, *seed, /*accumulate=*/true);
       } else {
         dx.addmm_(scaled_T, lora_A);
       }
@@ -171,9 +186,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 }
 
 // Standalone seeded dropout (the same mask the ops draw): lets tests compare CPU and CUDA masks.
-at::Tensor seeded_dropout(const at::Tensor& x, double p, int64_t seed) {
+at::Tensor seeded_dropout(const at::Tensor& x, double p, const at::Tensor& seed) {
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), "x must be a floating-point tensor, got dtype ", x.scalar_type());
   TORCH_CHECK(p >= 0.0 && p < 1.0, "p must be in [0, 1), got ", p);
+  check_seed(seed, 1.0, x);
   at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   dropout_apply(x, out, p, seed, /*accumulate=*/false);
   return out;
@@ -228,10 +244,10 @@ void segment_scale_reduce_cpu(const at::Tensor& T, const at::Tensor& h, const at
 
 TORCH_LIBRARY_FRAGMENT(metapeft, m) {
   m.def("scaled_lora_fwd_cuda(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, Tensor scale, "
-        "float dropout_p, int seed) -> (Tensor, Tensor)");
+        "float dropout_p, Tensor? seed) -> (Tensor, Tensor)");
   m.def("scaled_lora_bwd_cuda(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor scale, "
-        "Tensor h, float dropout_p, int seed, bool[6] needs) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def("seeded_dropout_cuda(Tensor x, float p, int seed) -> Tensor");
+        "Tensor h, float dropout_p, Tensor? seed, bool[6] needs) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("seeded_dropout_cuda(Tensor x, float p, Tensor seed) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(metapeft, CPU, m) {

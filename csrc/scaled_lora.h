@@ -30,7 +30,8 @@ C10_HOST_DEVICE inline bool dropout_keep(uint64_t seed, uint64_t index, float p)
 // dst = (accumulate ? dst : 0) + drop(src), drop(v) = keep ? v / (1 - p) : 0, math in fp32 (fp64 for fp64).
 // src and dst: contiguous (M, K) tensors of one dtype on one device.
 void dropout_apply_cpu(const at::Tensor& src, at::Tensor& dst, double p, int64_t seed, bool accumulate);
-void dropout_apply_cuda(const at::Tensor& src, at::Tensor& dst, double p, int64_t seed, bool accumulate);
+// The CUDA kernel reads the seed from device memory (`seed`: one int64 element on src's device).
+void dropout_apply_cuda(const at::Tensor& src, at::Tensor& dst, double p, const at::Tensor& seed, bool accumulate);
 
 // The backward's rank-space pass, one read of T and h:
 //   scaled_T[m, j*r + k] = c_j * T[j, m, k]        (written in the (M, S*r) layout the GEMMs use)

@@ -18,9 +18,10 @@ constexpr int64_t kMaxBlocks = 65536;  // grid-stride beyond this: enough blocks
 
 template <typename scalar_t>
 __global__ void dropout_apply_kernel(const scalar_t* __restrict__ src, scalar_t* __restrict__ dst, int64_t numel,
-                                     float p, at::opmath_type<scalar_t> factor, uint64_t seed,
-                                     bool accumulate) {
+                                     float p, at::opmath_type<scalar_t> factor,
+                                     const int64_t* __restrict__ seed_ptr, bool accumulate) {
   using acc_t = at::opmath_type<scalar_t>;
+  const uint64_t seed = static_cast<uint64_t>(*seed_ptr);
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < numel;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const acc_t kept = dropout_keep(seed, static_cast<uint64_t>(i), p) ? static_cast<acc_t>(src[i]) * factor : acc_t(0);
@@ -66,7 +67,7 @@ __global__ void segment_scale_reduce_kernel(const scalar_t* __restrict__ T, cons
 
 }  // namespace
 
-void dropout_apply_cuda(const at::Tensor& src, at::Tensor& dst, double p, int64_t seed, bool accumulate) {
+void dropout_apply_cuda(const at::Tensor& src, at::Tensor& dst, double p, const at::Tensor& seed, bool accumulate) {
   const int64_t numel = src.numel();
   if (numel == 0) {
     return;
@@ -79,7 +80,7 @@ void dropout_apply_cuda(const at::Tensor& src, at::Tensor& dst, double p, int64_
     dropout_apply_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
         src.const_data_ptr<scalar_t>(), dst.mutable_data_ptr<scalar_t>(), numel, p_f,
         static_cast<at::opmath_type<scalar_t>>(1.0 / (1.0 - p)),
-        static_cast<uint64_t>(seed), accumulate);
+        seed.const_data_ptr<int64_t>(), accumulate);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

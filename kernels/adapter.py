@@ -34,7 +34,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRET, MIN_DOT, configs, dot_precision, dropout_args, dropout_mask, keep_scale, tune_bench
+from .common import (
+    INTERPRET,
+    MIN_DOT,
+    configs,
+    dot_precision,
+    dropout_args,
+    dropout_mask,
+    keep_scale,
+    seed_arg,
+    tune_bench,
+)
 
 # The bottleneck row block lives in registers: (BLOCK_M, next_pow2(b)) fp32 accumulators.
 MAX_BOTTLENECK = 256
@@ -68,12 +78,12 @@ def _act_grad(z, ACTIVATION: tl.constexpr):
 
 
 @triton.autotune(configs=CONFIGS, key=["D", "B"], do_bench=tune_bench)
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _adapter_fwd_kernel(
     x_ptr, res_ptr, dw_ptr, db_ptr, uw_ptr, ub_ptr, scale_ptr, z_ptr, out_ptr, M, D, B,
     stride_xm, stride_xd, stride_rm, stride_rd, stride_dwb, stride_dwd, stride_uwd, stride_uwb,
     stride_zm, stride_zb, stride_om, stride_od,
-    p, inv_keep, seed,
+    p, inv_keep, seed_ptr,
     HAS_DOWN_BIAS: tl.constexpr, HAS_UP_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
@@ -89,7 +99,7 @@ def _adapter_fwd_kernel(
         x = tl.load(x_ptr + rm64[:, None] * stride_xm + rd[None, :] * stride_xd,
                     mask=m_mask[:, None] & (rd[None, :] < D), other=0.0)
         if HAS_DROPOUT:
-            x = (x.to(tl.float32) * keep_scale(seed, rm, rd, D, p, inv_keep)).to(x_ptr.dtype.element_ty)
+            x = (x.to(tl.float32) * keep_scale(seed_ptr, rm, rd, D, p, inv_keep)).to(x_ptr.dtype.element_ty)
         dw_t = tl.load(dw_ptr + rb[None, :] * stride_dwb + rd[:, None] * stride_dwd,
                        mask=b_mask[None, :] & (rd[:, None] < D), other=0.0)
         acc = tl.dot(x, dw_t, acc, input_precision=DOT_PRECISION)
@@ -117,12 +127,12 @@ def _adapter_fwd_kernel(
 
 
 @triton.autotune(configs=CONFIGS, key=["D", "B"], do_bench=tune_bench)
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _adapter_bwd_kernel(
     dout_ptr, z_ptr, dw_ptr, uw_ptr, ub_ptr, scale_ptr, dz_ptr, a_ptr, dx_ptr, dscale_part_ptr, colsum_part_ptr,
     M, D, B, stride_gm, stride_gd, stride_zm, stride_zb, stride_dwb, stride_dwd, stride_uwd, stride_uwb,
     stride_dzm, stride_dzb, stride_am, stride_ab, stride_dxm, stride_dxd,
-    p, inv_keep, seed,
+    p, inv_keep, seed_ptr,
     HAS_UP_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_DROPOUT: tl.constexpr, RESIDUAL_IS_X: tl.constexpr,
     NEED_DX: tl.constexpr, NEED_COLSUM: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr,
@@ -165,7 +175,7 @@ def _adapter_bwd_kernel(
                          mask=b_mask[:, None] & d_mask[None, :], other=0.0)
             dx = tl.dot(dz, dw, input_precision=DOT_PRECISION)
             if HAS_DROPOUT:
-                dx = dx * keep_scale(seed, rm, rd, D, p, inv_keep)
+                dx = dx * keep_scale(seed_ptr, rm, rd, D, p, inv_keep)
             out_tile = m_mask[:, None] & d_mask[None, :]
             if RESIDUAL_IS_X:
                 dx += tl.load(dout_ptr + rm64[:, None] * stride_gm + rd[None, :] * stride_gd, mask=out_tile,
@@ -216,7 +226,7 @@ def adapter_fwd(
     scale: torch.Tensor,
     activation: str,
     dropout_p: float,
-    seed: int,
+    seed: torch.Tensor | int | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return ``(out (M, D), z (M, b))`` in x's dtype; all tensor operands but scale share dtype and device."""
     M, D, B = _check_shapes(x, residual, down_weight, down_bias, up_weight, up_bias, scale, activation)
@@ -230,7 +240,7 @@ def adapter_fwd(
         x, res, down_weight, down_bias if down_bias is not None else z, up_weight,
         up_bias if up_bias is not None else out, scale, z, out, M, D, B,
         *x.stride(), *res.stride(), *down_weight.stride(), *up_weight.stride(), *z.stride(), *out.stride(),
-        p, inv_keep, seed,
+        p, inv_keep, seed_arg(seed, x),
         HAS_DOWN_BIAS=down_bias is not None, HAS_UP_BIAS=up_bias is not None, ACTIVATION=ACTIVATIONS[activation],
         HAS_DROPOUT=has_dropout, DOT_PRECISION=dot_precision(x), BLOCK_M=block_m, BLOCK_B=block_b,
     )
@@ -247,7 +257,7 @@ def adapter_bwd(
     z: torch.Tensor,
     activation: str,
     dropout_p: float,
-    seed: int,
+    seed: torch.Tensor | int | None,
     residual_is_x: bool,
     needs: tuple[bool, bool, bool, bool, bool, bool],
 ) -> tuple[torch.Tensor | None, ...]:
@@ -273,7 +283,7 @@ def adapter_bwd(
     _adapter_bwd_kernel[(grid,)](
         grad_out, z, down_weight, up_weight, up_bias if has_up_bias else dz, scale, dz, a, dx, dscale_part,
         colsum_part, M, D, B, *grad_out.stride(), *z.stride(), *down_weight.stride(), *up_weight.stride(),
-        *dz.stride(), *a.stride(), *dx.stride(), p, inv_keep, seed,
+        *dz.stride(), *a.stride(), *dx.stride(), p, inv_keep, seed_arg(seed, x),
         HAS_UP_BIAS=has_up_bias, ACTIVATION=ACTIVATIONS[activation], HAS_DROPOUT=has_dropout,
         RESIDUAL_IS_X=residual_is_x, NEED_DX=need_dx, NEED_COLSUM=need_colsum, DOT_PRECISION=dot_precision(x),
         BLOCK_M=block_m, BLOCK_B=block_b,

@@ -1,7 +1,8 @@
 """What the Triton kernel modules share (private to ``kernels/``): interpreter detection, tile-config and autotune
 helpers, the dot precision, and the dropout rule every kernel applies to x.
 
-Dropout: keep element (m, k) of x (M, K) iff ``tl.rand(seed, m*K + k) >= p`` (Philox), scaled by 1/(1-p); masks
+Dropout: keep element (m, k) of x (M, K) iff ``tl.rand(seed, m*K + k) >= p`` (Philox), scaled by 1/(1-p), with the
+seed an int64 scalar tensor on the device that the kernels read themselves; masks
 are regenerated in backward from the seed, never stored, and the scaled-LoRA and adapter kernels draw the same
 mask for the same (seed, M, K). :func:`dropout_mask` materialises it for the differentiable paths and tests.
 """
@@ -53,26 +54,39 @@ def dropout_args(dropout_p: float, M: int, K: int) -> tuple[float, float, bool]:
     return float(dropout_p), 1.0 / (1.0 - dropout_p), dropout_p > 0.0
 
 
+def seed_arg(seed: torch.Tensor | int | None, placeholder: torch.Tensor) -> torch.Tensor:
+    """The seed pointer a launch passes: the seed (an int64 scalar tensor on the device, read there; an int is
+    copied there first), or ``placeholder`` (never read) without dropout."""
+    if seed is None:
+        return placeholder
+    if isinstance(seed, torch.Tensor):
+        return seed
+    return torch.tensor(seed, dtype=torch.int64, device=placeholder.device)
+
+
 @triton.jit
-def keep_scale(seed, rm, rk, K, p, inv_keep):
-    """fp32 (BLOCK_M, BLOCK_K) dropout factors of x[rm, rk]: 1/(1-p) where kept, 0 where dropped."""
+def keep_scale(seed_ptr, rm, rk, K, p, inv_keep):
+    """fp32 (BLOCK_M, BLOCK_K) dropout factors of x[rm, rk]: 1/(1-p) where kept, 0 where dropped. The seed is read
+    from device memory (int64 at ``seed_ptr``), so a new seed never recompiles, never syncs the host and is
+    fresh on every replay of a captured CUDA graph."""
     offsets = rm[:, None] * K + rk[None, :]
-    return tl.where(tl.rand(seed, offsets) >= p, inv_keep, 0.0)
+    return tl.where(tl.rand(tl.load(seed_ptr), offsets) >= p, inv_keep, 0.0)
 
 
-@triton.jit(do_not_specialize=["seed"])
-def _dropout_mask_kernel(out_ptr, M, K, p, inv_keep, seed, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+@triton.jit
+def _dropout_mask_kernel(out_ptr, M, K, p, inv_keep, seed_ptr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """out (M, K) fp32, contiguous: the dropout factors the other kernels apply to x."""
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    factors = keep_scale(seed, rm, rk, K, p, inv_keep)
+    factors = keep_scale(seed_ptr, rm, rk, K, p, inv_keep)
     tl.store(out_ptr + rm[:, None] * K + rk[None, :], factors, mask=(rm[:, None] < M) & (rk[None, :] < K))
 
 
-def dropout_mask(M: int, K: int, dropout_p: float, seed: int, device: torch.device) -> torch.Tensor:
-    """The dropout factors (M, K) fp32 the kernels apply to x for ``seed``: 1/(1-p) where kept, else 0."""
+def dropout_mask(M: int, K: int, dropout_p: float, seed: torch.Tensor | int, device: torch.device) -> torch.Tensor:
+    """The dropout factors (M, K) fp32 the kernels apply to x for ``seed`` (see :func:`seed_arg`): 1/(1-p) where
+    kept, else 0."""
     p, inv_keep, _ = dropout_args(dropout_p, M, K)
     out = torch.empty((M, K), dtype=torch.float32, device=device)
     grid = (triton.cdiv(M, MASK_TILE), triton.cdiv(K, MASK_TILE))
-    _dropout_mask_kernel[grid](out, M, K, p, inv_keep, seed, BLOCK_M=MASK_TILE, BLOCK_K=MASK_TILE)
+    _dropout_mask_kernel[grid](out, M, K, p, inv_keep, seed_arg(seed, out), BLOCK_M=MASK_TILE, BLOCK_K=MASK_TILE)
     return out

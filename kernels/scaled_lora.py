@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRET, MIN_DOT, configs, dot_precision, dropout_args, keep_scale, tune_bench
+from .common import INTERPRET, MIN_DOT, configs, dot_precision, dropout_args, keep_scale, seed_arg, tune_bench
 
 # Rank tiles above 64 cost registers (BLOCK_M x BLOCK_R fp32 accumulators) without saving traffic.
 MAX_BLOCK_R = 64
@@ -93,11 +93,11 @@ def _grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.autotune(configs=SKINNY_CONFIGS, key=["M", "SR", "K"], do_bench=tune_bench)
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _scaled_lora_h_kernel(
     x_ptr, a_ptr, h_ptr, M, SR, K,
     stride_xm, stride_xk, stride_am, stride_ak, stride_hm, stride_hr,
-    p, inv_keep, seed,
+    p, inv_keep, seed_ptr,
     HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -111,7 +111,7 @@ def _scaled_lora_h_kernel(
         x = tl.load(x_ptr + rm64[:, None] * stride_xm + rk[None, :] * stride_xk,
                     mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
         if HAS_DROPOUT:
-            x = (x.to(tl.float32) * keep_scale(seed, rm, rk, K, p, inv_keep)).to(x_ptr.dtype.element_ty)
+            x = (x.to(tl.float32) * keep_scale(seed_ptr, rm, rk, K, p, inv_keep)).to(x_ptr.dtype.element_ty)
         a_t = tl.load(a_ptr + rr[None, :] * stride_am + rk[:, None] * stride_ak,
                       mask=(rr[None, :] < SR) & (rk[:, None] < K), other=0.0)
         acc = tl.dot(x, a_t, acc, input_precision=DOT_PRECISION)
@@ -237,11 +237,11 @@ def _scaled_lora_bwd_db_kernel(
 
 
 @triton.autotune(configs=REDUCE_CONFIGS, key=["M", "SR", "K", "SPLIT"], do_bench=tune_bench)
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _scaled_lora_bwd_da_kernel(
     ct_ptr, x_ptr, part_ptr, M, SR, K, SPLIT,
     stride_ctm, stride_ctr, stride_xm, stride_xk, stride_ps, stride_pr, stride_pk,
-    p, inv_keep, seed,
+    p, inv_keep, seed_ptr,
     HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -269,19 +269,19 @@ def _scaled_lora_bwd_da_kernel(
         x = tl.load(x_ptr + rm64[:, None] * stride_xm + rk[None, :] * stride_xk,
                     mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         if HAS_DROPOUT:
-            x = (x.to(tl.float32) * keep_scale(seed, rm, rk, K, p, inv_keep)).to(x_ptr.dtype.element_ty)
+            x = (x.to(tl.float32) * keep_scale(seed_ptr, rm, rk, K, p, inv_keep)).to(x_ptr.dtype.element_ty)
         acc = tl.dot(ct_t, x, acc, input_precision=DOT_PRECISION)
     tl.store(part_ptr + split * stride_ps + rr[:, None] * stride_pr + rk[None, :] * stride_pk, acc,
              mask=r_mask[:, None] & k_mask[None, :])
 
 
 @triton.autotune(configs=GEMM_CONFIGS, key=["M", "N", "K", "SR"], do_bench=tune_bench)
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _scaled_lora_bwd_dx_kernel(
     dy_ptr, w_ptr, ct_ptr, a_ptr, dx_ptr, M, N, K, SR,
     stride_dym, stride_dyn, stride_wn, stride_wk, stride_ctm, stride_ctr, stride_am, stride_ak,
     stride_dxm, stride_dxk,
-    p, inv_keep, seed,
+    p, inv_keep, seed_ptr,
     HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
@@ -302,7 +302,7 @@ def _scaled_lora_bwd_dx_kernel(
                     mask=(rr[:, None] < SR) & k_mask[None, :], other=0.0)
         acc = tl.dot(ct, a, acc, input_precision=DOT_PRECISION)
     if HAS_DROPOUT:
-        acc = acc * keep_scale(seed, rm, rk, K, p, inv_keep)
+        acc = acc * keep_scale(seed_ptr, rm, rk, K, p, inv_keep)
     for n0 in range(0, N, BLOCK_K):
         rn = n0 + tl.arange(0, BLOCK_K)
         dy = tl.load(dy_ptr + rm64[:, None] * stride_dym + rn[None, :] * stride_dyn,
@@ -345,7 +345,7 @@ def scaled_lora_fwd(
     lora_B: torch.Tensor,
     scale: torch.Tensor,
     dropout_p: float,
-    seed: int,
+    seed: torch.Tensor | int | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return ``(y (M, N), h (M, S*r))`` in x's dtype; x, weight, bias, lora_A, lora_B share dtype and device."""
     M, K, N, S, r = _check_shapes(x, weight, lora_A, lora_B, scale)
@@ -359,7 +359,7 @@ def scaled_lora_fwd(
         return triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(S * r, block_sr)
 
     _scaled_lora_h_kernel[h_grid](
-        x, lora_A, h, M, S * r, K, *x.stride(), *lora_A.stride(), *h.stride(), p, inv_keep, seed,
+        x, lora_A, h, M, S * r, K, *x.stride(), *lora_A.stride(), *h.stride(), p, inv_keep, seed_arg(seed, x),
         HAS_DROPOUT=has_dropout, DOT_PRECISION=precision, BLOCK_R=block_sr,
     )
 
@@ -383,7 +383,7 @@ def scaled_lora_bwd(
     scale: torch.Tensor,
     h: torch.Tensor,
     dropout_p: float,
-    seed: int,
+    seed: torch.Tensor | int | None,
     needs: tuple[bool, bool, bool, bool, bool, bool],
 ) -> tuple[torch.Tensor | None, ...]:
     """Gradients ``(dx, dweight, dbias, dA, dB, dscale)`` from grad_y (M, N) and the forward's h (M, S*r).
@@ -428,7 +428,8 @@ def scaled_lora_bwd(
         split = _split(tiles, M)
         part = torch.empty((split, S * r, K), dtype=torch.float32, device=x.device)
         _scaled_lora_bwd_da_kernel[(tiles, split)](
-            ct, x, part, M, S * r, K, split, *ct.stride(), *x.stride(), *part.stride(), p, inv_keep, seed,
+            ct, x, part, M, S * r, K, split, *ct.stride(), *x.stride(), *part.stride(), p, inv_keep,
+            seed_arg(seed, x),
             HAS_DROPOUT=has_dropout, DOT_PRECISION=precision, BLOCK_R=block_sr, BLOCK_K=block_k,
         )
         dA = part.sum(dim=0).to(x.dtype)
@@ -440,7 +441,8 @@ def scaled_lora_bwd(
 
         _scaled_lora_bwd_dx_kernel[dx_grid](
             grad_y, weight, ct, lora_A, dx, M, N, K, S * r,
-            *grad_y.stride(), *weight.stride(), *ct.stride(), *lora_A.stride(), *dx.stride(), p, inv_keep, seed,
+            *grad_y.stride(), *weight.stride(), *ct.stride(), *lora_A.stride(), *dx.stride(), p, inv_keep,
+            seed_arg(seed, x),
             HAS_DROPOUT=has_dropout, DOT_PRECISION=precision, BLOCK_R=_rank_block(S * r),
         )
     if need_dweight:

@@ -108,7 +108,7 @@ class FusedMetaAdapter(MetaPEFTModule):
 
     def _adapter(self, x, residual, down_weight, down_bias, up_weight, up_bias) -> torch.Tensor:
         dropout = self.dropout if self.training else 0.0
-        seed = draw_dropout_seed() if dropout > 0.0 else 0
+        seed = draw_dropout_seed(x.device) if dropout > 0.0 else None
         out, backend = adapter_call(x, residual, down_weight, down_bias, up_weight, up_bias, self.modulator,
                                     self.constraint, self.alpha, self.activation, dropout, seed, self.backend)
         if backend != self.last_backend:  # nn.Module.__setattr__ costs more than the comparison

@@ -11,9 +11,11 @@ from metapeft.ops.backends import validate_backend_name
 from metapeft.ops.checks import check_finite, transforms_active
 
 
-def draw_dropout_seed() -> int:
-    """A dropout seed from torch's global CPU generator (reproducible under ``torch.manual_seed``)."""
-    return int(torch.randint(0, 2**62, (), device="cpu"))
+def draw_dropout_seed(device: torch.device) -> torch.Tensor:
+    """A dropout seed, an int64 scalar tensor drawn on ``device`` from torch's generator there: no host sync,
+    reproducible under ``torch.manual_seed``, traced into a compiled graph (a fresh seed every compiled step) and
+    fresh on every replay of a captured CUDA graph."""
+    return torch.randint(0, 2**62, (), device=device)
 
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:

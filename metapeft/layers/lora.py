@@ -131,7 +131,7 @@ class FusedMetaLoRA(MetaPEFTModule):
 
     def _scaled_lora(self, x, weight, bias, lora_A, lora_B) -> torch.Tensor:
         dropout = self.dropout if self.training else 0.0
-        seed = draw_dropout_seed() if dropout > 0.0 else 0
+        seed = draw_dropout_seed(x.device) if dropout > 0.0 else None
         if len(self.active_segments) == self.segments:  # the op computes gamma * alpha / r itself
             scale_args = (self.modulator, self.constraint, self.alpha / self.rank)
         else:

@@ -30,7 +30,7 @@ from metapeft.ops.adapter_torch import (
 )
 from metapeft.ops.backends import OpImpl, op_impl, register_op, select_backend
 from metapeft.ops.checks import check_finite, check_floating, check_input, check_same, transforms_active
-from metapeft.ops.dropout import torch_dropout_factors
+from metapeft.ops.dropout import device_seed, torch_dropout_factors
 
 FAMILY = "adapter"
 
@@ -96,7 +96,7 @@ def adapter_fwd(
     scale: torch.Tensor,
     activation: str,
     dropout_p: float,
-    seed: int,
+    seed: torch.Tensor | None,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward on 2-D x; returns ``(out (M, D), z (M, b))``. ``z`` is saved for backward, not a user output."""
@@ -120,7 +120,7 @@ def adapter_bwd(
     z: torch.Tensor,
     activation: str,
     dropout_p: float,
-    seed: int,
+    seed: torch.Tensor | None,
     residual_is_x: bool,
     backend: str,
     needs: list[bool],
@@ -208,7 +208,7 @@ def adapter_call(
     factor: float,
     activation: str,
     dropout_p: float,
-    seed: int,
+    seed: torch.Tensor | None,
     backend: str,
 ) -> tuple[torch.Tensor, str]:
     """The dispatch point: check x and the residual, select the backend for ``backend``, run with
@@ -246,7 +246,7 @@ def adapter(
     scale: torch.Tensor,
     activation: str = "relu",
     dropout_p: float = 0.0,
-    seed: int = 0,
+    seed: torch.Tensor | int = 0,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Fused adapter: ``x (..., D) -> (..., D)``; see the module docstring for the math and shapes.
@@ -259,4 +259,4 @@ def adapter(
     check_adapter_params(down_weight, down_bias, up_weight, up_bias, scale, activation, dropout_p)
     check_finite(scale, "scale")
     return adapter_call(x, residual, down_weight, down_bias, up_weight, up_bias, scale, "none", 1.0, activation,
-                        float(dropout_p), int(seed), backend)[0]
+                        float(dropout_p), device_seed(seed, dropout_p, x), backend)[0]

@@ -2,9 +2,10 @@
 
 The C++ ops ``metapeft::scaled_lora_fwd_cuda`` / ``metapeft::scaled_lora_bwd_cuda`` take the same
 arguments as the torch backend (x (M, K), weight (N, K), bias (N,) or None, lora_A (S*r, K),
-lora_B (N, r), scale (S,), dropout_p, seed) and compute the same math: cuBLAS GEMMs plus two kernels
-of ours, the seeded dropout (a hash of seed and element index, never a stored mask) and the backward's
-fused rank-space pass (scaled T = c T and d scale = sum(T * h) in fp32, deterministic). Their fake
+lora_B (N, r), scale (S,), dropout_p, seed: an int64 scalar tensor on x's device, read by the kernel) and
+compute the same math: cuBLAS GEMMs plus two kernels of ours, the seeded dropout (a hash of seed and element
+index, never a stored mask) and the backward's fused rank-space pass (scaled T = c T and d scale = sum(T * h) in
+fp32, deterministic). Their fake
 kernels are registered here. The library also registers CPU kernels of the same ops (so CPU tests
 exercise its checks and host code); the backend itself runs only CUDA tensors.
 
@@ -29,6 +30,9 @@ else:
         from metapeft import _C  # noqa: F401  (loading the library registers the ops)
 
         EXTENSION_ERROR = None
+        if "Tensor? seed" not in str(torch.ops.metapeft.scaled_lora_fwd_cuda.default._schema):
+            EXTENSION_ERROR = ("metapeft._C was built from older csrc/ sources (its ops take the dropout seed as an "
+                               "int, not a device tensor); rebuild it (pip install --no-build-isolation -e .)")
     except ImportError as error:  # e.g. built against another torch: undefined symbols
         EXTENSION_ERROR = f"metapeft._C does not load ({error}); rebuild it against this torch"
 

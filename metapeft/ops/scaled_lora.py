@@ -32,7 +32,7 @@ import torch
 from metapeft.modulator import gamma_from_modulator, modulator_gradient
 from metapeft.ops.backends import OpImpl, op_impl, register_op, select_backend
 from metapeft.ops.checks import check_finite, check_floating, check_input, check_same, transforms_active
-from metapeft.ops.dropout import seeded_dropout, torch_dropout_factors
+from metapeft.ops.dropout import device_seed, seeded_dropout, torch_dropout_factors
 from metapeft.ops.scaled_lora_torch import scaled_lora_bwd_torch, scaled_lora_fwd_torch
 
 FAMILY = "scaled_lora"
@@ -87,7 +87,7 @@ def scaled_lora_fwd(
     lora_B: torch.Tensor,
     scale: torch.Tensor,
     dropout_p: float,
-    seed: int,
+    seed: torch.Tensor | None,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward on 2-D x; returns ``(y (M, N), h (M, S*r))``. ``h`` is saved for backward, not a user output."""
@@ -109,7 +109,7 @@ def scaled_lora_bwd(
     scale: torch.Tensor,
     h: torch.Tensor,
     dropout_p: float,
-    seed: int,
+    seed: torch.Tensor | None,
     backend: str,
     needs: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -193,7 +193,7 @@ def scaled_lora_call(
     constraint: str,
     factor: float,
     dropout_p: float,
-    seed: int,
+    seed: torch.Tensor | None,
     backend: str,
 ) -> tuple[torch.Tensor, str]:
     """The dispatch point: check x, select the backend for ``backend`` ("auto" or a name), run with
@@ -226,16 +226,17 @@ def scaled_lora(
     lora_B: torch.Tensor,
     scale: torch.Tensor,
     dropout_p: float = 0.0,
-    seed: int = 0,
+    seed: torch.Tensor | int = 0,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Scaled LoRA linear: ``x (..., K) -> y (..., N)``; see the module docstring for the math and shapes.
 
     ``scale`` (S,) is usually ``gamma * alpha / r``. ``backend`` is "auto" (by device, overridden by
-    ``METAPEFT_BACKEND``) or a backend name; an unavailable backend raises, it never falls back. Checks every
-    argument (``scale`` must be finite) on each call; layers check their parameters once instead.
+    ``METAPEFT_BACKEND``) or a backend name; an unavailable backend raises, it never falls back. ``seed``: an int or
+    an int64 scalar tensor (see :mod:`metapeft.ops.dropout`). Checks every argument (``scale`` must be finite) on
+    each call; layers check their parameters once instead.
     """
     check_scaled_lora_params(weight, bias, lora_A, lora_B, scale, dropout_p)
     check_finite(scale, "scale")
-    return scaled_lora_call(x, weight, bias, lora_A, lora_B, scale, "none", 1.0, float(dropout_p), int(seed),
-                            backend)[0]
+    return scaled_lora_call(x, weight, bias, lora_A, lora_B, scale, "none", 1.0, float(dropout_p),
+                            device_seed(seed, dropout_p, x), backend)[0]

@@ -106,13 +106,13 @@ def test_opcheck(kind, bias):
     for k in ("x", "residual", "down_weight", "up_weight", "scale"):
         if inputs[k] is not None:
             inputs[k].requires_grad_(True)
-    args = (*(inputs[k] for k in NAMES), "gelu", 0.25, 5, "torch")
+    args = (*(inputs[k] for k in NAMES), "gelu", 0.25, torch.tensor(5), "torch")
     torch.library.opcheck(torch.ops.metapeft.adapter_fwd.default, args)
     z = torch.ops.metapeft.adapter_fwd(*args)[1]
     detached = {k: None if v is None else v.detach() for k, v in inputs.items()}
     weights = (detached["down_weight"], detached["up_weight"], detached["up_bias"], detached["scale"])
-    bwd_args = (torch.randn(6, 10), detached["x"], *weights, z, "gelu", 0.25, 5, kind == "sequential", "torch",
-                [True, True, bias, True, bias, True])
+    bwd_args = (torch.randn(6, 10), detached["x"], *weights, z, "gelu", 0.25, torch.tensor(5), kind == "sequential",
+                "torch", [True, True, bias, True, bias, True])
     torch.library.opcheck(torch.ops.metapeft.adapter_bwd.default, bwd_args)
 
 
@@ -120,7 +120,7 @@ def test_op_never_reads_scale_on_host():
     _, inputs = make_inputs(8, 16, 4, dtype=torch.float32)
     leaves = [inputs[k].requires_grad_(True) for k in NAMES]
     with HostReadCounter() as counter:
-        out, _ = adapter_fwd(*leaves, "gelu", 0.0, 0, "torch")
+        out, _ = adapter_fwd(*leaves, "gelu", 0.0, None, "torch")
         out.sum().backward()
     assert counter.count == 0
 

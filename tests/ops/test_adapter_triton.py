@@ -121,7 +121,7 @@ def test_forward_kernel_drops_exactly_the_shared_mask_and_seed_reproduces():
     x = torch.rand(M, D) + 1.0
     eye, zeros = torch.eye(D), torch.zeros(D, D)
     # down = identity and relu on positive inputs: z = drop(x) exactly.
-    _, z = adapter_fwd(x, None, eye, None, zeros, None, torch.ones(1), "relu", p, seed, "triton")
+    _, z = adapter_fwd(x, None, eye, None, zeros, None, torch.ones(1), "relu", p, torch.tensor(seed), "triton")
     torch.testing.assert_close(z, x * dropout_mask(M, D, p, seed), rtol=1e-6, atol=0)
     _, inputs = make_inputs(40, 24, 4, dtype=torch.float32)
     args = tuple(inputs[k] for k in NAMES)
@@ -153,7 +153,7 @@ def test_opcheck():
     _, inputs = make_inputs(6, 20, 3, dtype=torch.float32)
     for k in ("x", "down_weight", "up_weight", "scale"):
         inputs[k].requires_grad_(True)
-    args = (*(inputs[k] for k in NAMES), "relu", 0.25, 5, "triton")
+    args = (*(inputs[k] for k in NAMES), "relu", 0.25, torch.tensor(5), "triton")
     # aot_dispatch (the slow one: it reruns the kernels under several tracers) is backend-independent and runs in
     # test_adapter.py; here the triton impl's outputs must match the fake kernels and the schema.
     utils = ("test_schema", "test_autograd_registration", "test_faketensor")
@@ -161,7 +161,8 @@ def test_opcheck():
     z = torch.ops.metapeft.adapter_fwd(*args)[1]
     detached = {k: None if v is None else v.detach() for k, v in inputs.items()}
     weights = (detached["down_weight"], detached["up_weight"], detached["up_bias"], detached["scale"])
-    bwd_args = (torch.randn(6, 20), detached["x"], *weights, z, "relu", 0.25, 5, False, "triton", [True] * 6)
+    bwd_args = (torch.randn(6, 20), detached["x"], *weights, z, "relu", 0.25, torch.tensor(5), False, "triton",
+                [True] * 6)
     torch.library.opcheck(torch.ops.metapeft.adapter_bwd.default, bwd_args, test_utils=utils)
 
 

@@ -81,12 +81,12 @@ def test_opcheck(segments, bias):
     _, inputs = make_inputs(6, 10, 12, 2, segments, dtype=torch.float32, bias=bias)
     for k in ("x", "lora_A", "lora_B", "scale"):
         inputs[k].requires_grad_(True)
-    args = (*inputs.values(), 0.25, 5, "torch")
+    args = (*inputs.values(), 0.25, torch.tensor(5), "torch")
     torch.library.opcheck(torch.ops.metapeft.scaled_lora_fwd.default, args)
     grad_y = torch.randn(6, 12)
     h = torch.ops.metapeft.scaled_lora_fwd(*args)[1]
     bwd_args = (grad_y, inputs["x"].detach(), inputs["weight"], inputs["lora_A"].detach(), inputs["lora_B"].detach(),
-                inputs["scale"].detach(), h, 0.25, 5, "torch", [True, False, bias, True, True, True])
+                inputs["scale"].detach(), h, 0.25, torch.tensor(5), "torch", [True, False, bias, True, True, True])
     torch.library.opcheck(torch.ops.metapeft.scaled_lora_bwd.default, bwd_args)
 
 
@@ -94,7 +94,7 @@ def test_op_never_reads_scale_on_host():
     _, inputs = make_inputs(8, 16, 18, 2, 3, dtype=torch.float32)
     leaves = [v.requires_grad_(True) for v in inputs.values()]
     with HostReadCounter() as counter:
-        y, _ = scaled_lora_fwd(*leaves, 0.0, 0, "torch")
+        y, _ = scaled_lora_fwd(*leaves, 0.0, None, "torch")
         y.sum().backward()
     assert counter.count == 0
 
@@ -146,7 +146,7 @@ class TestDropout:
         lora_A = torch.eye(K)  # h = drop(x) exactly
         weight, lora_B, scale = torch.zeros(K, K), torch.zeros(K, K), torch.ones(1)
         p = 0.3
-        _, h = scaled_lora_fwd(x, weight, None, lora_A, lora_B, scale, p, 99, "torch")
+        _, h = scaled_lora_fwd(x, weight, None, lora_A, lora_B, scale, p, torch.tensor(99), "torch")
         kept = h != 0
         n = kept.numel()
         sigma = (p * (1 - p) / n) ** 0.5

@@ -14,17 +14,18 @@ import torch
 
 from metapeft.build_info import arch_runs_on, build_info, main
 from metapeft.ops import available_backends, scaled_lora, select_backend
+from metapeft.ops.cuda_backend import EXTENSION_ERROR
 from metapeft.reference import scaled_lora_reference
 from tests.helpers.oracle import assert_2x_rule, non_contiguous
 from tests.helpers.scaled_lora import DTYPES, SHAPES, dropout_oracle, forward_backward, make_inputs, poison_allocator
 
-pytest.importorskip("metapeft._C", reason="metapeft._C is not built (no CUDA toolkit at install time)")
+pytestmark = pytest.mark.skipif(EXTENSION_ERROR is not None, reason=str(EXTENSION_ERROR))
 
 OPS = torch.ops.metapeft
 FWD_SCHEMA = ("metapeft::scaled_lora_fwd_cuda(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, "
-              "Tensor scale, float dropout_p, int seed) -> (Tensor, Tensor)")
+              "Tensor scale, float dropout_p, Tensor? seed) -> (Tensor, Tensor)")
 BWD_SCHEMA = ("metapeft::scaled_lora_bwd_cuda(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, "
-              "Tensor scale, Tensor h, float dropout_p, int seed, bool[6] needs) "
+              "Tensor scale, Tensor h, float dropout_p, Tensor? seed, bool[6] needs) "
               "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
 NAMES = ("x", "weight", "bias", "lora_A", "lora_B", "scale")
 GPU_SHAPES = [*SHAPES, (4099, 200, 768, 8, 3), (2048, 768, 2304, 64, 3)]  # > 32 reduction chunks; ViT-B qkv
@@ -35,6 +36,7 @@ class ExtensionOp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scale, dropout_p, seed):
+        seed = torch.tensor(seed, device=x.device)
         y, h = OPS.scaled_lora_fwd_cuda(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed)
         ctx.save_for_backward(x, weight, lora_A, lora_B, scale, h)
         ctx.dropout_p, ctx.seed, ctx.has_bias = dropout_p, seed, bias is not None
@@ -64,7 +66,8 @@ def public_op(dropout_p=0.0, seed=0):
 
 def keep_factors(M, K, p, seed, device):
     """The library's dropout factors (0 or 1/(1-p)) for an (M, K) input, in float64."""
-    return OPS.seeded_dropout_cuda(torch.ones(M, K, dtype=torch.float64, device=device), p, seed)
+    return OPS.seeded_dropout_cuda(torch.ones(M, K, dtype=torch.float64, device=device), p,
+                                   torch.tensor(seed, device=device))
 
 
 def check_against_oracle(op, shape, dtype, device, dropout_p=0.0, seed=0):
@@ -94,7 +97,7 @@ def test_extension_registers_the_op_schemas():
     assert str(OPS.scaled_lora_fwd_cuda.default._schema) == FWD_SCHEMA
     assert str(OPS.scaled_lora_bwd_cuda.default._schema) == BWD_SCHEMA
     assert str(OPS.seeded_dropout_cuda.default._schema) == (
-        "metapeft::seeded_dropout_cuda(Tensor x, float p, int seed) -> Tensor")
+        "metapeft::seeded_dropout_cuda(Tensor x, float p, Tensor seed) -> Tensor")
     for op in (OPS.scaled_lora_fwd_cuda, OPS.scaled_lora_bwd_cuda):
         for key in ("CPU", "CUDA"):
             assert torch._C._dispatch_has_kernel_for_dispatch_key(op.default.name(), key), (op, key)
@@ -122,14 +125,15 @@ def test_gradcheck_float64(segments, dropout):
 
 def test_dropout_mask_statistics_reproducibility_and_layout_independence():
     x = torch.randn(300, 257)
-    out = OPS.seeded_dropout_cuda(x, 0.25, 7)
+    seed7 = torch.tensor(7)
+    out = OPS.seeded_dropout_cuda(x, 0.25, seed7)
     kept = out != 0
     assert abs(kept.double().mean().item() - 0.75) < 4 * (0.75 * 0.25 / x.numel()) ** 0.5
     torch.testing.assert_close(out[kept], x[kept] / 0.75)
-    assert torch.equal(out, OPS.seeded_dropout_cuda(x, 0.25, 7))
-    assert not torch.equal(kept, OPS.seeded_dropout_cuda(x, 0.25, 8) != 0)
-    assert torch.equal(out, OPS.seeded_dropout_cuda(non_contiguous(x), 0.25, 7))
-    assert torch.equal(OPS.seeded_dropout_cuda(x, 0.0, 7), x)
+    assert torch.equal(out, OPS.seeded_dropout_cuda(x, 0.25, seed7))
+    assert not torch.equal(kept, OPS.seeded_dropout_cuda(x, 0.25, torch.tensor(8)) != 0)
+    assert torch.equal(out, OPS.seeded_dropout_cuda(non_contiguous(x), 0.25, seed7))
+    assert torch.equal(OPS.seeded_dropout_cuda(x, 0.0, seed7), x)
 
 
 def test_empty_batch():
@@ -145,8 +149,8 @@ def test_empty_batch():
                                    (False, True, True, False, False, False)], ids=["dx", "lora", "base"])
 def test_backward_returns_empty_tensors_for_unneeded_gradients(needs):
     _, inputs = make_inputs(7, 40, 201, 4, 3, dtype=torch.float32)
-    y, h = OPS.scaled_lora_fwd_cuda(*inputs.values(), 0.0, 0)
-    grads = OPS.scaled_lora_bwd_cuda(torch.randn_like(y), *(inputs[k] for k in NAMES if k != "bias"), h, 0.0, 0,
+    y, h = OPS.scaled_lora_fwd_cuda(*inputs.values(), 0.0, None)
+    grads = OPS.scaled_lora_bwd_cuda(torch.randn_like(y), *(inputs[k] for k in NAMES if k != "bias"), h, 0.0, None,
                                      list(needs))
     expected = {"x": (7, 40), "weight": (201, 40), "bias": (201,), "lora_A": (12, 40), "lora_B": (201, 4),
                 "scale": (3,)}
@@ -158,12 +162,12 @@ def test_backward_returns_empty_tensors_for_unneeded_gradients(needs):
 @pytest.mark.parametrize("segments", [1, 3])
 def test_opcheck(segments):
     _, inputs = make_inputs(7, 40, 48, 4, segments, dtype=torch.float32)
-    fwd_args = (*inputs.values(), 0.2, 5)
+    fwd_args = (*inputs.values(), 0.2, torch.tensor(5))
     torch.library.opcheck(OPS.scaled_lora_fwd_cuda.default, fwd_args)
     y, h = OPS.scaled_lora_fwd_cuda(*fwd_args)
-    bwd_args = (torch.randn_like(y), *(inputs[k] for k in NAMES if k != "bias"), h, 0.2, 5, [True] * 6)
+    bwd_args = (torch.randn_like(y), *(inputs[k] for k in NAMES if k != "bias"), h, 0.2, torch.tensor(5), [True] * 6)
     torch.library.opcheck(OPS.scaled_lora_bwd_cuda.default, bwd_args)
-    torch.library.opcheck(OPS.seeded_dropout_cuda.default, (inputs["x"], 0.2, 5))
+    torch.library.opcheck(OPS.seeded_dropout_cuda.default, (inputs["x"], 0.2, torch.tensor(5)))
 
 
 def _bad_fwd_inputs():
@@ -190,7 +194,7 @@ def test_forward_checks_name_the_bad_argument(overrides, dropout_p, message):
     _, inputs = make_inputs(7, 40, 48, 4, 3, dtype=torch.float32)
     inputs.update(overrides)
     with pytest.raises(RuntimeError) as info:
-        OPS.scaled_lora_fwd_cuda(*inputs.values(), dropout_p, 0)
+        OPS.scaled_lora_fwd_cuda(*inputs.values(), dropout_p, torch.tensor(0))
     assert message in str(info.value)
 
 
@@ -201,10 +205,10 @@ def test_forward_checks_name_the_bad_argument(overrides, dropout_p, message):
 ], ids=["grad_y_shape", "grad_y_dtype", "h_shape"])
 def test_backward_checks_name_the_bad_argument(field, bad, message):
     _, inputs = make_inputs(7, 40, 48, 4, 3, dtype=torch.float32)
-    y, h = OPS.scaled_lora_fwd_cuda(*inputs.values(), 0.0, 0)
+    y, h = OPS.scaled_lora_fwd_cuda(*inputs.values(), 0.0, None)
     args = {"grad_y": torch.randn_like(y), **{k: inputs[k] for k in NAMES if k != "bias"}, "h": h, field: bad}
     with pytest.raises(RuntimeError) as info:
-        OPS.scaled_lora_bwd_cuda(*args.values(), 0.0, 0, [True] * 6)
+        OPS.scaled_lora_bwd_cuda(*args.values(), 0.0, None, [True] * 6)
     assert message in str(info.value)
 
 
@@ -254,10 +258,11 @@ def test_cuda_dropout_matches_oracle_built_from_the_mask(dtype_name):
 @pytest.mark.gpu
 def test_cuda_and_cpu_kernels_draw_the_same_mask_and_reduce_deterministically():
     x = torch.randn(1001, 203)
-    assert torch.equal(OPS.seeded_dropout_cuda(x.cuda(), 0.3, 99).cpu(), OPS.seeded_dropout_cuda(x, 0.3, 99))
+    assert torch.equal(OPS.seeded_dropout_cuda(x.cuda(), 0.3, torch.tensor(99, device="cuda")).cpu(),
+                       OPS.seeded_dropout_cuda(x, 0.3, torch.tensor(99)))
     _, inputs = make_inputs(4099, 200, 768, 8, 3, dtype=torch.bfloat16, device="cuda")
-    y, h = OPS.scaled_lora_fwd_cuda(*inputs.values(), 0.0, 0)
-    args = (torch.randn_like(y), *(inputs[k] for k in NAMES if k != "bias"), h, 0.0, 0, [False] * 5 + [True])
+    y, h = OPS.scaled_lora_fwd_cuda(*inputs.values(), 0.0, None)
+    args = (torch.randn_like(y), *(inputs[k] for k in NAMES if k != "bias"), h, 0.0, None, [False] * 5 + [True])
     assert torch.equal(OPS.scaled_lora_bwd_cuda(*args)[5], OPS.scaled_lora_bwd_cuda(*args)[5])
 
 
@@ -280,5 +285,5 @@ def test_cuda_op_rejects_an_argument_on_another_device(field):
     _, inputs = make_inputs(7, 40, 48, 4, 3, dtype=torch.float32, device="cuda")
     inputs[field] = inputs[field].cpu()
     with pytest.raises(RuntimeError) as info:
-        OPS.scaled_lora_fwd_cuda(*inputs.values(), 0.0, 0)
+        OPS.scaled_lora_fwd_cuda(*inputs.values(), 0.0, None)
     assert f"{field} is on cpu but x is on cuda" in str(info.value)

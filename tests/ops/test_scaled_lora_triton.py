@@ -85,8 +85,8 @@ def test_dropout_mask_statistics_and_forward_agrees_with_the_mask_helper():
     assert not torch.equal(factors, dropout_mask(M, K, p, seed + 1, torch.device("cpu")))
     # With A = identity, h = drop(x): the forward kernel must drop exactly what the helper says.
     x = torch.rand(M, K) + 1.0
-    _, h = scaled_lora_fwd(x, torch.zeros(K, K), None, torch.eye(K), torch.zeros(K, K), torch.ones(1), p, seed,
-                           "triton")
+    _, h = scaled_lora_fwd(x, torch.zeros(K, K), None, torch.eye(K), torch.zeros(K, K), torch.ones(1), p,
+                           torch.tensor(seed), "triton")
     torch.testing.assert_close(h, x * factors, rtol=1e-6, atol=0)
 
 
@@ -126,13 +126,14 @@ def test_opcheck():
     _, inputs = make_inputs(6, 20, 24, 2, 3, dtype=torch.float32)
     for k in ("x", "lora_A", "lora_B", "scale"):
         inputs[k].requires_grad_(True)
-    args = (*inputs.values(), 0.25, 5, "triton")
+    args = (*inputs.values(), 0.25, torch.tensor(5), "triton")
     # aot_dispatch (compile) is checked on the GPU: torch.compile over the interpreter fails on fake tensors.
     utils = ("test_schema", "test_autograd_registration", "test_faketensor")
     torch.library.opcheck(torch.ops.metapeft.scaled_lora_fwd.default, args, test_utils=utils)
     h = torch.ops.metapeft.scaled_lora_fwd(*args)[1]
     bwd_args = (torch.randn(6, 24), inputs["x"].detach(), inputs["weight"], inputs["lora_A"].detach(),
-                inputs["lora_B"].detach(), inputs["scale"].detach(), h, 0.25, 5, "triton", [True, False, True] * 2)
+                inputs["lora_B"].detach(), inputs["scale"].detach(), h, 0.25, torch.tensor(5), "triton",
+                [True, False, True] * 2)
     torch.library.opcheck(torch.ops.metapeft.scaled_lora_bwd.default, bwd_args, test_utils=utils)
 
 
