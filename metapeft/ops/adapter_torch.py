@@ -65,17 +65,15 @@ def adapter_fwd_torch(
     seed: int,
     dropout_factors=torch_dropout_factors,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return ``(out (M, D), z (M, b))``: two GEMMs, the residual as the second one's accumulator.
+    """Return ``(out (M, D), z (M, b))``: two GEMMs (the up bias in the second), then ``residual + scale * up``.
 
-    Built from differentiable ops only, so it doubles as the forward-mode AD (jvp) path (with the
-    forward backend's ``dropout_factors``).
+    The one differentiable torch forward of the op: the torch backend's forward and, with another backend's
+    ``dropout_factors``, the path of double backward, forward-mode AD and ``torch.func`` transforms (every op
+    out of place).
     """
     z = adapter_recompute_z(x, down_weight, down_bias, dropout_p, seed, dropout_factors)
-    a = adapter_activation(z, activation)
-    out = torch.addmm(x if residual is None else residual, a * scale.to(a.dtype), up_weight.t())
-    if up_bias is not None:
-        out.add_(up_bias * scale.to(up_bias.dtype))
-    return out, z
+    up = F.linear(adapter_activation(z, activation), up_weight, up_bias)
+    return torch.addcmul(x if residual is None else residual, up, scale.to(up.dtype)), z
 
 
 def adapter_bwd_torch(

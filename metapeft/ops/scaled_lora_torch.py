@@ -41,8 +41,8 @@ def scaled_lora_fwd_torch(
     segment GEMMs writing into strided slices of y (the base GEMM dominates: K >> S*r).
     """
     segments, rank = scale.shape[0], lora_B.shape[1]
-    h = seeded_dropout(x, dropout_p, seed, dropout_factors) @ lora_A.t()
-    c = scale.to(h.dtype)
+    h = torch.nn.functional.linear(seeded_dropout(x, dropout_p, seed, dropout_factors), lora_A)
+    c = scale if scale.dtype == h.dtype else scale.to(h.dtype)
     if segments == 1:
         scaled_h, lora_B_full = h * c, lora_B
     else:
@@ -72,7 +72,7 @@ def scaled_lora_bwd_torch(
     """
     need_dx, need_dweight, need_dbias, need_dA, need_dB, need_dscale = needs
     segments = scale.shape[0]
-    c = scale.to(grad_y.dtype)
+    c = scale if scale.dtype == grad_y.dtype else scale.to(grad_y.dtype)
     if segments == 1:  # plain GEMMs: at small M the batched (S, M, r) views cost more host time than the math
         T = grad_y @ lora_B  # (M, r)
         scaled_T = T * c
@@ -82,10 +82,14 @@ def scaled_lora_bwd_torch(
         scaled_T = (T * c.view(segments, 1, 1)).transpose(0, 1).reshape(grad_y.shape[0], h.shape[1])  # (M, S*r)
 
     dx = dweight = dbias = dA = dB = dscale = None
-    if need_dscale:
+    if need_dscale and segments == 1 and T.dtype in (torch.float32, torch.float64):  # one dot, no (M, r) temp
+        dscale = torch.dot(T.reshape(-1), h.reshape(-1)).reshape(1)
+    elif need_dscale:  # fp16/bf16: the products and the sum in fp32
         accumulate = torch.promote_types(T.dtype, torch.float32)
         products = T.to(accumulate) * (h if segments == 1 else _segment_view(h, segments)).to(accumulate)
-        dscale = products.sum(dim=(-2, -1)).reshape(segments).to(scale.dtype)
+        dscale = products.sum(dim=(-2, -1)).reshape(segments)
+    if need_dscale and dscale.dtype != scale.dtype:
+        dscale = dscale.to(scale.dtype)
     if need_dB:
         if segments == 1:
             dB = grad_y.t() @ (h * c)
