@@ -222,14 +222,15 @@ def adapter_call(
         if residual.shape != x.shape:
             raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
     chosen = select_backend(backend, x, FAMILY)
-    if not (torch.compiler.is_compiling() or transforms_active()):
+    compiling = torch.compiler.is_compiling()
+    if not (compiling or transforms_active() or (chosen == "torch" and dropout_p == 0.0)):
         return _Adapter.apply(x, residual, down_weight, down_bias, up_weight, up_bias, modulator, constraint, factor,
                               activation, dropout_p, seed, chosen), chosen
     x2d = x.reshape(-1, x.shape[-1])
     residual2d = None if residual is None else residual.reshape(x2d.shape)
     scale = gamma_from_modulator(modulator, constraint) * factor
     args = (x2d, residual2d, down_weight, down_bias, up_weight, up_bias, scale, activation, dropout_p, seed)
-    if torch.compiler.is_compiling():
+    if compiling:
         out = adapter_fwd(*args, chosen)[0]
     else:
         out = adapter_fwd_torch(*args, op_impl(chosen, FAMILY).dropout)[0]

@@ -65,15 +65,18 @@ def adapter_fwd_torch(
     seed: int,
     dropout_factors=torch_dropout_factors,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return ``(out (M, D), z (M, b))``: two GEMMs (the up bias in the second), then ``residual + scale * up``.
+    """Return ``(out (M, D), z (M, b))``: two GEMMs, the scale applied in bottleneck space, then the residual.
 
     The one differentiable torch forward of the op: the torch backend's forward and, with another backend's
     ``dropout_factors``, the path of double backward, forward-mode AD and ``torch.func`` transforms (every op
-    out of place).
+    out of place). Scaling a (M, b) and the up bias rather than the (M, D) output means that autograd through
+    it keeps nothing of size M x D for d scale either.
     """
     z = adapter_recompute_z(x, down_weight, down_bias, dropout_p, seed, dropout_factors)
-    up = F.linear(adapter_activation(z, activation), up_weight, up_bias)
-    return torch.addcmul(x if residual is None else residual, up, scale.to(up.dtype)), z
+    a = adapter_activation(z, activation)
+    c = scale if scale.dtype == a.dtype else scale.to(a.dtype)
+    up = F.linear(a * c, up_weight, None if up_bias is None else up_bias * c)
+    return (x if residual is None else residual) + up, z
 
 
 def adapter_bwd_torch(

@@ -125,8 +125,9 @@ def test_op_never_reads_scale_on_host():
     assert counter.count == 0
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.5], ids=["p0", "p0.5"])  # autograd through the forward / the Function
 @pytest.mark.parametrize("kind", ["parallel", "sequential"])
-def test_only_x_and_small_tensors_saved_for_backward(kind):
+def test_only_x_and_small_tensors_saved_for_backward(kind, dropout):
     M, D, b = 64, 48, 8
     _, inputs = make_inputs(M, D, b, dtype=torch.float32, residual=kind == "parallel")
     for v in inputs.values():
@@ -134,7 +135,7 @@ def test_only_x_and_small_tensors_saved_for_backward(kind):
             v.requires_grad_(True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        adapter(*(inputs[k] for k in NAMES), dropout_p=0.5, seed=3, backend="torch")
+        adapter(*(inputs[k] for k in NAMES), dropout_p=dropout, seed=3, backend="torch")
     large = [t for t in saved if t.numel() >= M * D]
     assert any(t.shape == (M, b) for t in saved), "z was not saved"
     assert all(t.dtype != torch.bool for t in saved), "a dropout mask was saved"

@@ -99,14 +99,15 @@ def test_op_never_reads_scale_on_host():
     assert counter.count == 0
 
 
-def test_no_output_sized_tensor_or_mask_saved_for_backward():
+@pytest.mark.parametrize("dropout", [0.0, 0.5], ids=["p0", "p0.5"])  # autograd through the forward / the Function
+def test_no_output_sized_tensor_or_mask_saved_for_backward(dropout):
     M, K, N = 64, 32, 96
     _, inputs = make_inputs(M, K, N, 4, 3, dtype=torch.float32)
     for k in ("x", "lora_A", "lora_B", "scale"):
         inputs[k].requires_grad_(True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        scaled_lora(*inputs.values(), dropout_p=0.5, seed=3, backend="torch")
+        scaled_lora(*inputs.values(), dropout_p=dropout, seed=3, backend="torch")
     assert saved, "the op saved nothing, so this test checks nothing"
     assert all(t.dtype != torch.bool for t in saved), "a dropout mask was saved"
     assert all(t.numel() < M * N for t in saved), [tuple(t.shape) for t in saved]
