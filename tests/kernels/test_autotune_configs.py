@@ -3,12 +3,12 @@ against a float64 oracle (the 2x-error rule).
 
 The interpreter suites in ``tests/ops`` run one interpreter-sized tile per kernel; on a GPU the autotuner may pick
 any of the configs in the kernel's GPU list, and the launchers use GPU-sized fixed tiles (the scaled-LoRA
-``OUT_TILE``, the adapter's row blocks). Here a second, non-interpreted import of ``kernels/`` reads those GPU
-lists, and each test swaps one config into every interpreted kernel (pass ``i`` gives each kernel its ``i``-th
-distinct config, its last one when it has fewer; ``num_warps`` / ``num_stages`` mean nothing to the interpreter, so
-configs differing only there count once), with the GPU's fixed tiles. Shapes have a tail in every tiled dimension
-(M = 289 also makes the split reductions over M use two slices), ranks and bottlenecks 1/8/16/64 (and a 100-wide
-bottleneck, whose 128-wide tile takes the adapter's 32-row blocks), S = 1/3, dropout on and off, fp32.
+``OUT_TILE``, the dropout-mask tile, the adapter's row blocks). Here a second, non-interpreted import of ``kernels/``
+reads those GPU lists, and each test swaps one config into every interpreted kernel (pass ``i`` gives each kernel its
+``i``-th distinct config, its last one when it has fewer; ``num_warps`` / ``num_stages`` mean nothing to the
+interpreter, so configs differing only there count once), with the GPU's fixed tiles. Shapes have a tail in every
+tiled dimension (M = 289 also makes the split reductions over M use two slices), ranks and bottlenecks 1/8/16/64 (and
+a 100-wide bottleneck, whose 128-wide tile takes the adapter's 32-row blocks), S = 1/3, dropout on and off, fp32.
 
 Slow (241 s on 2 cores shared with other jobs at load average 8):
 ``python -m pytest -m slow tests/kernels/test_autotune_configs.py`` runs the interpreter-marked tests below in a
@@ -90,17 +90,18 @@ def gpu_tiling(package, pass_index: int):
     gpu_view = _import_package("kernels_gpu_view", interpret=False)
     kernels = _autotuned(package)
     saved = {name: kernel.configs for name, kernel in kernels.items()}
-    saved_tiles = (package.scaled_lora.OUT_TILE, package.adapter.INTERPRET)
+    saved_tiles = (package.scaled_lora.OUT_TILE, package.common.MASK_TILE, package.adapter.INTERPRET)
     try:
         for name, configs in distinct_gpu_configs().items():
             kernels[name].configs = [configs[min(pass_index, len(configs) - 1)]]
         package.scaled_lora.OUT_TILE = gpu_view.scaled_lora.OUT_TILE
+        package.common.MASK_TILE = gpu_view.common.MASK_TILE
         package.adapter.INTERPRET = False  # adapter row blocks: the GPU's 64 / 32 rows instead of 128
         yield
     finally:
         for name, kernel in kernels.items():
             kernel.configs = saved[name]
-        package.scaled_lora.OUT_TILE, package.adapter.INTERPRET = saved_tiles
+        package.scaled_lora.OUT_TILE, package.common.MASK_TILE, package.adapter.INTERPRET = saved_tiles
 
 
 def test_every_gpu_config_under_the_interpreter():
@@ -154,7 +155,7 @@ def test_scaled_lora_kernels(pass_index, rank, segments, dropout_p):
     grad_y = torch.randn(M, N, generator=g)
     seed = 2**40 + 17
     with gpu_tiling(package, pass_index):
-        factors = ops.scaled_lora_dropout_mask(M, K, dropout_p, seed, torch.device("cpu")) if dropout_p else None
+        factors = package.common.dropout_mask(M, K, dropout_p, seed, torch.device("cpu")) if dropout_p else None
         x = non_contiguous(inputs["x"])
         y, h = ops.scaled_lora_fwd(x, inputs["weight"], inputs["bias"], inputs["lora_A"], inputs["lora_B"],
                                    inputs["scale"], dropout_p, seed)
@@ -195,8 +196,7 @@ def test_adapter_kernels(pass_index, bottleneck, kind, activation, dropout_p):
     seed = 2**40 + 17
     weights = [inputs[k] for k in ("down_weight", "down_bias", "up_weight", "up_bias")]
     with gpu_tiling(package, pass_index):
-        factors = package.scaled_lora.scaled_lora_dropout_mask(M, D, dropout_p, seed, torch.device("cpu")) \
-            if dropout_p else None
+        factors = package.common.dropout_mask(M, D, dropout_p, seed, torch.device("cpu")) if dropout_p else None
         x = non_contiguous(inputs["x"])
         out, z = ops.adapter_fwd(x, inputs["residual"], *weights, inputs["scale"], activation, dropout_p, seed)
         grads = ops.adapter_bwd(non_contiguous(grad_out), x, inputs["down_weight"], inputs["up_weight"],
