@@ -24,7 +24,7 @@ pytest.importorskip("triton")
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 interpreted = pytest.mark.interpreter
 
-# (M, K, N, r, S): the odd sizes, M in {1, 7, 97, 1000}, K, N in {40, 200, 768}, r in {1, 8, 64}, S in {1, 3}.
+# (M, K, N, r, S): odd sizes, M in {1, 7, 97, 1000}, K, N in {40, 200, 768}, r in {1, 8, 64}, S in {1, 3}.
 SHAPES = [
     (1, 40, 40, 1, 1),
     (7, 200, 768, 8, 3),
