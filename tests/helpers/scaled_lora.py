@@ -83,30 +83,31 @@ def dropout_oracle(factors: torch.Tensor):
     return run
 
 
-def check_against_oracle(shape, dtype, bias, dropout_p=0.0, seed=0, device="cpu"):
-    """Forward and every gradient of the triton op vs float64 by the 2x rule (non-contiguous x and dY).
+def check_against_oracle(shape, dtype, bias=True, dropout_p=0.0, seed=0, device="cpu", op=triton_op,
+                         mask=dropout_mask):
+    """Forward and every gradient of ``op(dropout_p, seed)`` vs float64 by the 2x rule (non-contiguous x and dY,
+    poisoned memory); ``mask(M, K, p, seed, device)`` gives the dropout factors that backend applies to x.
 
-    The oracle runs on the ``dtype``-rounded inputs, so only the computation's own error is compared.
+    The oracle runs on the ``dtype``-rounded inputs, so only the computation's own error is compared. d scale is a
+    sum over h, which is saved in x's dtype: its error floor is that dtype's, not scale's fp32.
     """
     M, K, N, _, _ = shape
     _, inputs = make_inputs(*shape, dtype=dtype, bias=bias, device=device)
     inputs64 = {k: None if v is None else v.double() for k, v in inputs.items()}
     grad64 = torch.randn(M, N, dtype=torch.float64, device=device)
     if dropout_p > 0.0:
-        factors = dropout_mask(M, K, dropout_p, seed, device).double()
+        factors = mask(M, K, dropout_p, seed, device).double()
         oracle, baseline = dropout_oracle(factors), dropout_oracle(factors.to(dtype))
     else:
         oracle = baseline = scaled_lora_reference
     poison_allocator(M * max(N, K) * 2, dtype, device)
-    y_fast, g_fast = forward_backward(triton_op(dropout_p, seed), inputs, non_contiguous(grad64.to(dtype)),
+    y_fast, g_fast = forward_backward(op(dropout_p, seed), inputs, non_contiguous(grad64.to(dtype)),
                                       x_transform=non_contiguous)
     y_base, g_base = forward_backward(baseline, inputs, grad64.to(dtype))
     y_ref, g_ref = forward_backward(oracle, inputs64, grad64)
     assert y_fast.dtype == dtype
     assert_2x_rule("y", y_fast, y_base, y_ref)
     assert set(g_fast) == set(g_ref)
-    # d scale is a sum over h, which is saved in x's dtype: its error floor is that dtype's, not scale's fp32.
-    g_base["scale"] = g_base["scale"].to(dtype)
     for name in g_ref:
         assert g_fast[name].dtype == inputs[name].dtype, name
-        assert_2x_rule(f"d{name}", g_fast[name], g_base[name], g_ref[name])
+        assert_2x_rule(f"d{name}", g_fast[name], g_base[name], g_ref[name], floor_dtype=dtype)

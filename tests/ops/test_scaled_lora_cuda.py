@@ -15,9 +15,8 @@ import torch
 from metapeft.build_info import arch_runs_on, build_info, main
 from metapeft.ops import available_backends, scaled_lora, select_backend
 from metapeft.ops.cuda_backend import EXTENSION_ERROR
-from metapeft.reference import scaled_lora_reference
-from tests.helpers.oracle import assert_2x_rule, non_contiguous
-from tests.helpers.scaled_lora import DTYPES, SHAPES, dropout_oracle, forward_backward, make_inputs, poison_allocator
+from tests.helpers.oracle import non_contiguous
+from tests.helpers.scaled_lora import DTYPES, SHAPES, check_against_oracle, make_inputs
 
 pytestmark = pytest.mark.skipif(EXTENSION_ERROR is not None, reason=str(EXTENSION_ERROR))
 
@@ -70,29 +69,6 @@ def keep_factors(M, K, p, seed, device):
                                    torch.tensor(seed, device=device))
 
 
-def check_against_oracle(op, shape, dtype, device, dropout_p=0.0, seed=0):
-    """Forward and every gradient of ``op`` vs float64 by the 2x rule (non-contiguous x and dY, poisoned memory)."""
-    M, K, N, _, _ = shape
-    inputs64, inputs = make_inputs(*shape, dtype=dtype, device=device)
-    grad64 = torch.randn(M, N, dtype=torch.float64, device=device)
-    if dropout_p > 0.0:
-        factors = keep_factors(M, K, dropout_p, seed, device)
-        oracle, baseline = dropout_oracle(factors), dropout_oracle(factors.to(dtype))
-    else:
-        oracle = baseline = scaled_lora_reference
-    poison_allocator(M * max(N, K) * 2, dtype)
-    y_fast, g_fast = forward_backward(op(dropout_p, seed), inputs, non_contiguous(grad64.to(dtype)),
-                                      x_transform=non_contiguous)
-    y_base, g_base = forward_backward(baseline, inputs, grad64.to(dtype))
-    y_ref, g_ref = forward_backward(oracle, inputs64, grad64)
-    assert y_fast.dtype == dtype
-    assert_2x_rule("y", y_fast, y_base, y_ref)
-    assert set(g_fast) == set(g_ref)
-    for name in g_ref:
-        assert g_fast[name].dtype == inputs[name].dtype, name
-        assert_2x_rule(f"d{name}", g_fast[name], g_base[name], g_ref[name])
-
-
 def test_extension_registers_the_op_schemas():
     assert str(OPS.scaled_lora_fwd_cuda.default._schema) == FWD_SCHEMA
     assert str(OPS.scaled_lora_bwd_cuda.default._schema) == BWD_SCHEMA
@@ -106,13 +82,13 @@ def test_extension_registers_the_op_schemas():
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "M{}_K{}_N{}_r{}_S{}".format(*s))
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 def test_cpu_kernels_match_float64_oracle_by_2x_rule(shape, dtype_name):
-    check_against_oracle(extension_op, shape, DTYPES[dtype_name], "cpu")
+    check_against_oracle(shape, DTYPES[dtype_name], op=extension_op, mask=keep_factors)
 
 
 @pytest.mark.parametrize("dtype_name", ["f64", "f32", "bf16"])
 def test_cpu_dropout_matches_oracle_built_from_the_mask(dtype_name):
     dtype = {"f64": torch.float64, **DTYPES}[dtype_name]
-    check_against_oracle(extension_op, (97, 200, 120, 8, 3), dtype, "cpu", dropout_p=0.3, seed=123)
+    check_against_oracle((97, 200, 120, 8, 3), dtype, dropout_p=0.3, seed=123, op=extension_op, mask=keep_factors)
 
 
 @pytest.mark.parametrize("segments", [1, 3])
@@ -222,7 +198,6 @@ def test_backend_reports_why_it_cannot_run_here():
     assert select_backend("auto", x) != "cuda"
 
 
-
 def test_build_info_reports_the_extension_and_backends(capsys):
     info = build_info()
     ext = info["extension"]
@@ -246,13 +221,14 @@ def test_arch_coverage(arch, capability, runs):
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "M{}_K{}_N{}_r{}_S{}".format(*s))
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 def test_cuda_backend_matches_float64_oracle_by_2x_rule(shape, dtype_name):
-    check_against_oracle(public_op, shape, DTYPES[dtype_name], "cuda")
+    check_against_oracle(shape, DTYPES[dtype_name], device="cuda", op=public_op, mask=keep_factors)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 def test_cuda_dropout_matches_oracle_built_from_the_mask(dtype_name):
-    check_against_oracle(public_op, (1000, 200, 768, 16, 3), DTYPES[dtype_name], "cuda", dropout_p=0.1, seed=3)
+    check_against_oracle((1000, 200, 768, 16, 3), DTYPES[dtype_name], dropout_p=0.1, seed=3, device="cuda",
+                         op=public_op, mask=keep_factors)
 
 
 @pytest.mark.gpu
