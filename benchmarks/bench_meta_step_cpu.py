@@ -1,5 +1,6 @@
-"""CPU benchmark of one meta step on a ViT-S/16-shaped model: metapeft's hypergradient modes against a plain
-training step and a naive exact hypergradient (``torch.func`` double differentiation over plain PyTorch LoRA).
+"""CPU benchmark of one meta step on ViT-S/16: metapeft's hypergradient modes vs a plain step and naive torch.func.
+
+The naive exact hypergradient is ``torch.func`` double differentiation over plain PyTorch LoRA.
 
 Run: ``python benchmarks/bench_meta_step_cpu.py --threads 1`` (``--quick``: a tiny ViT, a smoke run, nothing
 recorded). Model: timm ``vit_small_patch16_224`` (pretrained=False, 12 blocks, dim 384, 197 tokens), fp32,
