@@ -226,14 +226,17 @@ def adapter_call(
     if not (compiling or transforms_active() or (chosen == "torch" and dropout_p == 0.0)):
         return _Adapter.apply(x, residual, down_weight, down_bias, up_weight, up_bias, modulator, constraint, factor,
                               activation, dropout_p, seed, chosen), chosen
+    gamma = gamma_from_modulator(modulator, constraint)
+    weights = (down_weight, down_bias, up_weight, up_bias)
+    if not (compiling or dropout_p > 0.0):  # no op and no mask: the torch forward runs on (..., D) as it is
+        return adapter_fwd_torch(x, residual, *weights, gamma, activation, dropout_p, seed, factor=factor)[0], chosen
     x2d = x.reshape(-1, x.shape[-1])
     residual2d = None if residual is None else residual.reshape(x2d.shape)
-    scale = gamma_from_modulator(modulator, constraint) * factor
-    args = (x2d, residual2d, down_weight, down_bias, up_weight, up_bias, scale, activation, dropout_p, seed)
     if compiling:
-        out = adapter_fwd(*args, chosen)[0]
+        out = adapter_fwd(x2d, residual2d, *weights, gamma * factor, activation, dropout_p, seed, chosen)[0]
     else:
-        out = adapter_fwd_torch(*args, op_impl(chosen, FAMILY).dropout)[0]
+        out = adapter_fwd_torch(x2d, residual2d, *weights, gamma, activation, dropout_p, seed,
+                                op_impl(chosen, FAMILY).dropout, factor)[0]
     return out.view(x.shape), chosen
 
 

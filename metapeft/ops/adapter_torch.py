@@ -64,8 +64,11 @@ def adapter_fwd_torch(
     dropout_p: float,
     seed: int,
     dropout_factors=torch_dropout_factors,
+    factor: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return ``(out (M, D), z (M, b))``: two GEMMs, the scale applied in bottleneck space, then the residual.
+    """Return ``(out (M, D), z (M, b))`` for the scale ``factor * scale``: two GEMMs, ``scale`` applied in bottleneck
+    space, then the residual added with ``alpha=factor`` (a Python float such as the adapter's alpha: no autograd
+    node of its own). Without dropout x and the residual may also be (..., D), giving (..., D) and (..., b).
 
     The one differentiable torch forward of the op: the torch backend's forward and, with another backend's
     ``dropout_factors``, the path of double backward, forward-mode AD and ``torch.func`` transforms (every op
@@ -76,7 +79,7 @@ def adapter_fwd_torch(
     a = adapter_activation(z, activation)
     c = scale if scale.dtype == a.dtype else scale.to(a.dtype)
     up = F.linear(a * c, up_weight, None if up_bias is None else up_bias * c)
-    return (x if residual is None else residual) + up, z
+    return torch.add(x if residual is None else residual, up, alpha=factor), z
 
 
 def adapter_bwd_torch(

@@ -213,13 +213,13 @@ def scaled_lora_call(
     if not (compiling or transforms_active() or (chosen == "torch" and dropout_p == 0.0)):
         return _ScaledLoRA.apply(x, weight, bias, lora_A, lora_B, modulator, constraint, factor, dropout_p, seed,
                                  chosen), chosen
-    scale = gamma_from_modulator(modulator, constraint) * factor
+    gamma = gamma_from_modulator(modulator, constraint)
     x2d = x.reshape(-1, x.shape[-1])
     if compiling:
-        y = scaled_lora_fwd(x2d, weight, bias, lora_A, lora_B, scale, dropout_p, seed, chosen)[0]
+        y = scaled_lora_fwd(x2d, weight, bias, lora_A, lora_B, gamma * factor, dropout_p, seed, chosen)[0]
     else:
-        y = scaled_lora_fwd_torch(x2d, weight, bias, lora_A, lora_B, scale, dropout_p, seed,
-                                  op_impl(chosen, FAMILY).dropout)[0]
+        y = scaled_lora_fwd_torch(x2d, weight, bias, lora_A, lora_B, gamma, dropout_p, seed,
+                                  op_impl(chosen, FAMILY).dropout, factor)[0]
     return y.view(*x.shape[:-1], weight.shape[0]), chosen
 
 

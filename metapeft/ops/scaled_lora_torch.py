@@ -31,8 +31,11 @@ def scaled_lora_fwd_torch(
     dropout_p: float,
     seed: int,
     dropout_factors=torch_dropout_factors,
+    factor: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return ``(y (M, N), h (M, S*r))``: the base GEMM, then one rank-space GEMM accumulated onto it.
+    """Return ``(y (M, N), h (M, S*r))`` for the scale ``factor * scale``: the base GEMM, then one rank-space GEMM
+    accumulated onto it (``factor``, a Python float such as alpha / r, rides on that GEMM's ``alpha``: no
+    autograd node of its own).
 
     The one differentiable torch forward of the op: the torch backend's forward and, with another backend's
     ``dropout_factors``, the path of double backward, forward-mode AD and ``torch.func`` transforms. Every op is
@@ -46,9 +49,9 @@ def scaled_lora_fwd_torch(
     if segments == 1:
         scaled_h, lora_B_full = h * c, lora_B
     else:
-        scaled_h = h * c.repeat_interleave(rank)
+        scaled_h = (h.unflatten(1, (segments, rank)) * c.unsqueeze(1)).flatten(1)
         lora_B_full = torch.block_diag(*lora_B.chunk(segments))
-    return torch.addmm(torch.nn.functional.linear(x, weight, bias), scaled_h, lora_B_full.t()), h
+    return torch.addmm(torch.nn.functional.linear(x, weight, bias), scaled_h, lora_B_full.t(), alpha=factor), h
 
 
 def scaled_lora_bwd_torch(
