@@ -10,7 +10,8 @@ Run from a source checkout: ``python benchmarks/gpu_check.py`` (``--quick``: the
 Then ``benchmarks/results/gpu_check.{json,md}`` get a summary line (pass/fail counts, headline ratios) and
 ``cuda_default_backend``: of the fused scaled-LoRA backends (``torch``, ``triton``, ``cuda``) that the benchmark
 timed and whose gpu tests all passed, the one with the lowest geometric-mean fwd+bwd time over every benchmarked
-case. :func:`recorded_cuda_default_backend` reads it back.
+case. The same choice goes to ``metapeft/ops/gpu_default.json``, shipped with the package, from which "auto" picks
+the CUDA default (:func:`metapeft.ops.backends.recorded_cuda_default_backend`).
 
 Without a CUDA device the check records nothing, says why and exits 0 (a CPU machine is a normal place to run the
 suite, not a failure).
@@ -36,15 +37,8 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.harness import RESULTS_DIR, environment, markdown_table, write_atomically  # noqa: E402
 
 FUSED_BACKENDS = ("torch", "triton", "cuda")
+GPU_DEFAULT_FILE = ROOT / "metapeft" / "ops" / "gpu_default.json"  # read by metapeft.ops.backends.auto_order
 LARGE_M = 4096  # the headline ratios average over M >= 4096, where the kernels, not launches, decide
-
-
-def recorded_cuda_default_backend(path: Path = RESULTS_DIR / "gpu_check.json") -> str | None:
-    """The scaled-LoRA backend the last recorded GPU check chose for CUDA tensors, or None when no check is
-    recorded (or it chose none)."""
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text()).get("cuda_default_backend")
 
 
 def no_gpu_reason() -> str | None:
@@ -158,6 +152,10 @@ def main() -> None:
               "gpu_tests": counts, "failed_tests": failed, "headline_ratios": ratios, "steps": steps}
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     write_atomically(RESULTS_DIR / "gpu_check.json", json.dumps(record, indent=1) + "\n")
+    provenance = {k: record[k] for k in ("device", "torch", "triton", "git_sha", "timestamp")}
+    write_atomically(GPU_DEFAULT_FILE, json.dumps({"cuda_default_backend": choice, "reason": choice_reason,
+                                                   "source": "benchmarks/results/gpu_check.json", **provenance},
+                                                  indent=1) + "\n")
     step_rows = [{"step": s["step"], "status": s["status"], "seconds": s["seconds"]} for s in steps]
     ratio_rows = [{"backend": b, **r} for b, r in ratios.items()]
     write_atomically(RESULTS_DIR / "gpu_check.md", "\n\n".join([

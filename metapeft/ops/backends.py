@@ -14,14 +14,18 @@ the registry. :func:`refresh_backends` drops every cached answer and re-reads av
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 BACKEND_ENV = "METAPEFT_BACKEND"
 BACKEND_NAMES = ("cuda", "triton", "torch")  # the order in which "auto" tries them
+# Written by benchmarks/gpu_check.py on a GPU: the backend that passed every gpu test and timed fastest there.
+GPU_DEFAULT_FILE = Path(__file__).with_name("gpu_default.json")
 FAMILIES = ("scaled_lora", "adapter")
 
 
@@ -75,6 +79,7 @@ _REGISTRY: dict[str, Backend] = {}
 _AVAILABILITY: dict[str, str | None] = {}
 _SELECTIONS: dict[tuple, str | RuntimeError] = {}
 _ENV_REQUEST: list[str] = []  # the "auto" override read from METAPEFT_BACKEND, one entry once read
+_GPU_DEFAULT: list[str | None] = []  # the recorded CUDA default, one entry once read
 
 
 def register_backend(backend: Backend) -> None:
@@ -110,6 +115,28 @@ def refresh_backends() -> None:
     _AVAILABILITY.clear()
     _SELECTIONS.clear()
     _ENV_REQUEST.clear()
+    _GPU_DEFAULT.clear()
+
+
+def recorded_cuda_default_backend(path: Path | None = None) -> str | None:
+    """The backend a recorded GPU check chose for CUDA tensors (``cuda_default_backend`` in ``path``, default
+    ``GPU_DEFAULT_FILE``), or None when none is recorded; a name that is not a backend is an error naming the file."""
+    path = GPU_DEFAULT_FILE if path is None else path
+    if not path.is_file():
+        return None
+    name = json.loads(path.read_text()).get("cuda_default_backend")
+    if name is not None and name not in BACKEND_NAMES:
+        raise ValueError(f"{path}: cuda_default_backend must be one of {BACKEND_NAMES} or null, got {name!r}")
+    return name
+
+
+def auto_order(device_type: str) -> tuple[str, ...]:
+    """The order in which "auto" tries the backends for tensors on ``device_type``: on CUDA the recorded GPU
+    default first (:func:`recorded_cuda_default_backend`, read once per process), otherwise ``BACKEND_NAMES``."""
+    if not _GPU_DEFAULT:
+        _GPU_DEFAULT.append(recorded_cuda_default_backend())
+    preferred = _GPU_DEFAULT[0] if device_type == "cuda" else None
+    return BACKEND_NAMES if preferred is None else (preferred, *(n for n in BACKEND_NAMES if n != preferred))
 
 
 def available_backends() -> dict[str, str | None]:
@@ -143,12 +170,14 @@ def _resolve(requested: str, family: str, x: torch.Tensor) -> str | RuntimeError
             return RuntimeError(f"backend {requested!r} cannot run this input ({family}): " + "; ".join(reasons))
         return requested
     all_reasons = {}
-    for name in BACKEND_NAMES:
+    order = auto_order(x.device.type)
+    for name in order:
         if name not in _REGISTRY:
             continue
         backend = _REGISTRY[name]
         reasons = backend.not_supported_reasons(x, family)
-        if backend.auto_device_types is not None and x.device.type not in backend.auto_device_types:
+        recorded = order is not BACKEND_NAMES and name == order[0]  # a GPU check chose it for this device
+        if backend.auto_device_types is not None and x.device.type not in backend.auto_device_types and not recorded:
             reasons.append(f"'auto' picks it only for {'/'.join(backend.auto_device_types) or 'no'} tensors")
         if not reasons:
             return name

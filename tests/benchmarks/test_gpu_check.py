@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import subprocess
@@ -57,10 +56,3 @@ def test_the_fastest_backend_with_passing_tests_becomes_the_default():
     failed = ["tests.gpu.test_scaled_lora_triton_gpu::test_large"]
     assert gpu_check.headline(rows(times, [256, 8192]), failed)[1] == "cuda"
     assert gpu_check.headline(rows({"triton": [1.0]}, [256]), failed)[1] is None
-
-
-def test_the_recorded_choice_reads_back(tmp_path):
-    path = tmp_path / "gpu_check.json"
-    assert gpu_check.recorded_cuda_default_backend(path) is None
-    path.write_text(json.dumps({"cuda_default_backend": "cuda", "summary": "..."}))
-    assert gpu_check.recorded_cuda_default_backend(path) == "cuda"
