@@ -229,8 +229,9 @@ class MetaPEFTTrainer:
         """Ask :meth:`fit` to stop at the next step boundary, writing a resumable checkpoint (with ``output_dir``).
 
         Safe from any thread and from a signal handler: it only sets a flag, which the training thread reads
-        between steps (in a process group, every rank stops at the same step once any rank was asked). The request
-        is consumed when ``fit`` returns; one made before ``fit`` stops it before its first step."""
+        between steps (in a process group every rank stops at the same step: the next ``log_every`` boundary after
+        any rank was asked). The request is consumed when ``fit`` returns; one made before ``fit`` stops it before its
+        first step."""
         self._stop_requested = True
 
     @property
@@ -279,6 +280,10 @@ class MetaPEFTTrainer:
             self.files.truncate_log(0)
 
     def _stop_now(self) -> bool:
+        """Whether to stop before the next step. Several ranks agree (one tiny all-reduce and a host read) only at
+        log boundaries, where the trainer reads the step's values anyway, so a step costs no extra device sync."""
+        if self.world_size > 1 and self.global_step % self.config.log_every != 0:
+            return False
         return any_rank(self._stop_requested, self.device, self.world_size)
 
     def _end(self, result: dict) -> dict:

@@ -158,14 +158,17 @@ def test_a_stop_request_ends_at_a_step_boundary_and_resumes_exactly(tmp_path, ho
     assert (tmp_path / "stopped" / "metrics.jsonl").read_text() == (tmp_path / "straight" / "metrics.jsonl").read_text()
 
 
-def stop_on_rank_1_worker(rank: int, world_size: int, output_dir: str) -> None:
+def stop_on_rank_1_worker(rank: int, world_size: int, output_dir: str, log_every: int) -> None:
     recorder = Recorder(on_step={2: MetaPEFTTrainer.request_stop} if rank == 1 else {})
-    result = make_trainer(output_dir, [recorder]).fit()
+    result = make_trainer(output_dir, [recorder], log_every=log_every).fit()
     (Path(output_dir) / f"result{rank}.json").write_text(json.dumps(result))
 
 
-def test_a_stop_requested_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
-    run_gloo(stop_on_rank_1_worker, 2, str(tmp_path))  # a rank that did not stop would hang the other: timeout
+@pytest.mark.parametrize(("log_every", "stop_step", "epoch"), [(1, 2, 0), (3, 3, 1)],
+                         ids=["log_every_1", "log_every_3"])
+def test_a_stop_requested_on_one_rank_stops_every_rank_at_the_same_step(tmp_path, log_every, stop_step, epoch):
+    """Ranks agree at log boundaries (no per-step sync): a stop asked on rank 1 after step 2 ends both at the next."""
+    run_gloo(stop_on_rank_1_worker, 2, str(tmp_path), log_every)  # a rank that did not stop would hang the other
     results = [json.loads((tmp_path / f"result{rank}.json").read_text()) for rank in range(2)]
-    assert results == [{"global_step": 2, "epoch": 0, "stopped": True}] * 2
-    assert load_checkpoint(tmp_path / "checkpoint.pt")["position"]["global_step"] == 2
+    assert results == [{"global_step": stop_step, "epoch": epoch, "stopped": True}] * 2  # 3 steps per epoch
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["position"]["global_step"] == stop_step
