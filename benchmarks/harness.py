@@ -157,7 +157,9 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def write_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to a sibling temporary file, then rename it over ``path`` (no half-written results)."""
+    """Write ``text`` to a sibling temporary file, then rename it over ``path`` (no half-written results). Not
+    :func:`metapeft.report.write_text`: ``gpu_check.py`` writes results before and after rebuilding ``metapeft._C``
+    and must not import the package (which loads the extension) into its own process."""
     partial = path.with_name(path.name + ".partial")
     partial.write_text(text)
     os.replace(partial, path)

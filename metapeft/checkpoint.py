@@ -101,7 +101,7 @@ def _temporary_name(path: Path) -> Path:
     return path.parent / f".{path.name}.{uuid.uuid4().hex}{TEMPORARY_SUFFIX}"
 
 
-def _atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Run ``write(temp_path)`` on a fresh temp file beside ``path`` (mode 0666 minus the umask), fsync it, then
     rename it over ``path``; the temp file is removed on any failure."""
     path = Path(path)
@@ -122,7 +122,7 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path
 
 
 def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
-    """Delete the temp files an interrupted :func:`_atomic_write` left in ``directory`` (``.NAME.<32 hex>.tmp``);
+    """Delete the temp files an interrupted :func:`atomic_write` left in ``directory`` (``.NAME.<32 hex>.tmp``);
     returns them. Only safe while no other process writes there (the run directory's lock)."""
     pattern = re.compile(r"\..+\.[0-9a-f]{32}" + re.escape(TEMPORARY_SUFFIX))
     stale = [p for p in Path(directory).iterdir() if p.is_file() and pattern.fullmatch(p.name)]
@@ -138,7 +138,7 @@ def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
     path = Path(path)
     _refuse_nonfinite(state, path)
     record = {"format": CHECKPOINT_FORMAT, CHECKSUM_KEY: content_digest(state), "state": state}
-    return _atomic_write(path, lambda temp: torch.save(record, temp))
+    return atomic_write(path, lambda temp: torch.save(record, temp))
 
 
 def _unpickling_reason(error: Exception) -> str:
@@ -203,7 +203,7 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, 
     _refuse_nonfinite(tensors, path)
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
     meta[CHECKSUM_KEY] = _safetensors_digest(tensors, meta)
-    return _atomic_write(path, lambda temp: save_file(tensors, temp, metadata=meta))
+    return atomic_write(path, lambda temp: save_file(tensors, temp, metadata=meta))
 
 
 def load_safetensors(path: str | os.PathLike, require_checksum: bool = True) -> tuple[dict[str, torch.Tensor],

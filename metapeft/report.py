@@ -7,15 +7,13 @@ import json
 import os
 from pathlib import Path
 
+from metapeft.checkpoint import atomic_write
+
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file renamed over it (a crash never leaves a torn file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
-    return path
+    """Write ``text`` to ``path`` atomically (:func:`metapeft.checkpoint.atomic_write`: a crash never leaves a torn
+    file)."""
+    return atomic_write(path, lambda temporary: Path(temporary).write_text(text, encoding="utf-8"))
 
 
 def write_json(path: str | os.PathLike, value) -> Path:
