@@ -8,11 +8,12 @@ import math
 import torch
 from torch import nn
 
-from metapeft.layers.base import MetaPEFTModule, autocast_dtype, draw_dropout_seed
+from metapeft.layers.base import MetaPEFTModule, autocast_dtype, draw_dropout_seed, module_tensors
 from metapeft.ops.adapter import adapter_call, check_adapter_params
 from metapeft.ops.adapter_torch import ADAPTER_ACTIVATIONS
 
 ADAPTER_KINDS = ("parallel", "sequential")
+_OP_TENSORS = ("down_weight", "down_bias", "up_weight", "up_bias", "modulator")  # what a forward passes the op
 
 
 class FusedMetaAdapter(MetaPEFTModule):
@@ -71,6 +72,7 @@ class FusedMetaAdapter(MetaPEFTModule):
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.dim, self.bottleneck, self.kind, self.activation = dim, bottleneck, kind, activation
+        self.sequential = kind == "sequential"
         self.alpha, self.dropout = float(alpha), float(dropout)
         self.down_weight = nn.Parameter(torch.empty(bottleneck, dim))
         self.down_bias = nn.Parameter(torch.zeros(bottleneck))
@@ -92,25 +94,25 @@ class FusedMetaAdapter(MetaPEFTModule):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """x (..., dim) -> (..., dim); ``residual`` (..., dim) is required for ``kind="parallel"`` and refused for
         ``kind="sequential"`` (whose residual is x itself)."""
-        if self.kind == "parallel" and residual is None:
-            raise ValueError("a parallel (AdaptFormer) FusedMetaAdapter needs residual=mlp(LN(x)) in forward")
-        if self.kind == "sequential" and residual is not None:
+        if (residual is None) != self.sequential:
+            if residual is None:
+                raise ValueError("a parallel (AdaptFormer) FusedMetaAdapter needs residual=mlp(LN(x)) in forward")
             raise ValueError("a sequential (Houlsby) FusedMetaAdapter adds to its input x: pass no residual")
-        self.check_modulator()
-        weights = (self.down_weight, self.down_bias, self.up_weight, self.up_bias)
-        dtype = autocast_dtype(x.device.type)
+        *weights, modulator = module_tensors(self, _OP_TENSORS)
+        self.check_modulator(modulator)
+        dtype = autocast_dtype(x)
         if dtype is not None:
             with torch.autocast(x.device.type, enabled=False):
                 x, *weights = (t.to(dtype) for t in (x, *weights))
                 residual = None if residual is None else residual.to(dtype)
-                return self._adapter(x, residual, *weights)
-        return self._adapter(x, residual, *weights)
+                return self._adapter(x, residual, weights, modulator)
+        return self._adapter(x, residual, weights, modulator)
 
-    def _adapter(self, x, residual, down_weight, down_bias, up_weight, up_bias) -> torch.Tensor:
+    def _adapter(self, x, residual, weights, modulator) -> torch.Tensor:
         dropout = self.dropout if self.training else 0.0
         seed = draw_dropout_seed(x.device) if dropout > 0.0 else None
-        out, backend = adapter_call(x, residual, down_weight, down_bias, up_weight, up_bias, self.modulator,
-                                    self.constraint, self.alpha, self.activation, dropout, seed, self.backend)
+        out, backend = adapter_call(x, residual, *weights, modulator, self.constraint, self.alpha, self.activation,
+                                    dropout, seed, self.backend)
         if backend != self.last_backend:  # nn.Module.__setattr__ costs more than the comparison
             self.last_backend = backend
         return out

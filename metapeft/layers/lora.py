@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from metapeft.layers.base import MetaPEFTModule, autocast_dtype, draw_dropout_seed
+from metapeft.layers.base import MetaPEFTModule, autocast_dtype, draw_dropout_seed, module_tensors
 from metapeft.ops.scaled_lora import check_scaled_lora_params, scaled_lora_call
 
 
@@ -68,6 +68,7 @@ class FusedMetaLoRA(MetaPEFTModule):
             raise ValueError(f"active_segments must be distinct indices in [0, {segments}), got {active_segments}")
         self.base = base.requires_grad_(False)
         self.rank, self.segments, self.active_segments = rank, segments, tuple(sorted(active))
+        self.all_segments_active = len(active) == segments
         self.alpha = float(rank if alpha is None else alpha)
         self.dropout = float(dropout)
         self.merged = False
@@ -94,13 +95,13 @@ class FusedMetaLoRA(MetaPEFTModule):
     def scale(self) -> torch.Tensor:
         """Per-segment LoRA scale ``gamma * alpha / rank``: (S,), zero on inactive segments."""
         active_scale = self.gamma * (self.alpha / self.rank)
-        if len(self.active_segments) == self.segments:
+        if self.all_segments_active:
             return active_scale
         return active_scale.new_zeros(self.segments).index_copy(0, self.active_index, active_scale)
 
     def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A (S*r, K), B (N, r))`` over all S segments, zero blocks for inactive ones (differentiable)."""
-        if len(self.active_segments) == self.segments:
+        if self.all_segments_active:
             return self.lora_A, self.lora_B
         a_blocks, b_blocks = self.lora_A.split(self.rank), self.lora_B.split(self.out_features // self.segments)
         zeros_a, zeros_b = torch.zeros_like(a_blocks[0]), torch.zeros_like(b_blocks[0])
@@ -118,22 +119,24 @@ class FusedMetaLoRA(MetaPEFTModule):
         """x: (..., in_features) -> (..., out_features)."""
         if self.merged:
             return self.base(x)
-        self.check_modulator()
-        weight, bias = self.base.weight, self.base.bias
-        lora_A, lora_B = self.lora_factors()
-        dtype = autocast_dtype(x.device.type)
+        lora_A, lora_B, modulator = module_tensors(self, ("lora_A", "lora_B", "modulator"))
+        self.check_modulator(modulator)
+        weight, bias = module_tensors(self.base, ("weight", "bias"))
+        if not self.all_segments_active:
+            lora_A, lora_B = self.lora_factors()
+        dtype = autocast_dtype(x)
         if dtype is not None:
             with torch.autocast(x.device.type, enabled=False):
                 x, weight, lora_A, lora_B = (t.to(dtype) for t in (x, weight, lora_A, lora_B))
                 bias = None if bias is None else bias.to(dtype)
-                return self._scaled_lora(x, weight, bias, lora_A, lora_B)
-        return self._scaled_lora(x, weight, bias, lora_A, lora_B)
+                return self._scaled_lora(x, weight, bias, lora_A, lora_B, modulator)
+        return self._scaled_lora(x, weight, bias, lora_A, lora_B, modulator)
 
-    def _scaled_lora(self, x, weight, bias, lora_A, lora_B) -> torch.Tensor:
+    def _scaled_lora(self, x, weight, bias, lora_A, lora_B, modulator) -> torch.Tensor:
         dropout = self.dropout if self.training else 0.0
         seed = draw_dropout_seed(x.device) if dropout > 0.0 else None
-        if len(self.active_segments) == self.segments:  # the op computes gamma * alpha / r itself
-            scale_args = (self.modulator, self.constraint, self.alpha / self.rank)
+        if self.all_segments_active:  # the op computes gamma * alpha / r itself
+            scale_args = (modulator, self.constraint, self.alpha / self.rank)
         else:
             scale_args = (self.scale(), "none", 1.0)
         y, backend = scaled_lora_call(x, weight, bias, lora_A, lora_B, *scale_args, dropout, seed, self.backend)

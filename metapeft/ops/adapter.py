@@ -29,7 +29,14 @@ from metapeft.ops.adapter_torch import (
     adapter_recompute_z,
 )
 from metapeft.ops.backends import OpImpl, op_impl, register_op, select_backend
-from metapeft.ops.checks import check_finite, check_floating, check_input, check_same, transforms_active
+from metapeft.ops.checks import (
+    check_finite,
+    check_floating,
+    check_input,
+    check_residual,
+    check_same,
+    transforms_active,
+)
 from metapeft.ops.dropout import device_seed, torch_dropout_factors
 
 FAMILY = "adapter"
@@ -218,12 +225,10 @@ def adapter_call(
     """
     check_input(x, down_weight, "down_weight")
     if residual is not None:
-        check_same(residual, x, "residual", "x")
-        if residual.shape != x.shape:
-            raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+        check_residual(residual, x)
     chosen = select_backend(backend, x, FAMILY)
     compiling = torch.compiler.is_compiling()
-    if not (compiling or transforms_active() or (chosen == "torch" and dropout_p == 0.0)):
+    if not (compiling or (chosen == "torch" and dropout_p == 0.0) or transforms_active()):
         return _Adapter.apply(x, residual, down_weight, down_bias, up_weight, up_bias, modulator, constraint, factor,
                               activation, dropout_p, seed, chosen), chosen
     gamma = gamma_from_modulator(modulator, constraint)

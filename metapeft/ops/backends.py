@@ -186,17 +186,16 @@ def _resolve(requested: str, family: str, x: torch.Tensor) -> str | RuntimeError
 
 
 def select_backend(requested: str, x: torch.Tensor, family: str = "scaled_lora") -> str:
-    """Resolve ``requested`` ("auto" or a backend name) for op ``family`` on input ``x``; cached per process.
+    """Resolve ``requested`` ("auto" or a backend name) for op ``family`` on input ``x``; cached per process
+    (keyed by the request, ``x``'s device and dtype: a hit costs one dictionary lookup).
 
     ``METAPEFT_BACKEND`` overrides "auto". A request that cannot run raises a ``RuntimeError`` naming the
     backend and its reasons; it never falls back silently.
     """
-    if requested == "auto":
-        requested = _env_request()
-    key = (family, requested, x.device.type, x.dtype)
+    key = (family, requested, x.device, x.dtype)
     chosen = _SELECTIONS.get(key)
     if chosen is None:
-        chosen = _SELECTIONS[key] = _resolve(requested, family, x)
+        chosen = _SELECTIONS[key] = _resolve(_env_request() if requested == "auto" else requested, family, x)
     if isinstance(chosen, RuntimeError):
         raise RuntimeError(*chosen.args)
     return chosen

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import torch
+from torch.autograd import forward_ad
 
 
 def check_floating(t: torch.Tensor, name: str) -> None:
@@ -25,20 +26,36 @@ def check_same(t: torch.Tensor, ref: torch.Tensor, name: str, ref_name: str) -> 
 
 def check_input(x: torch.Tensor, weight: torch.Tensor, weight_name: str) -> None:
     """The per-call checks of an op's input x (..., K) against its first weight (rows, K): a floating tensor of
-    the weight's dtype and device whose last dimension is K."""
+    the weight's dtype and device whose last dimension is K. ``weight`` must have passed the op's parameter
+    checks (a floating tensor): the common case then costs one compound test, the message is built on failure."""
+    if not (isinstance(x, torch.Tensor) and x.dtype == weight.dtype and x.device == weight.device and x.ndim
+            and x.shape[-1] == weight.shape[1]):
+        _raise_input_error(x, weight, weight_name)
+
+
+def _raise_input_error(x, weight: torch.Tensor, weight_name: str) -> None:
     check_floating(x, "x")
     if x.device != weight.device:
         raise ValueError(f"x is on {x.device} but {weight_name} is on {weight.device}; they must be on one device")
     if x.dtype != weight.dtype:
         raise TypeError(f"{weight_name} has dtype {weight.dtype} but x has dtype {x.dtype}; they must match")
-    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"x's last dimension ({x.shape[-1] if x.dim() else 'none'}) must equal {weight_name}'s "
-                         f"in_features ({weight.shape[1]})")
+    raise ValueError(f"x's last dimension ({x.shape[-1] if x.dim() else 'none'}) must equal {weight_name}'s "
+                     f"in_features ({weight.shape[1]})")
+
+
+def check_residual(residual: torch.Tensor, x: torch.Tensor) -> None:
+    """The adapter's residual must be a tensor of x's shape, dtype and device (x passed :func:`check_input`)."""
+    if not (isinstance(residual, torch.Tensor) and residual.dtype == x.dtype and residual.device == x.device
+            and residual.shape == x.shape):
+        if not isinstance(residual, torch.Tensor):
+            raise TypeError(f"residual must be a tensor or None, got {type(residual).__name__}")
+        check_same(residual, x, "residual", "x")
+        raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
 
 
 def transforms_active() -> bool:
     """True inside a ``torch.func`` transform (grad, vjp, jacrev, vmap, jvp) or a ``forward_ad.dual_level``."""
-    return torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0
+    return torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0
 
 
 def check_finite(t: torch.Tensor, name: str) -> None:

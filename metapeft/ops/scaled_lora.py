@@ -210,7 +210,7 @@ def scaled_lora_call(
     check_input(x, weight, "weight")
     chosen = select_backend(backend, x, FAMILY)
     compiling = torch.compiler.is_compiling()
-    if not (compiling or transforms_active() or (chosen == "torch" and dropout_p == 0.0)):
+    if not (compiling or (chosen == "torch" and dropout_p == 0.0) or transforms_active()):
         return _ScaledLoRA.apply(x, weight, bias, lora_A, lora_B, modulator, constraint, factor, dropout_p, seed,
                                  chosen), chosen
     gamma = gamma_from_modulator(modulator, constraint)
