@@ -85,8 +85,7 @@ def measure(case: str, layers: dict[str, nn.Module], inputs: tuple[torch.Tensor,
     with torch.no_grad():
         outputs = {name: layer(*inputs) for name, layer in layers.items()}
     grad_y = torch.randn_like(outputs["metapeft"])
-    if "hf_peft" not in layers:
-        torch.testing.assert_close(outputs["metapeft"], outputs["plain"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outputs["metapeft"], outputs["plain"], rtol=1e-5, atol=1e-5)
     rows = []
     for mode in MODES:
         closures = {name: calls(layer, inputs, grad_y, args.calls)[mode] for name, layer in layers.items()}
