@@ -3,6 +3,10 @@
 Rules (docs/design.md, "Measuring"): ratios are measured side by side in one run, medians after warm-up,
 peak memory beside time; results are appended (with device, versions and git sha) under
 ``benchmarks/results/`` as JSON, and the latest run is rendered as a markdown table.
+
+Why not pytest-benchmark: it times one contender's rounds back to back, so load that changes during a run (this
+machine is shared) lands on one contender and skews the ratio; here the contenders alternate round by round and
+process CPU time is recorded beside wall time.
 """
 
 from __future__ import annotations

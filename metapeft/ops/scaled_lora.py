@@ -8,8 +8,8 @@ real gradient, never a Python float: changing it never recompiles and never sync
 Segment j is the j-th equal slice of the N outputs (S = 3 for a fused qkv projection).
 
 How a call runs (:func:`scaled_lora_call`, the only place that selects a backend):
-- eager, torch backend without dropout: autograd through the one differentiable torch forward. Its backward is
-  the fused backward's math (d scale from (M, r) tensors; nothing of size M x N saved) in C++ autograd nodes,
+- eager, torch backend without dropout: autograd through the one differentiable torch forward. Its backward
+  runs in C++ autograd nodes (d scale from (N, r) tensors, the scale multiplying B; nothing of size M x N saved),
   ~20 us less host time per call than a Python backward at x (16, 16), r = 4.
 - eager otherwise: a ``torch.autograd.Function`` that calls the backend's launchers directly and also computes
   the scale from a layer's modulator (no autograd node for either); with dropout it regenerates the mask in
