@@ -5,7 +5,7 @@ out), 3072 (fc1), 2304 (qkv, as one LoRA: S = 1, and with q, k, v each their own
 1, 8, 16. Contenders, on identical frozen base weights with a nonzero B:
 - ``metapeft``: ``FusedMetaLoRA`` (learnable modulator; the ``auto`` backend, ``torch`` on CPU);
 - ``plain``: ``benchmarks.contenders.PlainMetaLoRA``, the strongest plain-PyTorch formulation with a learnable
-  modulator (scale on the rank-r activations, no concatenation), autograd backward;
+  modulator (scale on B, no concatenation), autograd backward;
 - ``hf_peft`` (PEFT-style, fixed scale): PEFT's ``lora.Linear``, one rank-r LoRA over all N outputs even
   where S = 3 (PEFT cannot split a fused qkv: a third of metapeft's LoRA work there).
 One timed call is ``layer(x).backward(grad_y)`` with x requiring grad. Contenders are interleaved round by round;

@@ -6,7 +6,7 @@ Contenders, all on the same frozen timm ``vit_base_patch16_224`` (``pretrained=F
   (fixed scale; PEFT cannot split the fused qkv, so its qkv LoRA has rank 8 in all where metapeft gives each of q,
   k, v its own rank-8 LoRA: 3x the qkv LoRA work).
 - ``plain``: the same placement with ``benchmarks.contenders.PlainMetaLoRA``: learnable modulators in the
-  strongest plain-PyTorch formulation (scale on the rank-r activations; block-diagonal B for qkv), autograd backward.
+  strongest plain-PyTorch formulation (scale on B; a scaled block-diagonal B for qkv), autograd backward.
 
 A step is ``zero_grad -> cross_entropy(model(x)) -> backward -> SGD(lr 0.01, momentum 0.9, wd 5e-4).step()`` over
 the PEFT weights and the head. Step times are interleaved medians (``benchmarks.harness``) of wall time and of

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from metapeft.layers.base import MetaPEFTModule, autocast_dtype, draw_dropout_seed, module_tensors
-from metapeft.ops.adapter import adapter_call, check_adapter_params
+from metapeft.ops.adapter_op import adapter_call, check_adapter_params
 from metapeft.ops.adapter_torch import ADAPTER_ACTIVATIONS
 
 ADAPTER_KINDS = ("parallel", "sequential")

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from metapeft.layers.base import MetaPEFTModule, autocast_dtype, draw_dropout_seed, module_tensors
-from metapeft.ops.scaled_lora import check_scaled_lora_params, scaled_lora_call
+from metapeft.ops.scaled_lora_op import check_scaled_lora_params, scaled_lora_call
 
 
 class FusedMetaLoRA(MetaPEFTModule):

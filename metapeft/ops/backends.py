@@ -3,8 +3,9 @@
 One registry serves every op family (``scaled_lora``, ``adapter``). A :class:`Backend` says whether it can run
 in this process at all (``unavailable_reason``, evaluated once per process) and whether it can run a given input
 (:meth:`Backend.not_supported_reasons`: device type, dtype, the op family). :func:`select_backend` resolves a
-requested name ("auto" or a backend) for an input; the op entry points (``metapeft.ops.scaled_lora`` /
-``metapeft.ops.adapter``) are its only callers, and they report the backend that ran.
+requested name ("auto" or a backend) for an input; the dispatch points (``scaled_lora_call`` in
+``metapeft.ops.scaled_lora_op``, ``adapter_call`` in ``metapeft.ops.adapter_op``) are its only callers, and they
+report the backend that ran.
 
 What decides a selection (the family, the request, ``METAPEFT_BACKEND``, the input's device type and dtype) is
 fixed per process for a given key, so each answer is cached: a forward pays one dictionary lookup, not a scan of

@@ -20,7 +20,7 @@ import importlib.util
 import torch
 
 from metapeft.ops.backends import Backend, OpImpl, register_backend, register_op
-from metapeft.ops.scaled_lora import scaled_lora_bwd, scaled_lora_fwd
+from metapeft.ops.scaled_lora_op import scaled_lora_bwd, scaled_lora_fwd
 
 if importlib.util.find_spec("metapeft._C") is None:
     EXTENSION_ERROR = ("metapeft._C is not built (installed without a CUDA toolkit or with METAPEFT_BUILD_CUDA=0; "

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from metapeft.ops import select_backend
-from metapeft.ops.adapter import adapter, adapter_fwd
+from metapeft.ops.adapter_op import adapter, adapter_fwd
 from metapeft.reference import adapter_reference
 from tests.helpers.adapter import NAMES, forward_backward, make_inputs
 from tests.helpers.oracle import HostReadCounter, assert_2x_rule, non_contiguous

@@ -5,7 +5,7 @@ import torch
 
 from metapeft.ops import scaled_lora
 from metapeft.ops.dropout import dropout_keep_mask
-from metapeft.ops.scaled_lora import scaled_lora_fwd
+from metapeft.ops.scaled_lora_op import scaled_lora_fwd
 from metapeft.reference import scaled_lora_reference
 from tests.helpers.oracle import HostReadCounter, assert_2x_rule, non_contiguous
 from tests.helpers.scaled_lora import DTYPES, SHAPES, forward_backward, make_inputs

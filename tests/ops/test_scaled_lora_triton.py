@@ -15,7 +15,7 @@ import torch
 
 import metapeft
 from metapeft.ops import scaled_lora, select_backend
-from metapeft.ops.scaled_lora import scaled_lora_fwd
+from metapeft.ops.scaled_lora_op import scaled_lora_fwd
 from metapeft.reference import scaled_lora_reference
 from tests.helpers.oracle import run_interpreter_suite
 from tests.helpers.scaled_lora import check_against_oracle, dropout_mask, kernels, make_inputs

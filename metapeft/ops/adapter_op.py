@@ -13,7 +13,7 @@ bottleneck z (M, b); never a tensor of size M x D beyond x itself, never a dropo
 gradient is dOut itself; d scale is reduced from (D, b) or (M, b) tensors, never an M x D product.
 
 How a call runs (:func:`adapter_call`, the only place that selects a backend) and what it supports (double
-backward, forward-mode AD, ``torch.func`` transforms) follow the scaled-LoRA op: see :mod:`metapeft.ops.scaled_lora`.
+backward, forward-mode AD, ``torch.func`` transforms) follow the scaled-LoRA op: see :mod:`metapeft.ops.scaled_lora_op`.
 The one differentiable torch forward is :func:`metapeft.ops.adapter_torch.adapter_fwd_torch`.
 """
 
@@ -59,7 +59,7 @@ def _needs(need):
 
 
 class _Adapter(torch.autograd.Function):
-    """The eager path (see :mod:`metapeft.ops.scaled_lora`): x (..., D) is flattened and the scale
+    """The eager path (see :mod:`metapeft.ops.scaled_lora_op`): x (..., D) is flattened and the scale
     ``factor * gamma(modulator)`` computed here, so that neither costs an autograd node per call."""
 
     @staticmethod
