@@ -54,10 +54,9 @@ MODES = ("fwd", "bwd", "fwd+bwd")
 
 def fused_backends(device: torch.device) -> list[str]:
     """The FusedMetaLoRA backends that can run on ``device`` here (``cuda`` only when ``metapeft._C`` is built)."""
-    probe = torch.empty(1, device=device)
     return [name for name in ("torch", "triton", "cuda")
             if name in metapeft.ops.available_backends()
-            and not metapeft.ops.backends.get_backend(name).not_supported_reasons(probe)]
+            and not metapeft.ops.backends.get_backend(name).not_supported_reasons(device.type, torch.float32)]
 
 
 def build(contender: str, K: int, N: int, S: int, r: int, device, dtype) -> nn.Module:

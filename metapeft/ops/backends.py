@@ -51,34 +51,34 @@ class Backend:
 
     ``unavailable_reason()`` returns why the backend cannot run at all in this process (``None`` when it can);
     ``device_types`` are the tensor device types it runs when asked by name, ``auto_device_types`` those on
-    which "auto" may pick it (default: the same); ``input_checks`` each return why an input x cannot run (or
-    ``None``); ``ops`` maps an op family to its :class:`OpImpl`.
+    which "auto" may pick it (default: the same); ``input_checks`` each return, from an input's device type and
+    dtype, why it cannot run (or ``None``); ``ops`` maps an op family to its :class:`OpImpl`.
     """
 
     name: str
     device_types: tuple[str, ...]
     auto_device_types: tuple[str, ...] | None = None
     unavailable_reason: Callable[[], str | None] = lambda: None
-    input_checks: list[Callable[[torch.Tensor], str | None]] = field(default_factory=list)
+    input_checks: list[Callable[[str, torch.dtype], str | None]] = field(default_factory=list)
     ops: dict[str, OpImpl] = field(default_factory=dict)
 
-    def not_supported_reasons(self, x: torch.Tensor, family: str = "scaled_lora") -> list[str]:
-        """Why this backend cannot run op ``family`` on the input ``x`` (empty list: it can)."""
+    def not_supported_reasons(self, device_type: str, dtype: torch.dtype, family: str = "scaled_lora") -> list[str]:
+        """Why this backend cannot run op ``family`` on an input of ``device_type`` and ``dtype`` (empty: it can)."""
         reasons = []
         unavailable = available_backends()[self.name]
         if unavailable is not None:
             reasons.append(unavailable)
         if family not in self.ops:
             reasons.append(f"has no {family} implementation")
-        if x.device.type not in self.device_types:
-            reasons.append(f"runs on {'/'.join(self.device_types)} tensors, got a {x.device.type} tensor")
-        reasons.extend(r for check in self.input_checks if (r := check(x)) is not None)
+        if device_type not in self.device_types:
+            reasons.append(f"runs on {'/'.join(self.device_types)} tensors, got a {device_type} tensor")
+        reasons.extend(r for check in self.input_checks if (r := check(device_type, dtype)) is not None)
         return reasons
 
 
 _REGISTRY: dict[str, Backend] = {}
 _AVAILABILITY: dict[str, str | None] = {}
-_SELECTIONS: dict[tuple, str | RuntimeError] = {}
+_SELECTIONS: dict[tuple, tuple[str | None, str]] = {}  # (name, "") or (None, why not)
 _ENV_REQUEST: list[str] = []  # the "auto" override read from METAPEFT_BACKEND, one entry once read
 _GPU_DEFAULT: list[str | None] = []  # the recorded CUDA default, one entry once read
 
@@ -164,26 +164,32 @@ def _env_request() -> str:
     return _ENV_REQUEST[0]
 
 
-def _resolve(requested: str, family: str, x: torch.Tensor) -> str | RuntimeError:
+@torch.compiler.assume_constant_result
+def _resolve(family: str, requested: str, device_type: str, dtype: torch.dtype) -> tuple[str | None, str]:
+    """``(backend name, "")`` or ``(None, why no backend can run)`` for op ``family``, the request ("auto" or a
+    name) and an input's device type and dtype. A constant to ``torch.compile``: the compiler calls it while
+    tracing (it reads files, the environment and imports, which cannot be traced) and uses its answer."""
+    if requested == "auto":
+        requested = _env_request()
     if requested != "auto":
-        reasons = get_backend(requested).not_supported_reasons(x, family)
+        reasons = get_backend(requested).not_supported_reasons(device_type, dtype, family)
         if reasons:
-            return RuntimeError(f"backend {requested!r} cannot run this input ({family}): " + "; ".join(reasons))
-        return requested
+            return None, f"backend {requested!r} cannot run this input ({family}): " + "; ".join(reasons)
+        return requested, ""
     all_reasons = {}
-    order = auto_order(x.device.type)
+    order = auto_order(device_type)
     for name in order:
         if name not in _REGISTRY:
             continue
         backend = _REGISTRY[name]
-        reasons = backend.not_supported_reasons(x, family)
+        reasons = backend.not_supported_reasons(device_type, dtype, family)
         recorded = order is not BACKEND_NAMES and name == order[0]  # a GPU check chose it for this device
-        if backend.auto_device_types is not None and x.device.type not in backend.auto_device_types and not recorded:
+        if backend.auto_device_types is not None and device_type not in backend.auto_device_types and not recorded:
             reasons.append(f"'auto' picks it only for {'/'.join(backend.auto_device_types) or 'no'} tensors")
         if not reasons:
-            return name
+            return name, ""
         all_reasons[name] = reasons
-    return RuntimeError(f"no metapeft backend can run a {x.device.type} {x.dtype} {family} input: {all_reasons}")
+    return None, f"no metapeft backend can run a {device_type} {dtype} {family} input: {all_reasons}"
 
 
 def select_backend(requested: str, x: torch.Tensor, family: str = "scaled_lora") -> str:
@@ -191,15 +197,20 @@ def select_backend(requested: str, x: torch.Tensor, family: str = "scaled_lora")
     (keyed by the request, ``x``'s device and dtype: a hit costs one dictionary lookup).
 
     ``METAPEFT_BACKEND`` overrides "auto". A request that cannot run raises a ``RuntimeError`` naming the
-    backend and its reasons; it never falls back silently.
+    backend and its reasons; it never falls back silently. Under ``torch.compile`` a selection not made
+    eagerly before is made while tracing and kept in the compiled code (``refresh_backends`` then does not
+    change what an already compiled model runs).
     """
     key = (family, requested, x.device, x.dtype)
     chosen = _SELECTIONS.get(key)
     if chosen is None:
-        chosen = _SELECTIONS[key] = _resolve(_env_request() if requested == "auto" else requested, family, x)
-    if isinstance(chosen, RuntimeError):
-        raise RuntimeError(*chosen.args)
-    return chosen
+        chosen = _resolve(family, requested, x.device.type, x.dtype)
+        if not torch.compiler.is_compiling():
+            _SELECTIONS[key] = chosen
+    name, why_not = chosen
+    if name is None:
+        raise RuntimeError(why_not)
+    return name
 
 
 register_backend(Backend("torch", device_types=("cpu", "cuda", "mps", "xpu")))

@@ -35,15 +35,15 @@ def _unavailable_reason() -> str | None:
     return None
 
 
-def _interpreter_needed_on_cpu(x: torch.Tensor) -> str | None:
-    if x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+def _interpreter_needed_on_cpu(device_type: str, dtype: torch.dtype) -> str | None:
+    if device_type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
         return "runs on CPU tensors only under the Triton interpreter (start the process with TRITON_INTERPRET=1)"
     return None
 
 
-def _dtype_supported(x: torch.Tensor) -> str | None:
-    if x.dtype not in SUPPORTED_DTYPES:
-        return f"runs fp32/fp16/bf16 inputs, got {x.dtype}"
+def _dtype_supported(device_type: str, dtype: torch.dtype) -> str | None:
+    if dtype not in SUPPORTED_DTYPES:
+        return f"runs fp32/fp16/bf16 inputs, got {dtype}"
     return None
 
 

@@ -62,6 +62,17 @@ def test_lora_vit_with_dropout_compiles_without_graph_breaks_and_matches_eager()
     check_compiled_step("lora", 0.2, "aot_eager")
 
 
+@pytest.mark.parametrize("method", ["lora", "adapter", "adaptformer"])
+def test_compiling_before_any_eager_call_selects_the_backend_without_graph_breaks(method):
+    # no cached selection: it is made while tracing (it reads the environment and the recorded GPU default)
+    model = peft_vit(method, 0.0)
+    metapeft.ops.refresh_backends()
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(model)(images(2))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert {m.last_backend for m in model.modules() if isinstance(m, metapeft.MetaPEFTModule)} == {"torch"}
+
+
 def test_compiled_dropout_draws_a_fresh_mask_every_step():
     model = peft_vit("lora", 0.5)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
