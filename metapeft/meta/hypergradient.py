@@ -20,8 +20,9 @@ with R_k = d^2 L_train(B_k) / d rho d phi and H_k = d^2 L_train(B_k) / d phi^2 a
 Modes:
 
 - ``"exact"``: every R_k c_k (and H_k c_k) as ONE reverse-over-reverse product: the train backward of step k
-  runs with ``create_graph=True`` (metapeft's fused ops then take their differentiable composite backward;
-  attention runs on the math path, :func:`metapeft.meta.math_attention`), and ``autograd.grad(g_k, (rho, phi_k),
+  runs with ``create_graph=True`` (metapeft's fused ops, told by :func:`metapeft.ops.double_backward_ahead`,
+  record their ``autograd.Function``, whose backward is then differentiable; attention runs on the math path,
+  :func:`metapeft.meta.math_attention`), and ``autograd.grad(g_k, (rho, phi_k),
   grad_outputs=c_k)`` differentiates ``g_k . c_k``. The K train graphs stay alive until their product is
   taken, so the memory grows linearly in K, by one double-differentiable train graph per step (peak 485, 777,
   1060, 1324 MiB at K = 1..4 for ViT-Ti at 64 px, batch 32; ``benchmarks/bench_lookahead_memory.py``).
@@ -59,6 +60,7 @@ from torch import nn
 
 from metapeft.meta.attention import math_attention
 from metapeft.meta.distributed import Reduction, as_reduction
+from metapeft.ops import double_backward_ahead
 from metapeft.params import meta_parameters
 
 MODES = ("exact", "finite_difference", "first_order")
@@ -335,7 +337,11 @@ def _step_gradient(model, loss_fn, step: _Step, phi, reduce, at_phi: bool, creat
         loss = torch.zeros((), dtype=phi[0].dtype, device=phi[0].device)
     else:
         swapped = contextlib.nullcontext(phi) if at_phi else _parameters_replaced(model, phi, step.values, True)
-        with swapped as inputs, math_attention(model) if create_graph else contextlib.nullcontext():
+        double_backward = contextlib.ExitStack()
+        if create_graph:
+            double_backward.enter_context(math_attention(model))
+            double_backward.enter_context(double_backward_ahead())
+        with swapped as inputs, double_backward:
             loss = step.weighted_loss(loss_fn, model)
         local = _grads(loss, inputs, create_graph=create_graph)
         step.inputs = inputs

@@ -2,7 +2,8 @@
 
 from metapeft.ops import cuda_backend, triton_backend  # noqa: F401  (register the cuda and triton backends)
 from metapeft.ops.adapter_op import adapter
-from metapeft.ops.backends import available_backends, refresh_backends, select_backend
+from metapeft.ops.backends import available_backends, double_backward_ahead, refresh_backends, select_backend
 from metapeft.ops.scaled_lora_op import scaled_lora
 
-__all__ = ["adapter", "available_backends", "refresh_backends", "scaled_lora", "select_backend"]
+__all__ = ["adapter", "available_backends", "double_backward_ahead", "refresh_backends", "scaled_lora",
+           "select_backend"]

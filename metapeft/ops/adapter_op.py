@@ -28,7 +28,7 @@ from metapeft.ops.adapter_torch import (
     adapter_fwd_torch,
     adapter_recompute_z,
 )
-from metapeft.ops.backends import OpImpl, op_impl, register_op, select_backend
+from metapeft.ops.backends import DOUBLE_BACKWARD_AHEAD, OpImpl, op_impl, register_op, select_backend
 from metapeft.ops.checks import (
     check_finite,
     check_floating,
@@ -228,7 +228,8 @@ def adapter_call(
         check_residual(residual, x)
     chosen = select_backend(backend, x, FAMILY)
     compiling = torch.compiler.is_compiling()
-    if not (compiling or (chosen == "torch" and dropout_p == 0.0) or transforms_active()):
+    if not (compiling or (chosen == "torch" and dropout_p == 0.0 and not DOUBLE_BACKWARD_AHEAD[0])
+            or transforms_active()):
         return _Adapter.apply(x, residual, down_weight, down_bias, up_weight, up_bias, modulator, constraint, factor,
                               activation, dropout_p, seed, chosen), chosen
     gamma = gamma_from_modulator(modulator, constraint)

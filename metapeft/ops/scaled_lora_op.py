@@ -8,7 +8,8 @@ real gradient, never a Python float: changing it never recompiles and never sync
 Segment j is the j-th equal slice of the N outputs (S = 3 for a fused qkv projection).
 
 How a call runs (:func:`scaled_lora_call`, the only place that selects a backend):
-- eager, torch backend without dropout: autograd through the one differentiable torch forward. Its backward
+- eager, torch backend without dropout (outside :func:`metapeft.ops.double_backward_ahead`): autograd through the
+  one differentiable torch forward. Its backward
   runs in C++ autograd nodes (d scale from (N, r) tensors, the scale multiplying B; nothing of size M x N saved),
   ~20 us less host time per call than a Python backward at x (16, 16), r = 4.
 - eager otherwise: a ``torch.autograd.Function`` that calls the backend's launchers directly and also computes
@@ -34,7 +35,7 @@ from __future__ import annotations
 import torch
 
 from metapeft.modulator import gamma_from_modulator, modulator_gradient
-from metapeft.ops.backends import OpImpl, op_impl, register_op, select_backend
+from metapeft.ops.backends import DOUBLE_BACKWARD_AHEAD, OpImpl, op_impl, register_op, select_backend
 from metapeft.ops.checks import check_finite, check_floating, check_input, check_same, transforms_active
 from metapeft.ops.dropout import device_seed, seeded_dropout, torch_dropout_factors
 from metapeft.ops.scaled_lora_torch import scaled_lora_bwd_torch, scaled_lora_fwd_torch
@@ -210,7 +211,8 @@ def scaled_lora_call(
     check_input(x, weight, "weight")
     chosen = select_backend(backend, x, FAMILY)
     compiling = torch.compiler.is_compiling()
-    if not (compiling or (chosen == "torch" and dropout_p == 0.0) or transforms_active()):
+    if not (compiling or (chosen == "torch" and dropout_p == 0.0 and not DOUBLE_BACKWARD_AHEAD[0])
+            or transforms_active()):
         return _ScaledLoRA.apply(x, weight, bias, lora_A, lora_B, modulator, constraint, factor, dropout_p, seed,
                                  chosen), chosen
     gamma = gamma_from_modulator(modulator, constraint)

@@ -1,10 +1,12 @@
-"""Dispatch: "auto" on CUDA tensors prefers the backend a recorded GPU check chose; elsewhere nothing changes."""
+"""Dispatch: "auto" on CUDA tensors prefers the backend a recorded GPU check chose; elsewhere nothing changes.
+Inside ``double_backward_ahead`` torch calls take the autograd.Function route with the same second derivatives."""
 
 import json
 
 import pytest
 import torch
 
+import metapeft
 from metapeft.ops import backends
 
 
@@ -45,3 +47,36 @@ def test_a_recorded_name_that_is_no_backend_is_an_error_naming_the_file(recorded
     with pytest.raises(ValueError, match=f"{path}.*cuda_default_backend.*'tensorrt'"):
         backends.auto_order("cuda")
 
+
+
+def _random_layer(kind: str) -> torch.nn.Module:
+    """A float64 FusedMetaLoRA (S = 3) or Houlsby adapter with random weights and modulator, x (M, 12)."""
+    torch.manual_seed(0)
+    if kind == "lora":
+        layer = metapeft.FusedMetaLoRA(torch.nn.Linear(12, 12), rank=2, segments=3).double()
+    else:
+        layer = metapeft.FusedMetaAdapter(12, 3, kind="sequential").double()
+    with torch.no_grad():
+        for p in (*layer.peft_parameters(), layer.modulator):
+            p.normal_()
+    return layer
+
+
+@pytest.mark.parametrize("kind", ["lora", "adapter"])
+def test_double_backward_ahead_routes_torch_calls_through_the_function_with_the_same_second_derivatives(kind):
+    layer = _random_layer(kind)
+    x = torch.randn(5, 12, dtype=torch.float64, requires_grad=True)
+    function_node = "_ScaledLoRABackward" if kind == "lora" else "_AdapterBackward"
+    second = {}
+    for ahead in (False, True):
+        with backends.double_backward_ahead() if ahead else torch.enable_grad():
+            assert backends.DOUBLE_BACKWARD_AHEAD[0] == int(ahead)
+            y = layer(x)
+            value = y.sin().sum()
+        assert (type(y.grad_fn).__name__ == function_node) == ahead
+        grads = torch.autograd.grad(value, [x, *layer.peft_parameters()], create_graph=True)
+        v = [torch.ones_like(g) for g in grads]
+        second[ahead] = torch.autograd.grad(grads, [layer.modulator, x], grad_outputs=v)
+    assert backends.DOUBLE_BACKWARD_AHEAD[0] == 0
+    for composite, function in zip(second[False], second[True]):
+        torch.testing.assert_close(function, composite, rtol=1e-10, atol=1e-12)
