@@ -132,3 +132,28 @@ def test_float64_gamma_gradient_matches_the_float64_oracle():
     lora_reference(layer, params, x).square().sum().backward()
     error = (layer.modulator.grad - params["modulator"].grad).abs().max().item()
     assert error <= 1e-12 * params["modulator"].grad.abs().max().item(), error
+
+
+class _Doubled(nn.Module):
+    def forward(self, weight):
+        return 2 * weight
+
+
+def test_layers_read_parametrized_and_swapped_tensors_as_attribute_access_would():
+    # the layers read their tensors from the module dicts (cheaper than attribute access): a parametrization
+    # (which takes the name out of those dicts) and a frozen modulator buffer must still be seen
+    x = torch.randn(4, 10, dtype=torch.float64)
+    layer = lora_layer()
+    params = {**trainable(layer), "lora_B": 2 * layer.lora_B.detach()}
+    torch.nn.utils.parametrize.register_parametrization(layer, "lora_B", _Doubled())
+    torch.testing.assert_close(layer(x), lora_reference(layer, params, x), rtol=0, atol=ATOL)
+
+    adapter = adapter_layer("sequential")
+    params = {**trainable(adapter), "up_weight": 2 * adapter.up_weight.detach()}
+    torch.nn.utils.parametrize.register_parametrization(adapter, "up_weight", _Doubled())
+    torch.testing.assert_close(adapter(x), adapter_reference_of(adapter, params, x, None), rtol=0, atol=ATOL)
+
+    frozen = metapeft.FusedMetaAdapter(10, 3, kind="sequential", meta=False).double()
+    frozen.modulator.fill_(-1.0)  # a buffer: read from the buffer dict
+    params = {**trainable(frozen), "modulator": frozen.modulator}
+    torch.testing.assert_close(frozen(x), adapter_reference_of(frozen, params, x, None), rtol=0, atol=ATOL)
