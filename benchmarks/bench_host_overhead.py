@@ -40,19 +40,16 @@ MODES = ("fwd", "fwd+bwd")
 
 
 def lora_contenders(segments: int) -> dict[str, nn.Module]:
-    """The three LoRA contenders around identical frozen ``nn.Linear(16, 16 * segments)`` layers, nonzero B."""
-    layers = {}
-    for name in ("metapeft", "hf_peft", "plain"):
-        torch.manual_seed(0)
-        base = nn.Linear(DIM, DIM * segments)
-        if name == "hf_peft":
-            layers[name] = hf_peft_lora_linear(base, RANK)
-            continue
-        cls = metapeft.FusedMetaLoRA if name == "metapeft" else PlainMetaLoRA
-        layers[name] = cls(base, rank=RANK, segments=segments)
-        with torch.no_grad():
-            layers[name].lora_B.normal_()
-    return layers
+    """The three LoRA contenders around identical frozen ``nn.Linear(16, 16 * segments)`` layers, nonzero B; the
+    plain one holds metapeft's weights (their outputs are checked equal)."""
+    torch.manual_seed(0)
+    fused = metapeft.FusedMetaLoRA(nn.Linear(DIM, DIM * segments), rank=RANK, segments=segments)
+    with torch.no_grad():
+        fused.lora_B.normal_()
+    plain = PlainMetaLoRA(nn.Linear(DIM, DIM * segments), rank=RANK, segments=segments)
+    plain.load_state_dict(fused.state_dict())
+    torch.manual_seed(0)
+    return {"metapeft": fused, "hf_peft": hf_peft_lora_linear(nn.Linear(DIM, DIM * segments), RANK), "plain": plain}
 
 
 def adapter_contenders(kind: str) -> dict[str, nn.Module]:

@@ -234,11 +234,13 @@ def adapter_call(
                               activation, dropout_p, seed, chosen), chosen
     gamma = gamma_from_modulator(modulator, constraint)
     weights = (down_weight, down_bias, up_weight, up_bias)
-    if not (compiling or dropout_p > 0.0):  # no op and no mask: the torch forward runs on (..., D) as it is
+    # the registered op under compile for kernels and host-seeded torch masks; the ATen composite otherwise
+    opaque = compiling and not (chosen == "torch" and dropout_p == 0.0)
+    if not opaque and dropout_p == 0.0:  # no op and no mask: the torch forward runs on (..., D) as it is
         return adapter_fwd_torch(x, residual, *weights, gamma, activation, dropout_p, seed, factor=factor)[0], chosen
     x2d = x.reshape(-1, x.shape[-1])
     residual2d = None if residual is None else residual.reshape(x2d.shape)
-    if compiling:
+    if opaque:
         out = adapter_fwd(x2d, residual2d, *weights, gamma * factor, activation, dropout_p, seed, chosen)[0]
     else:
         out = adapter_fwd_torch(x2d, residual2d, *weights, gamma, activation, dropout_p, seed,

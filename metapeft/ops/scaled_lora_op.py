@@ -19,7 +19,8 @@ How a call runs (:func:`scaled_lora_call`, the only place that selects a backend
   ``setup_context`` binds its arguments with ``inspect.signature`` on every call: ~40 us more than the
   ``forward(ctx, ...)`` form, measured at x (16, 16), r = 4 on CPU.)
 - under ``torch.compile``: the registered custom op, whose fake kernels and autograd let the compiler trace it
-  without graph breaks.
+  without graph breaks; the torch backend without dropout hands the compiler its ATen composite instead, which
+  inductor fuses with the code around it.
 - under forward-mode AD or a ``torch.func`` transform (``grad``, ``jacrev``, ``vmap``, ``jvp``): the one
   differentiable torch forward (:func:`metapeft.ops.scaled_lora_torch.scaled_lora_fwd_torch`) with the selected
   backend's dropout rule, so every transform composes with it (vmap included, over x or over the scale).
@@ -217,7 +218,7 @@ def scaled_lora_call(
                                  chosen), chosen
     gamma = gamma_from_modulator(modulator, constraint)
     x2d = x.reshape(-1, x.shape[-1])
-    if compiling:
+    if compiling and not (chosen == "torch" and dropout_p == 0.0):  # kernels, or a torch mask from a host seed
         y = scaled_lora_fwd(x2d, weight, bias, lora_A, lora_B, gamma * factor, dropout_p, seed, chosen)[0]
     else:
         y = scaled_lora_fwd_torch(x2d, weight, bias, lora_A, lora_B, gamma, dropout_p, seed,
