@@ -24,8 +24,8 @@ Modes:
   record their ``autograd.Function``, whose backward is then differentiable; attention runs on the math path,
   :func:`metapeft.meta.math_attention`), and ``autograd.grad(g_k, (rho, phi_k),
   grad_outputs=c_k)`` differentiates ``g_k . c_k``. The K train graphs stay alive until their product is
-  taken, so the memory grows linearly in K, by one double-differentiable train graph per step (peak 485, 777,
-  1060, 1324 MiB at K = 1..4 for ViT-Ti at 64 px, batch 32; ``benchmarks/bench_lookahead_memory.py``).
+  taken, so the memory grows linearly in K, by one double-differentiable train graph per step (peak 489, 773,
+  1104, 1369 MiB at K = 1..4 for ViT-Ti at 64 px, batch 32; ``benchmarks/bench_lookahead_memory.py``).
 - ``"finite_difference"``: DARTS' central difference ``(grad L_train(phi_k + eps c_k) - grad L_train(phi_k -
   eps c_k)) / (2 eps)`` with ``eps = fd_epsilon`` or, by default, ``0.01 / ||c_k||`` (a parameter-space step of
   norm 0.01, DARTS' choice; the error is O(eps^2)). At k = 0 the two passes differentiate with respect to rho
