@@ -11,6 +11,9 @@ Cases (CPU tensors, fp32, training mode, parameters requiring grad, x requiring 
   ``hf_peft`` there is one rank-4 LoRA over all 48 outputs (PEFT cannot split a fused qkv: less work).
 - ``adapter parallel`` / ``adapter sequential``: ``FusedMetaAdapter(16, 4)`` (AdaptFormer, with a residual /
   Houlsby) vs ``benchmarks.contenders.PlainMetaAdapter``.
+Every case also times ``metapeft_function``: the same metapeft layer called inside
+``metapeft.ops.double_backward_ahead()``, i.e. through the op's ``autograd.Function``, the route the triton and cuda
+kernels take on a GPU (here with the torch launchers: the host cost of that route without a kernel launch).
 Modes: ``fwd`` (autograd recording) and ``fwd+bwd`` (``y.backward(grad_y)``). A sample times ``--calls`` calls;
 samples of all contenders of a case are interleaved round by round; per-call medians and interquartile ranges
 of process CPU time (one thread: the host work itself, steadier than wall time on a shared machine) and of wall
@@ -23,6 +26,7 @@ Run: ``python benchmarks/bench_host_overhead.py --label after`` (``--quick``: fe
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -37,6 +41,7 @@ from benchmarks.harness import interleaved_timings, record_results  # noqa: E402
 
 BATCH, TOKENS, DIM, RANK = 2, 8, 16, 4
 MODES = ("fwd", "fwd+bwd")
+FUNCTION_ROUTE = "metapeft_function"
 
 
 def lora_contenders(segments: int) -> dict[str, nn.Module]:
@@ -49,7 +54,8 @@ def lora_contenders(segments: int) -> dict[str, nn.Module]:
     plain = PlainMetaLoRA(nn.Linear(DIM, DIM * segments), rank=RANK, segments=segments)
     plain.load_state_dict(fused.state_dict())
     torch.manual_seed(0)
-    return {"metapeft": fused, "hf_peft": hf_peft_lora_linear(nn.Linear(DIM, DIM * segments), RANK), "plain": plain}
+    return {"metapeft": fused, FUNCTION_ROUTE: fused,
+            "hf_peft": hf_peft_lora_linear(nn.Linear(DIM, DIM * segments), RANK), "plain": plain}
 
 
 def adapter_contenders(kind: str) -> dict[str, nn.Module]:
@@ -60,19 +66,21 @@ def adapter_contenders(kind: str) -> dict[str, nn.Module]:
         fused.up_weight.normal_()
     plain = PlainMetaAdapter(DIM, RANK, kind=kind)
     plain.load_state_dict(fused.state_dict(), strict=False)
-    return {"metapeft": fused, "plain": plain}
+    return {"metapeft": fused, FUNCTION_ROUTE: fused, "plain": plain}
 
 
-def calls(layer: nn.Module, inputs: tuple[torch.Tensor, ...], grad_y: torch.Tensor, count: int) -> dict:
-    """Closures running ``count`` calls of each mode."""
+def calls(layer: nn.Module, inputs: tuple[torch.Tensor, ...], grad_y: torch.Tensor, count: int, route) -> dict:
+    """Closures running ``count`` calls of each mode inside the context ``route()``."""
 
     def forward() -> None:
-        for _ in range(count):
-            layer(*inputs)
+        with route():
+            for _ in range(count):
+                layer(*inputs)
 
     def forward_backward() -> None:
-        for _ in range(count):
-            layer(*inputs).backward(grad_y)
+        with route():
+            for _ in range(count):
+                layer(*inputs).backward(grad_y)
 
     return {"fwd": forward, "fwd+bwd": forward_backward}
 
@@ -82,10 +90,12 @@ def measure(case: str, layers: dict[str, nn.Module], inputs: tuple[torch.Tensor,
     with torch.no_grad():
         outputs = {name: layer(*inputs) for name, layer in layers.items()}
     grad_y = torch.randn_like(outputs["metapeft"])
+    routes = {FUNCTION_ROUTE: metapeft.ops.double_backward_ahead}
     torch.testing.assert_close(outputs["metapeft"], outputs["plain"], rtol=1e-5, atol=1e-5)
     rows = []
     for mode in MODES:
-        closures = {name: calls(layer, inputs, grad_y, args.calls)[mode] for name, layer in layers.items()}
+        closures = {name: calls(layer, inputs, grad_y, args.calls, routes.get(name, contextlib.nullcontext))[mode]
+                    for name, layer in layers.items()}
         row = {"label": args.label, "case": case, "mode": mode}
         for name, timing in interleaved_timings(closures, warmup=1, reps=args.reps).items():
             row[f"{name}_cpu_us"] = timing.cpu_s / args.calls * 1e6
