@@ -21,8 +21,18 @@ def gamma_from_modulator(modulator: torch.Tensor, constraint: str) -> torch.Tens
     return torch.nn.functional.softplus(modulator) if constraint == "softplus" else modulator
 
 
-def modulator_gradient(grad_gamma: torch.Tensor, modulator: torch.Tensor, constraint: str) -> torch.Tensor:
-    """d loss / d rho from d loss / d gamma: times sigmoid(rho) (softplus' derivative) or unchanged ("none")."""
+def scale_from_modulator(modulator: torch.Tensor, constraint: str, factor: float) -> torch.Tensor:
+    """An op's scale ``factor * gamma(rho)`` (shape kept); a factor of 1 (LoRA with alpha = r, an adapter with
+    alpha 1) costs no multiply."""
+    gamma = gamma_from_modulator(modulator, constraint)
+    return gamma if factor == 1.0 else gamma * factor
+
+
+def modulator_gradient(grad_scale: torch.Tensor, modulator: torch.Tensor, constraint: str,
+                       factor: float = 1.0) -> torch.Tensor:
+    """d loss / d rho from d loss / d scale for ``scale = factor * gamma(rho)``: times factor, then times sigmoid(rho)
+    (softplus' derivative) or unchanged ("none")."""
+    grad_gamma = grad_scale if factor == 1.0 else grad_scale * factor
     return grad_gamma * torch.sigmoid(modulator) if constraint == "softplus" else grad_gamma
 
 

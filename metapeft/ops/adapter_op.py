@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from metapeft.modulator import gamma_from_modulator, modulator_gradient
+from metapeft.modulator import gamma_from_modulator, modulator_gradient, scale_from_modulator
 from metapeft.ops.adapter_torch import (
     ADAPTER_ACTIVATIONS,
     adapter_bwd_torch,
@@ -68,7 +68,7 @@ class _Adapter(torch.autograd.Function):
         impl = op_impl(backend, FAMILY)
         x2d = x.reshape(-1, x.shape[-1])
         residual2d = None if residual is None else residual.reshape(x2d.shape)
-        scale = gamma_from_modulator(modulator, constraint) * factor
+        scale = scale_from_modulator(modulator, constraint, factor)
         out, z = impl.forward(x2d, residual2d, down_weight, down_bias, up_weight, up_bias, scale, activation,
                               dropout_p, seed)
         ctx.save_for_backward(x, down_weight, down_bias, up_weight, up_bias, modulator, scale, z)  # x: see scaled_lora
@@ -80,14 +80,14 @@ class _Adapter(torch.autograd.Function):
         x, down_weight, down_bias, up_weight, up_bias, modulator, scale, z = ctx.saved_tensors
         constraint, factor, *options = ctx.options
         if torch.is_grad_enabled():  # double backward: the scale as a differentiable function of the modulator
-            scale = gamma_from_modulator(modulator, constraint) * factor
+            scale = scale_from_modulator(modulator, constraint, factor)
         need = ctx.needs_input_grad
         x2d = x.reshape(-1, x.shape[-1])
         dx, ddown_w, ddown_b, dup_w, dup_b, dscale = _grads(
             (x2d, down_weight, down_bias, up_weight, up_bias, scale, z), grad_out.reshape(x2d.shape), _needs(need),
             *options)
         dx = None if dx is None else dx.view(grad_out.shape)
-        dmodulator = None if dscale is None else modulator_gradient(dscale * factor, modulator, constraint)
+        dmodulator = None if dscale is None else modulator_gradient(dscale, modulator, constraint, factor)
         return (dx, grad_out if need[1] else None, ddown_w, ddown_b, dup_w, dup_b, dmodulator,
                 None, None, None, None, None, None)
 

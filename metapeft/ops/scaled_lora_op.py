@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import torch
 
-from metapeft.modulator import gamma_from_modulator, modulator_gradient
+from metapeft.modulator import gamma_from_modulator, modulator_gradient, scale_from_modulator
 from metapeft.ops.backends import DOUBLE_BACKWARD_AHEAD, OpImpl, op_impl, register_op, select_backend
 from metapeft.ops.checks import check_finite, check_floating, check_input, check_same, transforms_active
 from metapeft.ops.dropout import device_seed, seeded_dropout, torch_dropout_factors
@@ -63,7 +63,7 @@ class _ScaledLoRA(torch.autograd.Function):
     def forward(ctx, x, weight, bias, lora_A, lora_B, modulator, constraint, factor, dropout_p, seed, backend):
         impl = op_impl(backend, FAMILY)
         x2d = x.reshape(-1, x.shape[-1])
-        scale = gamma_from_modulator(modulator, constraint) * factor
+        scale = scale_from_modulator(modulator, constraint, factor)
         y, h = impl.forward(x2d, weight, bias, lora_A, lora_B, scale, dropout_p, seed)
         ctx.save_for_backward(x, weight, lora_A, lora_B, modulator, scale, h)  # x itself: double backward needs it
         ctx.options = (constraint, factor, dropout_p, seed, backend, impl.backward)
@@ -74,13 +74,13 @@ class _ScaledLoRA(torch.autograd.Function):
         x, weight, lora_A, lora_B, modulator, scale, h = ctx.saved_tensors
         constraint, factor, dropout_p, seed, backend, kernel_backward = ctx.options
         if torch.is_grad_enabled():  # double backward: the scale as a differentiable function of the modulator
-            scale = gamma_from_modulator(modulator, constraint) * factor
+            scale = scale_from_modulator(modulator, constraint, factor)
         x2d, grad_y2d = x.reshape(-1, x.shape[-1]), grad_y.reshape(-1, grad_y.shape[-1])
         dx, dweight, dbias, dA, dB, dscale = _grads((x2d, weight, lora_A, lora_B, scale, h), grad_y2d,
                                                     ctx.needs_input_grad[:6], dropout_p, seed, backend,
                                                     kernel_backward)
         dx = None if dx is None else dx.view(x.shape)
-        dmodulator = None if dscale is None else modulator_gradient(dscale * factor, modulator, constraint)
+        dmodulator = None if dscale is None else modulator_gradient(dscale, modulator, constraint, factor)
         return dx, dweight, dbias, dA, dB, dmodulator, None, None, None, None, None
 
 
