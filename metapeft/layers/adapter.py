@@ -113,7 +113,8 @@ class FusedMetaAdapter(MetaPEFTModule):
         seed = draw_dropout_seed(x.device) if dropout > 0.0 else None
         out, backend = adapter_call(x, residual, *weights, modulator, self.constraint, self.alpha, self.activation,
                                     dropout, seed, self.backend)
-        if backend != self.last_backend:  # nn.Module.__setattr__ costs more than the comparison
+        # nn.Module.__setattr__ costs more than the comparison; compiled code writes without reading (no guard on it)
+        if torch.compiler.is_compiling() or backend != self.last_backend:
             self.last_backend = backend
         return out
 

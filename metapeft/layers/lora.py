@@ -140,7 +140,8 @@ class FusedMetaLoRA(MetaPEFTModule):
         else:
             scale_args = (self.scale(), "none", 1.0)
         y, backend = scaled_lora_call(x, weight, bias, lora_A, lora_B, *scale_args, dropout, seed, self.backend)
-        if backend != self.last_backend:  # nn.Module.__setattr__ costs more than the comparison
+        # nn.Module.__setattr__ costs more than the comparison; compiled code writes without reading (no guard on it)
+        if torch.compiler.is_compiling() or backend != self.last_backend:
             self.last_backend = backend
         return y
 

@@ -220,12 +220,13 @@ def select_backend(requested: str, x: torch.Tensor, family: str = "scaled_lora")
     eagerly before is made while tracing and kept in the compiled code (``refresh_backends`` then does not
     change what an already compiled model runs).
     """
-    key = (family, requested, x.device, x.dtype)
-    chosen = _SELECTIONS.get(key)
-    if chosen is None:
+    if torch.compiler.is_compiling():  # a constant of the trace: no guard on the eager cache, no recompiles
         chosen = _resolve(family, requested, x.device.type, x.dtype)
-        if not torch.compiler.is_compiling():
-            _SELECTIONS[key] = chosen
+    else:
+        key = (family, requested, x.device, x.dtype)
+        chosen = _SELECTIONS.get(key)
+        if chosen is None:
+            chosen = _SELECTIONS[key] = _resolve(family, requested, x.device.type, x.dtype)
     name, why_not = chosen
     if name is None:
         raise RuntimeError(why_not)

@@ -73,6 +73,27 @@ def test_compiling_before_any_eager_call_selects_the_backend_without_graph_break
     assert {m.last_backend for m in model.modules() if isinstance(m, metapeft.MetaPEFTModule)} == {"torch"}
 
 
+@pytest.mark.parametrize("method", ["lora", "adapter"])
+def test_a_model_compiled_first_compiles_once_across_calls_and_eager_calls(method):
+    # neither the backend selection cache nor a layer's last_backend may be a guard of the compiled code
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    model = peft_vit(method, 0.0)
+    metapeft.ops.refresh_backends()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend=counting_backend)
+    x = images(2)
+    compiled(x)
+    compiled(x)
+    model(x)  # an eager call fills the selection cache and sets last_backend
+    compiled(x)
+    assert len(graphs) == 1
+
+
 def test_compiled_dropout_draws_a_fresh_mask_every_step():
     model = peft_vit("lora", 0.5)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
