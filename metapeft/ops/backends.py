@@ -216,9 +216,9 @@ def select_backend(requested: str, x: torch.Tensor, family: str = "scaled_lora")
     (keyed by the request, ``x``'s device and dtype: a hit costs one dictionary lookup).
 
     ``METAPEFT_BACKEND`` overrides "auto". A request that cannot run raises a ``RuntimeError`` naming the
-    backend and its reasons; it never falls back silently. Under ``torch.compile`` a selection not made
-    eagerly before is made while tracing and kept in the compiled code (``refresh_backends`` then does not
-    change what an already compiled model runs).
+    backend and its reasons; it never falls back silently. Under ``torch.compile`` the selection is made while
+    tracing and is a constant of the compiled code (``refresh_backends`` then does not change what an already
+    compiled model runs; the eager cache is not read there, so filling it never recompiles anything).
     """
     if torch.compiler.is_compiling():  # a constant of the trace: no guard on the eager cache, no recompiles
         chosen = _resolve(family, requested, x.device.type, x.dtype)
