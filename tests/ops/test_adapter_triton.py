@@ -18,6 +18,7 @@ from metapeft.reference import adapter_reference
 from tests.helpers.adapter import NAMES, forward_backward, make_inputs
 from tests.helpers.oracle import assert_2x_rule, non_contiguous, run_interpreter_suite
 from tests.helpers.scaled_lora import dropout_mask
+from tests.helpers.triton_aot import compile_for_gpu
 
 pytest.importorskip("triton")
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -240,3 +241,27 @@ def test_gpu_auto_picks_triton_and_compiles_without_graph_breaks():
                                  layer.scale(), "gelu")
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
     assert layer.modulator.grad is not None and torch.isfinite(layer.modulator.grad).all()
+
+
+# The widest tiles the launchers use (kernels/adapter.py: _bottleneck_block, _row_block), every feature on, with
+# the autotuner's largest BLOCK_D and both warp counts: where register pressure is highest.
+AOT_VARIANTS = {
+    "b64_8warps": (dict(BLOCK_M=64, BLOCK_B=64, BLOCK_D=128), 8),
+    "b256_4warps": (dict(BLOCK_M=32, BLOCK_B=256, BLOCK_D=128), 4),
+}
+AOT_FEATURES = dict(HAS_DOWN_BIAS=True, HAS_UP_BIAS=True, ACTIVATION=1, HAS_DROPOUT=True, RESIDUAL_IS_X=False,
+                    NEED_DX=True, NEED_COLSUM=True)
+
+
+@pytest.mark.slow
+@compiled
+@pytest.mark.parametrize(("arch", "dtype"), [(90, "bf16"), (80, "fp32")], ids=["sm90_bf16", "sm80_fp32"])
+@pytest.mark.parametrize("variant", list(AOT_VARIANTS))
+@pytest.mark.parametrize("name", ["_adapter_fwd_kernel", "_adapter_bwd_kernel"])
+def test_kernels_compile_for_the_gpu_without_one(name, variant, arch, dtype):
+    """Ahead-of-time compile to PTX/cubin for Hopper and Ampere: catches GPU-only lowering errors on a CPU machine."""
+    from metapeft.ops.triton_backend import kernel_module
+
+    tiles, warps = AOT_VARIANTS[variant]
+    kernel = getattr(kernel_module("adapter"), name)
+    assert compile_for_gpu(kernel, {**AOT_FEATURES, **tiles}, arch, dtype, warps), f"{name}: no cubin for sm_{arch}"

@@ -19,6 +19,7 @@ from metapeft.ops.scaled_lora_op import scaled_lora_fwd
 from metapeft.reference import scaled_lora_reference
 from tests.helpers.oracle import run_interpreter_suite
 from tests.helpers.scaled_lora import check_against_oracle, dropout_mask, kernels, make_inputs
+from tests.helpers.triton_aot import compile_for_gpu
 
 pytest.importorskip("triton")
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -180,29 +181,10 @@ AOT_CONSTEXPRS = {
 @pytest.mark.parametrize("name", list(AOT_CONSTEXPRS))
 def test_kernels_compile_for_the_gpu_without_one(name, arch, dtype):
     """Ahead-of-time compile to PTX/cubin for Hopper and Ampere: catches GPU-only lowering errors on a CPU machine."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from metapeft.ops.triton_backend import kernel_module
 
     kernel = getattr(kernel_module("common" if name == "_dropout_mask_kernel" else "scaled_lora"), name)
-    fn = kernel if isinstance(kernel, triton.runtime.JITFunction) else kernel.fn  # unwrap the autotuner
-    constexprs = {**AOT_CONSTEXPRS[name], "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"}
-    constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
-    fp32_pointers = ("scale_ptr", "dscale_part_ptr", "part_ptr", "out_ptr")
-    signature = {}
-    for arg in fn.arg_names:
-        if arg in constexprs:
-            signature[arg] = "constexpr"
-        elif arg.endswith("_ptr"):
-            signature[arg] = "*fp32" if arg in fp32_pointers else f"*{dtype}"
-        else:
-            signature[arg] = {"p": "fp32", "inv_keep": "fp32", "seed": "i64"}.get(arg, "i32")
-    warps = 8 if constexprs.get("BLOCK_M") == 128 else 4
-    compiled = triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": warps, "num_stages": 3})
-    assert compiled.asm["cubin"], f"{name}: no cubin for sm_{arch}"
+    assert compile_for_gpu(kernel, AOT_CONSTEXPRS[name], arch, dtype), f"{name}: no cubin for sm_{arch}"
 
 
 @interpreted
