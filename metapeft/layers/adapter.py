@@ -72,7 +72,6 @@ class FusedMetaAdapter(MetaPEFTModule):
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.dim, self.bottleneck, self.kind, self.activation = dim, bottleneck, kind, activation
-        self.sequential = kind == "sequential"
         self.alpha, self.dropout = float(alpha), float(dropout)
         self.down_weight = nn.Parameter(torch.empty(bottleneck, dim))
         self.down_bias = nn.Parameter(torch.zeros(bottleneck))
@@ -94,7 +93,7 @@ class FusedMetaAdapter(MetaPEFTModule):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """x (..., dim) -> (..., dim); ``residual`` (..., dim) is required for ``kind="parallel"`` and refused for
         ``kind="sequential"`` (whose residual is x itself)."""
-        if (residual is None) != self.sequential:
+        if (residual is None) != (self.kind == "sequential"):
             if residual is None:
                 raise ValueError("a parallel (AdaptFormer) FusedMetaAdapter needs residual=mlp(LN(x)) in forward")
             raise ValueError("a sequential (Houlsby) FusedMetaAdapter adds to its input x: pass no residual")
