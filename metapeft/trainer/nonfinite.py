@@ -28,6 +28,10 @@ class NonFiniteError(FloatingPointError):
                          "state; the last checkpoint was written before it (lower lr / meta_lr, set max_grad_norm, "
                          "or check the data)")
 
+    def __reduce__(self):
+        """Rebuild from (cause, global_step): the error crosses process boundaries (sweep workers)."""
+        return type(self), (self.cause, self.global_step)
+
 
 def all_finite(tensors) -> torch.Tensor | None:
     """0-dim bool tensor: every element of the floating-point tensors in ``tensors`` is finite, from one fused
