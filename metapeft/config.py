@@ -23,13 +23,13 @@ from pathlib import Path
 
 import yaml
 
+from metapeft.inject import InjectionConfig
 from metapeft.trainer import TrainerConfig
 
 SECTIONS = ("model", "peft", "data", "train")
 TOP_LEVEL_KEYS = (*SECTIONS, "output_dir", "eval_each_epoch")
 MODEL_KEYS = ("name", "pretrained", "weights", "weights_format", "kwargs", "seed")
-PEFT_KEYS = ("method", "positions", "layers", "rank", "alpha", "dropout", "meta", "init_gamma", "constraint",
-             "activation", "backend")
+PEFT_KEYS = tuple(spec.name for spec in InjectionConfig.options())  # the peft: section is an InjectionConfig
 METHOD_NAMES = {"lora": "LoRA", "adaptformer": "AdaptFormer", "adapter": "Adapter"}
 
 

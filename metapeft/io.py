@@ -26,7 +26,7 @@ from metapeft.checkpoint import (
 from metapeft.heads import CosineClassifier, replace_head
 from metapeft.inject import (
     CONFIG_ATTRIBUTE,
-    InjectionConfig,
+    Injection,
     inject,
     injection_config,
     peft_modules,
@@ -51,7 +51,7 @@ class AdapterInfo:
     logit order, when the saver knew them. ``versions``: ``metapeft`` and ``torch`` of the saver.
     """
 
-    config: InjectionConfig
+    config: Injection
     heads: dict[str, dict]
     gamma: dict[str, list[float]]
     class_names: tuple[str, ...] | None
@@ -147,7 +147,7 @@ def _info_from_metadata(path: str | os.PathLike, metadata: dict[str, str]) -> Ad
     try:
         class_names = json.loads(metadata["class_names"])
         return AdapterInfo(
-            config=InjectionConfig.from_dict(json.loads(metadata["metapeft_config"])),
+            config=Injection.from_dict(json.loads(metadata["metapeft_config"])),
             heads=json.loads(metadata["heads"]), gamma=json.loads(metadata["gamma"]),
             class_names=None if class_names is None else tuple(class_names),
             versions=json.loads(metadata["versions"]),
@@ -174,7 +174,7 @@ def _prepare(model: nn.Module, info: AdapterInfo, path: str) -> None:
     """Inject ``info.config`` into an uninjected ``model`` and rebuild heads that differ from ``info.heads``;
     a ``LoadError`` when the model's injection differs or a head cannot be rebuilt."""
     if getattr(model, CONFIG_ATTRIBUTE, None) is None:
-        inject(model, **info.config.inject_kwargs())
+        inject(model, info.config)
     differences = injection_config(model).structural_differences(info.config)
     if differences:
         raise LoadError(f"adapter file {path} was saved from a different injection (model != file): "

@@ -280,3 +280,78 @@ def test_refuses_second_injection_and_non_vit_models():
         metapeft.inject(model, rank=2)
     with pytest.raises(TypeError, match="target_modules"):
         metapeft.inject(nn.Sequential(nn.Linear(4, 4)))
+
+
+# ----- config-first injection ----------------------------------------------------------------------------------
+def test_config_object_keywords_and_a_recorded_injection_place_the_same_modules():
+    from metapeft.inject import InjectionConfig, injection_config
+
+    by_keywords, by_config, repeated = tiny_vit(), tiny_vit(), tiny_vit()
+    metapeft.inject(by_keywords, positions=["v", "q", "mlp2"], layers=[2, 0], rank=3, alpha=6)
+    metapeft.inject(by_config, InjectionConfig(positions=("q",), layers=(0, 2), rank=5), positions=["q", "v", "mlp2"],
+                    rank=3, alpha=6)  # keywords override the object's fields
+    metapeft.inject(repeated, injection_config(by_keywords))  # a recorded injection repeats itself
+    record = injection_config(by_keywords)
+    assert record.positions == ("q", "v", "mlp2") and record.layers == (0, 2) and record.alpha == 6.0
+    assert injection_config(by_config) == record == injection_config(repeated)
+    assert [n for n, _ in peft_modules(by_config)] == [n for n, _ in peft_modules(by_keywords)]
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"meta": "yes"}, "meta must be true or false"), ({"alpha": float("nan")}, "alpha must be a finite number"),
+    ({"layers": [-1]}, "layers"), ({"positions": "q", "method": "adaptformer"}, "positions for method='adaptformer'"),
+    ({"target_modules": ["fc1"], "layers": [0]}, "with target_modules leave them unset"), ({"rank": True}, "rank"),
+], ids=["meta", "alpha", "layers", "positions", "target-and-layers", "rank-bool"])
+def test_the_config_checks_its_fields_without_a_model(options, match):
+    from metapeft.inject import InjectionConfig
+
+    with pytest.raises(ValueError, match=match):
+        InjectionConfig(**options)
+
+
+def test_every_option_is_documented_and_is_an_inject_keyword_and_a_yaml_key():
+    import inspect
+
+    from metapeft.config import PEFT_KEYS
+    from metapeft.inject import InjectionConfig
+
+    names = [spec.name for spec in InjectionConfig.options()]
+    keywords = [p.name for p in inspect.signature(metapeft.inject).parameters.values() if p.kind is p.KEYWORD_ONLY]
+    assert keywords == names == list(PEFT_KEYS)
+    assert all(len(spec.metadata["help"]) > 10 for spec in InjectionConfig.options())
+    assert all(f"    {name} (" in metapeft.inject.__doc__ for name in names)
+
+
+def test_placement_strategies_are_tried_in_order(monkeypatch):
+    import importlib
+
+    inject_module = importlib.import_module("metapeft.inject")  # metapeft.inject is also the function's name
+    seen = []
+
+    def place_first_linear(model, config, factory):  # a strategy for a model family the defaults do not know
+        seen.append(config.rank)
+        if not isinstance(model, nn.Sequential):
+            return None
+        placement = inject_module.Placement("0", "0", ("gamma",))
+        return inject_module.PlacementPlan(((("0", factory.lora(model[0]), placement)),), ("0",), ("gamma",), None,
+                                           "all")
+
+    monkeypatch.setattr(inject_module, "PLACEMENT_STRATEGIES", [place_first_linear,
+                                                                *inject_module.PLACEMENT_STRATEGIES])
+    plain = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    summary = metapeft.inject(plain, rank=2)
+    assert summary.modules == ("0",) and isinstance(plain[0], metapeft.FusedMetaLoRA) and type(plain[1]) is nn.Linear
+    vit = tiny_vit(depth=1)
+    metapeft.inject(vit, rank=3)  # the first strategy declines: the ViT strategy places
+    assert seen == [2, 3] and isinstance(vit.blocks[0].attn.qkv, metapeft.FusedMetaLoRA)
+
+
+def test_an_adapter_file_of_the_generic_path_written_before_the_config_checks_loads():
+    from metapeft.inject import Injection, injection_config
+
+    model = nn.Sequential(nn.Linear(6, 8), nn.Linear(8, 3))
+    metapeft.inject(model, target_modules=["1"], rank=2)
+    stored = injection_config(model).to_dict()
+    assert stored["positions"] is None and stored["layers"] == "all"
+    older = {**stored, "positions": [], "layers": []}  # what metapeft-adapter/2 files of this path hold
+    assert Injection.from_dict(older) == injection_config(model)
