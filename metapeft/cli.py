@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import platform
 import signal
@@ -31,9 +32,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from metapeft.demo import DEFAULT_SEEDS as DEMO_SEEDS
 from metapeft.metrics import format_percent, metrics_table
-from metapeft.sweep import KINDS as SWEEP_KINDS
 from metapeft.trainer.callbacks import Callback
 
 
@@ -204,10 +203,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from metapeft.demo import run_demo
+    from metapeft.demo import DEFAULT_SEEDS, run_demo
 
     run_demo(quick=args.quick, output_dir=args.output_dir, cache_dir=args.cache_dir, threads=args.threads,
-             seed=args.seed, seeds=args.seeds, jobs=args.jobs, readme=args.readme)
+             seed=args.seed, seeds=DEFAULT_SEEDS if args.seeds is None else args.seeds, jobs=args.jobs,
+             readme=args.readme)
     return 0
 
 
@@ -232,6 +232,23 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 # ----- parser --------------------------------------------------------------------------------------------------------
+class LazyChoices:
+    """argparse ``choices`` read from ``module.attribute`` when first needed (parsing that command, or its help and
+    errors), so importing the CLI or running another command does not import the app module that defines them."""
+
+    def __init__(self, module: str, attribute: str) -> None:
+        self.module, self.attribute = module, attribute
+
+    def _values(self) -> Sequence[str]:
+        return getattr(importlib.import_module(self.module), self.attribute)
+
+    def __contains__(self, value) -> bool:
+        return value in self._values()
+
+    def __iter__(self):
+        return iter(self._values())
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``metapeft`` argument parser (module docstring)."""
     parser = argparse.ArgumentParser(prog="metapeft", description="MetaPEFT: meta-learned modulators for "
@@ -290,8 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--threads", type=_positive_int, default=1,
                       help="torch CPU threads (default 1: the demo's matrices are too small to gain from more)")
     demo.add_argument("--seed", type=_non_negative_int, default=0, help="the first fine-tuning seed (default 0)")
-    demo.add_argument("--seeds", type=_positive_int, default=DEMO_SEEDS,
-                      help=f"number of fine-tuning seeds (default {DEMO_SEEDS})")
+    demo.add_argument("--seeds", type=_positive_int, help="number of fine-tuning seeds (default: "
+                                                          "metapeft.demo.DEFAULT_SEEDS)")
     demo.add_argument("--jobs", type=_positive_int, default=1, help="fine-tuning runs in parallel processes")
     demo.add_argument("--readme", metavar="README.md", help="rewrite this file's demo table from the results")
     demo.set_defaults(handler=cmd_demo)
@@ -299,7 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep = commands.add_parser("sweep", help="the paper's analyses as resumable grids of fine-tuning runs",
                                 description="Position x depth map, scaling-factor sweep, meta-set ratio and meta "
                                             "interval sweeps (metapeft.sweep) on a config or on the demo task.")
-    sweep.add_argument("kind", choices=SWEEP_KINDS)
+    sweep.add_argument("kind", metavar="KIND", choices=LazyChoices("metapeft.sweep", "KINDS"),
+                       help="what to sweep: %(choices)s")
     sweep.add_argument("--config", help="training config yaml (default: the demo task, offline)")
     sweep.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
     sweep.add_argument("--values", nargs="+", metavar="V", help="swept values: log2(alpha), meta ratios, or meta "

@@ -225,3 +225,16 @@ def test_a_bug_is_not_disguised_as_a_usage_error(monkeypatch):
     monkeypatch.setattr("metapeft.runs.load_run", load_run)
     with pytest.raises(RuntimeError, match="a bug"):
         main(["gamma", "some/run"])
+
+
+def test_the_cli_imports_demo_and_sweep_only_for_their_commands(capsys):
+    import subprocess
+    import sys
+
+    probe = ("import sys, metapeft.cli as cli; cli.build_parser().parse_args(['info']); "
+             "print(sorted(m for m in ('metapeft.demo', 'metapeft.sweep') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", done.stderr
+    with pytest.raises(SystemExit):  # the choices still come from metapeft.sweep.KINDS
+        main(["sweep", "bogus"])
+    assert "invalid choice: 'bogus' (choose from 'positions', 'alpha', 'meta_ratio'" in capsys.readouterr().err
