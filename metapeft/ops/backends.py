@@ -26,7 +26,8 @@ import torch
 
 BACKEND_ENV = "METAPEFT_BACKEND"
 BACKEND_NAMES = ("cuda", "triton", "torch")  # the order in which "auto" tries them
-# Written by benchmarks/gpu_check.py on a GPU: the backend that passed every gpu test and timed fastest there.
+# The shipped CUDA default (changed only by a deliberate commit of a GPU check's recommendation); a GPU check run
+# on a user's machine records its own in the user's cache, read first (:func:`recorded_default_file`).
 GPU_DEFAULT_FILE = Path(__file__).with_name("gpu_default.json")
 FAMILIES = ("scaled_lora", "adapter")
 
@@ -138,11 +139,21 @@ def refresh_backends() -> None:
     _GPU_DEFAULT.clear()
 
 
+def recorded_default_file() -> Path | None:
+    """Where the recorded CUDA default is read from: ``gpu_default.json`` in the user's cache (``$METAPEFT_CACHE``,
+    else ``$XDG_CACHE_HOME/metapeft``, else ``~/.cache/metapeft``; written by ``benchmarks/gpu_check.py`` run on
+    this machine) first, then the shipped ``GPU_DEFAULT_FILE``; None when neither exists."""
+    cache = os.environ.get("METAPEFT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "metapeft")
+    return next((p for p in (Path(cache) / "gpu_default.json", GPU_DEFAULT_FILE) if p.is_file()), None)
+
+
 def recorded_cuda_default_backend(path: Path | None = None) -> str | None:
     """The backend a recorded GPU check chose for CUDA tensors (``cuda_default_backend`` in ``path``, default
-    ``GPU_DEFAULT_FILE``), or None when none is recorded; a name that is not a backend is an error naming the file."""
-    path = GPU_DEFAULT_FILE if path is None else path
-    if not path.is_file():
+    :func:`recorded_default_file`), or None when none is recorded; a name that is not a backend is an error naming
+    the file."""
+    path = recorded_default_file() if path is None else path
+    if path is None or not path.is_file():
         return None
     name = json.loads(path.read_text()).get("cuda_default_backend")
     if name is not None and name not in BACKEND_NAMES:
