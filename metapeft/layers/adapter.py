@@ -4,12 +4,13 @@ and the wrappers that place one beside (:class:`ParallelAdapter`) or after (:cla
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import nn
 
-from metapeft.layers.base import MetaPEFTModule, autocast_dtype, draw_dropout_seed, module_tensors
-from metapeft.ops.adapter_op import adapter_call, check_adapter_params
+from metapeft.layers.base import MetaPEFTModule, module_tensors
+from metapeft.ops.adapter_op import ADAPTER, check_adapter_params
 from metapeft.ops.adapter_torch import ADAPTER_ACTIVATIONS
 
 ADAPTER_KINDS = ("parallel", "sequential")
@@ -69,6 +70,8 @@ class FusedMetaAdapter(MetaPEFTModule):
             raise ValueError(f"kind must be one of {ADAPTER_KINDS}, got {kind!r}")
         if activation not in ADAPTER_ACTIVATIONS:
             raise ValueError(f"activation must be one of {ADAPTER_ACTIVATIONS}, got {activation!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0.0 < alpha < math.inf:
+            raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.dim, self.bottleneck, self.kind, self.activation = dim, bottleneck, kind, activation
@@ -99,23 +102,8 @@ class FusedMetaAdapter(MetaPEFTModule):
             raise ValueError("a sequential (Houlsby) FusedMetaAdapter adds to its input x: pass no residual")
         *weights, modulator = module_tensors(self, _OP_TENSORS)
         self.check_modulator(modulator)
-        dtype = autocast_dtype(x)
-        if dtype is not None:
-            with torch.autocast(x.device.type, enabled=False):
-                x, *weights = (t.to(dtype) for t in (x, *weights))
-                residual = None if residual is None else residual.to(dtype)
-                return self._adapter(x, residual, weights, modulator)
-        return self._adapter(x, residual, weights, modulator)
-
-    def _adapter(self, x, residual, weights, modulator) -> torch.Tensor:
-        dropout = self.dropout if self.training else 0.0
-        seed = draw_dropout_seed(x.device) if dropout > 0.0 else None
-        out, backend = adapter_call(x, residual, *weights, modulator, self.constraint, self.alpha, self.activation,
-                                    dropout, seed, self.backend)
-        # nn.Module.__setattr__ costs more than the comparison; compiled code writes without reading (no guard on it)
-        if torch.compiler.is_compiling() or backend != self.last_backend:
-            self.last_backend = backend
-        return out
+        return self.run_op(ADAPTER, x, (residual, *weights), modulator, self.constraint, self.alpha,
+                           (self.activation,))
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, bottleneck={self.bottleneck}, alpha={self.alpha}, kind={self.kind!r}, "

@@ -1,5 +1,6 @@
-"""What every metapeft PEFT module shares: a frozen base, PEFT weights (phi), modulators (rho), and the helpers
-the layers use around the ops (autocast, dropout seeds, the once-per-change modulator check)."""
+"""What every metapeft PEFT module shares: a frozen base, PEFT weights (phi), modulators (rho), and the plumbing
+around an op call (:meth:`MetaPEFTModule.run_op`: autocast, the dropout seed, ``last_backend``; the once-per-change
+modulator check)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from torch import nn
 from metapeft.modulator import check_constraint, gamma_from_modulator, modulator_for_gamma
 from metapeft.ops.backends import validate_backend_name
 from metapeft.ops.checks import check_finite, transforms_active
+from metapeft.ops.family import FusedOp
 
 
 def module_tensors(module: nn.Module, names: tuple[str, ...]) -> list[torch.Tensor | None]:
@@ -18,7 +20,8 @@ def module_tensors(module: nn.Module, names: tuple[str, ...]) -> list[torch.Tens
     Equal to attribute access: ``nn.Module`` keeps a registered name out of the instance dict, what
     ``torch.func.functional_call``, DDP and FSDP swap in lands in those dicts, and ``torch.nn.utils.parametrize``
     takes a parametrized name out of them (then the property answers). A dict read costs 0.07 us where
-    ``nn.Module.__getattr__`` costs 0.6 us: 2.2 us of a 40 us tiny adapter call (CPU, 5 tensors).
+    ``nn.Module.__getattr__`` costs about ten times as much (measured on CPU; per-call times are in
+    ``benchmarks/results/host_overhead.md``).
     """
     params, buffers = module._parameters, module._buffers
     return [params[n] if n in params else buffers[n] if n in buffers else getattr(module, n) for n in names]
@@ -87,6 +90,28 @@ class MetaPEFTModule(nn.Module):
     def meta_parameters(self) -> list[nn.Parameter]:
         """This module's modulator (rho) when it is learnable, else nothing."""
         return [self.modulator] if self.meta else []
+
+    def run_op(self, op: FusedOp, x: torch.Tensor, args: tuple, modulator: torch.Tensor, constraint: str,
+               factor: float, extra: tuple = ()) -> torch.Tensor:
+        """``op`` on x (..., K) with the family's arguments object ``args`` and ``scale = factor * gamma(modulator)``
+        (``constraint``): under autocast x and ``args`` are cast to the autocast dtype and the op runs with autocast
+        off (the modulator keeps its dtype); in training mode a fresh dropout seed is drawn on x's device;
+        ``last_backend`` records the backend that ran."""
+        dtype = autocast_dtype(x)
+        if dtype is None:
+            return self._run_op(op, x, args, modulator, constraint, factor, extra)
+        with torch.autocast(x.device.type, enabled=False):
+            args = tuple(None if t is None else t.to(dtype) for t in args)
+            return self._run_op(op, x.to(dtype), args, modulator, constraint, factor, extra)
+
+    def _run_op(self, op, x, args, modulator, constraint, factor, extra) -> torch.Tensor:
+        dropout = self.dropout if self.training else 0.0
+        seed = draw_dropout_seed(x.device) if dropout > 0.0 else None
+        out, backend = op.call(x, args, modulator, constraint, factor, extra, dropout, seed, self.backend)
+        # nn.Module.__setattr__ costs more than the comparison; compiled code writes without reading (no guard on it)
+        if torch.compiler.is_compiling() or backend != self.last_backend:
+            self.last_backend = backend
+        return out
 
     def check_parameters(self) -> None:
         """Raise naming the first parameter the op cannot run (shapes, dtypes, devices)."""

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import nn
 
-from metapeft.layers.base import MetaPEFTModule, autocast_dtype, draw_dropout_seed, module_tensors
-from metapeft.ops.scaled_lora_op import check_scaled_lora_params, scaled_lora_call
+from metapeft.layers.base import MetaPEFTModule, module_tensors
+from metapeft.ops.scaled_lora_op import SCALED_LORA, check_scaled_lora_params
 
 
 class FusedMetaLoRA(MetaPEFTModule):
@@ -61,6 +62,9 @@ class FusedMetaLoRA(MetaPEFTModule):
         if not isinstance(rank, int) or not 1 <= rank <= max_rank:
             raise ValueError(f"rank must be an int in [1, min(in_features, out_features/segments)] = "
                              f"[1, {max_rank}], got {rank}")
+        if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, numbers.Real)
+                                  or not 0.0 < alpha < math.inf):
+            raise ValueError(f"alpha must be None (the rank) or a finite number > 0, got {alpha!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         active = tuple(range(segments)) if active_segments is None else tuple(active_segments)
@@ -122,28 +126,11 @@ class FusedMetaLoRA(MetaPEFTModule):
         lora_A, lora_B, modulator = module_tensors(self, ("lora_A", "lora_B", "modulator"))
         self.check_modulator(modulator)
         weight, bias = module_tensors(self.base, ("weight", "bias"))
-        if not self.all_segments_active:
-            lora_A, lora_B = self.lora_factors()
-        dtype = autocast_dtype(x)
-        if dtype is not None:
-            with torch.autocast(x.device.type, enabled=False):
-                x, weight, lora_A, lora_B = (t.to(dtype) for t in (x, weight, lora_A, lora_B))
-                bias = None if bias is None else bias.to(dtype)
-                return self._scaled_lora(x, weight, bias, lora_A, lora_B, modulator)
-        return self._scaled_lora(x, weight, bias, lora_A, lora_B, modulator)
-
-    def _scaled_lora(self, x, weight, bias, lora_A, lora_B, modulator) -> torch.Tensor:
-        dropout = self.dropout if self.training else 0.0
-        seed = draw_dropout_seed(x.device) if dropout > 0.0 else None
         if self.all_segments_active:  # the op computes gamma * alpha / r itself
-            scale_args = (modulator, self.constraint, self.alpha / self.rank)
-        else:
-            scale_args = (self.scale(), "none", 1.0)
-        y, backend = scaled_lora_call(x, weight, bias, lora_A, lora_B, *scale_args, dropout, seed, self.backend)
-        # nn.Module.__setattr__ costs more than the comparison; compiled code writes without reading (no guard on it)
-        if torch.compiler.is_compiling() or backend != self.last_backend:
-            self.last_backend = backend
-        return y
+            return self.run_op(SCALED_LORA, x, (weight, bias, lora_A, lora_B), modulator, self.constraint,
+                               self.alpha / self.rank)
+        lora_A, lora_B = self.lora_factors()
+        return self.run_op(SCALED_LORA, x, (weight, bias, lora_A, lora_B), self.scale(), "none", 1.0)
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:

@@ -24,6 +24,31 @@ def check_same(t: torch.Tensor, ref: torch.Tensor, name: str, ref_name: str) -> 
         raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}; they must match")
 
 
+def check_params(tensors: dict[str, tuple[torch.Tensor | None, int | None]], scale: torch.Tensor,
+                 dropout_p: float) -> None:
+    """The prelude of every op family's parameter checks. ``tensors`` maps each argument's name to ``(value,
+    ndim)``, ``ndim`` None for an optional argument (None allowed, shape checked by the family); the first entry
+    is a floating tensor that every other one matches in dtype and device; ``scale`` is a 1-D floating tensor on
+    its device; ``dropout_p`` is in [0, 1)."""
+    for name, (t, ndim) in (*tensors.items(), ("scale", (scale, 1))):
+        if ndim is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        if t.dim() != ndim:
+            raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    (first, (reference, _)), *others = tensors.items()
+    check_floating(reference, first)
+    for name, (t, _) in others:
+        if t is not None:
+            check_same(t, reference, name, first)
+    check_floating(scale, "scale")
+    if scale.device != reference.device:
+        raise ValueError(f"scale must be on {first}'s device {reference.device}, got {scale.device}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+
+
 def check_input(x: torch.Tensor, weight: torch.Tensor, weight_name: str) -> None:
     """The per-call checks of an op's input x (..., K) against its first weight (rows, K): a floating tensor of
     the weight's dtype and device whose last dimension is K. ``weight`` must have passed the op's parameter

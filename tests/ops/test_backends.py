@@ -66,7 +66,7 @@ def _random_layer(kind: str) -> torch.nn.Module:
 def test_double_backward_ahead_routes_torch_calls_through_the_function_with_the_same_second_derivatives(kind):
     layer = _random_layer(kind)
     x = torch.randn(5, 12, dtype=torch.float64, requires_grad=True)
-    function_node = "_ScaledLoRABackward" if kind == "lora" else "_AdapterBackward"
+    function_node = "_FusedFunctionBackward"
     second = {}
     for ahead in (False, True):
         with backends.double_backward_ahead() if ahead else torch.enable_grad():
