@@ -148,6 +148,9 @@ BAD_CONSTRUCTION = {
     "constraint": (dict(constraint="square"), "constraint must be one of"),
     "backend": (dict(backend="fast"), "backend must be"),
     "init_gamma": (dict(init_gamma=0.0), "init_gamma must be .*> 0"),
+    "alpha_nan": (dict(alpha=float("nan")), "alpha must be a finite number > 0"),
+    "alpha_inf": (dict(alpha=float("inf")), "alpha must be a finite number > 0"),
+    "alpha_zero": (dict(alpha=0.0), "alpha must be a finite number > 0"),
 }
 
 

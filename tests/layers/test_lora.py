@@ -169,6 +169,10 @@ def test_torch_compile_fullgraph_matches_eager():
         ({"rank": 2, "backend": "fast"}, "backend"),
         ({"rank": 2, "segments": 3, "active_segments": (3,)}, "active_segments"),
         ({"rank": 2, "init_gamma": 0.0}, "init_gamma"),
+        ({"rank": 2, "alpha": float("nan")}, "alpha"),
+        ({"rank": 2, "alpha": float("inf")}, "alpha"),
+        ({"rank": 2, "alpha": 0.0}, "alpha"),
+        ({"rank": 2, "alpha": True}, "alpha"),
     ],
 )
 def test_bad_construction_arguments_are_named(kwargs, match):
