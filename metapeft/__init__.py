@@ -1,32 +1,28 @@
-"""metapeft: MetaPEFT (meta-learned hyperparameters for parameter-efficient fine-tuning) for PyTorch."""
+"""metapeft: MetaPEFT (meta-learned hyperparameters for parameter-efficient fine-tuning) for PyTorch.
 
-from metapeft import meta, metrics, ops
-from metapeft.gamma import GammaTable, gamma_table, plot_gamma
-from metapeft.heads import CosineClassifier
-from metapeft.inject import InjectionSummary, inject
+The root holds what a user needs: the layers, injection and merging, the parameter groups, one meta step, the
+trainer, adapter files (and HF PEFT import/export) and the gamma table. Everything else stays in its submodule
+(``metapeft.ops``, ``metapeft.meta``, ``metapeft.trainer``, ``metapeft.gamma``, ``metapeft.heads``, ``metapeft.losses``,
+``metapeft.metrics``, ``metapeft.data``...; the README's API section lists them).
+"""
+
+from metapeft import meta, metrics, ops  # noqa: F401  (submodules, reachable as metapeft.meta etc.)
+from metapeft.gamma import gamma_table
+from metapeft.inject import inject
 from metapeft.io import export_peft, load_adapter, save_adapter
-from metapeft.layers import FusedMetaAdapter, FusedMetaLoRA, MetaPEFTModule
-from metapeft.losses import LogitAdjustedLoss
+from metapeft.layers import FusedMetaAdapter, FusedMetaLoRA
 from metapeft.merging import merge, unmerge
-from metapeft.meta import HypergradientResult, hypergradient, trainable_phi
+from metapeft.meta import hypergradient
 from metapeft.params import mark_only_peft_trainable, meta_parameters, peft_parameters
-from metapeft.trainer import Callback, MetaPEFTTrainer, TrainerConfig
+from metapeft.trainer import MetaPEFTTrainer, TrainerConfig
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Callback",
-    "CosineClassifier",
-    "LogitAdjustedLoss",
-    "MetaPEFTTrainer",
-    "TrainerConfig",
-    "metrics",
     "FusedMetaAdapter",
     "FusedMetaLoRA",
-    "GammaTable",
-    "HypergradientResult",
-    "InjectionSummary",
-    "MetaPEFTModule",
+    "MetaPEFTTrainer",
+    "TrainerConfig",
     "export_peft",
     "gamma_table",
     "hypergradient",
@@ -34,12 +30,8 @@ __all__ = [
     "load_adapter",
     "mark_only_peft_trainable",
     "merge",
-    "meta",
     "meta_parameters",
-    "ops",
     "peft_parameters",
-    "plot_gamma",
     "save_adapter",
-    "trainable_phi",
     "unmerge",
 ]

@@ -5,6 +5,7 @@
 | ``metapeft train --config CFG [--set key=value ...] [--weights PATH] [--resume or --overwrite]`` | fine-tune |
 | ``metapeft eval RUN [--data CFG_OR_INDEX] [--split test]`` | the paper's metrics table for a trained run |
 | ``metapeft gamma RUN [--plot out.png]`` | the learned gamma table (and heatmap) |
+| ``metapeft export RUN --peft DIR`` | a trained LoRA run as an HF PEFT adapter directory (:mod:`metapeft.hf_peft`) |
 | ``metapeft info`` | versions, devices, built extensions, backend availability |
 | ``metapeft bench [NAME ...] [--quick] [--list]`` | the benchmark scripts of a source checkout |
 | ``metapeft demo [--seeds N] [--quick] [--readme README.md]`` | the small-scale demonstration (:mod:`metapeft.demo`) |
@@ -163,6 +164,22 @@ def cmd_gamma(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from metapeft.hf_peft import export_peft, require_peft
+    from metapeft.runs import load_run
+
+    try:
+        require_peft()
+    except ImportError as error:
+        print(f"metapeft export: error: {error}", file=sys.stderr)
+        return 2
+    _, model, directory = load_run(args.run, args.weights)
+    written = export_peft(model, args.peft)
+    print(f"HF PEFT adapter of {directory} written to {written}; load it with "
+          f"peft.PeftModel.from_pretrained(<the run's backbone>, {written!r})")
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     import metapeft
     from metapeft.build_info import build_info, format_build_info, package_versions
@@ -286,6 +303,16 @@ def build_parser() -> argparse.ArgumentParser:
     gamma.add_argument("--plot", metavar="OUT.png", help="write the gamma heatmap here")
     gamma.add_argument("--weights", help="backbone weights file, if not the one recorded in the run")
     gamma.set_defaults(handler=cmd_gamma)
+
+    export = commands.add_parser("export", help="write a trained LoRA run as an HF PEFT adapter directory",
+                                 description="Export a run's LoRA (gamma folded into B) and head as an HF PEFT "
+                                             "adapter: peft.PeftModel.from_pretrained(backbone, DIR) reproduces "
+                                             "the run's logits. Needs peft (pip install \"metapeft[peft]\") and a "
+                                             "linear head (train with --set train.classifier=linear).")
+    export.add_argument("run", help="run directory written by metapeft train (or a file inside it)")
+    export.add_argument("--peft", required=True, metavar="DIR", help="the HF PEFT adapter directory to write")
+    export.add_argument("--weights", help="backbone weights file, if not the one recorded in the run")
+    export.set_defaults(handler=cmd_export)
 
     info = commands.add_parser("info", help="versions, devices, built extensions and backend availability")
     info.add_argument("--json", action="store_true", help="print the report as JSON")

@@ -1,12 +1,11 @@
-"""Save and load an injected model's adapter (a self-describing, checksummed safetensors file) and export it as an
-HF PEFT LoRA."""
+"""Save and load an injected model's adapter (a self-describing, checksummed safetensors file). HF PEFT export and
+import live in :mod:`metapeft.hf_peft`."""
 
 from __future__ import annotations
 
 import copy
 import json
 import os
-import re
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from itertools import chain
@@ -20,7 +19,6 @@ from metapeft.checkpoint import (
     check_tensors_fit,
     copy_into,
     load_safetensors,
-    nonfinite_tensors,
     save_safetensors,
 )
 from metapeft.heads import CosineClassifier, replace_head
@@ -30,10 +28,8 @@ from metapeft.inject import (
     inject,
     injection_config,
     peft_modules,
-    replace_module,
     unwrap_model,
 )
-from metapeft.layers import FusedMetaLoRA
 
 FORMAT = "metapeft-adapter/2"
 # Head types load_adapter can rebuild from their description in the file.
@@ -104,7 +100,7 @@ def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _check_unmerged(model: nn.Module, action: str) -> None:
+def check_unmerged(model: nn.Module, action: str) -> None:
     merged = [name for name, m in peft_modules(model) if getattr(m, "merged", False)]
     if merged:
         raise RuntimeError(f"cannot {action} while LoRA weights are merged ({merged[0]}, ...); "
@@ -121,7 +117,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, class_names: list[st
     """
     config = injection_config(model)
     target = unwrap_model(model)
-    _check_unmerged(target, "save an adapter")
+    check_unmerged(target, "save an adapter")
     heads = {name: describe_head(target.get_submodule(name)) for name in config.modules_to_save}
     if class_names is not None:
         class_names = [str(c) for c in class_names]
@@ -204,7 +200,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> AdapterInfo:
     stored, metadata = load_safetensors(path, require_checksum=False)
     info = _info_from_metadata(path, metadata)
     target = unwrap_model(model)
-    _check_unmerged(target, "load an adapter")
+    check_unmerged(target, "load an adapter")
     plan = _skeleton(target)
     _prepare(plan, info, path)
     check_tensors_fit(stored, adapter_tensors(plan), f"adapter file {path}")
@@ -212,71 +208,3 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> AdapterInfo:
     copy_into(adapter_tensors(target), stored)
     return info
 
-
-def peft_lora_factors(module: FusedMetaLoRA) -> tuple[torch.Tensor, torch.Tensor]:
-    """One plain LoRA equal to ``module``'s scaled segments, scale folded into B: ``(A (S_a*r, K),
-    B (N, S_a*r))`` in float32 or wider, with ``B A = cat_j(scale_j * B_j A_j)`` (B block-diagonal over the
-    S_a active segments, zero rows for inactive segments); ``S_a * r`` is the PEFT rank."""
-    compute = torch.promote_types(module.lora_A.dtype, torch.float32)
-    lora_A, lora_B = module.lora_A.detach().to(compute), module.lora_B.detach().to(compute)
-    scale = module.scale().detach().to(compute)
-    rank, per_segment = module.rank, module.out_features // module.segments
-    folded = lora_B.new_zeros(module.out_features, lora_A.shape[0])
-    for i, j in enumerate(module.active_segments):
-        rows, columns = slice(j * per_segment, (j + 1) * per_segment), slice(i * rank, (i + 1) * rank)
-        folded[rows, columns] = scale[j] * lora_B[i * per_segment:(i + 1) * per_segment]
-    return lora_A, folded
-
-
-def export_peft(model: nn.Module, directory: str | os.PathLike) -> str:
-    """Write an HF PEFT LoRA directory (``adapter_config.json`` + ``adapter_model.safetensors``) that
-    ``peft.PeftModel.from_pretrained(<the same base model>, directory)`` loads to reproduce ``model``'s outputs.
-
-    gamma * alpha / r is folded into B and each module's ``lora_alpha`` equals its rank (PEFT scaling 1); a fused
-    qkv with S_a LoRA segments becomes one PEFT LoRA of rank S_a * r (``rank_pattern``) with A stacked and B
-    block-diagonal. ``modules_to_save`` (the head) is exported too and loads into a base model whose head has the
-    same type and size. Refused with a ``ValueError`` naming the part PEFT cannot represent: AdaptFormer and Houlsby
-    adapters (PEFT has none of this form) and a :class:`~metapeft.heads.CosineClassifier` head (the trainer's
-    default; PEFT restores a saved module into the base model's own ``nn.Linear``); also refused: non-finite
-    weights or gamma. Needs ``peft``. Returns the directory.
-    """
-    config = injection_config(model)
-    if config.method != "lora":
-        raise ValueError(f"export_peft exports LoRA; this model was injected with method={config.method!r}")
-    source = unwrap_model(model)
-    _check_unmerged(source, "export")
-    for name in config.modules_to_save:
-        head = source.get_submodule(name)
-        if isinstance(head, CosineClassifier):
-            raise ValueError(
-                f"export_peft: modules_to_save {name!r} is a metapeft CosineClassifier (logits = {head.scale:g} * "
-                "cos(features, W)), which HF PEFT cannot represent: PEFT puts a saved module back into the base "
-                "model's own module of that name (an nn.Linear on a timm model), so the logits would differ. Keep "
-                "the metapeft adapter (metapeft.save_adapter / load_adapter), or train with classifier='linear' to "
-                "export to PEFT")
-    from peft import LoraConfig, get_peft_model
-
-    names = [p.module for p in config.placements]
-    factors = {name: peft_lora_factors(source.get_submodule(name)) for name in names}
-    bad = nonfinite_tensors(factors)
-    if bad:
-        raise ValueError(f"export_peft: non-finite LoRA weights or gamma in {bad[:5]}")
-    skeleton = copy.deepcopy(source)
-    delattr(skeleton, CONFIG_ATTRIBUTE)
-    for name in names:
-        replace_module(skeleton, name, skeleton.get_submodule(name).base)
-    other_ranks = {re.escape(name): a.shape[0] for name, (a, _) in factors.items() if a.shape[0] != config.rank}
-    lora_config = LoraConfig(
-        r=config.rank, lora_alpha=config.rank, rank_pattern=other_ranks, alpha_pattern=dict(other_ranks),
-        target_modules=names, lora_dropout=config.dropout, bias="none",
-        modules_to_save=list(config.modules_to_save) or None,
-    )
-    peft_model = get_peft_model(skeleton, lora_config)
-    with torch.no_grad():
-        for name, (lora_A, lora_B) in factors.items():
-            layer = peft_model.base_model.model.get_submodule(name)
-            layer.lora_A["default"].weight.copy_(lora_A)
-            layer.lora_B["default"].weight.copy_(lora_B)
-    directory = os.fspath(directory)
-    peft_model.save_pretrained(directory)
-    return directory

@@ -21,7 +21,7 @@ LAYERS = {
     "metapeft.sampling": 2, "metapeft.checkpoint": 2, "metapeft.run_directory": 2, "metapeft.stats": 2,
     "metapeft.report": 2, "metapeft.schema": 2,
     "metapeft.inject": 3, "metapeft.params": 3, "metapeft.io": 3, "metapeft.gamma": 3, "metapeft.backbones": 3,
-    "metapeft.merging": 3,
+    "metapeft.merging": 3, "metapeft.hf_peft": 3,
     "metapeft.meta": 4, "metapeft.trainer": 4, "metapeft.config": 4, "metapeft.runs": 4, "metapeft.build": 4,
     "metapeft.reference": 4,
     "metapeft.cli": 5, "metapeft.demo": 5, "metapeft.sweep": 5, "metapeft.build_info": 5, "metapeft.__main__": 5,

@@ -59,12 +59,12 @@ def test_plot_writes_a_png_heatmap(tmp_path):
 
     model = tiny_vit()
     metapeft.inject(model, rank=2)
-    path = metapeft.plot_gamma(model, tmp_path / "gamma.png")
+    path = metapeft.gamma.plot_gamma(model, tmp_path / "gamma.png")
     with open(path, "rb") as handle:
         assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
     image = matplotlib.image.imread(path)
     assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
-    table_path = metapeft.plot_gamma(metapeft.gamma_table(model), tmp_path / "table.png", title="from a table")
+    table_path = metapeft.gamma.plot_gamma(metapeft.gamma_table(model), tmp_path / "table.png", title="from a table")
     assert (tmp_path / "table.png").stat().st_size > 1000 and table_path.endswith("table.png")
 
 

@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 
 import metapeft
 import metapeft.checkpoint
+import metapeft.hf_peft
 import metapeft.io
 from tests.helpers.vit import images, randomize, tiny_vit
 
@@ -136,7 +137,7 @@ def test_export_peft_reproduces_logits(tmp_path, meta):
 def test_export_peft_factors_equal_the_delta_weight():
     model = injected()
     qkv = model.blocks[0].attn.qkv
-    lora_A, lora_B = metapeft.io.peft_lora_factors(qkv)
+    lora_A, lora_B = metapeft.hf_peft.peft_lora_factors(qkv)
     assert lora_A.shape == (6, 48) and lora_B.shape == (144, 6)
     assert torch.count_nonzero(lora_B[48:96]) == 0
     torch.testing.assert_close(lora_B @ lora_A, qkv.delta_weight())

@@ -29,7 +29,7 @@ def randomize_lora(model: nn.Module, std: float = 0.2) -> None:
             if isinstance(layer, metapeft.FusedMetaAdapter):
                 layer.up_weight.normal_(std=std)
                 layer.up_bias.normal_(std=std)
-            if isinstance(layer, metapeft.MetaPEFTModule):
+            if isinstance(layer, metapeft.layers.MetaPEFTModule):
                 layer.modulator.uniform_(-0.5, 1.0)
 
 

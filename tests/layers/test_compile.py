@@ -70,7 +70,7 @@ def test_compiling_before_any_eager_call_selects_the_backend_without_graph_break
     torch._dynamo.reset()
     explanation = torch._dynamo.explain(model)(images(2))
     assert explanation.graph_break_count == 0, explanation.break_reasons
-    assert {m.last_backend for m in model.modules() if isinstance(m, metapeft.MetaPEFTModule)} == {"torch"}
+    assert {m.last_backend for m in model.modules() if isinstance(m, metapeft.layers.MetaPEFTModule)} == {"torch"}
 
 
 @pytest.mark.parametrize("method", ["lora", "adapter"])

@@ -114,10 +114,10 @@ def test_meta_step_applies_the_hypergradient_and_the_lookahead(reuse):
         with torch.no_grad():
             for rho, new in zip(metapeft.meta_parameters(twin), metapeft.meta_parameters(model)):
                 rho.copy_(new)
-        phi = metapeft.trainable_phi(twin)
+        phi = metapeft.meta.trainable_phi(twin)
         grads = torch.autograd.grad(loss_fn(twin, (x, y)), phi)
         lookahead = [p - 0.01 * (g + 5e-4 * p) for p, g in zip(phi, grads)]
-    for p, q in zip(metapeft.trainable_phi(model), lookahead):
+    for p, q in zip(metapeft.meta.trainable_phi(model), lookahead):
         assert torch.allclose(p, q, rtol=1e-12, atol=1e-12)
     assert not torch.allclose(expected.lookahead[0], lookahead[0]) or reuse
 
