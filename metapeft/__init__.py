@@ -8,8 +8,9 @@ trainer, adapter files (and HF PEFT import/export) and the gamma table. Everythi
 
 from metapeft import meta, metrics, ops  # noqa: F401  (submodules, reachable as metapeft.meta etc.)
 from metapeft.gamma import gamma_table
+from metapeft.hf_peft import export_peft, from_peft
 from metapeft.inject import inject
-from metapeft.io import export_peft, load_adapter, save_adapter
+from metapeft.io import load_adapter, save_adapter
 from metapeft.layers import FusedMetaAdapter, FusedMetaLoRA
 from metapeft.merging import merge, unmerge
 from metapeft.meta import hypergradient
@@ -24,6 +25,7 @@ __all__ = [
     "MetaPEFTTrainer",
     "TrainerConfig",
     "export_peft",
+    "from_peft",
     "gamma_table",
     "hypergradient",
     "inject",
