@@ -45,6 +45,7 @@ from metapeft.meta import hypergradient, trainable_phi  # noqa: E402
 from metapeft.reference import brute_force_hypergradient  # noqa: E402
 
 RANK, BATCH, CLASSES, LR, MOMENTUM, WEIGHT_DECAY = 8, 8, 100, 0.01, 0.9, 5e-4
+MODEL = "vit_small_patch16_224"
 FULL = {"img_size": 224, "depth": 12}
 QUICK = {"img_size": 32, "depth": 2}
 CONTENDERS = ("plain_step", "first_order", "finite_difference", "exact", "naive_exact")
@@ -60,19 +61,23 @@ def lora_vit(model: nn.Module, wrap) -> nn.Module:
     return model
 
 
-def build(shape: dict) -> tuple[nn.Module, tuple, tuple, list[torch.Tensor]]:
-    """The metapeft model (nonzero B), a train and a meta batch, and SGD momentum buffers."""
+def build(shape: dict, device: str | torch.device = "cpu", model_name: str = MODEL, batch: int = BATCH
+          ) -> tuple[nn.Module, tuple, tuple, list[torch.Tensor]]:
+    """The metapeft model (nonzero B) on ``device``, a train and a meta batch of ``batch`` images, and SGD momentum
+    buffers; ``shape``: timm keywords (``img_size``, ``depth``)."""
     torch.manual_seed(0)
-    model = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=CLASSES, **shape)
+    model = timm.create_model(model_name, pretrained=False, num_classes=CLASSES, **shape)
     lora_vit(model, lambda linear, segments: metapeft.FusedMetaLoRA(linear, rank=RANK, segments=segments))
     with torch.no_grad():
         for layer in model.modules():
             if isinstance(layer, metapeft.FusedMetaLoRA):
                 layer.lora_B.normal_(std=0.02)
     metapeft.mark_only_peft_trainable(model, extra=(model.head,))
+    model = model.to(device)
     size = shape["img_size"]
-    train = (torch.randn(BATCH, 3, size, size), torch.randint(0, CLASSES, (BATCH,)))
-    val = (torch.randn(BATCH, 3, size, size), torch.randint(0, CLASSES, (BATCH,)))
+    train = (torch.randn(batch, 3, size, size), torch.randint(0, CLASSES, (batch,)))
+    val = (torch.randn(batch, 3, size, size), torch.randint(0, CLASSES, (batch,)))
+    train, val = (tuple(t.to(device) for t in pair) for pair in (train, val))
     buffers = [torch.randn_like(p) * 1e-3 for p in trainable_phi(model)]
     return model.train(), train, val, buffers
 
@@ -81,28 +86,31 @@ def classification_loss(model: nn.Module, batch) -> torch.Tensor:
     return F.cross_entropy(model(batch[0]), batch[1])
 
 
-def naive_exact_step(model: nn.Module, train, val, buffers):
+def naive_exact_step(model: nn.Module, train, val, buffers, loss=classification_loss):
     """A closure computing the exact hypergradient by torch.func through a plain-PyTorch twin of ``model``."""
     twin = lora_vit(copy.deepcopy(model), lambda layer, segments: PlainMetaLoRA(
         layer.base, layer.rank, layer.alpha, segments))
-    return lambda: brute_force_hypergradient(model, classification_loss, train, val, lr=LR, momentum=MOMENTUM,
+    return lambda: brute_force_hypergradient(model, loss, train, val, lr=LR, momentum=MOMENTUM,
                                              momentum_buffers=buffers, weight_decay=WEIGHT_DECAY, twin=twin)
 
 
-def contenders(shape: dict) -> dict:
-    model, train, val, buffers = build(shape)
+def contenders(shape: dict, device: str | torch.device = "cpu", loss=classification_loss, model_name: str = MODEL,
+               batch: int = BATCH) -> dict:
+    """name -> closure for every contender of ``CONTENDERS``, sharing one model built by :func:`build`; ``loss``:
+    ``(model, (x, y)) -> scalar`` (e.g. a forward under bf16 autocast on a GPU)."""
+    model, train, val, buffers = build(shape, device, model_name, batch)
     phi = trainable_phi(model)
 
     def meta(mode):
-        return lambda: hypergradient(model, classification_loss, train, val, lr=LR, momentum=MOMENTUM,
+        return lambda: hypergradient(model, loss, train, val, lr=LR, momentum=MOMENTUM,
                                      momentum_buffers=buffers, weight_decay=WEIGHT_DECAY, mode=mode)
 
     return {
-        "plain_step": lambda: torch.autograd.grad(classification_loss(model, train), phi),
+        "plain_step": lambda: torch.autograd.grad(loss(model, train), phi),
         "first_order": meta("first_order"),
         "finite_difference": meta("finite_difference"),
         "exact": meta("exact"),
-        "naive_exact": naive_exact_step(model, train, val, buffers),
+        "naive_exact": naive_exact_step(model, train, val, buffers, loss),
     }
 
 

@@ -26,6 +26,7 @@ tiny ViT, a smoke run, nothing recorded).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -53,9 +54,11 @@ COMPILED = {"model_name": "vit_small_patch16_224", "model_kwargs": {}, "image": 
 HF_TARGETS = r"blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"
 
 
-def build(contender: str, setup: dict) -> tuple[nn.Module, list[nn.Parameter]]:
-    """The contender's model (seeded: identical base and LoRA weights across contenders) and the parameters its
-    optimizer updates (PEFT weights and head; modulators get gradients but belong to the outer loop)."""
+def build(contender: str, setup: dict, device: str | torch.device = "cpu", backend: str = "auto"
+          ) -> tuple[nn.Module, list[nn.Parameter]]:
+    """The contender's model on ``device`` (seeded: identical base and LoRA weights across contenders) and the
+    parameters its optimizer updates (PEFT weights and head; modulators get gradients but belong to the outer
+    loop). ``backend``: metapeft's kernel backend (``metapeft.inject``'s ``backend``; other contenders ignore it)."""
     torch.manual_seed(0)
     model = timm.create_model(setup["model_name"], pretrained=False, num_classes=CLASSES, **setup["model_kwargs"])
     if contender == "hf_peft":
@@ -67,30 +70,42 @@ def build(contender: str, setup: dict) -> tuple[nn.Module, list[nn.Parameter]]:
             for name, p in model.named_parameters():
                 if "lora_B" in name:
                     p.normal_(0, 0.02)
+        model = model.to(device)
         return model.train(), [p for p in model.parameters() if p.requires_grad]
-    metapeft.inject(model, rank=RANK)
+    metapeft.inject(model, rank=RANK, backend=backend)
     with torch.no_grad():
         for _, module in peft_modules(model):
             module.lora_B.normal_(0, 0.02)
-    optimized = metapeft.peft_parameters(model) + list(model.get_classifier().parameters())
     if contender == "plain":
         for name, module in peft_modules(model):
             plain = PlainMetaLoRA(module.base, rank=RANK, alpha=module.alpha, segments=module.segments)
             plain.load_state_dict(module.state_dict())
             replace_module(model, name, plain)
+        model = model.to(device)
         optimized = [p for name, p in model.named_parameters() if "lora_" in name] + list(model.head.parameters())
+    else:
+        model = model.to(device)
+        optimized = metapeft.peft_parameters(model) + list(model.get_classifier().parameters())
     return model.train(), optimized
 
 
-def make_step(model: nn.Module, optimized: list[nn.Parameter], setup: dict):
-    """One training step on a fixed batch: (step(), loss_of_forward())."""
+def make_step(model: nn.Module, optimized: list[nn.Parameter], setup: dict, device: str | torch.device = "cpu",
+              amp_dtype: torch.dtype | None = None):
+    """One training step on a fixed batch (``setup["batch"]``, default ``BATCH``) on ``device``, the forward under
+    autocast to ``amp_dtype`` when one is given (logits cast to float32 for the loss, as the trainer does):
+    (step(), loss_of_forward())."""
     generator = torch.Generator().manual_seed(1)
-    x = torch.randn(BATCH, 3, setup["image"], setup["image"], generator=generator)
-    labels = torch.randint(0, CLASSES, (BATCH,), generator=generator)
+    batch = setup.get("batch", BATCH)
+    x = torch.randn(batch, 3, setup["image"], setup["image"], generator=generator).to(device)
+    labels = torch.randint(0, CLASSES, (batch,), generator=generator).to(device)
     optimizer = torch.optim.SGD(optimized, lr=0.01, momentum=0.9, weight_decay=5e-4)
+    device_type = torch.device(device).type
 
     def loss() -> torch.Tensor:
-        return F.cross_entropy(model(x), labels)
+        autocast = torch.autocast(device_type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+        with autocast:
+            logits = model(x)
+        return F.cross_entropy(logits.float(), labels)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
