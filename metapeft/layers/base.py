@@ -19,9 +19,8 @@ def module_tensors(module: nn.Module, names: tuple[str, ...]) -> list[torch.Tens
 
     Equal to attribute access: ``nn.Module`` keeps a registered name out of the instance dict, what
     ``torch.func.functional_call``, DDP and FSDP swap in lands in those dicts, and ``torch.nn.utils.parametrize``
-    takes a parametrized name out of them (then the property answers). A dict read costs 0.07 us where
-    ``nn.Module.__getattr__`` costs about ten times as much (measured on CPU; per-call times are in
-    ``benchmarks/results/host_overhead.md``).
+    takes a parametrized name out of them (then the property answers). A dict read costs a fraction of
+    ``nn.Module.__getattr__`` (per-call host times: ``benchmarks/results/host_overhead.md``).
     """
     params, buffers = module._parameters, module._buffers
     return [params[n] if n in params else buffers[n] if n in buffers else getattr(module, n) for n in names]

@@ -12,7 +12,7 @@ d scale costs one (D, b) product with the P that d up needs anyway plus a D-vect
 beyond the GEMMs. P and sum_m dOut_m are kept in fp32 for fp16/bf16 inputs (this backend reads an fp32 copy of
 dOut for them; a kernel accumulates in fp32 anyway): rounding them, or dOut up, to 8-11 mantissa bits before
 the reduction made d scale up to 4x less accurate than the unfused computation in our tests. (Appending the up
-bias as a ones column to a, to get both from one GEMM, made that GEMM 1.7x slower on CPU at b = 64: 65 columns.)
+bias as a ones column to a, to get both from one GEMM, made that GEMM slower on CPU: b + 1 columns break its tiling.)
 Only x (alive anyway) and z (M, b) are saved; the dropout mask is regenerated once per backward from the seed
 (the unfused reference stores it instead).
 """

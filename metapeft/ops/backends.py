@@ -3,9 +3,8 @@
 One registry serves every op family (``scaled_lora``, ``adapter``). A :class:`Backend` says whether it can run
 in this process at all (``unavailable_reason``, evaluated once per process) and whether it can run a given input
 (:meth:`Backend.not_supported_reasons`: device type, dtype, the op family). :func:`select_backend` resolves a
-requested name ("auto" or a backend) for an input; the dispatch points (``scaled_lora_call`` in
-``metapeft.ops.scaled_lora_op``, ``adapter_call`` in ``metapeft.ops.adapter_op``) are its only callers, and they
-report the backend that ran.
+requested name ("auto" or a backend) for an input; the dispatch point of each op family
+(``FusedOp.call`` in ``metapeft.ops.family``) is its only caller, and it reports the backend that ran.
 
 What decides a selection (the family, the request, ``METAPEFT_BACKEND``, the input's device type and dtype) is
 fixed per process for a given key, so each answer is cached: a forward pays one dictionary lookup, not a scan of
@@ -94,8 +93,9 @@ def double_backward_ahead() -> Iterator[None]:
     """Inside the block the ops record forwards whose backward will itself be differentiated (the train pass of
     an exact meta step): an eager torch-backend call then runs through the op's ``autograd.Function``, whose
     differentiable backward recomputes what it needs, instead of autograd's double backward of the composite
-    forward. Same math; 17% less peak memory for an exact meta step on ViT-S/16 (2.2 vs 2.6 GB, CPU, batch 8 + 8)
-    at the same time. Outside the block the composite forward is the cheaper route per call."""
+    forward. Same math, less peak memory for an exact meta step at the same time
+    (``benchmarks/results/meta_step_cpu.md``, exact mode). Outside the block the composite forward is the cheaper route
+    per call."""
     DOUBLE_BACKWARD_AHEAD[0] += 1
     try:
         yield
