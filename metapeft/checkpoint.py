@@ -5,12 +5,16 @@ A checkpoint is one ``torch.save`` file ``{"format", "sha256", "state"}`` of pla
 ``torch.load(weights_only=True)`` so loading never runs pickled code. Final weights and adapters are safetensors
 files whose metadata carries a ``sha256`` of their content. Every write goes to a temporary file beside the target
 (created with mode 0666 minus the umask), is fsynced and renamed over the target: a crash leaves the old file or the
-new one. Every write refuses non-finite floating-point values. Every load checks the format, the checksum and
-finiteness, and raises :class:`LoadError` naming the file and what is wrong before the caller changes anything.
+new one; the temp name fits the file system's name limit whatever the target's length, and a write that fails for
+want of space says so (``OSError`` ENOSPC naming the file). Every write refuses non-finite floating-point values.
+Every load checks the format, the checksum and finiteness, and raises :class:`LoadError` naming the file and what
+is wrong before the caller changes anything; a safetensors file is read through one open file descriptor, so a
+writer replacing it meanwhile never makes it look corrupt.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -18,18 +22,22 @@ import pickle
 import random
 import re
 import stat
+import struct
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save_file
 
 CHECKPOINT_FORMAT = "metapeft-checkpoint/1"
 CHECKSUM_KEY = "sha256"
 TEMPORARY_SUFFIX = ".tmp"
+NAME_MAX = 255  # bytes in one file name (ext4, xfs, btrfs, tmpfs, APFS)
+LOW_SPACE = 1 << 20  # bytes: a write that fails with less free than this failed for want of space
 
 
 class LoadError(ValueError):
@@ -97,13 +105,41 @@ def _check_finite_loaded(value, path: Path) -> None:
 
 
 # ----- atomic writes -------------------------------------------------------------------------------------------------
+def fit_file_name(name: str, limit: int = NAME_MAX) -> str:
+    """``name`` cut to at most ``limit`` bytes of its UTF-8 encoding (whole characters), so that a name derived from
+    it (a temp file, a run moved aside) stays a valid file name."""
+    encoded = name.encode("utf-8", "surrogateescape")
+    return name if len(encoded) <= limit else encoded[:limit].decode("utf-8", "ignore")
+
+
 def _temporary_name(path: Path) -> Path:
-    return path.parent / f".{path.name}.{uuid.uuid4().hex}{TEMPORARY_SUFFIX}"
+    tail = f".{uuid.uuid4().hex}{TEMPORARY_SUFFIX}"
+    return path.parent / f".{fit_file_name(path.name, NAME_MAX - 1 - len(tail))}{tail}"
+
+
+def _free_bytes(directory: Path) -> int | None:
+    try:
+        usage = os.statvfs(directory)
+    except OSError:
+        return None
+    return usage.f_bavail * usage.f_frsize
+
+
+def _out_of_space(error: BaseException, directory: Path) -> int | None:
+    """The free bytes left in ``directory``'s file system when ``error`` (from a write there) came from a full
+    device (ENOSPC / EDQUOT, or torch's ``[enforce fail at inline_container.cc]`` with almost nothing free); None
+    when it did not."""
+    if not isinstance(error, Exception):
+        return None
+    free = _free_bytes(directory)
+    said = getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(error)
+    return free if said or (free is not None and free < LOW_SPACE) else None
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Run ``write(temp_path)`` on a fresh temp file beside ``path`` (mode 0666 minus the umask), fsync it, then
-    rename it over ``path``; the temp file is removed on any failure."""
+    rename it over ``path``; the temp file is removed on any failure and ``path`` is left as it was. A full device
+    raises ``OSError`` (errno ENOSPC) naming ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = _temporary_name(path)
@@ -115,8 +151,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         with open(temp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(temp, path)
-    except BaseException:
+    except BaseException as error:
+        free = _out_of_space(error, path.parent)  # measured before the temp file gives its space back
         temp.unlink(missing_ok=True)
+        if free is not None:
+            kept = f"the previous {path.name} is unchanged" if path.exists() else "nothing was written"
+            raise OSError(errno.ENOSPC, f"no space left on device: could not write {path} ({free} bytes free on its "
+                                        f"file system; {kept})") from error
         raise
     return path
 
@@ -206,26 +247,72 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, 
     return atomic_write(path, lambda temp: save_file(tensors, temp, metadata=meta))
 
 
-def load_safetensors(path: str | os.PathLike, require_checksum: bool = True) -> tuple[dict[str, torch.Tensor],
-                                                                                     dict[str, str]]:
-    """``(tensors, metadata)`` of a safetensors file, on the CPU, after checking it is readable, matches its
-    ``sha256`` (required unless ``require_checksum=False``, e.g. for foreign backbone weights; checked whenever
-    present) and holds only finite floats. Raises :class:`LoadError` naming the file and the problem."""
-    path = Path(path)
-    if not path.is_file():
-        raise LoadError(f"{path}: no such file")
+def _parse_safetensors(data: bytes, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``(tensors, metadata)`` of a safetensors file's bytes; :class:`LoadError` when they are not one."""
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = dict(handle.metadata() or {})
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except (SafetensorError, OSError, RuntimeError) as error:
+        (header_size,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8:8 + header_size])
+        metadata = dict(header.get("__metadata__") or {})
+        return load_safetensors_bytes(data), metadata
+    except (SafetensorError, struct.error, ValueError, TypeError, AttributeError, RuntimeError) as error:
         raise LoadError(f"{path}: not a readable safetensors file: truncated or corrupt ({error})") from None
+
+
+def _verified_safetensors(data: bytes, path: Path, require_checksum: bool
+                          ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    tensors, metadata = _parse_safetensors(data, path)
     if CHECKSUM_KEY in metadata:
         if _safetensors_digest(tensors, metadata) != metadata[CHECKSUM_KEY]:
             raise LoadError(f"{path}: checksum mismatch: the content differs from what was written (corrupted on "
                             "disk or edited)")
     elif require_checksum:
         raise LoadError(f"{path}: no content checksum in its metadata (not written by this metapeft version)")
+    return tensors, metadata
+
+
+def _read_once(path: Path) -> tuple[bytes, os.stat_result]:
+    """The bytes of ``path`` read through one open file descriptor, and that file's identity."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(), os.fstat(f.fileno())
+    except FileNotFoundError:
+        raise LoadError(f"{path}: no such file") from None
+    except OSError as error:
+        raise LoadError(f"{path}: cannot be read ({error.strerror or error})") from None
+
+
+def _replaced(path: Path, read: os.stat_result) -> bool:
+    """Whether ``path`` now names another file than the one read (a writer renamed a new one over it)."""
+    try:
+        now = os.stat(path)
+    except OSError:
+        return True
+    return (now.st_dev, now.st_ino, now.st_mtime_ns) != (read.st_dev, read.st_ino, read.st_mtime_ns)
+
+
+def load_safetensors(path: str | os.PathLike, require_checksum: bool = True) -> tuple[dict[str, torch.Tensor],
+                                                                                     dict[str, str]]:
+    """``(tensors, metadata)`` of a safetensors file, on the CPU, after checking it is readable, matches its
+    ``sha256`` (required unless ``require_checksum=False``, e.g. for foreign backbone weights; checked whenever
+    present) and holds only finite floats. Raises :class:`LoadError` naming the file and the problem.
+
+    The file is read through one open file descriptor (a writer's atomic rename cannot tear the read); when a read
+    fails its checks and the path was replaced meanwhile, it is read once more, and a file replaced again is
+    reported as replaced, never as corrupt."""
+    path = Path(path)
+    if path.is_dir():
+        raise LoadError(f"{path}: a directory, not a safetensors file")
+    for _ in range(2):
+        data, read = _read_once(path)
+        try:
+            tensors, metadata = _verified_safetensors(data, path, require_checksum)
+            break
+        except LoadError:
+            if not _replaced(path, read):
+                raise
+    else:
+        raise LoadError(f"{path}: replaced by another process twice while being read; load it again once its "
+                        "writer is done")
     _check_finite_loaded(tensors, path)
     return tensors, metadata
 

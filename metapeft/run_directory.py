@@ -23,7 +23,7 @@ import threading
 import time
 from pathlib import Path
 
-from metapeft.checkpoint import remove_stale_temporaries
+from metapeft.checkpoint import NAME_MAX, fit_file_name, remove_stale_temporaries
 
 LOCK_NAME = ".lock"
 _HELD: dict[Path, RunClaim] = {}
@@ -96,12 +96,16 @@ def _lock(directory: Path) -> int:
 
 
 def _aside(directory: Path) -> Path:
-    """A free sibling name ``<name>.<UTC timestamp>[-n]`` for an old run."""
+    """A free sibling name ``<name>.<UTC timestamp>[-n]`` for an old run (``name`` shortened when the whole would
+    exceed the file system's name limit)."""
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    candidate, n = directory.with_name(f"{directory.name}.{stamp}"), 1
-    while candidate.exists():
-        candidate, n = directory.with_name(f"{directory.name}.{stamp}-{n}"), n + 1
-    return candidate
+    n = 0
+    while True:
+        suffix = f".{stamp}" + (f"-{n}" if n else "")
+        candidate = directory.with_name(fit_file_name(directory.name, NAME_MAX - len(suffix)) + suffix)
+        if not candidate.exists():
+            return candidate
+        n += 1
 
 
 def run_files(directory: str | os.PathLike) -> list[str]:

@@ -109,3 +109,16 @@ def test_a_dead_holder_leaves_a_stale_lock_that_does_not_block(tmp_path):
     with claim_run_directory(tmp_path):
         assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
     assert os.listdir(tmp_path) == []
+
+
+def test_overwrite_moves_aside_a_run_whose_name_is_near_the_name_limit(tmp_path):
+    """The timestamped sibling of a 250-character run name is shortened to fit 255 bytes (it failed before)."""
+    run = tmp_path / ("r" * 250)
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(b"old run")
+    for _ in range(2):
+        with claim_run_directory(run, overwrite=True) as claim:
+            assert len(claim.moved_to.name) <= 255 and claim.moved_to.name.startswith("r" * 200)
+            (run / "checkpoint.pt").write_bytes(b"next run")
+    moved = sorted(p.name for p in tmp_path.iterdir() if p != run)
+    assert len(moved) == 2 and all(len(name) <= 255 for name in moved)
