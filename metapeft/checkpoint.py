@@ -248,12 +248,13 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, 
 
 
 def _parse_safetensors(data: bytes, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """``(tensors, metadata)`` of a safetensors file's bytes; :class:`LoadError` when they are not one."""
+    """``(tensors by sorted name, metadata)`` of a safetensors file's bytes; :class:`LoadError` when they are not
+    one."""
     try:
         (header_size,) = struct.unpack("<Q", data[:8])
         header = json.loads(data[8:8 + header_size])
         metadata = dict(header.get("__metadata__") or {})
-        return load_safetensors_bytes(data), metadata
+        return dict(sorted(load_safetensors_bytes(data).items())), metadata
     except (SafetensorError, struct.error, ValueError, TypeError, AttributeError, RuntimeError) as error:
         raise LoadError(f"{path}: not a readable safetensors file: truncated or corrupt ({error})") from None
 

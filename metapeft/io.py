@@ -168,9 +168,14 @@ def _skeleton(model: nn.Module) -> nn.Module:
 
 def _prepare(model: nn.Module, info: AdapterInfo, path: str) -> None:
     """Inject ``info.config`` into an uninjected ``model`` and rebuild heads that differ from ``info.heads``;
-    a ``LoadError`` when the model's injection differs or a head cannot be rebuilt."""
+    a ``LoadError`` naming the file when the injection does not fit the model or differs from the model's, or a
+    head cannot be rebuilt."""
     if getattr(model, CONFIG_ATTRIBUTE, None) is None:
-        inject(model, info.config)
+        try:
+            inject(model, info.config)
+        except (TypeError, ValueError) as error:
+            raise LoadError(f"adapter file {path} does not fit the model: its injection cannot be applied to it "
+                            f"({error})") from None
     differences = injection_config(model).structural_differences(info.config)
     if differences:
         raise LoadError(f"adapter file {path} was saved from a different injection (model != file): "

@@ -277,7 +277,7 @@ def tiny_filesystem(tmp_path):
                                            capture_output=True).returncode != 0:
         pytest.skip("mounting a small tmpfs needs root")
     yield mount
-    subprocess.run(["umount", str(mount)], check=True)
+    subprocess.run(["umount", "--lazy", str(mount)], check=True)
 
 
 @pytest.mark.parametrize("kind", ["checkpoint", "safetensors"])

@@ -141,3 +141,18 @@ def test_export_peft_factors_equal_the_delta_weight():
     assert lora_A.shape == (6, 48) and lora_B.shape == (144, 6)
     assert torch.count_nonzero(lora_B[48:96]) == 0
     torch.testing.assert_close(lora_B @ lora_A, qkv.delta_weight())
+
+
+def test_an_adapter_of_a_deeper_model_names_the_file(tmp_path):
+    """Loading into an uninjected model whose blocks the file's layers do not exist in: a LoadError naming the file
+    (it was inject's bare ValueError about block indices)."""
+    deep = tiny_vit(depth=4)
+    metapeft.inject(deep, positions=("q", "v"), layers=[3], rank=2)
+    path = metapeft.save_adapter(deep, tmp_path / "deep.safetensors")
+    shallow = tiny_vit(depth=2)
+    before = {k: v.clone() for k, v in shallow.state_dict().items()}
+    with pytest.raises(metapeft.checkpoint.LoadError, match=f"adapter file {path} does not fit the model: .*block "
+                                                            "indices in \\[0, 2\\)"):
+        metapeft.load_adapter(shallow, path)
+    assert not hasattr(shallow, "metapeft_config") and all(torch.equal(before[k], v)
+                                                            for k, v in shallow.state_dict().items())
