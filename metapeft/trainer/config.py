@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from metapeft.sampling import META_SAMPLINGS
+from metapeft.schema import option
 
 LOSSES = ("logit_adjusted", "ce")
 CLASSIFIERS = ("cosine", "linear")
@@ -67,50 +68,69 @@ class TrainerConfig:
     ``"from_counts"`` for many/medium/few by training-set counts (> 100, 20-100, < 20).
     """
 
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"
-    max_grad_norm: float | None = None
+    epochs: int = option(10, "training epochs")
+    batch_size: int = option(128, "images per inner step (global: split over the processes under torchrun)")
+    lr: float = option(0.01, "inner SGD learning rate of phi (PEFT weights and head); the schedule starts here")
+    momentum: float = option(0.9, "inner SGD momentum")
+    weight_decay: float = option(5e-4, "inner SGD weight decay")
+    schedule: str = option("cosine", "inner learning rate per step: cosine (to 0 over all steps) or constant")
+    max_grad_norm: float | None = option(None, "clip the inner gradient's norm to this; null: no clipping")
 
-    meta: bool = True
-    meta_lr: float = 1e-3
+    meta: bool = option(True, "learn the modulators gamma by meta steps (MetaPEFT); false: plain PEFT (gamma stays "
+                              "fixed)")
+    meta_lr: float = option(1e-3, "learning rate of the outer optimizer on the modulators rho")
     # A first-order meta step every 5 inner steps costs 1.10x plain LoRA's fine-tuning CPU time on the demo task
     # (benchmarks/results/meta_defaults_cpu.md; 1 + 0.85 / 5 from a 1.85x meta step) with accuracy within the seeds'
     # noise of the best schedule; an exact meta step at every step costs 2.9x (schedule_cpu.md, README "What the
     # meta step costs").
-    meta_interval: int | str = 5
-    meta_mode: str = "first_order"
-    meta_ratio: float = 0.2
-    meta_resample: bool = True
-    meta_sampling: str = "uniform"
-    meta_batch_size: int | None = None
-    meta_reuse_lookahead: bool = True
-    meta_lookahead_steps: int = 1
+    meta_interval: int | str = option(5, "inner steps per meta step, or 'epoch' (a meta step at the first step of "
+                                         "every epoch, the authors' schedule)")
+    meta_mode: str = option("first_order", "hypergradient: exact (second order), finite_difference (DARTS' central "
+                                           "difference) or first_order (drops the second-order term; the authors' "
+                                           "code)")
+    meta_ratio: float = option(0.2, "share of the training set in the stratified meta set, in (0, 1)")
+    meta_resample: bool = option(True, "re-draw the meta set at every outer step; false: one fixed split, excluded "
+                                       "from the inner loop's data")
+    meta_sampling: str = option("uniform", "how a meta batch is drawn from the meta set: uniform (every class in its "
+                                           "meta-set share) or class_balanced (an equal expected share per class, "
+                                           "small classes with replacement)")
+    meta_batch_size: int | None = option(None, "images per meta batch; null: batch_size")
+    meta_reuse_lookahead: bool = option(True, "the inner step reuses the meta step's first look-ahead step (rho from "
+                                              "before the outer update); false: recompute it after the outer step "
+                                              "(DARTS' order, one more forward/backward)")
+    meta_lookahead_steps: int = option(1, "K: SGD steps of the meta step's look-ahead, the first on the step's batch, "
+                                          "the others on fresh training batches (the authors' code: 2-3)")
 
-    loss: str = "logit_adjusted"
-    tau: float = 1.0
-    classifier: str = "cosine"
-    cosine_scale: float = 25.0
-    head: str | None = None
-    freeze_backbone: bool = True
+    loss: str = option("logit_adjusted", "logit_adjusted (logit-adjusted cross-entropy, temperature tau) or ce")
+    tau: float = option(1.0, "logit adjustment temperature")
+    classifier: str = option("cosine", "cosine (the head replaced by a cosine classifier of scale cosine_scale, "
+                                       "initialised from class-mean features) or linear (the model's own head, resized"
+                                       " to the class count if needed)")
+    cosine_scale: float = option(25.0, "logit scale of the cosine classifier")
+    head: str | None = option(None, "qualified name of the head module; null: found automatically (head, or timm's "
+                                    "get_classifier())")
+    freeze_backbone: bool = option(True, "train only PEFT weights, modulators and the head; false: the backbone trains"
+                                         " too")
 
-    amp: str = "auto"
-    device: str = "auto"
-    seed: int = 0
-    num_workers: int = 0
-    progress: bool = True
-    log_every: int = 10
+    amp: str = option("auto", "bf16 autocast: auto (on CUDA), bf16 (everywhere) or none")
+    device: str = option("auto", "auto (CUDA when available, else CPU) or a torch device (cpu, cuda, cuda:1)")
+    seed: int = option(0, "seed of the batch order, dropout masks and meta batches")
+    num_workers: int = option(0, "DataLoader worker processes")
+    progress: bool = option(True, "show progress bars")
+    log_every: int = option(10, "steps between records in metrics.jsonl (under torchrun also where a stop request is "
+                                "honoured)")
 
-    output_dir: str | None = None
-    save_every_steps: int | None = None
-    save_full_model: bool = False
-    resume: bool = False
-    overwrite: bool = False
-    num_classes: int | None = None
-    class_split: dict[str, list[int]] | str | None = field(default=None)
+    output_dir: str | None = option(None, "the run directory (checkpoint.pt, metrics.jsonl, model.safetensors); null: "
+                                          "nothing written")
+    save_every_steps: int | None = option(None, "also write a checkpoint every N steps; null: at each epoch end only")
+    save_full_model: bool = option(False, "model.safetensors holds every tensor, not only the trained ones")
+    resume: bool = option(False, "continue from output_dir's checkpoint when one exists")
+    overwrite: bool = option(False, "move an existing run in output_dir aside (to a timestamped sibling) first")
+    num_classes: int | None = option(None, "the number of classes the data declares; null: the largest label + 1 (at "
+                                           "least the head's width)")
+    class_split: dict[str, list[int]] | str | None = option(None, "class groups for the metrics ({head: [0, 1], tail: "
+                                                                  "[2]}), 'from_counts' (many / medium / few by "
+                                                                  "training counts) or null")
 
     def __post_init__(self) -> None:
         for spec in dataclasses.fields(self):
