@@ -33,31 +33,55 @@ PEFT_KEYS = tuple(spec.name for spec in InjectionConfig.options())  # the peft: 
 METHOD_NAMES = {"lora": "LoRA", "adaptformer": "AdaptFormer", "adapter": "Adapter"}
 
 
-def load_config(path: str | os.PathLike) -> dict:
-    """Read a run config yaml (module docstring); unknown top-level keys and non-mapping sections are errors."""
+def read_yaml_mapping(path: str | os.PathLike, what: str = "config file", empty_ok: bool = True) -> dict:
+    """The mapping a yaml file holds (``{}`` for an empty file when ``empty_ok``). Errors name ``what`` and the file:
+    ``FileNotFoundError`` when it is missing, ``ValueError`` when it is unreadable, not UTF-8 text, invalid yaml (with
+    the line), empty (unless ``empty_ok``) or not a mapping."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
+        raise FileNotFoundError(f"{what} {path} does not exist")
     try:
-        config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{what} {path}: not a yaml text file (not UTF-8)") from None
+    except OSError as error:
+        raise ValueError(f"{what} {path}: cannot be read ({error.strerror or error})") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ValueError(f"{where}: invalid yaml: {getattr(error, 'problem', error)}") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{path}: a config must be a yaml mapping with sections {SECTIONS}")
-    check_config(config, str(path))
+        raise ValueError(f"{what} {where}: invalid yaml: {getattr(error, 'problem', error)}") from None
+    if loaded is None and empty_ok:
+        return {}
+    if loaded is None:
+        raise ValueError(f"{what} {path} is empty")
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{what} {path} must hold a yaml mapping, got a {type(loaded).__name__}")
+    return loaded
+
+
+def load_config(path: str | os.PathLike) -> dict:
+    """Read a run config yaml (module docstring); unknown keys (top level, ``model``, ``peft``, ``train``),
+    non-mapping sections and invalid ``train`` values are errors naming the file."""
+    config = read_yaml_mapping(path)
+    check_config(config, f"config file {path}")
     return config
 
 
 def check_config(config: dict, source: str) -> None:
-    """Reject unknown top-level keys and sections that are not mappings, naming ``source`` (a file or ``--set``)."""
+    """Reject unknown top-level keys, sections that are not mappings, unknown ``model`` / ``peft`` / ``train`` keys
+    and invalid ``train`` values, naming ``source`` (a file or ``--set``)."""
     unknown = sorted(set(config) - set(TOP_LEVEL_KEYS))
     if unknown:
         raise ValueError(f"{source}: unknown top-level key(s) {unknown}; known: {list(TOP_LEVEL_KEYS)}")
     for name in SECTIONS:
         if not isinstance(config.get(name, {}), dict):
             raise ValueError(f"{source}: section {name!r} must be a mapping, got {config[name]!r}")
+    try:
+        section(config, "model", MODEL_KEYS)
+        section(config, "peft", PEFT_KEYS)
+        trainer_config(config)
+    except ValueError as error:
+        raise ValueError(f"{source}: {error}") from None
 
 
 def apply_overrides(config: dict, overrides: Sequence[str]) -> dict:

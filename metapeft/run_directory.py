@@ -3,9 +3,10 @@
 :func:`claim_run_directory` takes the directory's lock file ``.lock`` (an exclusive ``flock``, held until
 :meth:`RunClaim.release`; the kernel drops it when the holder dies, so a dead run never blocks the next one, and the
 file records the holder's pid, host and start time for the message a second run gets). Under the lock, a new run
-(neither ``resume`` nor ``overwrite``) refuses a directory holding anything but the lock file; ``overwrite`` first
-renames the old directory to a timestamped sibling (``run`` -> ``run.20261130-101500``), never deleting it. Temp
-files an interrupted atomic write left behind are removed first (they are no part of a run).
+(neither ``resume`` nor ``overwrite``) refuses a directory holding anything but the lock file and what a run that
+never reached its first checkpoint leaves (``disposable``: its recorded config, its log), which it reuses;
+``overwrite`` first renames the old directory to a timestamped sibling (``run`` -> ``run.20261130-101500``), never
+deleting it. Temp files an interrupted atomic write left behind are removed first (they are no part of a run).
 
 Claims are reentrant within a thread: a second claim of a directory the same thread holds (the CLI claims before
 writing ``config.yaml``, then the trainer's ``fit`` claims again) succeeds without checking, and the lock is
@@ -21,6 +22,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Collection
 from pathlib import Path
 
 from metapeft.checkpoint import NAME_MAX, fit_file_name, remove_stale_temporaries
@@ -114,9 +116,12 @@ def run_files(directory: str | os.PathLike) -> list[str]:
     return sorted(p.name for p in directory.iterdir() if p.name != LOCK_NAME) if directory.is_dir() else []
 
 
-def claim_run_directory(directory: str | os.PathLike, resume: bool = False, overwrite: bool = False) -> RunClaim:
+def claim_run_directory(directory: str | os.PathLike, resume: bool = False, overwrite: bool = False,
+                        disposable: Collection[str] = ()) -> RunClaim:
     """Lock ``directory`` (created if missing) for one run and make sure it is the right place for it (module
     docstring). ``resume``: continue the run there; ``overwrite``: move an old run aside first (not both).
+    ``disposable``: file names a new run may find and replace, when nothing else is there (what a run that failed
+    before its first checkpoint leaves behind).
 
     Raises :class:`RunDirectoryError` when another live process holds the lock (naming its pid and host) or when a
     new run meets a non-empty directory (listing what is there and the two ways on).
@@ -147,7 +152,7 @@ def claim_run_directory(directory: str | os.PathLike, resume: bool = False, over
             old_handle, handle = handle, _lock(directory)
             (moved_to / LOCK_NAME).unlink(missing_ok=True)
             os.close(old_handle)
-        elif existing and not resume:
+        elif existing and not resume and not set(existing) <= set(disposable):
             shown = ", ".join(existing[:6]) + (", ..." if len(existing) > 6 else "")
             raise RunDirectoryError(f"run directory {directory} is not empty ({shown}); pass resume=True "
                                     "(--resume) to continue the run there, or overwrite=True (--overwrite) to move it "

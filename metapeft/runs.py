@@ -23,17 +23,19 @@ import yaml
 from torch import nn
 
 from metapeft.build import build_data, build_model
-from metapeft.config import SECTIONS, resolve_data_paths, trainer_config
+from metapeft.config import SECTIONS, read_yaml_mapping, resolve_data_paths, trainer_config
 from metapeft.data import DataBundle
 from metapeft.inject import InjectionSummary
 from metapeft.run_directory import RunClaim, claim_run_directory
 from metapeft.trainer import MetaPEFTTrainer, TrainerConfig
-from metapeft.trainer.checkpointing import CHECKPOINT_NAME, WEIGHTS_NAME
+from metapeft.trainer.checkpointing import CHECKPOINT_NAME, LOG_NAME, WEIGHTS_NAME
 from metapeft.trainer.distributed import rank_and_world_size
 from metapeft.trainer.evaluation import evaluate_model
 from metapeft.trainer.model_setup import install_head
 
 RUN_CONFIG, ADAPTER_NAME, EVAL_NAME = "config.yaml", "adapter.safetensors", "eval.json"
+# What a run that failed before its first checkpoint leaves: a new run reuses a directory holding only these.
+BEFORE_FIRST_CHECKPOINT = (RUN_CONFIG, LOG_NAME)
 
 
 @dataclass
@@ -56,12 +58,16 @@ class PreparedRun:
 
 
 def check_resumable(directory: Path, config: dict) -> None:
-    """Refuse ``--resume`` without a checkpoint and ``config.yaml`` in ``directory``, or when a section of
-    ``config`` differs from the run's recorded one."""
+    """Refuse ``--resume`` unless ``directory`` holds a checkpoint and a readable ``config.yaml`` (the error says
+    which is missing) whose sections equal ``config``'s."""
     stored_path = directory / RUN_CONFIG
-    if not (directory / CHECKPOINT_NAME).is_file() or not stored_path.is_file():
-        raise FileNotFoundError(f"--resume: no {CHECKPOINT_NAME} and {RUN_CONFIG} in {directory} to resume from")
-    stored = yaml.safe_load(stored_path.read_text(encoding="utf-8"))
+    missing = [name for name in (CHECKPOINT_NAME, RUN_CONFIG) if not (directory / name).is_file()]
+    if missing == [CHECKPOINT_NAME]:
+        raise FileNotFoundError(f"--resume: {directory} holds no {CHECKPOINT_NAME}: the run there stopped before its "
+                                "first checkpoint; start it again without --resume (its directory is reused)")
+    if missing:
+        raise FileNotFoundError(f"--resume: no {' and no '.join(missing)} in {directory} to resume from")
+    stored = read_run_config(directory)[0]
     changed = [key for key in SECTIONS if (stored.get(key) or {}) != (config.get(key) or {})]
     if changed:
         raise ValueError(f"--resume: the config's {changed} section(s) differ from the run's {stored_path}; "
@@ -82,7 +88,7 @@ def prepare_run(config: dict, output_dir: str | os.PathLike | None, resume: bool
         raise ValueError("no output directory: set output_dir in the config or pass --output-dir")
     directory = Path(output_dir)
     resolve_data_paths(config, base_dir)
-    claim = claim_run_directory(directory, resume=resume, overwrite=overwrite) \
+    claim = claim_run_directory(directory, resume=resume, overwrite=overwrite, disposable=BEFORE_FIRST_CHECKPOINT) \
         if rank_and_world_size()[0] == 0 else None
     try:
         return _prepare_claimed(config, directory, resume, overwrite, base_dir, claim)
@@ -97,7 +103,7 @@ def _prepare_claimed(config: dict, directory: Path, resume: bool, overwrite: boo
     if resume:
         check_resumable(directory, config)
     data = build_data(config, base_dir)
-    model, summary = build_model(config, data.split.num_classes)
+    model, summary = build_run_model(config, data.split.num_classes)
     train = trainer_config(config, str(directory), resume, overwrite)
     train.class_split = train.class_split or data.split.groups
     train.num_classes = data.split.num_classes
@@ -110,6 +116,19 @@ def _prepare_claimed(config: dict, directory: Path, resume: bool, overwrite: boo
     if claim is not None:
         (directory / RUN_CONFIG).write_text(yaml.safe_dump(resolved, sort_keys=False), encoding="utf-8")
     return PreparedRun(resolved, directory, data, model, summary, train, claim)
+
+
+def build_run_model(config: dict, num_classes: int):
+    """:func:`metapeft.build.build_model`, with a ``model.kwargs`` entry the backbone does not take named in a
+    ``ValueError`` (timm raises a bare ``TypeError``)."""
+    kwargs = (config.get("model") or {}).get("kwargs") or {}
+    try:
+        return build_model(config, num_classes)
+    except TypeError as error:
+        if not kwargs:
+            raise
+        raise ValueError(f"model.kwargs {sorted(kwargs)}: the backbone {config['model'].get('name')!r} does not "
+                         f"take them ({error})") from None
 
 
 def finish_run(run: PreparedRun, trainer: MetaPEFTTrainer) -> dict:
@@ -125,13 +144,20 @@ def finish_run(run: PreparedRun, trainer: MetaPEFTTrainer) -> dict:
 
 
 def read_run_config(run: str | os.PathLike) -> tuple[dict, Path]:
-    """The recorded config of a run directory (or of the directory holding the file ``run``) and the directory."""
+    """The recorded config of a run directory (or of the directory holding the file ``run``) and the directory.
+    Errors name the file: missing, unreadable, empty or not a mapping, without ``num_classes`` or with a section
+    that is not a mapping."""
     run = Path(run)
     directory = run if run.is_dir() else run.parent
-    if not (directory / RUN_CONFIG).is_file():
-        raise FileNotFoundError(f"{run} is not a metapeft run: {directory / RUN_CONFIG} is missing (written by "
-                                "metapeft train)")
-    return yaml.safe_load((directory / RUN_CONFIG).read_text(encoding="utf-8")), directory
+    path = directory / RUN_CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"{run} is not a metapeft run: {path} is missing (written by metapeft train)")
+    config = read_yaml_mapping(path, "run config", empty_ok=False)
+    bad = [name for name in SECTIONS if not isinstance(config.get(name) or {}, dict)]
+    if bad or not isinstance(config.get("num_classes"), int):
+        what = f"section(s) {bad} not mappings" if bad else "no integer num_classes"
+        raise ValueError(f"run config {path} is damaged ({what}); it is written by metapeft train")
+    return config, directory
 
 
 def load_run(run: str | os.PathLike, weights: str | os.PathLike | None = None) -> tuple[dict, nn.Module, Path]:
@@ -150,7 +176,7 @@ def load_run(run: str | os.PathLike, weights: str | os.PathLike | None = None) -
     run = Path(run)
     if weights is not None:
         config.setdefault("model", {})["weights"] = str(Path(weights).resolve())
-    model, _ = build_model({k: config.get(k) for k in SECTIONS}, config["num_classes"])
+    model, _ = build_run_model({k: config.get(k) for k in SECTIONS}, config["num_classes"])
     install_head(model, trainer_config({"train": config.get("train")}), config["num_classes"])
     from_checkpoint = run.is_file() and run.suffix == ".pt"
     if from_checkpoint or not (directory / WEIGHTS_NAME).is_file():
@@ -178,7 +204,7 @@ def eval_data(config: dict, data: str | os.PathLike | None = None, split: str = 
             raise FileNotFoundError(f"--data {data_path}: no such file (give a config yaml with a data section, or "
                                     "an index file listing 'relative/path label' lines under the run's data root)")
         if data_path.suffix in (".yaml", ".yml"):
-            loaded = yaml.safe_load(data_path.read_text(encoding="utf-8")) or {}
+            loaded = read_yaml_mapping(data_path, "--data")
             data_config = dict(loaded.get("data", loaded))
             resolve_data_paths({"data": data_config}, data_path.resolve().parent)
         else:

@@ -32,6 +32,7 @@ from metapeft.run_directory import RunClaim, claim_run_directory
 from metapeft.sampling import LOADER, MetaSetSampler, dataset_labels, epoch_batches, generator_for, shard_bounds
 from metapeft.trainer.callbacks import Callback
 from metapeft.trainer.checkpointing import (
+    LOG_NAME,
     RunFiles,
     check_optimizer_state,
     check_same_config,
@@ -301,9 +302,9 @@ class MetaPEFTTrainer:
 
         ``output_dir`` is claimed for the call (:func:`metapeft.run_directory.claim_run_directory`: a second run on
         it fails at once; a new run refuses an old one unless ``resume`` or ``overwrite``; a later ``fit`` of the
-        same trainer continues its own run). Non-finite values raise
-        :class:`~metapeft.trainer.nonfinite.NonFiniteError` naming the cause and the step, before that state is
-        logged or written.
+        same trainer continues its own run; a log alone, left by a run that stopped before its first checkpoint, is
+        no old run). Non-finite values raise :class:`~metapeft.trainer.nonfinite.NonFiniteError` naming the cause and
+        the step, before that state is logged or written.
         """
         claim = self._claim_output_dir()
         try:
@@ -322,7 +323,7 @@ class MetaPEFTTrainer:
             return None
         continuing = self.global_step > 0
         return claim_run_directory(self.output_dir, resume=self.config.resume or continuing,
-                                   overwrite=self.config.overwrite and not continuing)
+                                   overwrite=self.config.overwrite and not continuing, disposable=(LOG_NAME,))
 
     def _fit(self, eval_set, max_steps: int | None) -> dict:
         config = self.config

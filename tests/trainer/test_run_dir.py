@@ -13,6 +13,8 @@ import threading
 import pytest
 
 from metapeft.run_directory import LOCK_NAME, RunDirectoryError, claim_run_directory, run_files
+from metapeft.trainer import MetaPEFTTrainer, TrainerConfig
+from tests.helpers.toy import LongTailedBlobs, TinyNet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -122,3 +124,22 @@ def test_overwrite_moves_aside_a_run_whose_name_is_near_the_name_limit(tmp_path)
             (run / "checkpoint.pt").write_bytes(b"next run")
     moved = sorted(p.name for p in tmp_path.iterdir() if p != run)
     assert len(moved) == 2 and all(len(name) <= 255 for name in moved)
+
+
+def test_a_trainer_run_that_stopped_before_its_first_checkpoint_is_replaced_by_a_new_one(tmp_path):
+    """Its log alone is no old run: a new run (neither resume nor overwrite) reuses the directory and its log holds
+    only the new run's lines."""
+    class Crash:
+        def on_step_end(self, trainer, record):
+            if trainer.global_step == 2:
+                raise RuntimeError("crashed at step 2")
+
+    data, run = LongTailedBlobs([20, 12, 6, 4]), tmp_path / "run"
+    config = TrainerConfig(epochs=1, batch_size=8, log_every=1, progress=False, output_dir=str(run))
+    with pytest.raises(RuntimeError, match="crashed at step 2"):
+        MetaPEFTTrainer(TinyNet(), data, config=config, callbacks=[Crash()]).fit()
+    assert run_files(run) == ["metrics.jsonl"]
+    MetaPEFTTrainer(TinyNet(), data, config=config).fit()
+    steps = [json.loads(line)["global_step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["event"] == "step"]
+    assert steps == list(range(1, len(steps) + 1)) and "checkpoint.pt" in run_files(run)
