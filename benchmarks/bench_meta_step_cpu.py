@@ -96,9 +96,13 @@ def naive_exact_step(model: nn.Module, train, val, buffers, loss=classification_
 
 def contenders(shape: dict, device: str | torch.device = "cpu", loss=classification_loss, model_name: str = MODEL,
                batch: int = BATCH) -> dict:
-    """name -> closure for every contender of ``CONTENDERS``, sharing one model built by :func:`build`; ``loss``:
+    """name -> closure for every contender of ``CONTENDERS``, sharing one model built by :func:`build`."""
+    return contenders_of(*build(shape, device, model_name, batch), loss=loss)
+
+
+def contenders_of(model: nn.Module, train, val, buffers, loss=classification_loss) -> dict:
+    """name -> closure for every contender of ``CONTENDERS`` on what :func:`build` returned; ``loss``:
     ``(model, (x, y)) -> scalar`` (e.g. a forward under bf16 autocast on a GPU)."""
-    model, train, val, buffers = build(shape, device, model_name, batch)
     phi = trainable_phi(model)
 
     def meta(mode):
