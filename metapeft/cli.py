@@ -6,6 +6,7 @@
 | ``metapeft eval RUN [--data CFG_OR_INDEX] [--split test]`` | the paper's metrics table for a trained run |
 | ``metapeft gamma RUN [--plot out.png]`` | the learned gamma table (and heatmap) |
 | ``metapeft export RUN --peft DIR`` | a trained LoRA run as an HF PEFT adapter directory (:mod:`metapeft.hf_peft`) |
+| ``metapeft config --defaults`` or ``--markdown`` | a complete commented run config at its defaults; the reference |
 | ``metapeft info`` | versions, devices, built extensions, backend availability |
 | ``metapeft bench [NAME ...] [--quick] [--list]`` | the benchmark scripts of a source checkout |
 | ``metapeft demo [--seeds N] [--quick] [--readme README.md]`` | the small-scale demonstration (:mod:`metapeft.demo`) |
@@ -180,6 +181,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    from metapeft.config import defaults_yaml, reference_markdown
+
+    print(defaults_yaml() if args.defaults else reference_markdown(), end="")
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     import metapeft
     from metapeft.build_info import build_info, format_build_info, package_versions
@@ -313,6 +321,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--peft", required=True, metavar="DIR", help="the HF PEFT adapter directory to write")
     export.add_argument("--weights", help="backbone weights file, if not the one recorded in the run")
     export.set_defaults(handler=cmd_export)
+
+    config = commands.add_parser("config", help="the run config's keys: a complete commented config at its defaults, "
+                                                 "or the reference (type, default, meaning of every key)")
+    shown = config.add_mutually_exclusive_group(required=True)
+    shown.add_argument("--defaults", action="store_true", help="print a complete run config, every key at its default "
+                                                               "with a comment; metapeft train accepts it as is")
+    shown.add_argument("--markdown", action="store_true", help="print the reference as markdown (docs/config.md)")
+    config.set_defaults(handler=cmd_config)
 
     info = commands.add_parser("info", help="versions, devices, built extensions and backend availability")
     info.add_argument("--json", action="store_true", help="print the report as JSON")

@@ -19,16 +19,17 @@ class OptionDoc:
     type: str
     default: object
     help: str
+    example: object = None
 
     @property
     def required(self) -> bool:
         return self.default is REQUIRED
 
 
-def option(default=REQUIRED, help: str = ""):
-    """A dataclass field with ``metadata["help"]``; a list or dict default becomes a factory (a fresh copy per
-    instance)."""
-    metadata = {"help": help}
+def option(default=REQUIRED, help: str = "", example=None):
+    """A dataclass field with ``metadata["help"]`` (and ``metadata["example"]``: a value to show for a required
+    field); a list or dict default becomes a factory (a fresh copy per instance)."""
+    metadata = {"help": help} if example is None else {"help": help, "example": example}
     if isinstance(default, list | dict):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -43,7 +44,8 @@ def option_docs(cls, exclude: tuple[str, ...] = ()) -> list[OptionDoc]:
         default = spec.default
         if spec.default_factory is not MISSING:
             default = spec.default_factory()
-        docs.append(OptionDoc(spec.name, str(spec.type), default, spec.metadata.get("help", "")))
+        docs.append(OptionDoc(spec.name, str(spec.type), default, spec.metadata.get("help", ""),
+                              spec.metadata.get("example")))
     return docs
 
 
