@@ -1,9 +1,10 @@
 """What this metapeft install was built with and what it can run: ``metapeft.build_info()`` and
 ``python -m metapeft.build_info [--json]``.
 
-Reports torch (version, its CUDA), the CUDA devices (and whether the extension's archs cover them),
-the C++/CUDA extension ``metapeft._C`` (built or why not; the torch, CUDA and arch list it was compiled
-for) and every backend of the ops with the reason it is unavailable.
+Reports which copy of metapeft it inspected (a source tree on ``sys.path`` shadows an installed copy: run from the
+source root, it reports the source tree's extension, not the installed one), torch (version, its CUDA), the CUDA
+devices (and whether the extension's archs cover them), the C++/CUDA extension ``metapeft._C`` (built or why not;
+the torch, CUDA and arch list it was compiled for) and every backend of the ops with the reason it is unavailable.
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from importlib.metadata import Distribution, PackageNotFoundError, distribution
+from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 import torch
 
@@ -53,12 +57,50 @@ def _devices(arch_list: list[str] | None) -> list[dict]:
     return devices
 
 
+def _installed_copy(dist: Distribution | None) -> tuple[Path | None, bool]:
+    """Where the installed distribution keeps the package (the source tree of an editable install), and whether it
+    is editable; ``(None, False)`` when metapeft is not installed."""
+    if dist is None:
+        return None, False
+    direct = json.loads(dist.read_text("direct_url.json") or "{}")
+    if direct.get("dir_info", {}).get("editable"):
+        return Path(unquote(urlparse(direct["url"]).path)).resolve() / "metapeft", True
+    return Path(str(dist.locate_file("metapeft"))).resolve(), False
+
+
+def package_origin(imported: Path | None = None, dist: Distribution | None = None) -> dict:
+    """Which copy of metapeft was inspected: ``path`` (the imported package, default this one), ``installed`` (the
+    installed distribution's package, None when not installed), ``editable`` and ``shadowed`` (True when the
+    imported copy is not the installed one: a source tree earlier on ``sys.path``, e.g. the current directory)."""
+    imported = (imported or Path(__file__).parent).resolve()
+    if dist is None:
+        try:
+            dist = distribution("metapeft")
+        except PackageNotFoundError:
+            dist = None
+    installed, editable = _installed_copy(dist)
+    return {"path": str(imported), "installed": None if installed is None else str(installed), "editable": editable,
+            "shadowed": installed is not None and installed != imported}
+
+
+def format_origin(origin: dict) -> str:
+    """The report's line saying which copy was inspected and why."""
+    line = f"metapeft: inspected the copy at {origin['path']}"
+    if origin["shadowed"]:
+        return (f"{line}, which shadows the installed copy at {origin['installed']} (it comes first on sys.path, e.g. "
+                "as the current directory); run from another directory to inspect the installed copy")
+    if origin["installed"] is None:
+        return f"{line} (not installed: found on sys.path)"
+    return f"{line} ({'an editable install of this source tree' if origin['editable'] else 'the installed copy'})"
+
+
 def build_info() -> dict:
-    """A JSON-ready dict: ``torch``, ``torch_cuda``, ``cuda_available``, ``devices`` (list of dicts),
-    ``extension`` (``built``; ``path``, ``torch``, ``cuda``, ``arch_list`` or ``reason``) and ``backends``
-    (name -> ``None`` when usable here, else the reason it is not)."""
+    """A JSON-ready dict: ``package`` (:func:`package_origin`), ``torch``, ``torch_cuda``, ``cuda_available``,
+    ``devices`` (list of dicts), ``extension`` (``built``; ``path``, ``torch``, ``cuda``, ``arch_list`` or
+    ``reason``) and ``backends`` (name -> ``None`` when usable here, else the reason it is not)."""
     extension = _extension()
     return {
+        "package": package_origin(),
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "cuda_available": torch.cuda.is_available(),
@@ -85,7 +127,7 @@ def package_versions(names: tuple[str, ...] = ("torch", "triton", "timm", "torch
 def format_build_info(info: dict) -> str:
     """``build_info()`` as the human-readable report ``python -m metapeft.build_info`` prints."""
     ext = info["extension"]
-    lines = [f"torch {info['torch']} (CUDA {info['torch_cuda'] or 'none'})"]
+    lines = [format_origin(info["package"]), f"torch {info['torch']} (CUDA {info['torch_cuda'] or 'none'})"]
     if not info["devices"]:
         lines.append("devices: none (CUDA is not available)")
     for device in info["devices"]:
@@ -96,7 +138,8 @@ def format_build_info(info: dict) -> str:
         lines.append(f"extension metapeft._C: built for torch {ext['torch']}, CUDA {ext['cuda']}, "
                      f"archs {';'.join(ext['arch_list'])} ({ext['path']})")
     else:
-        lines.append(f"extension metapeft._C: {ext['reason']}")
+        where = f" (in the inspected copy at {info['package']['path']})" if info["package"]["shadowed"] else ""
+        lines.append(f"extension metapeft._C: {ext['reason']}{where}")
     lines.append("backends:")
     lines += [f"  {name:<7} {'available' if reason is None else 'unavailable: ' + reason}"
               for name, reason in info["backends"].items()]
