@@ -17,9 +17,9 @@ Stages (GPU; dry run in brackets):
 - ``vit_step``: ``benchmarks/bench_vit_step_cpu.py``'s training step (its ``build`` and ``make_step``):
   timm ViT-B/16, 224 px, batch 64 [16 px, 1 block, dim 32, batch 2], LoRA r = 8 on q, k, v, out, mlp1, mlp2,
   SGD with momentum, forward under bf16 autocast [fp32]; contenders ``metapeft`` (backend "auto"), ``hf_peft``,
-  ``plain``, then ``metapeft[<backend>]`` for every fused backend that runs here. Each contender is built, measured
-  and freed before the next, so its peak is its own. The loss before the first step is recorded: metapeft and
-  plain hold the same weights and must agree.
+  ``plain``, then ``metapeft[<backend>]`` for every other fused backend that runs here (the one "auto" ran is not
+  repeated). Each contender is built, measured and freed before the next, so its peak is its own. The loss before
+  the first step is recorded: metapeft and plain hold the same weights and must agree.
 - ``meta_step``: ``benchmarks/bench_meta_step_cpu.py``'s contenders (``plain_step``, ``first_order``,
   ``finite_difference``, ``exact``, ``naive_exact``: torch.func over plain PyTorch LoRA) on ViT-B/16, 224 px,
   batch 32 + meta batch 32 [16 px, 1 block, dim 32, batch 2 + 2], the loss under bf16 autocast [fp32]. All share
@@ -136,8 +136,11 @@ def vit_step(progress: Progress, device: torch.device, dry_run: bool) -> None:
 
     setup, amp = (VIT_DRY, None) if dry_run else (VIT_GPU, torch.bfloat16)
     extra = [(f"metapeft[{b}]", b) for b in fused_backends(device, amp or torch.float32, "scaled_lora")]
-    losses = {}
+    losses, ran = {}, {}
     for name, backend in [("metapeft", "auto"), ("hf_peft", "auto"), ("plain", "auto"), *extra]:
+        if backend != "auto" and backend == ran.get("metapeft"):
+            progress.reached(f"{name} skipped: it is what metapeft's 'auto' ran")
+            continue
         try:
             model, optimized = vit.build(name.split("[")[0], setup, device, backend)
             step, loss = vit.make_step(model, optimized, setup, device, amp)
@@ -149,6 +152,7 @@ def vit_step(progress: Progress, device: torch.device, dry_run: bool) -> None:
             if name != "hf_peft" and "metapeft" in losses:  # same weights as metapeft: the same loss
                 tolerance = LOSS_TOLERANCE[amp or torch.float32] * max(1.0, abs(losses["metapeft"]))
                 row["loss_check"] = "ok" if abs(losses[name] - losses["metapeft"]) <= tolerance else "MISMATCH"
+            ran[name] = row["backends_ran"]
             progress.row(row)
             del model, optimized, step, loss
         except Exception as error:  # noqa: BLE001 - recorded; the next contender runs

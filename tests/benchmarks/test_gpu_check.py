@@ -153,7 +153,8 @@ def test_dry_run_exercises_every_stage_and_writes_only_under_out(tmp_path):
         {name: s["output_tail"][-1500:] for name, s in stages.items() if s["status"] != "passed"}
     assert record["dry_run"] and record["summary"].startswith(gpu_check.DRY_RUN_NOTE)
     vit = {row["contender"]: row for row in stages["vit_step"]["rows"]}
-    assert set(vit) == {"metapeft", "hf_peft", "plain", "metapeft[torch]", "metapeft[triton]"}
+    assert set(vit) == {"metapeft", "hf_peft", "plain", "metapeft[triton]"}  # metapeft[torch] is what auto ran
+    assert vit["metapeft"]["backends_ran"] == "torch"
     assert vit["metapeft[triton]"]["backends_ran"] == "triton"  # the Triton interpreter ran the whole step
     assert all(row["loss_check"] == "ok" for name, row in vit.items() if name != "hf_peft")
     assert [row["contender"] for row in stages["meta_step"]["rows"]] == [
