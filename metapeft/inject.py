@@ -159,11 +159,11 @@ class Placement:
 
 @dataclass(frozen=True)
 class Injection(InjectionConfig):
-    """What :func:`inject` did, kept on the model as ``model.metapeft_config`` and stored in adapter files: the
-    config resolved against the model (``alpha`` a number, ``positions`` and ``layers`` the placed ones on a ViT,
-    ``modules_to_save`` the kept modules) and where modules went. ``rows`` /
-    ``columns`` are the gamma table's labels: blocks x positions on a ViT, module names x ``gamma`` on the
-    generic path. Passing it to :func:`inject` repeats the injection on a fresh copy of the model."""
+    """What :func:`inject` did, kept on the model as ``model.metapeft_config`` and stored in adapter files
+    (:meth:`to_dict`): the config resolved against the model (``alpha`` a number, ``positions`` and ``layers`` the
+    placed ones on a ViT, ``modules_to_save`` the kept modules) plus where each module went (``placements``) and the
+    gamma table's labels (``rows`` x ``columns``: blocks x positions on a ViT, module names x ``gamma`` when placed
+    by name). Passing it to :func:`inject` repeats the injection on a fresh copy of the model."""
 
     rows: tuple[str, ...] = ()
     columns: tuple[str, ...] = ()
