@@ -6,12 +6,12 @@ FILE (JSON: ``rows`` so far, ``errors`` by contender, ``reached``, ``done``), so
 still leaves what it measured. A contender that raises is recorded with its error and the next one runs; the stage
 then exits 1. On a GPU a finished stage also appends its rows to ``benchmarks/results/<stage>_gpu.{json,md}``.
 
-Timing on a GPU: one warm-up call (compilation, autotuning, optimizer state), then one call between
-``torch.cuda.reset_peak_memory_stats`` and ``torch.cuda.max_memory_allocated`` (``peak_MiB``: everything allocated,
-weights included; ``peak_growth_MiB``: above what was allocated before the call), then the median of
-``triton.testing.do_bench``. ``--dry-run``: CPU, tiny shapes, fp32, the Triton interpreter for the triton contenders
-(``TRITON_INTERPRET=1``, set by gpu_check); ``ms`` is one call's wall time, not a measurement, and nothing is
-recorded.
+Timing on a GPU: one warm-up call (compilation, autotuning, optimizer state), then ``benchmarks.harness.gpu_bench``:
+one call between ``torch.cuda.reset_peak_memory_stats`` and ``torch.cuda.max_memory_allocated`` (``peak_MiB``:
+everything allocated, weights included; ``peak_growth_MiB``: above what was allocated before the call), then the
+median of ``triton.testing.do_bench``. ``--dry-run``: CPU, tiny shapes, fp32, the Triton interpreter for the triton
+contenders (``TRITON_INTERPRET=1``, set by gpu_check); ``ms`` is one call's wall time, not a measurement, and
+nothing is recorded.
 
 Stages (GPU; dry run in brackets):
 - ``vit_step``: ``benchmarks/bench_vit_step_cpu.py``'s training step (its ``build`` and ``make_step``):
@@ -48,7 +48,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import metapeft  # noqa: E402
-from benchmarks.harness import record_results, write_atomically  # noqa: E402
+from benchmarks.harness import gpu_bench, record_results, write_atomically  # noqa: E402
 
 STAGES = ("vit_step", "meta_step", "adapters")
 VIT_GPU = {"model_name": "vit_base_patch16_224", "model_kwargs": {}, "image": 224, "batch": 64}
@@ -92,24 +92,18 @@ class Progress:
 
 
 def measure(fn: Callable[[], object], dry_run: bool, warmup_ms: int = 100, rep_ms: int = 400) -> dict:
-    """``ms`` (median of ``triton.testing.do_bench`` after one warm-up call) and the peak CUDA memory of one call
-    (``peak_MiB`` in all, ``peak_growth_MiB`` above what was allocated before it); in a dry run the wall time of a
-    single call only (not a measurement)."""
+    """After one warm-up call, ``benchmarks.harness.gpu_bench``: ``ms`` (median of ``triton.testing.do_bench``) and
+    the peak CUDA memory of one call (``peak_growth_MiB`` above what was allocated before it, ``peak_MiB`` in all);
+    in a dry run the wall time of a single call only (not a measurement)."""
     if dry_run:
         start = time.perf_counter()
         fn()
         return {"ms": (time.perf_counter() - start) * 1e3}
-    import triton.testing
-
     fn()
     torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated()
-    median_ms = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
-    return {"ms": median_ms, "peak_MiB": peak / 2**20, "peak_growth_MiB": (peak - before) / 2**20}
+    median_ms, growth = gpu_bench(fn, warmup_ms=warmup_ms, rep_ms=rep_ms)
+    return {"ms": median_ms, "peak_MiB": (before + growth) / 2**20, "peak_growth_MiB": growth / 2**20}
 
 
 def free_memory() -> None:
