@@ -395,6 +395,9 @@ def main(argv: list[str] | None = None) -> int:
             stages.append({"stage": name, "status": "not run", "limit_s": round(limits[name]), "seconds": 0,
                            "output_tail": "", "reached": f"the check's budget of {args.budget_s:.0f} s was spent"})
             continue
+        for stale in (log_dir / f"{name}.json", log_dir / "gpu_tests.xml" if name == "gpu_tests" else None):
+            if stale is not None:
+                stale.unlink(missing_ok=True)  # a previous run's progress must not pass for this run's
         command, extra = commands[name]
         result = run_stage(name, command, min(limits[name], left), log_dir, stage_environment(args.dry_run, extra))
         stages.append(reached(result, log_dir))

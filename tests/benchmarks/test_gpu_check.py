@@ -117,6 +117,22 @@ def test_a_failed_or_timed_out_stage_is_recorded_with_what_it_reached_and_the_ne
     assert not (tmp_path / "cache").exists()
 
 
+def test_a_previous_runs_progress_never_passes_for_this_runs(tmp_path, monkeypatch):
+    logs = tmp_path / "gpu_check_logs"
+    logs.mkdir()
+    (logs / "vit_step.json").write_text(json.dumps({"rows": [{"contender": "metapeft", "ms": 1.0}], "errors": {},
+                                                    "reached": "done", "done": True}))
+    (logs / "gpu_tests.xml").write_text('<testsuite><testcase classname="old" name="test_ok"/></testsuite>')
+    crash = ([sys.executable, "-c", "raise SystemExit('died at import')"], {})
+    commands = {"vit_step": crash, "gpu_tests": crash}
+    monkeypatch.setattr(gpu_check, "stage_commands", lambda args, log_dir, limits: commands)
+    assert gpu_check.main(["--dry-run", "--out", str(tmp_path), "--stages", "gpu_tests,vit_step"]) == 0
+    stages = {s["stage"]: s for s in json.loads((tmp_path / "gpu_check.json").read_text())[-1]["stages"]}
+    assert stages["vit_step"]["status"] == "failed" and stages["vit_step"]["rows"] == []
+    assert "died at import" in stages["vit_step"]["reached"]
+    assert stages["gpu_tests"]["counts"] == {"passed": 0, "failed": 0, "skipped": 0}
+
+
 def test_the_user_cache_is_read_before_the_shipped_default(tmp_path, monkeypatch):
     from metapeft.ops import backends
 
