@@ -153,6 +153,12 @@ def verbose_counts(output: str) -> tuple[dict[str, int], list[str], str | None]:
     return counts, failed, running
 
 
+def shown(path: Path) -> str:
+    """``path`` relative to the checkout when inside it (as committed), else absolute."""
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def last_line(output: str) -> str:
     lines = [line for line in output.splitlines() if line.strip()]
     return lines[-1][:300] if lines else "no output"
@@ -423,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
               "failed_tests": failed, "headline_ratios": ratios, "stages": stages, "recommendation_files": []}
     provenance = {k: env[k] for k in ("device", "torch", "triton", "git_sha", "timestamp")}
     recommendation = json.dumps({"cuda_default_backend": choice, "reason": choice_reason,
-                                 "source": "benchmarks/results/gpu_check.json", **provenance}, indent=1) + "\n"
+                                 "source": shown(out_dir / "gpu_check.json"), **provenance}, indent=1) + "\n"
     targets = [out_dir / "gpu_default.json"]
     if not (args.dry_run or args.quick) and choice is not None:
         targets.append(user_default_file())
