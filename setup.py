@@ -20,7 +20,7 @@ from setuptools.command.sdist import sdist
 
 BUILD_ENV = "METAPEFT_BUILD_CUDA"
 DEFAULT_ARCH_LIST = "8.0;9.0"
-SOURCES = ["csrc/scaled_lora.cpp", "csrc/scaled_lora_kernels.cu"]
+SOURCES = ["csrc/scaled_lora.cpp", "csrc/scaled_lora_kernels.cu", "csrc/autograd.cpp"]
 HEADERS = ["csrc/scaled_lora.h"]
 
 

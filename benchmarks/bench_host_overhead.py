@@ -11,9 +11,11 @@ Cases (CPU tensors, fp32, training mode, parameters requiring grad, x requiring 
   ``hf_peft`` there is one rank-4 LoRA over all 48 outputs (PEFT cannot split a fused qkv: less work).
 - ``adapter parallel`` / ``adapter sequential``: ``FusedMetaAdapter(16, 4)`` (AdaptFormer, with a residual /
   Houlsby) vs ``benchmarks.contenders.PlainMetaAdapter``.
-Every case also times ``metapeft_function``: the same metapeft layer called inside
-``metapeft.ops.double_backward_ahead()``, i.e. through the op's ``autograd.Function``, the route the triton and cuda
-kernels take on a GPU (here with the torch launchers: the host cost of that route without a kernel launch).
+Where ``metapeft._C`` is built, ``metapeft`` takes the C++ route (one dispatcher call, a C++ backward); every case
+also times the same metapeft layer on the Python routes (``metapeft.ops.cpp_autograd.python_routes()``):
+``metapeft_python`` (autograd through the ATen composite, what runs without ``_C``) and ``metapeft_function``
+(also inside ``metapeft.ops.double_backward_ahead()``: the op's ``autograd.Function``, the route the triton and cuda
+kernels take on a GPU, here with the torch launchers: the host cost of that route without a kernel launch).
 Modes: ``fwd`` (autograd recording) and ``fwd+bwd`` (``y.backward(grad_y)``). A sample times ``--calls`` calls;
 samples of all contenders of a case are interleaved round by round; per-call medians and interquartile ranges
 of process CPU time (one thread: the host work itself, steadier than wall time on a shared machine) and of wall
@@ -38,10 +40,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import metapeft  # noqa: E402
 from benchmarks.contenders import PlainMetaAdapter, PlainMetaLoRA, hf_peft_lora_linear  # noqa: E402
 from benchmarks.harness import interleaved_timings, record_results  # noqa: E402
+from metapeft.ops.cpp_autograd import python_routes  # noqa: E402
 
 BATCH, TOKENS, DIM, RANK = 2, 8, 16, 4
 MODES = ("fwd", "fwd+bwd")
 FUNCTION_ROUTE = "metapeft_function"
+PYTHON_ROUTE = "metapeft_python"
+
+
+@contextlib.contextmanager
+def function_route():
+    """The op's autograd.Function route: the Python routes, inside double_backward_ahead()."""
+    with python_routes(), metapeft.ops.double_backward_ahead():
+        yield
 
 
 def lora_contenders(segments: int) -> dict[str, nn.Module]:
@@ -54,7 +65,7 @@ def lora_contenders(segments: int) -> dict[str, nn.Module]:
     plain = PlainMetaLoRA(nn.Linear(DIM, DIM * segments), rank=RANK, segments=segments)
     plain.load_state_dict(fused.state_dict())
     torch.manual_seed(0)
-    return {"metapeft": fused, FUNCTION_ROUTE: fused,
+    return {"metapeft": fused, PYTHON_ROUTE: fused, FUNCTION_ROUTE: fused,
             "hf_peft": hf_peft_lora_linear(nn.Linear(DIM, DIM * segments), RANK), "plain": plain}
 
 
@@ -66,7 +77,7 @@ def adapter_contenders(kind: str) -> dict[str, nn.Module]:
         fused.up_weight.normal_()
     plain = PlainMetaAdapter(DIM, RANK, kind=kind)
     plain.load_state_dict(fused.state_dict(), strict=False)
-    return {"metapeft": fused, FUNCTION_ROUTE: fused, "plain": plain}
+    return {"metapeft": fused, PYTHON_ROUTE: fused, FUNCTION_ROUTE: fused, "plain": plain}
 
 
 def calls(layer: nn.Module, inputs: tuple[torch.Tensor, ...], grad_y: torch.Tensor, count: int, route) -> dict:
@@ -90,7 +101,7 @@ def measure(case: str, layers: dict[str, nn.Module], inputs: tuple[torch.Tensor,
     with torch.no_grad():
         outputs = {name: layer(*inputs) for name, layer in layers.items()}
     grad_y = torch.randn_like(outputs["metapeft"])
-    routes = {FUNCTION_ROUTE: metapeft.ops.double_backward_ahead}
+    routes = {FUNCTION_ROUTE: function_route, PYTHON_ROUTE: python_routes}
     torch.testing.assert_close(outputs["metapeft"], outputs["plain"], rtol=1e-5, atol=1e-5)
     rows = []
     for mode in MODES:

@@ -1,6 +1,6 @@
 // metapeft._C: the `cuda` backend of the scaled-LoRA op, registered as metapeft::scaled_lora_fwd_cuda /
 // metapeft::scaled_lora_bwd_cuda (the Python custom ops metapeft::scaled_lora_fwd/_bwd dispatch to them by
-// backend name; their fake kernels live in metapeft/ops/scaled_lora_cuda.py).
+// backend name; their fake kernels live in metapeft/ops/cuda_backend.py).
 //
 //   forward:  xd = drop(x);  h = xd A^T (M, S*r);  y = x W^T + bias;  y[:, seg j] += (c_j h_j) B_j^T
 //   backward: T_j = dY_j B_j;  d c_j = sum(T_j * h_j) in fp32;  dB_j = dY_j^T (c_j h_j);

@@ -96,14 +96,12 @@ class MetaPEFTModule(nn.Module):
         (``constraint``): under autocast x and ``args`` are cast to the autocast dtype and the op runs with autocast
         off (the modulator keeps its dtype); in training mode a fresh dropout seed is drawn on x's device;
         ``last_backend`` records the backend that ran."""
-        dtype = autocast_dtype(x)
-        if dtype is None:
-            return self._run_op(op, x, args, modulator, constraint, factor, extra)
-        with torch.autocast(x.device.type, enabled=False):
-            args = tuple(None if t is None else t.to(dtype) for t in args)
-            return self._run_op(op, x.to(dtype), args, modulator, constraint, factor, extra)
-
-    def _run_op(self, op, x, args, modulator, constraint, factor, extra) -> torch.Tensor:
+        if torch._C._is_any_autocast_enabled():  # one C call when autocast is off
+            dtype = autocast_dtype(x)
+            if dtype is not None:
+                with torch.autocast(x.device.type, enabled=False):
+                    args = tuple(None if t is None else t.to(dtype) for t in args)
+                    return self.run_op(op, x.to(dtype), args, modulator, constraint, factor, extra)
         dropout = self.dropout if self.training else 0.0
         seed = draw_dropout_seed(x.device) if dropout > 0.0 else None
         out, backend = op.call(x, args, modulator, constraint, factor, extra, dropout, seed, self.backend)

@@ -239,10 +239,10 @@ class FusedOp:
         arguments object (a tuple in its field order), checked by the caller (layers check theirs once)."""
         self.spec.check_call(x, args)
         chosen = select_backend(backend, x, self.name)
-        compiling = torch.compiler.is_compiling()
         composite = chosen == "torch" and dropout_p == 0.0
+        compiling = torch.compiler.is_compiling()
         if not (compiling or transforms_active()):
-            if composite and self.cpp_op is not None:
+            if composite and self.cpp_op is not None:  # the C++ route (its backward is differentiable)
                 return self.cpp_op(x, *args, modulator, constraint, factor, *extra), chosen
             if not composite or DOUBLE_BACKWARD_AHEAD[0]:
                 return _FusedFunction.apply(self, x, modulator, constraint, factor, extra, dropout_p, seed, chosen,

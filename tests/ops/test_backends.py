@@ -8,6 +8,7 @@ import torch
 
 import metapeft
 from metapeft.ops import backends
+from metapeft.ops.cpp_autograd import python_routes
 
 
 @pytest.fixture
@@ -69,7 +70,8 @@ def test_double_backward_ahead_routes_torch_calls_through_the_function_with_the_
     function_node = "_FusedFunctionBackward"
     second = {}
     for ahead in (False, True):
-        with backends.double_backward_ahead() if ahead else torch.enable_grad():
+        # the Python routes, as without metapeft._C (where it is built, both take the C++ route: test_cpp_route.py)
+        with python_routes(), backends.double_backward_ahead() if ahead else torch.enable_grad():
             assert backends.DOUBLE_BACKWARD_AHEAD[0] == int(ahead)
             y = layer(x)
             value = y.sin().sum()

@@ -1,0 +1,155 @@
+"""The C++ route of an eager call (csrc/autograd.cpp, where metapeft._C is built): taken where it should be, equal to
+the Python composite route in float64 (outputs, gradients, second derivatives), within the 2x rule against the float64
+oracle, and passing opcheck; the Python routes stay under torch.func, with dropout and without the extension."""
+
+import pytest
+import torch
+
+import metapeft
+from metapeft.ops.cpp_autograd import python_routes
+from metapeft.ops.scaled_lora_op import SCALED_LORA
+from metapeft.reference import adapter_reference, scaled_lora_reference
+from tests.helpers.adapter import forward_backward as adapter_forward_backward
+from tests.helpers.adapter import make_inputs as adapter_inputs
+from tests.helpers.oracle import assert_2x_rule, non_contiguous
+from tests.helpers.scaled_lora import forward_backward as lora_forward_backward
+from tests.helpers.scaled_lora import make_inputs as lora_inputs
+
+pytestmark = pytest.mark.skipif(SCALED_LORA.cpp_op is None, reason="metapeft._C is not built here")
+
+
+def _lora(segments=3, bias=True, constraint="softplus", active=None, dtype=torch.float64):
+    torch.manual_seed(0)
+    layer = metapeft.FusedMetaLoRA(torch.nn.Linear(12, 6 * segments, bias=bias), rank=2, alpha=3.0,
+                                   segments=segments, constraint=constraint, active_segments=active).to(dtype)
+    with torch.no_grad():
+        for p in (*layer.peft_parameters(), layer.modulator):
+            p.normal_()
+    return layer
+
+
+def _adapter(kind="parallel", activation="gelu", constraint="softplus", dtype=torch.float64):
+    torch.manual_seed(0)
+    layer = metapeft.FusedMetaAdapter(12, 3, alpha=2.0, kind=kind, activation=activation,
+                                      constraint=constraint).to(dtype)
+    with torch.no_grad():
+        for p in (*layer.peft_parameters(), layer.modulator):
+            p.normal_()
+    return layer
+
+
+def _call(layer, x, residual):
+    return layer(x) if residual is None else layer(x, residual)
+
+
+def _first_and_second(layer, x, residual):
+    """y, first derivatives of sum(sin(y)) w.r.t. x, residual and the PEFT weights, and the second derivatives of
+    their sum w.r.t. the modulator and x."""
+    y = _call(layer, x, residual)
+    wrt = [x, *([] if residual is None else [residual]), *layer.peft_parameters()]
+    first = torch.autograd.grad(y.sin().sum(), wrt, create_graph=True)
+    second = torch.autograd.grad(sum((g * g.detach().cos()).sum() for g in first), [layer.modulator, x])
+    return y, first, second
+
+
+LAYERS = {
+    "lora_S3": lambda: (_lora(), False),
+    "lora_S1_nobias": lambda: (_lora(segments=1, bias=False), False),
+    "lora_exp": lambda: (_lora(constraint="exp"), False),
+    "lora_none": lambda: (_lora(constraint="none"), False),
+    "lora_active_q_v": lambda: (_lora(active=(0, 2)), False),
+    "adapter_parallel_gelu": lambda: (_adapter(), True),
+    "adapter_sequential_relu": lambda: (_adapter("sequential", "relu"), False),
+    "adapter_exp": lambda: (_adapter(constraint="exp"), True),
+}
+
+
+@pytest.mark.parametrize("case", list(LAYERS))
+def test_cpp_route_equals_python_route_with_second_derivatives_float64(case):
+    layer, with_residual = LAYERS[case]()
+    x = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
+    residual = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True) if with_residual else None
+    y = _call(layer, x, residual)
+    assert "metapeft" in y.grad_fn.name(), y.grad_fn.name()  # the C++ node, not a Python Function or composite
+    cpp = _first_and_second(layer, x, residual)
+    with python_routes():
+        assert "metapeft" not in _call(layer, x, residual).grad_fn.name()
+        composite = _first_and_second(layer, x, residual)
+    for got, want in zip((cpp[0], *cpp[1], *cpp[2]), (composite[0], *composite[1], *composite[2])):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def _assert_cpp_node(out):
+    assert "metapeft" in out.grad_fn.name(), out.grad_fn.name()
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("shape", [(97, 40, 72, 4, 3), (1, 40, 48, 1, 1)], ids=["M97_S3", "M1_S1"])
+def test_cpp_route_scaled_lora_by_2x_rule(dtype, shape):
+    inputs64, inputs = lora_inputs(*shape, dtype=dtype)
+    grad64 = torch.randn(shape[0], shape[2], dtype=torch.float64)
+
+    def fused(*args):
+        return _assert_cpp_node(metapeft.ops.scaled_lora(*args, backend="torch"))
+
+    y_fast, g_fast = lora_forward_backward(fused, inputs, non_contiguous(grad64.to(dtype)), non_contiguous)
+    y_base, g_base = lora_forward_backward(scaled_lora_reference, inputs, grad64.to(dtype))
+    y_ref, g_ref = lora_forward_backward(scaled_lora_reference, inputs64, grad64)
+    assert_2x_rule("y", y_fast, y_base, y_ref)
+    for name in g_ref:
+        assert_2x_rule(f"d{name}", g_fast[name], g_base[name], g_ref[name])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("residual", [True, False], ids=["parallel", "sequential"])
+def test_cpp_route_adapter_by_2x_rule(dtype, residual):
+    inputs64, inputs = adapter_inputs(97, 40, 7, dtype, residual=residual)
+    grad64 = torch.randn(97, 40, dtype=torch.float64)
+
+    def fused(*args, **kwargs):
+        return _assert_cpp_node(metapeft.ops.adapter(*args, **kwargs, backend="torch"))
+
+    fast = adapter_forward_backward(fused, inputs, grad64.to(dtype), activation="gelu")
+    base = adapter_forward_backward(adapter_reference, inputs, grad64.to(dtype), activation="gelu")
+    ref = adapter_forward_backward(adapter_reference, inputs64, grad64, activation="gelu")
+    assert_2x_rule("out", fast[0], base[0], ref[0])
+    for name in ref[1]:
+        assert_2x_rule(f"d{name}", fast[1][name], base[1][name], ref[1][name])
+
+
+def test_opcheck_cpp_ops():
+    torch.manual_seed(3)
+    f64 = {"dtype": torch.float64}
+    x = torch.randn(5, 12, **f64, requires_grad=True)
+    lora = (torch.randn(6, 12, **f64), torch.randn(6, **f64), torch.randn(6, 12, **f64, requires_grad=True),
+            torch.randn(6, 2, **f64, requires_grad=True), torch.randn(3, **f64, requires_grad=True))
+    torch.library.opcheck(torch.ops.metapeft.scaled_lora.default, (x, *lora, "softplus", 0.5))
+    weights = [torch.randn(*shape, **f64, requires_grad=True) for shape in ((3, 12), (3,), (12, 3), (12,), (1,))]
+    torch.library.opcheck(torch.ops.metapeft.adapter.default, (x, None, *weights, "exp", 2.0, "gelu"))
+    residual = torch.randn(5, 12, **f64, requires_grad=True)
+    torch.library.opcheck(torch.ops.metapeft.adapter.default,
+                          (x, residual, weights[0], None, weights[2], None, weights[4], "none", 1.0, "relu"))
+
+
+def test_python_routes_kept_under_func_dropout_and_compile_flags():
+    layer = _lora()
+    x = torch.randn(4, 12, dtype=torch.float64)
+    params = dict(layer.named_parameters())
+    grads = torch.func.grad(lambda p: torch.func.functional_call(layer, p, (x,)).sum())(params)
+    with python_routes():
+        want = torch.func.grad(lambda p: torch.func.functional_call(layer, p, (x,)).sum())(params)
+    for name in grads:
+        torch.testing.assert_close(grads[name], want[name], rtol=1e-10, atol=1e-12)
+    dropped = metapeft.FusedMetaLoRA(torch.nn.Linear(12, 12), rank=2, dropout=0.2).train()
+    assert "metapeft" not in dropped(x.float().requires_grad_()).grad_fn.name()  # the torch mask: Python route
+
+
+def test_cpp_route_under_inference_mode_and_no_grad():
+    layer = _lora()
+    x = torch.randn(3, 12, dtype=torch.float64)
+    want = layer(x).detach()
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), want, rtol=0, atol=0)
+    with torch.no_grad():
+        assert layer(x).grad_fn is None
