@@ -7,7 +7,8 @@ out), 3072 (fc1), 2304 (qkv, as one LoRA: S = 1, and with q, k, v each their own
 - ``plain``: ``benchmarks.contenders.PlainMetaLoRA``, the strongest plain-PyTorch formulation with a learnable
   modulator (scale on B, no concatenation), autograd backward;
 - ``hf_peft`` (PEFT-style, fixed scale): PEFT's ``lora.Linear``, one rank-r LoRA over all N outputs even
-  where S = 3 (PEFT cannot split a fused qkv: a third of metapeft's LoRA work there).
+  where S = 3 (PEFT cannot split a fused qkv: a third of metapeft's LoRA work there);
+- ``base``: the frozen ``nn.Linear`` alone, the floor any LoRA layer pays (issue 23: metapeft <= 1.08x of it).
 One timed call is ``layer(x).backward(grad_y)`` with x requiring grad. Contenders are interleaved round by round;
 medians and interquartile ranges of process CPU time (the steadier measure on a shared machine) and of wall time,
 and the bytes autograd saves for backward, go to ``benchmarks/results/scaled_lora_cpu.{json,md}``.
@@ -18,6 +19,7 @@ Run: ``python benchmarks/bench_scaled_lora_cpu.py --threads 1`` (``--quick``: on
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from pathlib import Path
 
@@ -33,7 +35,7 @@ from benchmarks.harness import interleaved_timings, record_results, saved_tensor
 M, IN_FEATURES = 8 * 197, 768
 CASES = [(768, 1), (3072, 1), (2304, 1), (2304, 3)]  # (N, S)
 RANKS = (1, 8, 16)
-CONTENDERS = ("metapeft", "plain", "hf_peft")
+CONTENDERS = ("metapeft", "plain", "hf_peft", "base")
 
 
 def build(contender: str, out_features: int, segments: int, rank: int) -> nn.Module:
@@ -42,6 +44,8 @@ def build(contender: str, out_features: int, segments: int, rank: int) -> nn.Mod
     base = nn.Linear(IN_FEATURES, out_features)
     if contender == "hf_peft":
         return hf_peft_lora_linear(base, rank)
+    if contender == "base":
+        return base.requires_grad_(False)
     cls = metapeft.FusedMetaLoRA if contender == "metapeft" else PlainMetaLoRA
     layer = cls(base, rank=rank, segments=segments)
     with torch.no_grad():
@@ -56,6 +60,7 @@ def measure(rows_m: int, out_features: int, segments: int, rank: int, reps: int)
     grad_y = torch.randn(rows_m, out_features)
     layers = {name: build(name, out_features, segments, rank) for name in CONTENDERS}
     layers["plain"].load_state_dict(layers["metapeft"].state_dict())
+    layers["base"].load_state_dict(layers["metapeft"].base.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(layers["plain"](x), layers["metapeft"](x), rtol=1e-4, atol=1e-3)
     steps = {name: (lambda layer=layer: layer(x).backward(grad_y)) for name, layer in layers.items()}
@@ -65,8 +70,9 @@ def measure(rows_m: int, out_features: int, segments: int, rank: int, reps: int)
     for name, timing in times.items():
         row[f"{name}_cpu_ms"] = timing.cpu_s * 1e3
         row[f"{name}_cpu_iqr_ms"] = timing.cpu_iqr_s * 1e3
-    for name in ("plain", "hf_peft"):
+    for name in ("plain", "hf_peft", "base"):
         row[f"metapeft/{name}"] = times["metapeft"].cpu_s / times[name].cpu_s
+    row["hf_peft/base"] = times["hf_peft"].cpu_s / times["base"].cpu_s
     for name, timing in times.items():
         row[f"{name}_wall_ms"] = timing.wall_s * 1e3
     row["wall metapeft/plain"] = times["metapeft"].wall_s / times["plain"].wall_s
@@ -93,6 +99,8 @@ def main() -> None:
         title = (f"Scaled LoRA fwd+bwd on CPU, fp32, M = 8*197, K = 768, {args.threads} thread(s), "
                  f"{args.reps} interleaved rounds")
         record_results('scaled_lora_cpu', rows, title)
+        print(f"median over the shapes: metapeft/base {statistics.median(r['metapeft/base'] for r in rows):.3f}, "
+              f"hf_peft/base {statistics.median(r['hf_peft/base'] for r in rows):.3f}")
 
 
 if __name__ == "__main__":
