@@ -7,6 +7,7 @@ from metapeft.data.digits import DigitsTasks, TensorImageDataset, digits_tasks
 from metapeft.data.folder import image_folder
 from metapeft.data.images import ImageDecodeError, load_image
 from metapeft.data.index import DataFormatError, IndexDataset, read_index
+from metapeft.data.seeded import SeededSamples, item_digest, sample_seed, seeded_generators
 from metapeft.data.splits import (
     BUILTIN_SPLITS,
     ClassSplit,
@@ -28,6 +29,7 @@ __all__ = [
     "DigitsTasks",
     "ImageDecodeError",
     "IndexDataset",
+    "SeededSamples",
     "TensorImageDataset",
     "backbone_normalization",
     "build_datasets",
@@ -37,10 +39,13 @@ __all__ = [
     "digits_tasks",
     "find_classnames",
     "image_folder",
+    "item_digest",
     "load_image",
     "long_tail_counts",
     "long_tail_indices",
     "read_class_split",
     "read_classnames",
     "read_index",
+    "sample_seed",
+    "seeded_generators",
 ]

@@ -24,7 +24,8 @@ is the step's inner learning rate. ``gammas`` maps each metapeft module's name t
 :func:`metapeft.metrics.metrics_from_confusion`'s. A checkpoint's ``reason`` is ``"interval"``
 (``save_every_steps``), ``"epoch"``, ``"max_steps"`` or ``"stop"`` (:meth:`~metapeft.MetaPEFTTrainer.request_stop`);
 ``path`` is the file written by rank 0. Within one step the order is ``on_step_end``, then ``on_checkpoint`` of an
-interval checkpoint; at an epoch's end ``on_epoch_end``, ``on_evaluate``, ``on_checkpoint``.
+interval checkpoint; at an epoch's end ``on_epoch_end``, ``on_checkpoint``, ``on_evaluate`` (the checkpoint comes
+first, so an evaluation that fails loses no training; a run resumed from it evaluates first).
 """
 
 from __future__ import annotations

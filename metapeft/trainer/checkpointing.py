@@ -7,11 +7,14 @@
 
 Only rank 0 writes; files are replaced atomically (:mod:`metapeft.checkpoint`). A checkpoint records how many bytes
 of the log existed when it was written, so a resume cuts the log back to that point and the resumed run's log equals
-an uninterrupted run's.
+an uninterrupted run's. It also records what it continues (:func:`run_fingerprint`: the training and validation
+sets' sizes, labels and a few samples' content, and a digest of every frozen tensor), and a resume refuses a
+mismatch (:func:`check_same_run`), naming what differs.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -20,7 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from metapeft.checkpoint import LoadError, check_tensors_fit, save_checkpoint, save_safetensors
+from metapeft.checkpoint import LoadError, check_tensors_fit, content_digest, save_checkpoint, save_safetensors
+from metapeft.data.seeded import item_digest
 from metapeft.trainer.config import RUN_CONTROL_FIELDS
 
 CHECKPOINT_NAME, LOG_NAME, WEIGHTS_NAME = "checkpoint.pt", "metrics.jsonl", "model.safetensors"
@@ -75,6 +79,65 @@ def check_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict | None, 
                 if isinstance(value, torch.Tensor) and value.ndim and value.shape != params[int(index)].shape]
     if problems:
         raise LoadError(f"{source} does not fit the trainer: " + "; ".join(problems[:5]))
+
+
+def data_fingerprint(dataset, labels: torch.Tensor) -> dict:
+    """A dataset's ``length``, a digest of its ``labels`` and digests of its first, middle and last ``samples``
+    (:func:`~metapeft.data.seeded.item_digest`); None for no dataset."""
+    if dataset is None:
+        return None
+    n = len(labels)
+    probes = sorted({0, n // 2, n - 1}) if n else []
+    return {"length": n, "labels": hashlib.sha256(labels.numpy().tobytes()).hexdigest()[:16],
+            "samples": {str(i): item_digest(dataset, i) for i in probes}}
+
+
+def frozen_fingerprint(model: nn.Module, full: bool) -> dict[str, str]:
+    """A 16-hex-digit digest per state-dict tensor a run does not save (:func:`trained_tensor_names`): the frozen
+    backbone the checkpoint continues from (empty with ``full``, whose checkpoints hold every tensor)."""
+    trained = set(trained_tensor_names(model, full))
+    return {name: content_digest(tensor)[:16] for name, tensor in model.state_dict().items() if name not in trained}
+
+
+def run_fingerprint(model: nn.Module, full: bool, train: tuple, val: tuple) -> dict:
+    """What a checkpoint continues: ``train_set`` and ``val_set`` (:func:`data_fingerprint` of ``(dataset,
+    labels)``) and the ``frozen`` tensors (:func:`frozen_fingerprint`)."""
+    return {"train_set": data_fingerprint(*train), "val_set": data_fingerprint(*val),
+            "frozen": frozen_fingerprint(model, full)}
+
+
+def _fingerprint_differences(saved: dict, current: dict) -> list[str]:
+    differences = []
+    for name in ("train_set", "val_set"):
+        before, now = saved.get(name), current.get(name)
+        if (before is None) != (now is None):
+            differences.append(f"{name} {'given' if now is not None else 'absent'} now, "
+                               f"{'given' if before is not None else 'absent'} in the checkpoint")
+        elif before is not None:
+            differences += [f"{name} {key}: {before[key]} in the checkpoint, {now[key]} now"
+                            for key in ("length", "labels") if before[key] != now[key]]
+            changed = sorted(int(k) for k in now["samples"] if before["samples"].get(k) != now["samples"][k])
+            if changed and before["length"] == now["length"]:
+                differences.append(f"{name} content: sample(s) {changed} differ")
+    frozen_before, frozen_now = saved.get("frozen", {}), current.get("frozen", {})
+    changed = sorted(name for name in frozen_before.keys() | frozen_now.keys()
+                     if frozen_before.get(name) != frozen_now.get(name))
+    if changed:
+        differences.append(f"frozen weights: {len(changed)} tensor(s) differ {changed[:5]}"
+                           + (" ..." if len(changed) > 5 else ""))
+    return differences
+
+
+def check_same_run(saved: dict | None, current: dict, source: str) -> None:
+    """:class:`~metapeft.checkpoint.LoadError` naming ``source`` and every difference when the checkpoint's
+    :func:`run_fingerprint` differs from the trainer's (other data, another frozen backbone); checkpoints written
+    before fingerprints existed (None) are not checked."""
+    if saved is None:
+        return
+    differences = _fingerprint_differences(saved, current)
+    if differences:
+        raise LoadError(f"{source} continues a different run: " + "; ".join(differences) + " (resume with the same "
+                        "data and backbone, or start a new run)")
 
 
 def check_same_config(saved: dict, current: dict) -> None:

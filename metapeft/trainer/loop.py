@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from metapeft.checkpoint import copy_into, load_checkpoint, rng_state, seed_everything, set_rng_state
+from metapeft.data.seeded import SeededSamples
 from metapeft.heads import CosineClassifier, find_head
 from metapeft.inject import unwrap_model
 from metapeft.layers.base import MetaPEFTModule
@@ -36,7 +37,9 @@ from metapeft.trainer.checkpointing import (
     RunFiles,
     check_optimizer_state,
     check_same_config,
+    check_same_run,
     check_trained_tensors,
+    run_fingerprint,
     trained_tensors,
 )
 from metapeft.trainer.config import RUN_CONTROL_FIELDS, TrainerConfig
@@ -49,6 +52,7 @@ from metapeft.trainer.distributed import (
     rank_and_world_size,
 )
 from metapeft.trainer.evaluation import class_feature_sums, confusion_counts
+from metapeft.trainer.gamma_range import GammaRangeWatch
 from metapeft.trainer.model_setup import (
     autocast_context,
     batch_to_device,
@@ -145,6 +149,9 @@ class MetaPEFTTrainer:
         self.output_dir = None if config.output_dir is None else Path(config.output_dir)
         self.files = RunFiles(self.output_dir, self.rank)
         self._stop_requested = False
+        self.gamma_watch = GammaRangeWatch()
+        self._eval_pending = False  # an epoch's evaluation is due (its checkpoint is written before it)
+        self._fingerprint: dict | None = None
 
     def _facts_every_rank_shares(self) -> dict[str, object]:
         """What must be equal on every rank (:func:`~metapeft.trainer.distributed.check_ranks_agree`): the config
@@ -180,6 +187,24 @@ class MetaPEFTTrainer:
             labels_max = max(labels_max, int(self.val_labels.max()))
         old_head = self.module.get_submodule(find_head(self.module, self.config.head))
         return max(labels_max + 1, getattr(old_head, "out_features", 0) or 0)
+
+    def _check_batch_leaves_a_meta_set(self) -> None:
+        """Refuse, before ``fit`` claims a directory or takes a step, a ``batch_size`` that leaves no training sample
+        outside a full batch for the re-sampled meta set (every meta step would fail with "the re-sampled meta set is
+        empty"), naming a batch size that works."""
+        config = self.config
+        if self.meta_sampler is None or self.val_set is not None or not config.meta_resample:
+            return
+        n = self.train_labels.numel()
+        if n - config.batch_size >= 2:
+            return
+        classes = int((torch.bincount(self.train_labels) > 0).sum())
+        works = n - classes - 1  # then a full batch leaves classes + 1 samples: one class has two (pigeonhole)
+        advice = f"use batch_size <= {works} (e.g. --set train.batch_size={works}), " if works >= 1 else ""
+        raise ValueError(f"batch_size {config.batch_size} is too large for the training set of {n} samples: each meta "
+                         f"step draws its meta set (meta_ratio {config.meta_ratio}) from the training samples outside "
+                         f"the step's batch, which needs a class with 2 samples left over; {advice}or set "
+                         "meta_resample=False (a fixed meta split), or pass a val_set")
 
     def _meta_sampler(self) -> MetaSetSampler | None:
         if not self.rho:
@@ -253,7 +278,9 @@ class MetaPEFTTrainer:
         generator, so the global RNG stays untouched."""
         shards = [b[slice(*shard_bounds(len(b), self.rank, self.world_size))].tolist() or b[:1].tolist()
                   for b in batch_indices]
-        return DataLoader(self.train_set, batch_sampler=shards,
+        # each sample's augmentation is drawn from (seed, epoch, index): the same whichever worker reads it, so a run
+        # resumed mid-epoch (whose workers get the remaining batches in another order) reads what it would have
+        return DataLoader(SeededSamples(self.train_set, self.config.seed, self.epoch), batch_sampler=shards,
                           num_workers=self.config.num_workers, pin_memory=self.device.type == "cuda",
                           generator=generator_for(self.config.seed, LOADER, self.epoch))
 
@@ -264,11 +291,14 @@ class MetaPEFTTrainer:
         start, stop = shard_bounds(len(batch_indices), self.rank, self.world_size)
         return x[: stop - start], y[: stop - start]
 
-    def _shard_loader(self, dataset) -> DataLoader:
-        """This rank's contiguous shard of ``dataset`` in order (evaluation passes)."""
+    def _shard_loader(self, dataset) -> tuple[DataLoader, int]:
+        """This rank's contiguous shard of ``dataset`` in order (evaluation passes) and the shard's first index; its
+        own generator, so the global RNG stays untouched (an evaluation never changes what training draws next)."""
         start, stop = shard_bounds(len(dataset), self.rank, self.world_size)
-        return DataLoader(Subset(dataset, range(start, stop)), batch_size=self.config.batch_size,
-                          num_workers=self.config.num_workers, pin_memory=self.device.type == "cuda")
+        loader = DataLoader(Subset(dataset, range(start, stop)), batch_size=self.config.batch_size,
+                            num_workers=self.config.num_workers, pin_memory=self.device.type == "cuda",
+                            generator=torch.Generator().manual_seed(0))
+        return loader, start
 
     def _begin(self) -> None:
         """Resume from ``output_dir``'s checkpoint (``resume=True``), or seed and initialise a fresh run."""
@@ -306,17 +336,35 @@ class MetaPEFTTrainer:
         no old run). Non-finite values raise :class:`~metapeft.trainer.nonfinite.NonFiniteError` naming the cause and
         the step, before that state is logged or written.
         """
+        self._check_batch_leaves_a_meta_set()
         claim = self._claim_output_dir()
         try:
-            return self._fit(eval_set, max_steps)
-        except NonFiniteError:
-            raise
-        except Exception as error:
-            self.step.monitor.raise_if_bad(error)  # a NaN modulator stops the next forward: name the first cause
-            raise
+            try:
+                return self._fit(eval_set, max_steps)
+            except NonFiniteError:
+                raise
+            except Exception as error:
+                self.step.monitor.raise_if_bad(error)  # a NaN modulator stops the next forward: name the first cause
+                raise
+        except NonFiniteError as error:
+            raise self._locate_nonfinite_input(error) from error.__cause__
         finally:
             if claim is not None:
                 claim.release()
+
+    def _locate_nonfinite_input(self, error: NonFiniteError) -> NonFiniteError:
+        """``error`` with the first non-finite training sample of its step named, when its cause is the input batch
+        (the samples are read again; with none found, the step's meta batch held it)."""
+        if error.cause != "input batch" or error.detail:
+            return error
+        epoch, position = divmod(error.global_step - 1, self.steps_per_epoch)
+        batch = epoch_batches(self.train_indices, self.config.batch_size, self.config.seed, epoch)[position]
+        samples = SeededSamples(self.train_set, self.config.seed, epoch)
+        bad = next((int(i) for i in batch.tolist()
+                    if not torch.isfinite(torch.as_tensor(samples[int(i)][0], dtype=torch.float64)).all()), None)
+        detail = f"train_set sample {bad}, in batch {position} of epoch {epoch}" if bad is not None else \
+            "a sample of the step's meta batch; its training batch is finite"
+        return NonFiniteError(error.cause, error.global_step, detail)
 
     def _claim_output_dir(self) -> RunClaim | None:
         if self.output_dir is None or self.rank != 0:
@@ -329,7 +377,7 @@ class MetaPEFTTrainer:
         config = self.config
         self._begin()
         self._emit("on_fit_start")
-        metrics: dict = {}
+        metrics = self._evaluate_pending(eval_set)
         while self.epoch < config.epochs:
             batches = epoch_batches(self.train_indices, config.batch_size, config.seed, self.epoch)
             remaining = batches[self.step_in_epoch:]
@@ -353,19 +401,37 @@ class MetaPEFTTrainer:
             bar.close()
             self.epoch += 1
             self.step_in_epoch = 0
-            self._log_and_emit("on_epoch_end", {"event": "epoch", "epoch": self.epoch, "global_step": self.global_step,
-                                                "gammas": self.gammas()})
-            if eval_set is not None:
-                metrics = self.evaluate(eval_set)
-                self._log_and_emit("on_evaluate", {"event": "eval", "epoch": self.epoch,
-                                                   "global_step": self.global_step, **metrics})
-            self._checkpoint("epoch")
+            gammas = self.gammas()
+            position = {"epoch": self.epoch, "global_step": self.global_step}
+            self._log_and_emit("on_epoch_end", {"event": "epoch", **position, "gammas": gammas})
+            self._watch_gammas(gammas, position)
+            self._eval_pending = eval_set is not None
+            self._checkpoint("epoch")  # before evaluating: an evaluation that fails loses no training
+            metrics = self._evaluate_pending(eval_set) or metrics
         self.export_weights()
         return self._end({**metrics, "global_step": self.global_step, "epoch": self.epoch, "stopped": False})
 
+    def _evaluate_pending(self, eval_set) -> dict:
+        """Evaluate on ``eval_set`` and log it when an epoch's evaluation is due (also after resuming from that
+        epoch's checkpoint, written before it); the metrics, or {} when none was due."""
+        if not self._eval_pending or eval_set is None:
+            return {}
+        metrics = self.evaluate(eval_set)
+        self._eval_pending = False
+        self._log_and_emit("on_evaluate", {"event": "eval", "epoch": self.epoch, "global_step": self.global_step,
+                                           **metrics})
+        return metrics
+
+    def _watch_gammas(self, gammas: dict[str, list[float]], position: dict) -> None:
+        """Warn about and log modules whose gamma left the sane range (:mod:`~metapeft.trainer.gamma_range`)."""
+        record = self.gamma_watch.check(gammas, position)
+        if record is not None:
+            self.log(record)
+
     def _after_step(self, bar, logs: dict, batch_size: int) -> None:
         """Check finiteness (every step on the CPU, where it costs no sync; at log boundaries elsewhere), log every
-        ``log_every`` steps, tell the callbacks, write the ``save_every_steps`` checkpoint."""
+        ``log_every`` steps (with a gamma range check), tell the callbacks, write the ``save_every_steps``
+        checkpoint."""
         position = {"event": "step", "epoch": self.epoch, "global_step": self.global_step}
         logging = self.global_step % self.config.log_every == 0
         if logging or self.device.type == "cpu":
@@ -374,6 +440,7 @@ class MetaPEFTTrainer:
             record = {k: float(v) for k, v in logs.items()}
             bar.set_postfix(loss=f"{record['train_loss']:.4f}")
             self.log({**position, **record})
+            self._watch_gammas(self.gammas(), {"epoch": self.epoch, "global_step": self.global_step})
         self._emit("on_step_end", {**position, "step_in_epoch": self.step_in_epoch, "batch_size": batch_size,
                                    **logs})
         if self.config.save_every_steps and self.global_step % self.config.save_every_steps == 0:
@@ -395,24 +462,40 @@ class MetaPEFTTrainer:
     def init_head_from_class_means(self) -> None:
         """Set the cosine head's prototypes to the class-mean features (the head's inputs) over the training images
         of ``head_init_set``. Each rank embeds a contiguous shard; sums and counts are all-reduced."""
-        sums, counts = class_feature_sums(self.module, self.head, self._shard_loader(self.head_init_set),
-                                          self.num_classes, self.device, self.param_dtype, self.autocast)
+        loader, first = self._shard_loader(self.head_init_set)
+        what = "train_set" if self.head_init_set is self.train_set else "head_init_set"
+        sums, counts = class_feature_sums(self.module, self.head, loader, self.num_classes, self.device,
+                                          self.param_dtype, self.autocast, what=what, first_index=first)
         sums, counts = all_reduce_sum([sums, counts], self.world_size)
         self.head.init_from_class_means(sums, counts)
 
     @torch.no_grad()
     def evaluate(self, dataset) -> dict:
         """Metrics (``metapeft.metrics``) of the model's predictions (raw logits, no logit adjustment) on
-        ``dataset``, with ``config.class_split`` groups. Ranks evaluate shards and sum confusion matrices."""
-        cm = confusion_counts(self.model, self._shard_loader(dataset), self.num_classes, self.device,
-                              self.param_dtype, self.autocast)
+        ``dataset``, with ``config.class_split`` groups. Ranks evaluate shards and sum confusion matrices. A label
+        outside ``[0, num_classes)``, a non-finite image or non-finite logits raise a ``ValueError`` naming the
+        sample's index in ``dataset``."""
+        loader, first = self._shard_loader(dataset)
+        cm = confusion_counts(self.model, loader, self.num_classes, self.device, self.param_dtype, self.autocast,
+                              what="eval_set", first_index=first)
         (cm,) = all_reduce_sum([cm], self.world_size)
         return metrics_from_confusion(cm.cpu(), self.class_split)
 
     def gammas(self) -> dict[str, list[float]]:
-        """Every metapeft module's gamma, by module name."""
-        return {name: m.gamma.detach().cpu().tolist() for name, m in self.module.named_modules()
-                if isinstance(m, MetaPEFTModule)}
+        """Every metapeft module's gamma, by module name (one host read for all of them)."""
+        modules = [(name, m.gamma.detach()) for name, m in self.module.named_modules() if isinstance(m, MetaPEFTModule)]
+        if not modules:
+            return {}
+        values = iter(torch.cat([gamma.double() for _, gamma in modules]).tolist())
+        return {name: [next(values) for _ in range(gamma.numel())] for name, gamma in modules}
+
+    def fingerprint(self) -> dict:
+        """What this trainer's checkpoints continue (:func:`~metapeft.trainer.checkpointing.run_fingerprint`),
+        computed once: the frozen weights do not change and the datasets are fixed."""
+        if self._fingerprint is None:
+            self._fingerprint = run_fingerprint(self.module, self.config.save_full_model,
+                                                (self.train_set, self.train_labels), (self.val_set, self.val_labels))
+        return self._fingerprint
 
     # ----- state, checkpoints, log --------------------------------------------------------------------------
     def model_state(self) -> dict[str, torch.Tensor]:
@@ -426,26 +509,33 @@ class MetaPEFTTrainer:
             **self.step.state_dict(),
             "rng": rng_state(),
             "position": {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
-                         "global_step": self.global_step, "outer_step": self.outer_step},
+                         "global_step": self.global_step, "outer_step": self.outer_step,
+                         "eval_pending": self._eval_pending},
             "log_offset": self.files.log_size(),
             "config": self.config.to_dict(),
+            "fingerprint": self.fingerprint(),
+            "gamma_warned": self.gamma_watch.state_dict(),
         }
 
     def load_state_dict(self, state: dict, source: str = "the checkpoint") -> None:
         """Restore :meth:`state_dict`'s output (same model construction and config; only the fields in
-        ``RUN_CONTROL_FIELDS`` may differ). All or nothing: the config, every model tensor (names, shapes, dtypes)
-        and the optimizers' buffers are checked before anything changes; errors name ``source``."""
+        ``RUN_CONTROL_FIELDS`` may differ). All or nothing: the config, the run's data and frozen weights
+        (:meth:`fingerprint`), every model tensor (names, shapes, dtypes) and the optimizers' buffers are checked
+        before anything changes; errors name ``source``."""
         check_same_config(state["config"], self.config.to_dict())
         check_trained_tensors(self.module, state["model"], self.config.save_full_model, source)
         for name, optimizer in (("optimizer", self.optimizer), ("meta_optimizer", self.meta_optimizer)):
             if optimizer is not None:
                 check_optimizer_state(optimizer, state.get(name), name, source)
+        check_same_run(state.get("fingerprint"), self.fingerprint(), source)
         copy_into(self.module.state_dict(), state["model"])
         self.step.load_state_dict(state)
         set_rng_state(state["rng"])
         position = state["position"]
         self.epoch, self.step_in_epoch = position["epoch"], position["step_in_epoch"]
         self.global_step, self.step.outer_step = position["global_step"], position["outer_step"]
+        self._eval_pending = bool(position.get("eval_pending", False))
+        self.gamma_watch.load_state_dict(state.get("gamma_warned", []))
         self.files.truncate_log(state["log_offset"])
 
     def save_state(self, path: str | os.PathLike | None = None) -> Path | None:

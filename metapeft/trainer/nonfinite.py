@@ -20,17 +20,18 @@ CAUSES = ("input batch", "loss", "gradient", "hypergradient", "modulator")
 
 class NonFiniteError(FloatingPointError):
     """Training produced NaN or inf: ``cause`` (one of :data:`CAUSES`) first went non-finite at ``global_step``
-    (the step count as logged, 1-based)."""
+    (the step count as logged, 1-based); ``detail`` says where, when known (e.g. which training sample)."""
 
-    def __init__(self, cause: str, global_step: int) -> None:
-        self.cause, self.global_step = cause, global_step
-        super().__init__(f"non-finite {cause} at global step {global_step}: training stopped before writing this "
-                         "state; the last checkpoint was written before it (lower lr / meta_lr, set max_grad_norm, "
-                         "or check the data)")
+    def __init__(self, cause: str, global_step: int, detail: str = "") -> None:
+        self.cause, self.global_step, self.detail = cause, global_step, detail
+        where = f" ({detail})" if detail else ""
+        super().__init__(f"non-finite {cause} at global step {global_step}{where}: training stopped before writing "
+                         "this state; the last checkpoint was written before it (lower lr / meta_lr, set "
+                         "max_grad_norm, or check the data)")
 
     def __reduce__(self):
-        """Rebuild from (cause, global_step): the error crosses process boundaries (sweep workers)."""
-        return type(self), (self.cause, self.global_step)
+        """Rebuild from (cause, global_step, detail): the error crosses process boundaries (sweep workers)."""
+        return type(self), (self.cause, self.global_step, self.detail)
 
 
 def all_finite(tensors) -> torch.Tensor | None:

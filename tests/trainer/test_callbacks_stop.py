@@ -67,7 +67,7 @@ def test_events_come_in_order_with_the_documented_payloads(tmp_path):
         if step % 2 == 0:
             expected.append(("checkpoint", step))
         if step % 3 == 0:
-            expected += [("epoch_end", step), ("evaluate", step), ("checkpoint", step)]
+            expected += [("epoch_end", step), ("checkpoint", step), ("evaluate", step)]
     expected.append(("fit_end", None))
     assert [(name, None if name in ("fit_start", "fit_end") else payload["global_step"])
             for name, payload in recorder.events] == expected

@@ -2,6 +2,7 @@
 last good checkpoint survives; the monitor reads the host only when asked."""
 
 import json
+import pickle
 
 import pytest
 import torch
@@ -107,3 +108,14 @@ def test_the_checks_add_no_host_read_to_a_training_step(monkeypatch):
     checked = reads_of_one_step()
     monkeypatch.setattr(NonFiniteMonitor, "observe", lambda self, global_step, **finite: None)
     assert reads_of_one_step() == checked
+
+
+def test_a_nan_training_image_is_named_by_its_index_and_batch(tmp_path):
+    data = PoisonedBlobs(poisoned=21)
+    trainer = MetaPEFTTrainer(TinyNet(), data, config=config(tmp_path / "run"))
+    position = next(i for i, batch in enumerate(epoch_batches(trainer.train_indices, 8, 0, 0)) if 21 in batch)
+    with pytest.raises(NonFiniteError, match=rf"non-finite input batch at global step {position + 1} \(train_set "
+                                             rf"sample 21, in batch {position} of epoch 0\)") as error:
+        trainer.fit()
+    assert error.value.detail.startswith("train_set sample 21")
+    assert str(pickle.loads(pickle.dumps(error.value))) == str(error.value)

@@ -289,3 +289,15 @@ def test_sequential_adapters_meta_train_through_the_trainer():
     assert not model.body.weight.requires_grad and trainer.outer_step == 3
     assert not torch.equal(model.adapter.gamma.detach(), before)
     assert {id(p) for p in trainer.phi} == {id(p) for p in [*model.adapter.peft_parameters(), *model.head.parameters()]}
+
+
+def test_a_batch_no_smaller_than_the_training_set_is_refused_up_front_naming_a_working_one(tmp_path):
+    """The default batch of 128 on 42 samples failed at the first meta step with "the re-sampled meta set is
+    empty"; now fit refuses before claiming its directory, naming batch_size, the sizes and a batch that works."""
+    data = LongTailedBlobs(COUNTS)
+    trainer = MetaPEFTTrainer(TinyNet(), data, config=quiet(epochs=1, output_dir=str(tmp_path / "run")))
+    with pytest.raises(ValueError, match=r"batch_size 128 is too large for the training set of 42 samples: .*"
+                                         r"meta_ratio 0.2.*use batch_size <= 37"):
+        trainer.fit()
+    assert not (tmp_path / "run").exists()
+    assert MetaPEFTTrainer(TinyNet(), data, config=quiet(epochs=1, batch_size=37)).fit()["global_step"] == 2
