@@ -404,7 +404,7 @@ class MetaPEFTTrainer:
             gammas = self.gammas()
             position = {"epoch": self.epoch, "global_step": self.global_step}
             self._log_and_emit("on_epoch_end", {"event": "epoch", **position, "gammas": gammas})
-            self._watch_gammas(gammas, position)
+            self._watch_gammas(position, gammas)
             self._eval_pending = eval_set is not None
             self._checkpoint("epoch")  # before evaluating: an evaluation that fails loses no training
             metrics = self._evaluate_pending(eval_set) or metrics
@@ -422,9 +422,12 @@ class MetaPEFTTrainer:
                                            **metrics})
         return metrics
 
-    def _watch_gammas(self, gammas: dict[str, list[float]], position: dict) -> None:
-        """Warn about and log modules whose gamma left the sane range (:mod:`~metapeft.trainer.gamma_range`)."""
-        record = self.gamma_watch.check(gammas, position)
+    def _watch_gammas(self, position: dict, gammas: dict[str, list[float]] | None = None) -> None:
+        """Warn about and log (rank 0) modules whose gamma (default: read now) left the sane range
+        (:mod:`~metapeft.trainer.gamma_range`)."""
+        if self.rank != 0:
+            return
+        record = self.gamma_watch.check(self.gammas() if gammas is None else gammas, position)
         if record is not None:
             self.log(record)
 
@@ -440,7 +443,7 @@ class MetaPEFTTrainer:
             record = {k: float(v) for k, v in logs.items()}
             bar.set_postfix(loss=f"{record['train_loss']:.4f}")
             self.log({**position, **record})
-            self._watch_gammas(self.gammas(), {"epoch": self.epoch, "global_step": self.global_step})
+            self._watch_gammas({"epoch": self.epoch, "global_step": self.global_step})
         self._emit("on_step_end", {**position, "step_in_epoch": self.step_in_epoch, "batch_size": batch_size,
                                    **logs})
         if self.config.save_every_steps and self.global_step % self.config.save_every_steps == 0:
