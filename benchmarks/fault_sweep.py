@@ -24,7 +24,8 @@ T = "tests/"
 CASES = [
     ("silent", "NaN images in an evaluation set", [
         (T + "trainer/test_evaluation.py::test_nan_images", None),
-        (T + "trainer/test_evaluation.py::test_nan_logits", None)]),
+        (T + "trainer/test_evaluation.py::test_nan_logits", None),
+        (T + "trainer/test_ddp.py::test_a_data_error_on_one_rank_ends_every_rank", None)]),
     ("silent", "out-of-range evaluation label lost the epoch", [
         (T + "trainer/test_evaluation.py::test_an_out_of_range_label", None),
         (T + "trainer/test_evaluation.py::test_a_run_resumed_from_an_epoch_checkpoint", None)]),

@@ -461,14 +461,26 @@ class MetaPEFTTrainer:
                                          "step_in_epoch": self.step_in_epoch, "global_step": self.global_step})
 
     # ----- evaluation, head initialisation, gammas --------------------------------------------------------
+    def _checked_on_every_rank(self, run):
+        """``run()``, a pass over this rank's shard; when its data checks fail (``ValueError``) on any rank, every
+        rank raises (the failing one its own error), so no rank waits forever in the all-reduce that follows."""
+        try:
+            result, error = run(), None
+        except ValueError as caught:
+            result, error = None, caught
+        if any_rank(error is not None, self.device, self.world_size):
+            raise error or ValueError("another rank's shard failed its data checks (its error names the sample)")
+        return result
+
     @torch.no_grad()
     def init_head_from_class_means(self) -> None:
         """Set the cosine head's prototypes to the class-mean features (the head's inputs) over the training images
         of ``head_init_set``. Each rank embeds a contiguous shard; sums and counts are all-reduced."""
         loader, first = self._shard_loader(self.head_init_set)
         what = "train_set" if self.head_init_set is self.train_set else "head_init_set"
-        sums, counts = class_feature_sums(self.module, self.head, loader, self.num_classes, self.device,
-                                          self.param_dtype, self.autocast, what=what, first_index=first)
+        sums, counts = self._checked_on_every_rank(lambda: class_feature_sums(
+            self.module, self.head, loader, self.num_classes, self.device, self.param_dtype, self.autocast, what=what,
+            first_index=first))
         sums, counts = all_reduce_sum([sums, counts], self.world_size)
         self.head.init_from_class_means(sums, counts)
 
@@ -479,8 +491,9 @@ class MetaPEFTTrainer:
         outside ``[0, num_classes)``, a non-finite image or non-finite logits raise a ``ValueError`` naming the
         sample's index in ``dataset``."""
         loader, first = self._shard_loader(dataset)
-        cm = confusion_counts(self.model, loader, self.num_classes, self.device, self.param_dtype, self.autocast,
-                              what="eval_set", first_index=first)
+        cm = self._checked_on_every_rank(lambda: confusion_counts(
+            self.model, loader, self.num_classes, self.device, self.param_dtype, self.autocast, what="eval_set",
+            first_index=first))
         (cm,) = all_reduce_sum([cm], self.world_size)
         return metrics_from_confusion(cm.cpu(), self.class_split)
 

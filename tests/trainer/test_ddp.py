@@ -141,3 +141,24 @@ def test_a_rank_that_dies_ends_the_other_with_an_error(tmp_path):
     run_gloo(dying_worker, 2, str(out_path))
     outcome = out_path.read_text()
     assert outcome.startswith(("RuntimeError", "DistBackendError")) and " at step 2:" in outcome, outcome
+
+
+def bad_eval_worker(rank: int, world_size: int, out_dir: str) -> None:
+    """Evaluate a set whose sample 40 (rank 1's shard) is NaN: rank 1 names it, rank 0 raises too instead of
+    waiting in the confusion matrices' all-reduce."""
+    setup_distributed()
+    data = LongTailedBlobs(COUNTS)
+    data.x[40, 0] = float("nan")
+    try:
+        trainer_for().evaluate(data)
+        message = "no error"
+    except ValueError as error:
+        message = str(error)
+    with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+        f.write(message)
+
+
+def test_a_data_error_on_one_rank_ends_every_rank(tmp_path):
+    run_gloo(bad_eval_worker, 2, str(tmp_path))
+    assert "eval_set sample 40 gives non-finite images" in (tmp_path / "rank1.txt").read_text()
+    assert "another rank's shard failed its data checks" in (tmp_path / "rank0.txt").read_text()
