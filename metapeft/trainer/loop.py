@@ -325,7 +325,8 @@ class MetaPEFTTrainer:
     def fit(self, eval_set=None, max_steps: int | None = None) -> dict:
         """Train to ``config.epochs`` epochs (resuming from ``output_dir`` when ``config.resume``).
 
-        ``eval_set``: evaluated (and logged) after every epoch. ``max_steps``: stop (with a checkpoint, if
+        ``eval_set``: evaluated (and logged) after every epoch, once the epoch's checkpoint is written (a resume from
+        that checkpoint evaluates first). ``max_steps``: stop (with a checkpoint, if
         ``output_dir`` is set) once ``global_step`` reaches it, e.g. mid-epoch. A :meth:`request_stop` ends the
         loop at the next step boundary the same way. Returns the last evaluation's metrics (empty without
         ``eval_set``) plus ``global_step``, ``epoch`` and ``stopped`` (True when a stop request ended it).
