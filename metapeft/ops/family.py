@@ -11,7 +11,7 @@ saves (the scaled-LoRA ``h``, the adapter's bottleneck ``z``):
 
     forward(x (M, K), *args, scale, *extra, dropout_p, seed) -> (out (M, N), kept (M, s))
     backward(grad (M, N), x, *(args[i] for i in spec.backward_reads), scale, kept, *extra, dropout_p, seed,
-             *spec.backward_flags(args), needs) -> grads of (x, *(args[i] for i in spec.grad_args), scale)
+             *spec.flags(args), needs) -> grads of (x, *(args[i] for i in spec.grad_args), scale)
 
 How a call runs (:meth:`FusedOp.call`, the only place that selects a backend):
 - eager, torch backend, no dropout, ``metapeft._C`` built: the family's C++ op (``metapeft::<family>``), whose
@@ -62,7 +62,8 @@ class OpSpec:
     ``backward_reads`` / ``grad_args``: indices into ``args`` of what the backward reads / returns gradients for.
     ``passthrough``: indices of args shaped like x that enter the output with coefficient 1 (the adapter's
     residual): flattened with x, their gradient is the output's. ``backward_flags``: schema items of flags the
-    backward takes, computed from ``args`` by ``flags``. ``fake_forward(x, *args)``: shapes ``(out, kept)``;
+    backward takes, computed from ``args`` by ``flags``. ``kept`` / ``grad``: the schema names of the kept activation
+    and of the backward's incoming gradient. ``fake_forward(x, *args)``: empty ``(out, kept)`` of the right shapes;
     ``fake_grads(x, *read, scale)``: the shapes of the backward's outputs. ``check_call(x, args)``: the per-call
     checks (x, and what else changes per call). ``composite_nd``: the torch forward without dropout accepts
     (..., K) inputs as they are.
