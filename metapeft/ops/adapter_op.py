@@ -27,7 +27,7 @@ from metapeft.ops.adapter_torch import (
     adapter_fwd_torch,
     adapter_recompute_z,
 )
-from metapeft.ops.checks import check_finite, check_input, check_params, check_residual
+from metapeft.ops.checks import check_finite, check_params
 from metapeft.ops.dropout import device_seed
 from metapeft.ops.family import FusedOp, OpSpec
 
@@ -46,14 +46,8 @@ def _recompute_z(x, args, dropout_p, seed, factors):
     return adapter_recompute_z(x, args[1], args[2], dropout_p, seed, factors)
 
 
-def _check_call(x, args):
-    check_input(x, args[1], "down_weight")
-    if args[0] is not None:
-        check_residual(args[0], x)
-
-
 ADAPTER = FusedOp(OpSpec(
-    "adapter", AdapterArgs, adapter_fwd_torch, adapter_bwd_torch, _recompute_z, check_call=_check_call,
+    "adapter", AdapterArgs, adapter_fwd_torch, adapter_bwd_torch, _recompute_z, (1, "down_weight"),
     extra=("str activation",), composite_nd=True, kept="z", grad="grad_out",
     backward_reads=(1, 3, 4), grad_args=(1, 2, 3, 4),  # the backward reads down_weight, up_weight, up_bias
     passthrough=(0,), backward_flags=("bool residual_is_x",), flags=lambda args: (args[0] is None,),  # the residual

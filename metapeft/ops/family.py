@@ -46,7 +46,7 @@ import torch
 
 from metapeft.modulator import gamma_from_modulator, modulator_gradient, scale_from_modulator
 from metapeft.ops.backends import DOUBLE_BACKWARD_AHEAD, OpImpl, op_impl, register_op, select_backend
-from metapeft.ops.checks import transforms_active
+from metapeft.ops.checks import check_input, check_residual, transforms_active
 from metapeft.ops.dropout import torch_dropout_factors
 
 
@@ -64,8 +64,9 @@ class OpSpec:
     residual): flattened with x, their gradient is the output's. ``backward_flags``: schema items of flags the
     backward takes, computed from ``args`` by ``flags``. ``kept`` / ``grad``: the schema names of the kept activation
     and of the backward's incoming gradient. ``fake_forward(x, *args)``: empty ``(out, kept)`` of the right shapes;
-    ``fake_grads(x, *read, scale)``: the shapes of the backward's outputs. ``check_call(x, args)``: the per-call
-    checks (x, and what else changes per call). ``composite_nd``: the torch forward without dropout accepts
+    ``fake_grads(x, *read, scale)``: the shapes of the backward's outputs. ``input_weight``: the index and name of
+    the arg whose second dimension x's last one must equal (the per-call check of x; passthrough args are checked
+    against x). ``composite_nd``: the torch forward without dropout accepts
     (..., K) inputs as they are.
     """
 
@@ -74,7 +75,7 @@ class OpSpec:
     forward_torch: Callable
     backward_torch: Callable
     recompute: Callable
-    check_call: Callable
+    input_weight: tuple[int, str]
     backward_reads: tuple[int, ...]
     grad_args: tuple[int, ...]
     kept: str
@@ -138,6 +139,8 @@ class FusedOp:
     def __init__(self, spec: OpSpec) -> None:
         self.spec = spec
         self.name = spec.name
+        self.forward_torch, self.passthrough = spec.forward_torch, spec.passthrough
+        self.input_weight = spec.input_weight
         self.arity = len(spec.args._fields)
         self.keep_mask = tuple(i not in spec.passthrough for i in range(self.arity))
         self.cpp_op = None  # set by metapeft.ops.cpp_autograd where metapeft._C is built
@@ -238,7 +241,11 @@ class FusedOp:
         """Check x, select the backend for ``backend`` ("auto" or a name), run with ``scale = factor *
         gamma(modulator)``; return ``(out (..., N), name of the backend that ran)``. ``args`` is the family's
         arguments object (a tuple in its field order), checked by the caller (layers check theirs once)."""
-        self.spec.check_call(x, args)
+        index, name = self.input_weight
+        check_input(x, args[index], name)
+        for i in self.passthrough:
+            if args[i] is not None:
+                check_residual(args[i], x)
         chosen = select_backend(backend, x, self.name)
         composite = chosen == "torch" and dropout_p == 0.0
         compiling = torch.compiler.is_compiling()
@@ -250,12 +257,12 @@ class FusedOp:
                                             *args), chosen
         gamma = gamma_from_modulator(modulator, constraint)
         if composite and self.spec.composite_nd:  # no op and no mask: the torch forward runs on (..., K) as it is
-            return self.spec.forward_torch(x, *args, gamma, *extra, 0.0, None, factor=factor)[0], chosen
+            return self.forward_torch(x, *args, gamma, *extra, 0.0, None, factor=factor)[0], chosen
         x2d = x.reshape(-1, x.shape[-1])
-        args2d = self.flatten(args, x2d.shape)
+        args2d = self.flatten(args, x2d.shape) if self.passthrough else args
         if compiling and not composite:  # kernels, or a torch mask from a host seed: the opaque registered op
             out = self.fwd(x2d, *args2d, gamma * factor, *extra, dropout_p, seed, chosen)[0]
         else:
-            out = self.spec.forward_torch(x2d, *args2d, gamma, *extra, dropout_p, seed,
-                                          op_impl(chosen, self.name).dropout, factor)[0]
+            out = self.forward_torch(x2d, *args2d, gamma, *extra, dropout_p, seed, op_impl(chosen, self.name).dropout,
+                                     factor)[0]
         return out.view(*x.shape[:-1], out.shape[1]), chosen

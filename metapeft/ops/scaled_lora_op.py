@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 import torch
 
-from metapeft.ops.checks import check_finite, check_input, check_params
+from metapeft.ops.checks import check_finite, check_params
 from metapeft.ops.dropout import device_seed, seeded_dropout
 from metapeft.ops.family import FusedOp, OpSpec
 from metapeft.ops.scaled_lora_torch import scaled_lora_bwd_torch, scaled_lora_fwd_torch
@@ -42,12 +42,8 @@ def _recompute_h(x, args, dropout_p, seed, factors):
     return seeded_dropout(x, dropout_p, seed, factors) @ args[2].t()
 
 
-def _check_call(x, args):
-    check_input(x, args[0], "weight")
-
-
 SCALED_LORA = FusedOp(OpSpec(
-    "scaled_lora", ScaledLoRAArgs, scaled_lora_fwd_torch, scaled_lora_bwd_torch, _recompute_h, check_call=_check_call,
+    "scaled_lora", ScaledLoRAArgs, scaled_lora_fwd_torch, scaled_lora_bwd_torch, _recompute_h, (0, "weight"),
     backward_reads=(0, 2, 3), grad_args=(0, 1, 2, 3), kept="h", grad="grad_y",  # the backward reads weight, A, B
     fake_forward=lambda x, weight, bias, lora_A, lora_B: (x.new_empty((x.shape[0], weight.shape[0])),
                                                           x.new_empty((x.shape[0], lora_A.shape[0]))),
