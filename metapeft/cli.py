@@ -251,7 +251,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         task = DemoTask(QUICK if args.quick else FULL, args.cache_dir)
     result = run_sweep(args.kind, task, args.output_dir or f"metapeft-sweep/{args.kind}",
                        seeds=range(args.seed, args.seed + args.seeds), jobs=args.jobs,
-                       values=parse_values(args.kind, args.values or []), modes=args.modes)
+                       values=parse_values(args.kind, args.values or []), modes=args.modes,
+                       methods=args.methods or ("plain",), positions=args.positions)
     print(f"{result['table']}\nwrote {', '.join(result['files'].values())}")
     return 0
 
@@ -366,6 +367,12 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--values", nargs="+", metavar="V", help="swept values: log2(alpha), meta ratios, or meta "
                                                                 "intervals (integers or 'epoch')")
     sweep.add_argument("--modes", nargs="+", metavar="MODE", help="hypergradient modes of the meta_interval sweep")
+    sweep.add_argument("--methods", nargs="+", metavar="METHOD", help="alpha sweep: plain and/or meta (MetaPEFT "
+                                                                       "with the run's meta schedule), side by side "
+                                                                       "(default plain)")
+    sweep.add_argument("--positions", nargs="+", metavar="POSITION", help="alpha sweep: the positions, one at a time "
+                                                                           "(default every position), or 'all' for "
+                                                                           "all at once")
     sweep.add_argument("--seed", type=_non_negative_int, default=0, help="the first seed (default 0)")
     sweep.add_argument("--seeds", type=_positive_int, default=1, help="seeds per grid point (default 1)")
     sweep.add_argument("--jobs", type=_positive_int, default=1, help="runs in parallel processes (default 1)")

@@ -71,6 +71,27 @@ VARIANTS = (Cell("lora", {"method": "LoRA"}, peft=PLAIN, train=PLAIN),
 BASELINE, METHOD = (cell.point["method"] for cell in VARIANTS)
 DEFAULT_SEEDS = 5
 README_SECTION = "demo-table"
+SPLITS = ("test", "validation")
+# The validation carve-out: a quarter of each target class (at least one image; the smallest class has 6).
+VALIDATION_RATIO = 0.25
+
+
+def validation_tasks(tasks, seed: int):
+    """``tasks`` (:class:`metapeft.data.digits.DigitsTasks`) with a stratified :data:`VALIDATION_RATIO` sample of the
+    target training images as ``target_test`` and the rest as ``target_train`` (``target_counts`` recounted); the
+    target test images are not used."""
+    from dataclasses import replace
+
+    from metapeft.data.digits import TensorImageDataset
+    from metapeft.sampling import stratified_subset
+
+    train = tasks.target_train
+    pool = torch.arange(len(train))
+    held = stratified_subset(pool, train.labels, VALIDATION_RATIO, torch.Generator().manual_seed(10_000 + seed))
+    kept = pool[~torch.isin(pool, held)]
+    counts = torch.bincount(train.labels[kept], minlength=len(tasks.target_counts)).tolist()
+    return replace(tasks, target_train=TensorImageDataset(train.images[kept], train.labels[kept]),
+                   target_test=TensorImageDataset(train.images[held], train.labels[held]), target_counts=counts)
 
 
 def default_cache_dir() -> Path:
@@ -140,19 +161,31 @@ class DemoTask:
     the demo's trainer recipe (a cell's ``train`` overrides :class:`metapeft.TrainerConfig` fields), the target task.
 
     ``eval_each_epoch`` evaluates (and logs) the target test set after every epoch, inside the timed fit; otherwise
-    once after it. ``data_seed`` fixes the data split and the backbone's pre-training.
+    once after it. ``data_seed`` fixes the data split and the backbone's pre-training; ``imbalance`` and ``looks``
+    (the speckle's look number: lower is noisier) shape the target task (:func:`metapeft.data.digits.digits_tasks`).
+    ``split="validation"`` carves a stratified :data:`VALIDATION_RATIO` of the target *training* images out as the
+    evaluation set and fine-tunes on the rest: choices (defaults, schedules) are made there, never on the test set.
     """
 
     size: DemoSize = FULL
     cache_dir: str | None = None
     eval_each_epoch: bool = False
     data_seed: int = 0
+    split: str = "test"
+    imbalance: float = 10.0
+    looks: float = 4.0
+
+    def __post_init__(self) -> None:
+        if self.split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
 
     def tasks(self):
-        """The digits tasks (:func:`metapeft.data.digits.digits_tasks`) of ``data_seed``."""
+        """The digits tasks (:func:`metapeft.data.digits.digits_tasks`) of ``data_seed``; with
+        ``split="validation"`` :func:`validation_tasks` of them."""
         from metapeft.data.digits import digits_tasks
 
-        return digits_tasks(seed=self.data_seed)
+        tasks = digits_tasks(imbalance=self.imbalance, seed=self.data_seed, looks=self.looks)
+        return validation_tasks(tasks, self.data_seed) if self.split == "validation" else tasks
 
     def _cache(self) -> Path:
         return Path(self.cache_dir) if self.cache_dir else default_cache_dir()

@@ -83,6 +83,14 @@ def evaluate(predictions, targets, num_classes: int, class_split: dict[str, list
     return metrics_from_confusion(confusion_matrix(predictions, targets, num_classes), class_split)
 
 
+def chance_metrics(targets, num_classes: int, class_split: dict[str, list[int]] | None = None) -> dict:
+    """The expected metrics (see :func:`metrics_from_confusion`) of a uniformly random prediction over
+    ``num_classes`` classes on ``targets`` (n,): every accuracy 1 / num_classes, macro-F1 from the expected
+    confusion matrix ``support_t / num_classes`` in every column. What a diverged run is scored as."""
+    support = torch.bincount(torch.as_tensor(targets).long(), minlength=num_classes).double()
+    return metrics_from_confusion(support[:, None].expand(-1, num_classes) / num_classes, class_split)
+
+
 def format_percent(value: float | None) -> str:
     """A fraction in [0, 1] as a percentage with one decimal (``0.527 -> "52.7"``); ``None`` (an empty group) as
     ``"-"``."""

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
+from metapeft.layers import FusedMetaLoRA
 from metapeft.layers.base import MetaPEFTModule
 
 
@@ -21,6 +23,11 @@ def meta_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for m in _peft_modules(model) for p in m.meta_parameters()]
 
 
+def modulators_with_constraints(model: nn.Module) -> list[tuple[nn.Parameter, str]]:
+    """``(rho, constraint)`` of every learnable modulator in ``model``, in :func:`meta_parameters` order."""
+    return [(p, m.constraint) for m in _peft_modules(model) for p in m.meta_parameters()]
+
+
 def mark_only_peft_trainable(model: nn.Module, extra: tuple[nn.Module, ...] = ()) -> nn.Module:
     """Freeze everything in ``model`` except PEFT weights, modulators and the parameters of ``extra``
     modules (e.g. the classifier head). Returns ``model``."""
@@ -30,3 +37,27 @@ def mark_only_peft_trainable(model: nn.Module, extra: tuple[nn.Module, ...] = ()
     for module in extra:
         module.requires_grad_(True)
     return model
+
+
+def _segment_rows(gamma: torch.Tensor, rows: int) -> torch.Tensor:
+    """gamma (S_a,) repeated over ``rows`` (a multiple of S_a) rows as a (rows, 1) column."""
+    return gamma.repeat_interleave(rows // gamma.numel()).unsqueeze(1)
+
+
+def module_lr_scales(model: nn.Module, phi: list[nn.Parameter]) -> list[torch.Tensor | None]:
+    """The modulator as a module-wise learning rate: per parameter of ``phi`` (e.g.
+    :func:`metapeft.meta.trainable_phi`), the gamma of the PEFT module it belongs to, shaped to broadcast over it
+    and differentiable in the modulators, or None for a parameter outside every PEFT module (the head).
+
+    LoRA with S_a active segments: ``lora_A`` (S_a*r, K) and ``lora_B`` (S_a*N/S, r) get gamma_j on the rows of
+    segment j, as (rows, 1) columns; an adapter's weights and biases get its gamma (1,). A module with a fixed
+    modulator gives its fixed gamma."""
+    scales: dict[int, torch.Tensor] = {}
+    for module in _peft_modules(model):
+        gamma = module.gamma
+        for p in module.peft_parameters():
+            if isinstance(module, FusedMetaLoRA):
+                scales[id(p)] = _segment_rows(gamma, p.shape[0])
+            else:
+                scales[id(p)] = gamma
+    return [scales.get(id(p)) for p in phi]

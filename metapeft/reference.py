@@ -165,13 +165,16 @@ def brute_force_hypergradient(
     lookahead_batches: Sequence[Any] = (),
     first_order: bool = False,
     twin: nn.Module | None = None,
+    lr_scales: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
 ) -> BruteForceHypergradient:
     """``d/d rho L_val(phi_K(rho), rho)`` by ``torch.func``, unrolling K = 1 + len(lookahead_batches) SGD steps as
     ``torch.optim.SGD`` takes them (dampening 0): ``m_k = g_k + wd * phi_k + mu * m_{k-1}``,
     ``phi_{k+1} = phi_k - lr * m_k``, with g_k = grad_phi L_train(phi_k, rho) on train_batch, lookahead_batches...
 
     Exact: ``torch.func.grad`` of the validation loss at phi_K through every inner ``torch.func.grad`` (second
-    order). ``first_order=True``: only the direct term, phi_K held fixed. ``loss_fn(model_callable, batch) -> 0-d
+    order). ``first_order=True``: every g_k held fixed (no second derivative of L_train). ``lr_scales``: module-wise
+    learning rates, a function of the modulator values (``{name: rho}``) returning ``{phi name: D}``; the steps
+    are then ``phi_{k+1} = phi_k - lr * D * m_k`` and D is differentiated too. ``loss_fn(model_callable, batch) -> 0-d
     tensor`` gets a callable running the twin on the parameter values. ``twin`` (default :func:`reference_twin`)
     must have ``model``'s parameter names; it runs with double-differentiable attention
     (:func:`metapeft.meta.math_attention`). ``momentum_buffers``: m_{-1}, one tensor per ``trainable_phi(model)``
@@ -193,11 +196,14 @@ def brute_force_hypergradient(
 
     def lookahead(rho_):
         phi_k, m, first_grad = phi, start_buffers, None
+        scales = {} if lr_scales is None else lr_scales(rho_)
         for batch in (train_batch, *lookahead_batches):
             g = torch.func.grad(loss)(phi_k, rho_, batch)
+            if first_order:
+                g = {n: t.detach() for n, t in g.items()}
             first_grad = g if first_grad is None else first_grad
             m = {n: g[n] + weight_decay * phi_k[n] + momentum * m[n] for n in phi}
-            phi_k = {n: phi_k[n] - lr * m[n] for n in phi}
+            phi_k = {n: phi_k[n] - lr * scales.get(n, 1.0) * m[n] for n in phi}
         return phi_k, first_grad
 
     def val_at_lookahead(rho_):
@@ -205,10 +211,6 @@ def brute_force_hypergradient(
         return loss(phi_k, rho_, val_batch), (phi_k, first_grad)
 
     with math_attention(twin):
-        if first_order:
-            phi_k, first_grad = lookahead(rho)
-            meta_grads = torch.func.grad(loss, argnums=1)(phi_k, rho, val_batch)
-        else:
-            meta_grads, (phi_k, first_grad) = torch.func.grad(val_at_lookahead, has_aux=True)(rho)
+        meta_grads, (phi_k, first_grad) = torch.func.grad(val_at_lookahead, has_aux=True)(rho)
     return BruteForceHypergradient([meta_grads[n].detach() for n in rho], [phi_k[n].detach() for n in phi],
                                    [first_grad[n].detach() for n in phi])

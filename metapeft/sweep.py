@@ -6,7 +6,8 @@ seed) and returns its test metrics: the demo's digits task (:class:`metapeft.dem
 
 - ``positions``: plain PEFT at one (block, position) at a time, for every block x position, and one MetaPEFT run;
   plot: the accuracy heatmap (position x depth) beside the MetaPEFT run's learned-gamma heatmap.
-- ``alpha``: plain PEFT at one position (every block) with alpha = 2^k; plot: accuracy vs log2(alpha) per position.
+- ``alpha``: PEFT at one position (every block) with alpha = 2^k, plain and / or with MetaPEFT (``methods``), or
+  at every position at once (position ``all``); plot: accuracy vs log2(alpha), a line per position and method.
 - ``meta_ratio``: MetaPEFT with each meta-set ratio, and plain PEFT; plot: accuracy and fine-tuning time vs ratio.
 - ``meta_interval``: MetaPEFT with each meta interval (inner steps per meta step, or ``epoch``) per hypergradient
   mode, and plain PEFT; plot: accuracy and fine-tuning time vs interval, a line per mode.
@@ -16,7 +17,9 @@ cell whose ``result.json`` exists is skipped, so a sweep stopped half way resume
 cell itself continues from its trainer checkpoint). Seeds are the outer loop: the grid points of one seed run side by
 side, so time ratios within a seed see the same machine load. ``jobs > 1`` runs cells in that many spawned processes.
 The results are written beside the plot as ``results.csv`` (one row per cell), ``results.json`` (cells and summary)
-and ``results.md`` (mean +- std over seeds per grid point).
+and ``results.md`` (mean +- std over seeds per grid point). A run that diverges does not stop the grid: its cell
+records the step and cause and scores chance level (:func:`fit_and_evaluate`); tables count the diverged seeds of
+each grid point and plots mark the points where any seed diverged.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ from metapeft.report import write_json, write_text
 from metapeft.stats import Summary, format_summary, summarize
 
 KINDS = ("positions", "alpha", "meta_ratio", "meta_interval")
+METHODS = ("plain", "meta")
+ALL_POSITIONS = "all"
 RESULT_NAME = "result.json"
 DEFAULT_LOG2_ALPHA = (-2, 0, 2, 4, 6)
 DEFAULT_RATIOS = (0.1, 0.2, 0.3, 0.5)
@@ -135,19 +140,33 @@ class ConfigTask:
 
 def fit_and_evaluate(trainer, test_set, eval_each_epoch: bool = False, resumed: bool = False) -> dict:
     """Fit ``trainer`` (a :class:`metapeft.MetaPEFTTrainer`) and evaluate it on ``test_set``: a task's result
-    ``{"metrics", "seconds", "cpu_seconds", "resumed", "gamma"}``. ``seconds`` / ``cpu_seconds``: wall and process
-    CPU time of the fit (with a per-epoch evaluation inside it when ``eval_each_epoch``); a one-thread run's CPU
-    time barely moves with the machine's load, its wall time does. ``gamma``: the learned gamma table
-    (:meth:`metapeft.gamma.GammaTable.to_dict`) when the run meta-learned, else None."""
+    ``{"metrics", "seconds", "cpu_seconds", "resumed", "gamma", "diverged"}``. ``seconds`` / ``cpu_seconds``: wall
+    and process CPU time of the fit (with a per-epoch evaluation inside it when ``eval_each_epoch``); a one-thread
+    run's CPU time barely moves with the machine's load, its wall time does. ``gamma``: the learned gamma table
+    (:meth:`metapeft.gamma.GammaTable.to_dict`) when the run meta-learned, else None.
+
+    A run that diverges (the trainer's :class:`~metapeft.trainer.nonfinite.NonFiniteError`) is a result, not a
+    crash: ``diverged`` is ``{"step", "cause"}`` (else None), ``metrics`` are chance level
+    (:func:`metapeft.metrics.chance_metrics` on the test labels) and ``gamma`` is None."""
     from metapeft.gamma import gamma_table
+    from metapeft.metrics import chance_metrics
+    from metapeft.sampling import dataset_labels
+    from metapeft.trainer.nonfinite import NonFiniteError
 
     start, cpu_start = time.perf_counter(), time.process_time()
-    metrics = trainer.fit(eval_set=test_set if eval_each_epoch else None)
+    diverged = None
+    try:
+        metrics = trainer.fit(eval_set=test_set if eval_each_epoch else None)
+    except NonFiniteError as error:
+        diverged = {"step": error.global_step, "cause": error.cause}
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
-    if not eval_each_epoch:
+    if diverged is not None:
+        metrics = chance_metrics(dataset_labels(test_set), trainer.num_classes, trainer.class_split)
+    elif not eval_each_epoch:
         metrics = trainer.evaluate(test_set)
-    gamma = gamma_table(trainer.model).to_dict() if trainer.rho else None
-    return {"metrics": metrics, "seconds": seconds, "cpu_seconds": cpu_seconds, "resumed": resumed, "gamma": gamma}
+    gamma = gamma_table(trainer.model).to_dict() if trainer.rho and diverged is None else None
+    return {"metrics": metrics, "seconds": seconds, "cpu_seconds": cpu_seconds, "resumed": resumed, "gamma": gamma,
+            "diverged": diverged}
 
 
 def with_seeds(points: Sequence[Cell], seeds: Sequence[int]) -> list[Cell]:
@@ -165,11 +184,21 @@ def position_cells(blocks: Sequence[str], positions: Sequence[str]) -> list[Cell
     return cells + [Cell("metapeft", {"meta": True, "block": "all", "position": "all"}, peft=META, train=META)]
 
 
-def alpha_cells(positions: Sequence[str], log2_alpha: Sequence[float]) -> list[Cell]:
-    """Plain PEFT at one position (every block) with alpha = 2^k, for every position x k."""
-    return [Cell(f"{p}_log2alpha_{k:g}", {"meta": False, "position": p, "log2_alpha": k},
-                 peft={**PLAIN, "positions": [p], "alpha": 2.0 ** k}, train=PLAIN)
-            for p in positions for k in log2_alpha]
+def alpha_cells(positions: Sequence[str], log2_alpha: Sequence[float], methods: Sequence[str] = ("plain",)
+                ) -> list[Cell]:
+    """PEFT at one position (every block; :data:`ALL_POSITIONS`: every position at once) with alpha = 2^k, for every
+    method (``"plain"``: fixed scale, ``"meta"``: MetaPEFT with the task's meta schedule) x position x k."""
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown or not methods:
+        raise ValueError(f"methods must be a non-empty subset of {METHODS}, got {list(methods)}")
+    cells = []
+    for m in methods:
+        flags = META if m == "meta" else PLAIN
+        for p in positions:
+            placement = {} if p == ALL_POSITIONS else {"positions": [p]}
+            cells += [Cell(f"{m}_{p}_log2alpha_{k:g}", {"method": m, "position": p, "log2_alpha": k},
+                           peft={**flags, **placement, "alpha": 2.0 ** k}, train=flags) for k in log2_alpha]
+    return cells
 
 
 def meta_ratio_cells(ratios: Sequence[float]) -> list[Cell]:
@@ -312,7 +341,8 @@ def cell_rows(records: Sequence[dict]) -> list[dict]:
     seconds."""
     columns = metric_columns([r["metrics"] for r in records])
     return [{**r["cell"]["point"], "seed": r["cell"]["seed"], **{c: r["metrics"].get(c) for c in columns},
-             "seconds": r["seconds"], "cpu_seconds": r["cpu_seconds"]} for r in records]
+             "seconds": r["seconds"], "cpu_seconds": r["cpu_seconds"],
+             "diverged_at_step": (r.get("diverged") or {}).get("step")} for r in records]
 
 
 def summary_rows(records: Sequence[dict]) -> list[dict]:
@@ -324,7 +354,8 @@ def summary_rows(records: Sequence[dict]) -> list[dict]:
     columns = metric_columns([r["metrics"] for r in records])
     rows = []
     for members in groups.values():
-        row = {**members[0]["cell"]["point"], "seeds": len(members)}
+        row = {**members[0]["cell"]["point"], "seeds": len(members),
+               "diverged": sum(1 for m in members if m.get("diverged"))}
         for column in (*columns, *TIMES):
             values = [m[column] if column in TIMES else m["metrics"].get(column) for m in members]
             summary = summarize(values) if values and None not in values else None
@@ -338,9 +369,10 @@ def markdown_summary(rows: Sequence[dict]) -> str:
     """``results.md``'s table: coordinates, seeds, each metric as ``mean +- std`` in %, seconds."""
     if not rows:
         return ""
-    coordinates = [k for k in rows[0] if not k.endswith(("_mean", "_std")) and k != "seeds"]
+    coordinates = [k for k in rows[0] if not k.endswith(("_mean", "_std")) and k not in ("seeds", "diverged")]
     metrics = [k[: -len("_mean")] for k in rows[0] if k.endswith("_mean") and k[: -len("_mean")] not in TIMES]
-    header = [*coordinates, "seeds", *(m.removesuffix("_accuracy") for m in metrics), "time (s)", "CPU time (s)"]
+    header = [*coordinates, "seeds", "diverged", *(m.removesuffix("_accuracy") for m in metrics), "time (s)",
+              "CPU time (s)"]
 
     def cell(row: dict, metric: str, scale: float) -> str:
         mean = row[f"{metric}_mean"]
@@ -348,7 +380,7 @@ def markdown_summary(rows: Sequence[dict]) -> str:
 
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        values = [str(row[c]) for c in coordinates] + [str(row["seeds"])]
+        values = [str(row[c]) for c in coordinates] + [str(row["seeds"]), str(row.get("diverged", 0))]
         values += [cell(row, m, 100.0) for m in metrics] + [cell(row, t, 1.0) for t in TIMES]
         lines.append("| " + " | ".join(values) + " |")
     return "\n".join(lines)
@@ -380,7 +412,7 @@ def plot_positions(summary: Sequence[dict], records: Sequence[dict], path: Path)
     accuracy = torch.full((len(blocks), len(positions)), math.nan)
     for row in single:
         accuracy[blocks.index(row["block"]), positions.index(row["position"])] = 100 * row["accuracy_mean"]
-    gamma = GammaTable.mean([r["gamma"] for r in records if r["cell"]["point"]["meta"]])
+    gamma = GammaTable.mean([r["gamma"] for r in records if r["cell"]["point"]["meta"] and r["gamma"]])
     figure = Figure(figsize=(3 + 0.9 * (len(blocks) + len(gamma.layer_labels)), 1.8 + 0.45 * len(positions)))
     left, right = figure.subplots(1, 2)
     seeds = single[0]["seeds"]
@@ -392,10 +424,10 @@ def plot_positions(summary: Sequence[dict], records: Sequence[dict], path: Path)
     return path
 
 
-def plot_lines(summary: Sequence[dict], x: str, line: str | None, path: Path, title: str) -> Path:
+def plot_lines(summary: Sequence[dict], x: str, line: Sequence[str], path: Path, title: str) -> Path:
     """Accuracy (overall solid, the last group dashed, +- std bars) and fine-tuning time against ``x`` (categorical),
-    one line per value of ``line``; rows whose ``x`` is ``-`` (plain PEFT in a meta grid) are drawn as horizontal
-    references."""
+    one line per combination of the ``line`` coordinates; rows whose ``x`` is ``-`` (plain PEFT in a meta grid) are
+    drawn as horizontal references. Points where any seed diverged carry a red cross."""
     from matplotlib.figure import Figure
 
     groups = [k[: -len("_mean")] for k in summary[0] if k.endswith("_accuracy_mean")
@@ -405,11 +437,11 @@ def plot_lines(summary: Sequence[dict], x: str, line: str | None, path: Path, ti
     accuracy_axes, time_axes = figure.subplots(1, 2)
     varied = [row for row in summary if row[x] != "-"]
     xs = list(dict.fromkeys(str(row[x]) for row in varied))
-    lines = list(dict.fromkeys(row[line] for row in varied)) if line else [None]
+    lines = list(dict.fromkeys(tuple(row[key] for key in line) for row in varied))
     for value in lines:
-        rows = [row for row in varied if line is None or row[line] == value]
+        rows = [row for row in varied if tuple(row[key] for key in line) == value]
         where = [xs.index(str(row[x])) for row in rows]
-        label = "" if value is None else f"{value}"
+        label = " ".join(str(v) for v in value)
         for metric, style in (("accuracy", "-"), (dashed, "--")):
             if metric is None:
                 continue
@@ -418,6 +450,12 @@ def plot_lines(summary: Sequence[dict], x: str, line: str | None, path: Path, ti
                                    capsize=3, label=f"{label} {metric.removesuffix('_accuracy')}".strip())
         time_axes.errorbar(where, [r["seconds_mean"] for r in rows], yerr=[r["seconds_std"] or 0 for r in rows],
                            marker="o", capsize=3, label=label or "MetaPEFT")
+        diverged = [(w, r) for w, r in zip(where, rows) if r.get("diverged")]
+        if diverged:
+            accuracy_axes.scatter([w for w, _ in diverged], [100 * r["accuracy_mean"] for _, r in diverged], s=90,
+                                  marker="x", color="red", zorder=5,
+                                  label=f"{label}: diverged in " + ", ".join(f"{r['diverged']}/{r['seeds']}"
+                                                                              for _, r in diverged))
     for row in summary:
         if row not in varied:
             accuracy_axes.axhline(100 * row["accuracy_mean"], color="gray", lw=1, label="plain PEFT overall")
@@ -434,10 +472,12 @@ def plot_lines(summary: Sequence[dict], x: str, line: str | None, path: Path, ti
 
 
 # ----- the command --------------------------------------------------------------------------------------------------
-def sweep_cells(kind: str, task: Task, values: Sequence | None = None, modes: Sequence[str] | None = None
-                ) -> list[Cell]:
+def sweep_cells(kind: str, task: Task, values: Sequence | None = None, modes: Sequence[str] | None = None,
+                methods: Sequence[str] = ("plain",), positions: Sequence[str] | None = None) -> list[Cell]:
     """The grid points (seed 0) of sweep ``kind`` on ``task``; ``values`` are the swept values (log2 alpha, ratios
-    or intervals; defaults ``DEFAULT_*``), ``modes`` the hypergradient modes of ``meta_interval``."""
+    or intervals; defaults ``DEFAULT_*``), ``modes`` the hypergradient modes of ``meta_interval``; ``methods``
+    (:data:`METHODS`) and ``positions`` (default: every position of the task, one at a time; :data:`ALL_POSITIONS`
+    for all at once) those of ``alpha``."""
     if kind not in KINDS:
         raise ValueError(f"sweep kind must be one of {KINDS}, got {kind!r}")
     from metapeft.trainer.config import META_MODES
@@ -445,7 +485,13 @@ def sweep_cells(kind: str, task: Task, values: Sequence | None = None, modes: Se
     unknown = sorted(set(modes or ()) - set(META_MODES))
     if unknown:
         raise ValueError(f"unknown hypergradient mode(s) {unknown}; known: {list(META_MODES)}")
+    chosen = positions
     blocks, positions = task.layout()
+    unknown = sorted(set(chosen or ()) - {*positions, ALL_POSITIONS})
+    if unknown:
+        raise ValueError(f"unknown position(s) {unknown}; the task has {list(positions)} (or {ALL_POSITIONS!r})")
+    if kind != "alpha" and (chosen is not None or tuple(methods) != ("plain",)):
+        raise ValueError(f"methods and positions choose the alpha sweep's cells, not the {kind} sweep's")
     if kind == "positions":
         if values:
             raise ValueError("the positions sweep takes no values (its grid is every block x position)")
@@ -454,18 +500,19 @@ def sweep_cells(kind: str, task: Task, values: Sequence | None = None, modes: Se
                              f"target_modules rows {blocks[:3]}")
         return position_cells(blocks, positions)
     if kind == "alpha":
-        return alpha_cells(positions, values or DEFAULT_LOG2_ALPHA)
+        return alpha_cells(positions if chosen is None else chosen, values or DEFAULT_LOG2_ALPHA, methods)
     if kind == "meta_ratio":
         return meta_ratio_cells(values or DEFAULT_RATIOS)
     return meta_interval_cells(values or DEFAULT_INTERVALS, modes)
 
 
 def run_sweep(kind: str, task: Task, output_dir: str | os.PathLike, seeds: Sequence[int] = (0,), jobs: int = 1,
-              values: Sequence | None = None, modes: Sequence[str] | None = None, progress: bool = True) -> dict:
+              values: Sequence | None = None, modes: Sequence[str] | None = None, progress: bool = True,
+              methods: Sequence[str] = ("plain",), positions: Sequence[str] | None = None) -> dict:
     """Run sweep ``kind`` (module docstring) on ``task`` into ``output_dir`` (resuming finished cells) and write
     its tables and plot; returns ``{"summary": rows, "table": Markdown, "files": {...}}``."""
     output_dir = Path(output_dir)
-    cells = with_seeds(sweep_cells(kind, task, values, modes), seeds)
+    cells = with_seeds(sweep_cells(kind, task, values, modes, methods, positions), seeds)
     records = run_grid(task, cells, output_dir, jobs=jobs, progress=progress)
     title = f"metapeft sweep {kind} ({len(seeds)} seed(s))"
     summary = write_tables(records, output_dir, title)
@@ -473,10 +520,10 @@ def run_sweep(kind: str, task: Task, output_dir: str | os.PathLike, seeds: Seque
     if kind == "positions":
         plot_positions(summary, records, plot)
     elif kind == "alpha":
-        plot_lines(summary, "log2_alpha", "position", plot, f"{title}: accuracy vs log2(alpha), plain PEFT")
+        plot_lines(summary, "log2_alpha", ("position", "method"), plot, f"{title}: accuracy vs log2(alpha)")
     elif kind == "meta_ratio":
-        plot_lines(summary, "meta_ratio", None, plot, f"{title}: MetaPEFT vs meta-set ratio")
+        plot_lines(summary, "meta_ratio", (), plot, f"{title}: MetaPEFT vs meta-set ratio")
     else:
-        plot_lines(summary, "meta_interval", "meta_mode", plot, f"{title}: MetaPEFT vs meta interval")
+        plot_lines(summary, "meta_interval", ("meta_mode",), plot, f"{title}: MetaPEFT vs meta interval")
     files = {name: str(output_dir / name) for name in ("results.csv", "results.json", "results.md")}
     return {"summary": summary, "table": markdown_summary(summary), "files": {**files, "plot": str(plot)}}

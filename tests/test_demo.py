@@ -92,3 +92,24 @@ def test_verdict_reads_the_interval():
                                               "MetaPEFT is better beyond the seeds' noise.")
     assert "worse beyond" in demo.verdict(below, "x") and "cannot tell" in demo.verdict(across, "x")
     assert demo.verdict(single, "x") == "x: MetaPEFT - LoRA = +2.0 points; one seed gives no interval."
+
+
+def test_validation_split_is_carved_from_the_training_images_only():
+    """split="validation": a stratified quarter of each target training class (at least one image) is the evaluation
+    set, the rest trains; no target test image is used and the two parts do not overlap."""
+    from metapeft.demo import VALIDATION_RATIO, DemoTask
+
+    full, carved = DemoTask().tasks(), DemoTask(split="validation").tasks()
+    train, held = carved.target_train, carved.target_test
+    assert len(train) + len(held) == len(full.target_train)
+    key = {tuple(image.flatten().tolist()) for image in full.target_train.images}
+    test_key = {tuple(image.flatten().tolist()) for image in full.target_test.images}
+    for images in (train.images, held.images):
+        rows = {tuple(image.flatten().tolist()) for image in images}
+        assert rows <= key and not rows & test_key
+    assert not {tuple(i.flatten().tolist()) for i in train.images} & {tuple(i.flatten().tolist()) for i in held.images}
+    counts = torch.bincount(held.labels, minlength=10).tolist()
+    assert counts == [max(1, round(VALIDATION_RATIO * n)) for n in full.target_counts]
+    assert carved.target_counts == [n - h for n, h in zip(full.target_counts, counts)]
+    with pytest.raises(ValueError, match="split"):
+        DemoTask(split="train")

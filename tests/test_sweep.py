@@ -61,7 +61,14 @@ def test_grids():
     assert cells[-1].peft == {"meta": True} and cells[-1].point["meta"]
     alphas = alpha_cells(("q",), (-2, 3))
     assert [c.peft["alpha"] for c in alphas] == [0.25, 8.0] and not any(c.peft["meta"] for c in alphas)
-    assert alphas[1].point == {"meta": False, "position": "q", "log2_alpha": 3}
+    assert alphas[1].point == {"method": "plain", "position": "q", "log2_alpha": 3}
+    both = alpha_cells(("q", "all"), (3,), methods=("plain", "meta"))
+    assert [c.name for c in both] == ["plain_q_log2alpha_3", "plain_all_log2alpha_3", "meta_q_log2alpha_3",
+                                      "meta_all_log2alpha_3"]
+    assert both[3].peft == {"meta": True, "alpha": 8.0} and both[3].train == {"meta": True}
+    assert both[0].peft == {"meta": False, "positions": ["q"], "alpha": 8.0}
+    with pytest.raises(ValueError, match="methods"):
+        alpha_cells(("q",), (0,), methods=("lora",))
     intervals = meta_interval_cells((1, "epoch"), ("exact", "first_order"))
     assert [c.name for c in intervals] == ["plain", "exact_every_1", "exact_every_epoch", "first_order_every_1",
                                            "first_order_every_epoch"]
@@ -85,19 +92,19 @@ def test_sweep_tables_plot_skip_if_done_and_resume(tmp_path):
     assert (out / "positions.png").read_bytes()[:4] == PNG
     rows = list((out / "results.csv").read_text().splitlines())
     assert rows[0] == ("meta,block,position,seed,accuracy,class_mean_accuracy,many_accuracy,few_accuracy,macro_f1,"
-                       "seconds,cpu_seconds") and len(rows) == 11
+                       "seconds,cpu_seconds,diverged_at_step") and len(rows) == 11
     # brute force: each grid point's mean and std over the two seeds, from the cells' own result files
     for row in result["summary"]:
         name = "metapeft" if row["meta"] else f"block_{row['block']}_{row['position']}"
         accuracies = [json.loads((out / name / f"seed_{s}" / "result.json").read_text())["metrics"]["accuracy"]
                       for s in (0, 1)]
-        assert row["seeds"] == 2
+        assert row["seeds"] == 2 and row["diverged"] == 0
         assert row["accuracy_mean"] == pytest.approx(statistics.fmean(accuracies))
         assert row["accuracy_std"] == pytest.approx(statistics.stdev(accuracies))
         assert row["seconds_mean"] == pytest.approx(1.5) and row["cpu_seconds_mean"] == pytest.approx(1.0)
     summary = json.loads((out / "results.json").read_text())["summary"]
     assert summary == json.loads(json.dumps(result["summary"]))
-    assert "| meta | block | position | seeds | accuracy |" in (out / "results.md").read_text()
+    assert "| meta | block | position | seeds | diverged | accuracy |" in (out / "results.md").read_text()
 
     again = RecordingTask()
     run_sweep("positions", again, out, seeds=(0, 1), progress=False)
@@ -179,6 +186,27 @@ def test_parallel_jobs_equal_serial_runs(quick_task, tmp_path):
                    for run in ("serial", "parallel")]
         assert weights[0].keys() == weights[1].keys()
         assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_alpha_sweep_rejects_unknown_positions_and_options_of_other_sweeps(tmp_path):
+    with pytest.raises(ValueError, match="unknown position"):
+        run_sweep("alpha", RecordingTask(), tmp_path, positions=["qk"], progress=False)
+    with pytest.raises(ValueError, match="alpha sweep"):
+        run_sweep("meta_ratio", RecordingTask(), tmp_path, methods=["meta"], progress=False)
+
+
+def test_a_diverged_cell_is_recorded_at_chance_and_the_grid_goes_on(quick_task, tmp_path):
+    """alpha = 2^20 sends plain LoRA to NaN within the first steps: the cell records step and cause, scores chance
+    level (1 / classes), the table counts it and the plot marks it; the other cell still runs."""
+    result = run_sweep("alpha", quick_task, tmp_path, values=[0, 20], positions=["all"], progress=False)
+    diverged = json.loads((tmp_path / "plain_all_log2alpha_20" / "seed_0" / "result.json").read_text())
+    assert diverged["diverged"]["step"] >= 1 and diverged["diverged"]["cause"] in ("loss", "gradient")
+    assert diverged["metrics"]["accuracy"] == pytest.approx(0.1) and diverged["gamma"] is None
+    fine = json.loads((tmp_path / "plain_all_log2alpha_0" / "seed_0" / "result.json").read_text())
+    assert fine["diverged"] is None
+    assert [row["diverged"] for row in result["summary"]] == [0, 1]
+    assert "| diverged |" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "alpha.png").read_bytes()[:4] == PNG
 
 
 def test_parse_values():

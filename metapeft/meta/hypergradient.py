@@ -17,6 +17,13 @@ on rho. Reverse mode through the K steps, with v = grad_phi L_val(phi_K, rho) an
 with R_k = d^2 L_train(B_k) / d rho d phi and H_k = d^2 L_train(B_k) / d phi^2 at (phi_k, rho). For K = 1 this is
 ``direct - lr * R_0 v``; K > 1 adds one Hessian-vector product H_k c_k per step k >= 1.
 
+Module-wise learning rates (``lr_scales``, the modulator as a learning rate): each phi tensor may carry a
+multiplier D(rho) (elementwise, e.g. gamma of the module it belongs to), so that ``phi_{k+1} = phi_k - lr * D * u_k``.
+Then ``c_{K-1} = D v`` and ``c_{k-1} = D a_k + mu * c_k`` in the recursion above, and the hypergradient gains
+the learning-rate term ``-lr * sum_k (dD/drho)^T (u_k * a_{k+1})`` (one reverse pass through D; no second
+derivative of the loss). In ``first_order`` mode the recursion runs with R_k = H_k = 0, so the learning-rate term
+is kept: it is what makes the modulator a learning rate even without second derivatives.
+
 Modes:
 
 - ``"exact"``: every R_k c_k (and H_k c_k) as ONE reverse-over-reverse product: the train backward of step k
@@ -31,7 +38,8 @@ Modes:
   norm 0.01, DARTS' choice; the error is O(eps^2)). At k = 0 the two passes differentiate with respect to rho
   only, phi frozen, so every fused backward skips its dA / dB (and head) GEMMs; for k >= 1 they also give H_k c_k.
   They replay step k's random numbers (dropout masks), so the difference is taken on the same stochastic loss.
-- ``"first_order"``: the direct term only (what the authors' code computes); its val pass needs d rho only.
+- ``"first_order"``: the direct term only (what the authors' code computes); its val pass needs d rho only
+  (and v too when ``lr_scales`` are given, for the learning-rate term).
 
 Sharded across ranks (``reduce``: a process group or a reduction callable, :mod:`metapeft.meta.distributed`):
 every batch argument is the calling rank's shard of the global batch, every loss a mean over its shard, and
@@ -191,6 +199,26 @@ def _check_momentum_buffers(buffers, phi: list[nn.Parameter]) -> list[torch.Tens
     return buffers
 
 
+def _check_lr_scales(scales, phi: list[nn.Parameter]) -> list[torch.Tensor | None] | None:
+    if scales is None:
+        return None
+    scales = list(scales)
+    if len(scales) != len(phi):
+        raise ValueError(f"lr_scales must have one entry (or None) per trainable_phi(model) parameter ({len(phi)}), "
+                         f"got {len(scales)}")
+    for i, (d, p) in enumerate(zip(scales, phi)):
+        if d is None:
+            continue
+        if not isinstance(d, torch.Tensor) or d.device != p.device:
+            raise ValueError(f"lr_scales[{i}] must be None or a tensor on {p.device}, got {type(d).__name__}")
+        try:
+            torch.broadcast_shapes(d.shape, p.shape)
+        except RuntimeError:
+            raise ValueError(f"lr_scales[{i}] of shape {tuple(d.shape)} does not broadcast to the parameter's "
+                             f"{tuple(p.shape)}") from None
+    return scales
+
+
 def _sample_count(batch: Any) -> int | None:
     """Length of dim 0 of the first tensor in ``batch`` (depth-first through tuples, lists, dict values)."""
     if isinstance(batch, torch.Tensor):
@@ -230,6 +258,7 @@ class _Step:
 
     def __init__(self, values: list[torch.Tensor], batch: Any, weight: float | None, name: str) -> None:
         self.values, self.batch, self.weight, self.name = values, batch, weight, name
+        self.updates: list[torch.Tensor] = []
         self.inputs: list[torch.Tensor] = []
         self.local_grads: list[torch.Tensor] = []
 
@@ -256,6 +285,7 @@ def hypergradient(
     fd_epsilon: float | None = None,
     lookahead_batches: Sequence[Any] = (),
     reduce: dist.ProcessGroup | Reduction | None = None,
+    lr_scales: Sequence[torch.Tensor | None] | None = None,
 ) -> HypergradientResult:
     """One meta step: d L_val(phi_K) / d rho through K SGD look-ahead steps (see the module docstring for the math).
 
@@ -274,6 +304,9 @@ def hypergradient(
         reduce: None for a single process; otherwise a ``torch.distributed`` process group, or a callable
             summing a list of tensors over the ranks (:mod:`metapeft.meta.distributed`). Every batch is then
             this rank's shard and every rank must make the same call (same K, same model).
+        lr_scales: per phi parameter (``trainable_phi`` order), a learning-rate multiplier D broadcastable to it
+            and differentiable in rho (e.g. :func:`metapeft.params.module_lr_scales`), or None (1); the look-ahead
+            steps are ``phi - lr * D * u`` (module docstring). None for the whole list: plain SGD.
 
     Returns a :class:`HypergradientResult` (global over the ranks); the model's parameters and their ``.grad``
     are untouched.
@@ -289,6 +322,7 @@ def hypergradient(
     if not phi:
         raise ValueError("model has no trainable parameters besides its modulators: trainable_phi(model) is empty")
     buffers = _check_momentum_buffers(momentum_buffers, phi)
+    scales = _check_lr_scales(lr_scales, phi)
     names = ["train_batch", *(f"lookahead_batches[{i}]" for i in range(len(lookahead_batches))), "val_batch"]
     batches = dict(zip(names, [train_batch, *lookahead_batches, val_batch]))
     weights = [None] * len(batches) if reduce is None else _shard_weights(batches, reduce, phi[0].device)
@@ -306,19 +340,22 @@ def hypergradient(
         with torch.no_grad():
             updates = [g + weight_decay * p + (0.0 if m is None else momentum * m)
                        for p, g, m in zip(values, grads, buffers)]
-            values = [p - lr * u for p, u in zip(values, updates)]
-        buffers = updates
+            values = [p - lr * u for p, u in zip(values, _scaled(scales, updates))]
+        buffers = step.updates = updates
         steps.append(step)
 
-    direct, v, val_loss = _val_pass(model, loss_fn, val_batch, weights[-1], phi, rho, values, mode, reduce)
+    with_v = mode != "first_order" or scales is not None
+    direct, v, val_loss = _val_pass(model, loss_fn, val_batch, weights[-1], phi, rho, values, with_v, reduce)
     if rng is not None:
         rng.mark_end()
-    if mode == "first_order":
+    if not with_v:
         meta_grads = direct
     else:
-        second = _second_order(model, loss_fn, steps, phi, rho, v, lr, momentum, weight_decay, mode, fd_epsilon,
-                               rng, reduce)
+        second, lr_term = _second_order(model, loss_fn, steps, phi, rho, v, lr, momentum, weight_decay, mode,
+                                        fd_epsilon, rng, reduce, scales)
         meta_grads = [d - lr * s for d, s in zip(direct, second)]
+        if lr_term is not None and lr_term.requires_grad:
+            meta_grads = [g - lr * t for g, t in zip(meta_grads, _grads(lr_term, rho))]
     return HypergradientResult(
         meta_grads=[g.detach() for g in meta_grads],
         lookahead=values,
@@ -352,9 +389,8 @@ def _step_gradient(model, loss_fn, step: _Step, phi, reduce, at_phi: bool, creat
     return grads, loss.reshape(())
 
 
-def _val_pass(model, loss_fn, val_batch, weight, phi, rho, values, mode, reduce):
-    """(direct term, v, L_val) at phi_K from this rank's val shard, summed over ranks; v is [] in first_order."""
-    with_v = mode != "first_order"
+def _val_pass(model, loss_fn, val_batch, weight, phi, rho, values, with_v: bool, reduce):
+    """(direct term, v, L_val) at phi_K from this rank's val shard, summed over ranks; v is [] unless ``with_v``."""
     with _parameters_replaced(model, phi, values, requires_grad=with_v) as leaves:
         inputs = rho + (leaves if with_v else [])
         if weight == 0.0:
@@ -369,25 +405,40 @@ def _val_pass(model, loss_fn, val_batch, weight, phi, rho, values, mode, reduce)
     return grads[: len(rho)], grads[len(rho):], loss.reshape(())
 
 
+def _scaled(scales, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """D * t per phi tensor (t itself where D is None or no scales are given)."""
+    if scales is None:
+        return tensors
+    return [t if d is None else d.detach() * t for d, t in zip(scales, tensors)]
+
+
 def _second_order(model, loss_fn, steps: list[_Step], phi, rho, v, lr, momentum, weight_decay, mode, fd_epsilon,
-                  rng, reduce) -> list[torch.Tensor]:
-    """sum_k R_k c_k by the reverse recursion of the module docstring (summed over ranks)."""
-    adjoint, c = v, v
+                  rng, reduce, scales) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """(sum_k R_k c_k summed over ranks, and with ``scales`` the scalar sum_k <D, u_k * a_{k+1}> whose gradient in rho
+    is the learning-rate term, else None) by the reverse recursion of the module docstring; ``first_order`` mode
+    runs it with R_k = H_k = 0."""
+    adjoint, c = v, _scaled(scales, v)
     rho_term = [torch.zeros_like(p) for p in rho]
+    lr_term = None
     for k in range(len(steps) - 1, -1, -1):
         step = steps[k]
         with_phi = k > 0
-        if mode == "exact":
+        if scales is not None:
+            pairs = [(d * (u * a).detach()).sum() for d, u, a in zip(scales, step.updates, adjoint) if d is not None]
+            lr_term = sum(pairs) if lr_term is None else lr_term + sum(pairs)
+        if mode == "first_order":
+            products = [torch.zeros_like(p) for p in rho] + ([torch.zeros_like(w) for w in c] if with_phi else [])
+        elif mode == "exact":
             products = _exact_products(step, rho, c, with_phi)
         else:
             products = _finite_difference_products(model, loss_fn, step, k, phi, rho, c, with_phi, fd_epsilon, rng)
         rho_term = [t + r for t, r in zip(rho_term, products[: len(rho)])]
         if with_phi:
-            hessian_c = _sum(reduce, products[len(rho):])
+            hessian_c = _sum(reduce, products[len(rho):]) if mode != "first_order" else products[len(rho):]
             with torch.no_grad():
                 adjoint = [a - lr * (h + weight_decay * w) for a, h, w in zip(adjoint, hessian_c, c)]
-                c = [a + momentum * w for a, w in zip(adjoint, c)]
-    return _sum(reduce, rho_term)
+                c = [a + momentum * w for a, w in zip(_scaled(scales, adjoint), c)]
+    return _sum(reduce, rho_term), lr_term
 
 
 def _exact_products(step: _Step, rho, c, with_phi: bool) -> list[torch.Tensor]:

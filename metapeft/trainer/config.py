@@ -6,6 +6,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from metapeft.meta.optim import META_OPTIMIZERS
 from metapeft.sampling import META_SAMPLINGS
 from metapeft.schema import option
 
@@ -51,9 +52,15 @@ class TrainerConfig:
     ``meta_sampling="uniform"`` (every class in its meta-set share) or ``"class_balanced"`` (an equal share per
     class, small classes drawn with replacement; :mod:`metapeft.sampling`). A ``val_set`` given to the trainer
     replaces the training set as the meta-batch source. ``meta=False`` (or a model without learnable modulators)
-    trains as plain PEFT. ``meta_lookahead_steps`` K: SGD steps of the meta step's look-ahead, the first on the
-    step's own batch, the others on batches of ``batch_size`` drawn from the training set
-    (:func:`metapeft.sampling.lookahead_batches`); the authors' code uses K = 2-3.
+    trains as plain PEFT. ``meta_lookahead_steps`` K: SGD steps of the meta step's look-ahead, the first on the step's
+    own batch, the others on batches of ``batch_size`` drawn from the training set
+    (:func:`metapeft.sampling.lookahead_batches`); the authors' code uses K = 2-3. ``meta_warmup_steps``: rounds
+    before the first inner step that move every gamma by one common factor ``exp(+-meta_warmup_lr)`` while a t-test
+    over 6 hypergradients says which way the meta loss falls (:class:`metapeft.meta.optim.CommonScaleCalibration`), so
+    the overall scale is calibrated before phi moves; ``meta_dense_steps``: the first inner steps each get a meta
+    step, ``meta_interval`` applies after them (dense meta steps early, sparse later). ``meta_module_lr``: gamma also
+    multiplies its module's inner learning rate (the modulator as a module-wise learning rate; the hypergradient then
+    has a learning-rate term).
 
     Loss ``"logit_adjusted"`` (tau) or ``"ce"``; ``classifier="cosine"`` replaces the head (found by name
     ``head`` or automatically) with a cosine classifier of scale ``cosine_scale`` initialised from class-mean
@@ -79,6 +86,8 @@ class TrainerConfig:
     meta: bool = option(True, "learn the modulators gamma by meta steps (MetaPEFT); false: plain PEFT (gamma stays "
                               "fixed)")
     meta_lr: float = option(1e-3, "learning rate of the outer optimizer on the modulators rho")
+    meta_optimizer: str = option("adam", "outer optimizer on rho: adam (the paper's), shared_adam (one second moment "
+                                         "for all modulators: keeps the hypergradient's direction) or sgd")
     # A first-order meta step every 5 inner steps costs 1.10x plain LoRA's fine-tuning CPU time on the demo task
     # (benchmarks/results/meta_defaults_cpu.md; 1 + 0.85 / 5 from a 1.85x meta step) with accuracy within the seeds'
     # noise of the best schedule; an exact meta step at every step costs 2.9x (schedule_cpu.md, README "What the
@@ -100,6 +109,14 @@ class TrainerConfig:
                                               "(DARTS' order, one more forward/backward)")
     meta_lookahead_steps: int = option(1, "K: SGD steps of the meta step's look-ahead, the first on the step's batch, "
                                           "the others on fresh training batches (the authors' code: 2-3)")
+    meta_module_lr: bool = option(False, "gamma also multiplies its module's inner learning rate (the modulator as a "
+                                         "module-wise learning rate)")
+    meta_warmup_steps: int = option(0, "calibration rounds before the first inner step: each tests 6 hypergradients "
+                                       "and moves every gamma by one common factor while the meta loss says which "
+                                       "way with 95 % confidence")
+    meta_warmup_lr: float = option(0.69, "log of the warm-up's factor per round (0.69: every gamma x2 or /2)")
+    meta_dense_steps: int = option(0, "the first inner steps that each get a meta step; meta_interval applies after "
+                                      "them")
 
     loss: str = option("logit_adjusted", "logit_adjusted (logit-adjusted cross-entropy, temperature tau) or ce")
     tau: float = option(1.0, "logit adjustment temperature")
@@ -142,11 +159,14 @@ class TrainerConfig:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if self.meta_interval != "epoch" and (not isinstance(self.meta_interval, int) or self.meta_interval < 1):
             raise ValueError(f"meta_interval must be a positive int or 'epoch', got {self.meta_interval!r}")
+        for name in ("meta_warmup_steps", "meta_dense_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {getattr(self, name)!r}")
         for name in ("meta_batch_size", "save_every_steps", "num_classes"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be None or a positive int, got {value!r}")
-        for name in ("lr", "meta_lr", "cosine_scale"):
+        for name in ("lr", "meta_lr", "meta_warmup_lr", "cosine_scale"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
         for name in ("momentum", "weight_decay", "tau"):
@@ -159,7 +179,8 @@ class TrainerConfig:
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers!r}")
         for name, allowed in (("loss", LOSSES), ("classifier", CLASSIFIERS), ("schedule", SCHEDULES),
-                              ("amp", AMP_MODES), ("meta_mode", META_MODES), ("meta_sampling", META_SAMPLINGS)):
+                              ("amp", AMP_MODES), ("meta_mode", META_MODES), ("meta_sampling", META_SAMPLINGS),
+                              ("meta_optimizer", META_OPTIMIZERS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if isinstance(self.class_split, str) and self.class_split != "from_counts":

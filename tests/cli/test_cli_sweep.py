@@ -35,8 +35,19 @@ def test_sweep_on_the_demo_task(tmp_path):
     assert main(["sweep", "alpha", "--quick", "--values", "0", "--seeds", "2", "--output-dir", str(out),
                  "--cache-dir", str(tmp_path / "cache")]) == 0
     rows = (out / "results.csv").read_text().splitlines()
-    assert rows[0].startswith("meta,position,log2_alpha,seed,accuracy") and len(rows) == 1 + 6 * 2
+    assert rows[0].startswith("method,position,log2_alpha,seed,accuracy") and len(rows) == 1 + 6 * 2
     assert (out / "alpha.png").read_bytes()[:4] == PNG
+
+
+def test_alpha_sweep_takes_lora_and_metapeft_side_by_side(tmp_path):
+    out = tmp_path / "rescue"
+    assert main(["sweep", "alpha", "--quick", "--values", "3", "--methods", "plain", "meta", "--positions", "all",
+                 "--output-dir", str(out), "--cache-dir", str(tmp_path / "cache")]) == 0
+    summary = json.loads((out / "results.json").read_text())["summary"]
+    assert [(row["method"], row["position"], row["log2_alpha"]) for row in summary] == [("plain", "all", 3.0),
+                                                                                     ("meta", "all", 3.0)]
+    meta = json.loads((out / "meta_all_log2alpha_3" / "seed_0" / "result.json").read_text())
+    assert meta["gamma"] is not None and len(meta["gamma"]["columns"]) == 6
 
 
 def test_sweep_usage_errors(write_config, tmp_path, capsys):

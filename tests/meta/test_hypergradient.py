@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import metapeft
+from metapeft.layers import MetaPEFTModule
 from metapeft.meta import hypergradient, trainable_phi
 from tests.helpers.meta import (
     adapter_net,
@@ -290,3 +291,64 @@ def test_meta_steps_lower_meta_loss_and_switch_off_the_harmful_position(mode):
     assert last.val_loss < 0.8 * first.val_loss
     assert model.bad.gamma.item() < 0.5 * gamma_start[1], "the harmful position's gamma must fall"
     assert model.good.gamma.item() > gamma_start[0], "the helpful position's gamma must not fall"
+
+
+def independent_lr_scales(model: nn.Module):
+    """The oracle's module-wise learning rates, written apart from ``metapeft.params.module_lr_scales``: for every
+    PEFT module named ``m``, ``D = softplus(rho)`` of ``m.modulator`` on each of its PEFT weights, LoRA segment j's
+    gamma on segment j's rows of A and B."""
+    modules = {name: m for name, m in model.named_modules() if isinstance(m, MetaPEFTModule)}
+
+    def scales(rho: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, module in modules.items():
+            gamma = F.softplus(rho[f"{name}.modulator"])
+            for weight in module.peft_parameter_names:
+                rows = getattr(module, weight).shape[0]
+                if isinstance(module, metapeft.FusedMetaLoRA):
+                    out[f"{name}.{weight}"] = torch.cat([g.expand(rows // gamma.numel(), 1) for g in gamma])
+                else:
+                    out[f"{name}.{weight}"] = gamma
+        return out
+
+    return scales
+
+
+@pytest.mark.parametrize("steps", [1, 2], ids=lambda k: f"K{k}")
+@pytest.mark.parametrize("kind", ["lora", "adapters"])
+def test_module_learning_rates_match_brute_force(kind, steps):
+    """phi_{k+1} = phi_k - lr * gamma_module * (g + wd phi + mu m): every mode against torch.func through the same
+    unrolled steps with gamma differentiated in the step size too; first_order keeps the learning-rate term."""
+    from metapeft.params import module_lr_scales
+    from metapeft.reference import brute_force_hypergradient
+
+    torch.manual_seed(3)
+    model = lora_mlp(3) if kind == "lora" else adapter_net()
+    train, val = batches("mlp")
+    more = more_train_batches(steps)
+    buffers = momentum_buffers(model)
+    kwargs = {"lr": LR, "momentum": MOMENTUM, "momentum_buffers": buffers, "weight_decay": WEIGHT_DECAY,
+              "lookahead_batches": more}
+    oracle = {order: brute_force_hypergradient(model, classification_loss, train, val, first_order=order,
+                                               lr_scales=independent_lr_scales(model), **kwargs)
+              for order in (False, True)}
+    plain = brute_force_hypergradient(model, classification_loss, train, val, first_order=True, **kwargs)
+    assert relative_error(oracle[True].meta_grads, plain.meta_grads) > 1e-3, "the learning-rate term must matter"
+    for mode, expected, tolerance in (("exact", oracle[False], 1e-8), ("finite_difference", oracle[False], 1e-3),
+                                      ("first_order", oracle[True], 1e-10)):
+        result = hypergradient(model, classification_loss, train, val, mode=mode,
+                               lr_scales=module_lr_scales(model, trainable_phi(model)), **kwargs)
+        assert relative_error(result.meta_grads, expected.meta_grads) < tolerance, mode
+        assert relative_error(result.lookahead, expected.lookahead) < 1e-12, mode
+
+
+def test_lr_scales_are_checked():
+    model = lora_mlp(1)
+    train, val = batches("mlp")
+    phi = trainable_phi(model)
+    with pytest.raises(ValueError, match="one entry"):
+        hypergradient(model, classification_loss, train, val, lr=LR, lr_scales=[None])
+    bad = [None] * len(phi)
+    bad[0] = torch.ones(7, 7, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"lr_scales\[0\]"):
+        hypergradient(model, classification_loss, train, val, lr=LR, lr_scales=bad)

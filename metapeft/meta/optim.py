@@ -1,0 +1,181 @@
+"""Optimizers for the modulators rho (the outer loop).
+
+- ``"adam"``: ``torch.optim.Adam`` (the paper's outer optimizer). Its per-coordinate normalisation gives every
+  modulator a step of about ``lr`` whatever its hypergradient's size, so a module with a tiny, noisy
+  hypergradient moves as far as one with a strong signal.
+- ``"shared_adam"``: Adam with ONE second moment shared by all modulators (the mean of the squared
+  hypergradient entries), :class:`SharedAdam`: the step's root-mean-square over the modulators is about ``lr``,
+  and each modulator moves in proportion to its hypergradient, so the direction of the whole hypergradient (e.g.
+  "every scale down") is kept.
+- ``"sgd"``: ``torch.optim.SGD`` (plain gradient steps; the step size follows the hypergradient's size).
+
+Also here: :class:`ModuleLRSGD` (the inner SGD step with module-wise learning rates) and
+:class:`CommonScaleCalibration` (the warm-up that moves all gammas by one learned factor).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+
+from metapeft.modulator import gamma_from_modulator, log_gamma_gradient, modulator_from_gamma
+
+META_OPTIMIZERS = ("adam", "shared_adam", "sgd")
+
+
+class SharedAdam(torch.optim.Optimizer):
+    """Adam whose second moment is one scalar per parameter group: for gradients g (all tensors of the group),
+
+        m <- b1 m + (1 - b1) g,   v <- b2 v + (1 - b2) mean(g^2),   p <- p - lr * m_hat / (sqrt(v_hat) + eps)
+
+    with the bias corrections of Adam (``m_hat = m / (1 - b1^t)``, ``v_hat = v / (1 - b2^t)``). ``mean`` runs over
+    every entry of every tensor in the group. State: ``exp_avg`` per parameter, ``exp_avg_sq`` (0-d) and ``step``
+    in the group's first parameter's state.
+    """
+
+    def __init__(self, params: Iterable[torch.nn.Parameter], lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        if not lr > 0:
+            raise ValueError(f"lr must be > 0, got {lr!r}")
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas must lie in [0, 1), got {betas!r}")
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One update of every parameter with a ``.grad`` (module docstring)."""
+        loss = None if closure is None else closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            beta1, beta2 = group["betas"]
+            shared = self.state[group["params"][0]]
+            if "step" not in shared:
+                shared["step"] = torch.zeros((), dtype=torch.float64)
+                shared["exp_avg_sq"] = torch.zeros((), dtype=torch.float64, device=params[0].device)
+            shared["step"] += 1
+            square = sum(p.grad.double().square().sum() for p in params) / sum(p.numel() for p in params)
+            shared["exp_avg_sq"].mul_(beta2).add_(square, alpha=1 - beta2)
+            step = float(shared["step"])
+            denominator = (shared["exp_avg_sq"] / (1 - beta2 ** step)).sqrt() + group["eps"]
+            for p in params:
+                state = self.state[p]
+                if "exp_avg" not in state:
+                    state["exp_avg"] = torch.zeros_like(p)
+                state["exp_avg"].mul_(beta1).add_(p.grad, alpha=1 - beta1)
+                p.sub_(group["lr"] * state["exp_avg"] / (1 - beta1 ** step) / denominator.to(p.dtype))
+        return loss
+
+
+def meta_optimizer(name: str, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    """The outer optimizer ``name`` (:data:`META_OPTIMIZERS`) over the modulators ``params`` with learning rate
+    ``lr``."""
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    if name == "shared_adam":
+        return SharedAdam(params, lr=lr)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    raise ValueError(f"meta_optimizer must be one of {META_OPTIMIZERS}, got {name!r}")
+
+
+class ModuleLRSGD(torch.optim.SGD):
+    """``torch.optim.SGD`` (momentum, dampening 0, weight decay, no Nesterov) whose :meth:`step` may take a
+    learning-rate multiplier per parameter (:func:`metapeft.params.module_lr_scales`, detached):
+
+        buf <- mu * buf + (g + wd * p)   (buf = g + wd * p at the first step),   p <- p - lr * D * buf
+
+    Without multipliers it is torch's SGD step. The momentum buffer is torch's ``momentum_buffer`` state, so
+    :func:`metapeft.meta.hypergradient` reads it for the look-ahead either way."""
+
+    @torch.no_grad()
+    def step(self, closure=None, lr_scales: list[torch.Tensor | None] | None = None):
+        """One step; ``lr_scales``: one multiplier (broadcastable to the parameter) or None per parameter, in the
+        order of the parameter groups."""
+        if lr_scales is None:
+            return super().step(closure)
+        params = [p for group in self.param_groups for p in group["params"]]
+        if len(lr_scales) != len(params):
+            raise ValueError(f"lr_scales must have one entry per parameter ({len(params)}), got {len(lr_scales)}")
+        scales = dict(zip(map(id, params), lr_scales))
+        loss = None if closure is None else closure()
+        for group in self.param_groups:
+            if group["nesterov"] or group["dampening"]:
+                raise ValueError("module learning rates support SGD without nesterov and dampening")
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                update = p.grad + group["weight_decay"] * p
+                if group["momentum"]:
+                    state = self.state[p]
+                    buffer = state.get("momentum_buffer")
+                    if buffer is None:
+                        buffer = state["momentum_buffer"] = update.clone()
+                    else:
+                        buffer.mul_(group["momentum"]).add_(update)
+                    update = buffer
+                scale = scales[id(p)]
+                p.sub_(group["lr"] * (update if scale is None else scale.detach().to(p.dtype) * update))
+        return loss
+
+
+class CommonScaleCalibration:
+    """Moves every modulator's gamma by one common factor when the hypergradient says so with confidence: the
+    warm-up that calibrates the overall scale before the modulators move one by one.
+
+    With ``gamma_m = gamma0_m * exp(s)`` for every modulator entry m (gamma0: the gammas when the calibration
+    starts), ``d L_val / d s = sum_m d L_val / d log(gamma_m)`` is the derivative of the meta loss along "every
+    scale up". Each :meth:`step` takes that sum from several hypergradients at the current s (fresh train and
+    meta batches each) and moves s by ``-log_step * sign(mean)`` only when a two-sided 95 % Student-t test over
+    them rejects a zero mean; otherwise s stays and :meth:`step` returns False (the caller stops). A single
+    hypergradient's per-module signs often disagree (a too-large step hurts in aggregate while single modules
+    still gain), so per-module outer steps spread the gammas apart where this common move does not; and a
+    one-step look-ahead's sign flips from batch to batch when the scale is about right, which the test catches
+    (docs/method.md).
+
+    Args:
+        modulators: ``(rho, constraint)`` per learnable modulator (:func:`metapeft.params.modulators_with_constraints`).
+        log_step: how far one move goes (every gamma times ``exp(+-log_step)``).
+    """
+
+    def __init__(self, modulators: list[tuple[torch.nn.Parameter, str]], log_step: float) -> None:
+        if not log_step > 0:
+            raise ValueError(f"log_step must be > 0, got {log_step!r}")
+        if not modulators:
+            raise ValueError("CommonScaleCalibration needs at least one learnable modulator")
+        self.modulators, self.log_step = modulators, float(log_step)
+        self.log_scale = 0.0
+        self.history: list[dict] = []
+        with torch.no_grad():
+            self.initial = [gamma_from_modulator(rho, c).double() for rho, c in modulators]
+
+    def common_gradient(self, meta_grads: list[torch.Tensor]) -> float:
+        """d L_val / d s from one hypergradient (d L_val / d rho per modulator, ``meta_parameters`` order)."""
+        with torch.no_grad():
+            return float(sum(log_gamma_gradient(g.double(), rho.double(), c).sum()
+                             for g, (rho, c) in zip(meta_grads, self.modulators)))
+
+    @torch.no_grad()
+    def step(self, hypergradients: list[list[torch.Tensor]]) -> bool:
+        """Test the mean of :meth:`common_gradient` over ``hypergradients`` (at least 2) and, when it is not zero at
+        95 %, move s one ``log_step`` against it and write ``rho_m = gamma^-1(gamma0_m * exp(s))``. Returns whether
+        s moved; every call is recorded in :attr:`history` (s, the mean, the interval's half-width, moved)."""
+        from scipy.stats import t
+
+        values = [self.common_gradient(g) for g in hypergradients]
+        n = len(values)
+        if n < 2:
+            raise ValueError(f"the calibration's test needs at least 2 hypergradients, got {n}")
+        mean = sum(values) / n
+        spread = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+        half_width = float(t.ppf(0.975, n - 1)) * spread / math.sqrt(n)
+        moved = abs(mean) > half_width
+        if moved:
+            self.log_scale -= math.copysign(self.log_step, mean)
+            for (rho, constraint), gamma0 in zip(self.modulators, self.initial):
+                rho.copy_(modulator_from_gamma(gamma0 * math.exp(self.log_scale), constraint).to(rho.dtype))
+        self.history.append({"log_scale": self.log_scale, "mean": mean, "half_width": half_width, "moved": moved})
+        return moved
