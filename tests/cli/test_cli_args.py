@@ -133,7 +133,8 @@ def test_resume_needs_a_checkpoint_and_the_same_config(write_config, tmp_path, c
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "checkpoint.pt").write_bytes(b"")
     stored = yaml.safe_load(config.read_text())
-    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump({**stored, "train": {**stored["train"], "lr": 1}}))
+    recorded = {**stored, "train": {**stored["train"], "lr": 1}, "num_classes": 4}  # as metapeft train records it
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(recorded))
     code, _, err = run(["train", "--config", str(config), "--resume"], capsys)
     assert code == 2 and "the config's ['train'] section(s) differ" in err
 
