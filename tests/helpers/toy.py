@@ -54,3 +54,21 @@ def tiny_net_with_random_lora(dtype: torch.dtype = torch.float64) -> TinyNet:
         for layer in (model.l1, model.l2):
             layer.lora_B.normal_()
     return model
+
+
+def first_meta_step_inputs(trainer, data: LongTailedBlobs, counts: list[int], batch_size: int = 16):
+    """What the trainer's first meta step sees, for an independent recomputation: ``(batch_indices, (x, y), val,
+    loss_fn)`` with the first ``batch_size`` samples as the train batch, the trainer's own first meta batch as val
+    (float64), and the logit-adjusted loss of ``counts``."""
+    from metapeft.losses import LogitAdjustedLoss
+
+    batch_indices = torch.arange(batch_size)
+    train = (data.x[batch_indices].double(), torch.tensor(data.labels)[batch_indices])
+    meta_indices = trainer.meta_sampler.meta_batch(0, batch_indices)
+    val = (data.x[meta_indices].double(), torch.tensor(data.labels)[meta_indices])
+    criterion = LogitAdjustedLoss(counts).double()
+
+    def loss_fn(model, batch):
+        return criterion(model(batch[0]), batch[1])
+
+    return batch_indices, train, val, loss_fn

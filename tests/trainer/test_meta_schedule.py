@@ -12,11 +12,10 @@ import torch
 from torch import nn
 
 import metapeft
-from metapeft.losses import LogitAdjustedLoss
 from metapeft.meta import hypergradient, trainable_phi
 from metapeft.params import meta_parameters, module_lr_scales
 from metapeft.trainer import MetaPEFTTrainer, TrainerConfig
-from tests.helpers.toy import LongTailedBlobs, TinyNet, tiny_net_with_random_lora
+from tests.helpers.toy import LongTailedBlobs, TinyNet, first_meta_step_inputs, tiny_net_with_random_lora
 
 COUNTS = [20, 12, 6, 4]
 
@@ -48,14 +47,7 @@ def test_module_learning_rates_make_the_inner_step_the_lookahead(mode):
     trainer = MetaPEFTTrainer(model, data, config=config(batch_size=16, meta_lr=0.05, meta_interval=1,
                                                         meta_mode=mode, meta_module_lr=True))
     twin = copy.deepcopy(model)
-    batch_indices = torch.arange(16)
-    x, y = data.x[batch_indices].double(), torch.tensor(data.labels)[batch_indices]
-    meta_indices = trainer.meta_sampler.meta_batch(0, batch_indices)
-    val = (data.x[meta_indices].double(), torch.tensor(data.labels)[meta_indices])
-    criterion = LogitAdjustedLoss(COUNTS).double()
-
-    def loss_fn(m, batch):
-        return criterion(m(batch[0]), batch[1])
+    batch_indices, (x, y), val, loss_fn = first_meta_step_inputs(trainer, data, COUNTS)
 
     expected = hypergradient(twin, loss_fn, (x, y), val, lr=0.01, weight_decay=5e-4, mode=mode,
                              lr_scales=module_lr_scales(twin, trainable_phi(twin)))
