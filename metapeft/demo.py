@@ -69,7 +69,7 @@ QUICK = DemoSize(embed_dim=32, depth=2, num_heads=2, pretrain_epochs=4, finetune
 VARIANTS = (Cell("lora", {"method": "LoRA"}, peft=PLAIN, train=PLAIN),
             Cell("lora_meta", {"method": "LoRA + MetaPEFT"}, peft=META, train=META))
 BASELINE, METHOD = (cell.point["method"] for cell in VARIANTS)
-DEFAULT_SEEDS = 5
+DEFAULT_SEEDS = 10
 README_SECTION = "demo-table"
 SPLITS = ("test", "validation")
 # The validation carve-out: a quarter of each target class (at least one image; the smallest class has 6).
