@@ -5,28 +5,18 @@ directory without a checkpoint is reusable."""
 from __future__ import annotations
 
 import pytest
-import torch
 import yaml
 
 from metapeft.cli import main
 from metapeft.runs import RUN_CONFIG, read_run_config
 from tests.helpers.cli import tiny_config
-from tests.helpers.imagefiles import write_index_dataset
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from tests.helpers.imagefiles import tiny_split_dataset
+from tests.helpers.threads import one_torch_thread  # noqa: F401  (autouse fixture)
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    root = write_index_dataset(tmp_path_factory.mktemp("runs_data"), {"train": [20, 10, 5, 3], "test": [4] * 4})
-    (root / "split.yaml").write_text("classes: [zero, one, two, three]\nhead: [zero, one]\ntail: [two, three]\n")
-    return root
+    return tiny_split_dataset(tmp_path_factory.mktemp("runs_data"))
 
 
 def write(path, config: dict):

@@ -38,3 +38,11 @@ def write_index_dataset(root: Path, counts: dict[str, list[int]], size: int = 16
                 lines.append(f"{relative} {c}")
         (root / f"{split}.txt").write_text("\n".join(lines) + "\n")
     return root
+
+
+def tiny_split_dataset(root):
+    """The CLI tests' tiny index dataset under ``root``: 4 classes, long-tailed training split (20/10/5/3 images),
+    balanced test split (4 each), 16x16 PNGs, and a head/tail ``split.yaml``. Returns the dataset root."""
+    root = write_index_dataset(root, {"train": [20, 10, 5, 3], "test": [4] * 4})
+    (root / "split.yaml").write_text("classes: [zero, one, two, three]\nhead: [zero, one]\ntail: [two, three]\n")
+    return root
