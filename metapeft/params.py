@@ -1,4 +1,11 @@
-"""Parameter groups of a model with metapeft modules: PEFT weights (phi) and modulators (rho)."""
+"""Parameter groups of a model with metapeft modules, the one place that says which is which:
+
+- :func:`peft_parameters`: the PEFT weights only (LoRA A/B, adapter down/up): what an adapter file holds;
+- :func:`trainable_phi`: phi, the inner (SGD) loop's parameters: every trainable parameter that is not a
+  modulator, so the PEFT weights AND whatever else trains (the classifier head); what the trainer's inner step,
+  the hypergradient's look-ahead and :func:`module_lr_scales` index;
+- :func:`meta_parameters`: rho, the learnable modulators, the outer loop's parameters.
+"""
 
 from __future__ import annotations
 
@@ -14,8 +21,17 @@ def _peft_modules(model: nn.Module) -> list[MetaPEFTModule]:
 
 
 def peft_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Every PEFT weight (LoRA A/B, adapter down/up) in ``model``, in module order; no modulators."""
+    """The PEFT weights only: every LoRA A/B and adapter down/up in ``model``, in module order, trainable or not; no
+    modulators and no head. Not phi: the inner loop's parameters are :func:`trainable_phi`."""
     return [p for m in _peft_modules(model) for p in m.peft_parameters()]
+
+
+def trainable_phi(model: nn.Module) -> list[nn.Parameter]:
+    """phi, the inner loop's parameters: every parameter of ``model`` with ``requires_grad`` that is not a learnable
+    modulator, in ``model.parameters()`` order (the PEFT weights and the head after ``mark_only_peft_trainable``).
+    Not :func:`peft_parameters` (PEFT weights only). Also exported as ``metapeft.meta.trainable_phi``."""
+    modulators = {id(p) for p in meta_parameters(model)}
+    return [p for p in model.parameters() if p.requires_grad and id(p) not in modulators]
 
 
 def meta_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -46,7 +62,7 @@ def _segment_rows(gamma: torch.Tensor, rows: int) -> torch.Tensor:
 
 def module_lr_scales(model: nn.Module, phi: list[nn.Parameter]) -> list[torch.Tensor | None]:
     """The modulator as a module-wise learning rate: per parameter of ``phi`` (e.g.
-    :func:`metapeft.meta.trainable_phi`), the gamma of the PEFT module it belongs to, shaped to broadcast over it
+    :func:`trainable_phi`), the gamma of the PEFT module it belongs to, shaped to broadcast over it
     and differentiable in the modulators, or None for a parameter outside every PEFT module (the head).
 
     LoRA with S_a active segments: ``lora_A`` (S_a*r, K) and ``lora_B`` (S_a*N/S, r) get gamma_j on the rows of

@@ -21,10 +21,10 @@ from torch import nn
 from torch.func import functional_call
 
 from metapeft.layers import FusedMetaAdapter, FusedMetaLoRA
-from metapeft.meta import math_attention, trainable_phi
+from metapeft.meta import math_attention
 from metapeft.modulator import modulator_for_gamma
 from metapeft.ops.dropout import dropout_keep_mask
-from metapeft.params import meta_parameters
+from metapeft.params import meta_parameters, trainable_phi
 
 
 def reference_dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:

@@ -83,7 +83,8 @@ class MetaPEFTModule(nn.Module):
         return gamma_from_modulator(self.modulator, self.constraint)
 
     def peft_parameters(self) -> list[nn.Parameter]:
-        """This module's PEFT weights (phi), not its modulator and not the frozen base."""
+        """This module's PEFT weights (its part of phi, :func:`metapeft.params.trainable_phi`), not its modulator
+        and not the frozen base."""
         return [getattr(self, name) for name in self.peft_parameter_names]
 
     def meta_parameters(self) -> list[nn.Parameter]:

@@ -9,7 +9,8 @@
   "every scale down") is kept.
 - ``"sgd"``: ``torch.optim.SGD`` (plain gradient steps; the step size follows the hypergradient's size).
 
-Also here: :class:`ModuleLRSGD` (the inner SGD step with module-wise learning rates) and
+Also here: :class:`ModuleLRSGD` (the inner SGD step with module-wise learning rates; its update is
+:class:`metapeft.meta.inner.SGDRule`, the look-ahead's) and
 :class:`CommonScaleCalibration` (the warm-up that moves all gammas by one learned factor).
 """
 
@@ -20,6 +21,7 @@ from collections.abc import Iterable
 
 import torch
 
+from metapeft.meta.inner import SGDRule
 from metapeft.modulator import gamma_from_modulator, log_gamma_gradient, modulator_from_gamma
 
 META_OPTIMIZERS = ("adam", "shared_adam", "sgd")
@@ -83,42 +85,45 @@ def meta_optimizer(name: str, params: list[torch.nn.Parameter], lr: float) -> to
 
 
 class ModuleLRSGD(torch.optim.SGD):
-    """``torch.optim.SGD`` (momentum, dampening 0, weight decay, no Nesterov) whose :meth:`step` may take a
-    learning-rate multiplier per parameter (:func:`metapeft.params.module_lr_scales`, detached):
+    """``torch.optim.SGD`` (momentum, dampening 0, weight decay, no Nesterov) whose :meth:`step` is
+    :class:`metapeft.meta.inner.SGDRule`'s update (the rule the look-ahead takes) and may take a learning-rate
+    multiplier per parameter (:func:`metapeft.params.module_lr_scales`, detached):
 
         buf <- mu * buf + (g + wd * p)   (buf = g + wd * p at the first step),   p <- p - lr * D * buf
 
-    Without multipliers it is torch's SGD step. The momentum buffer is torch's ``momentum_buffer`` state, so
-    :func:`metapeft.meta.hypergradient` reads it for the look-ahead either way."""
+    Without multipliers it is torch's SGD step, bit for bit on CPU. The momentum buffer is torch's
+    ``momentum_buffer`` state (the same ``state_dict``), so :func:`metapeft.meta.hypergradient` reads it for the
+    look-ahead either way."""
+
+    def __init__(self, params, **kwargs) -> None:
+        super().__init__(params, **kwargs)
+        for group in self.param_groups:
+            if group["nesterov"] or group["dampening"] or group["maximize"]:
+                raise ValueError("ModuleLRSGD takes SGDRule's step: no nesterov, dampening or maximize")
 
     @torch.no_grad()
     def step(self, closure=None, lr_scales: list[torch.Tensor | None] | None = None):
         """One step; ``lr_scales``: one multiplier (broadcastable to the parameter) or None per parameter, in the
         order of the parameter groups."""
-        if lr_scales is None:
-            return super().step(closure)
         params = [p for group in self.param_groups for p in group["params"]]
-        if len(lr_scales) != len(params):
+        if lr_scales is not None and len(lr_scales) != len(params):
             raise ValueError(f"lr_scales must have one entry per parameter ({len(params)}), got {len(lr_scales)}")
-        scales = dict(zip(map(id, params), lr_scales))
-        loss = None if closure is None else closure()
+        scales = dict(zip(map(id, params), lr_scales if lr_scales is not None else [None] * len(params)))
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
         for group in self.param_groups:
-            if group["nesterov"] or group["dampening"]:
-                raise ValueError("module learning rates support SGD without nesterov and dampening")
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                update = p.grad + group["weight_decay"] * p
-                if group["momentum"]:
-                    state = self.state[p]
-                    buffer = state.get("momentum_buffer")
-                    if buffer is None:
-                        buffer = state["momentum_buffer"] = update.clone()
-                    else:
-                        buffer.mul_(group["momentum"]).add_(update)
-                    update = buffer
-                scale = scales[id(p)]
-                p.sub_(group["lr"] * (update if scale is None else scale.detach().to(p.dtype) * update))
+            rule = SGDRule(group["lr"], group["momentum"], group["weight_decay"])
+            stepped = [p for p in group["params"] if p.grad is not None]
+            buffers = [self.state[p].get("momentum_buffer") for p in stepped] if rule.momentum != 0 \
+                else [None] * len(stepped)
+            new_params, new_buffers = rule.update(stepped, [p.grad for p in stepped], buffers,
+                                                  [scales[id(p)] for p in stepped])
+            for p, value, buffer in zip(stepped, new_params, new_buffers):
+                p.copy_(value)
+                if rule.momentum != 0:
+                    self.state[p]["momentum_buffer"] = buffer
         return loss
 
 

@@ -27,8 +27,8 @@ from metapeft.heads import CosineClassifier, find_head
 from metapeft.inject import unwrap_model
 from metapeft.layers.base import MetaPEFTModule
 from metapeft.losses import LogitAdjustedLoss
-from metapeft.meta import trainable_phi
 from metapeft.metrics import class_split_from_counts, metrics_from_confusion
+from metapeft.params import trainable_phi
 from metapeft.run_directory import RunClaim, claim_run_directory
 from metapeft.sampling import LOADER, MetaSetSampler, dataset_labels, epoch_batches, generator_for, shard_bounds
 from metapeft.trainer.callbacks import Callback

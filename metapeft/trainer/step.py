@@ -11,17 +11,18 @@ At global step ``t`` on the global batch ``B_t`` (docs/method.md, "Bi-level opti
   from the training set (:func:`metapeft.sampling.lookahead_batches`; the meta batch excludes every look-ahead
   batch), with :func:`metapeft.meta.hypergradient`, and take an Adam step on rho;
 - inner step: an SGD step (momentum, weight decay, cosine schedule) on phi; with ``meta_module_lr`` each PEFT
-  module's step is multiplied by its gamma (the modulator as a module-wise learning rate,
-  :class:`metapeft.meta.optim.ModuleLRSGD`), in the look-ahead and its hypergradient too.
+  module's step is multiplied by its gamma (the modulator as a module-wise learning rate), in the look-ahead and its
+  hypergradient too. The optimizer, :class:`metapeft.meta.optim.ModuleLRSGD`, takes the same rule as the
+  look-ahead (:class:`metapeft.meta.inner.SGDRule`).
 
 When the meta step's first look-ahead step is the real inner step: it is exactly the update torch's SGD
 applies (``buf = mu * buf + g + wd * phi; phi -= lr * buf``) with ``g = grad_phi L_train(phi, rho_t; B_t)``.
 The step therefore feeds the hypergradient's ``phi_grads`` to the SGD optimizer instead of running a
-second forward/backward; the result equals the look-ahead ``phi_1`` (up to rounding) whenever no gradient
-clipping changes ``g`` (``max_grad_norm`` unset or not reached). The inner step thus uses the modulators
-rho_t from before the outer update (a simultaneous update of phi and rho). ``meta_reuse_lookahead=False``
-instead recomputes the inner gradient after the outer step, with rho_{t+1} (DARTS' alternating order), at
-the cost of one more forward/backward.
+second forward/backward; the result equals the look-ahead ``phi_1`` (the same rule on the same tensors: bit for
+bit) whenever no gradient clipping changes ``g`` (``max_grad_norm`` unset or not reached). The inner step thus
+uses the modulators rho_t from before the outer update (a simultaneous update of phi and rho).
+``meta_reuse_lookahead=False`` instead recomputes the inner gradient after the outer step, with rho_{t+1} (DARTS'
+alternating order), at the cost of one more forward/backward.
 
 Distributed: every batch (the step's batch, each look-ahead batch, the meta batch) is split into contiguous
 shards (:func:`metapeft.sampling.shard_bounds`); each rank computes every pass on its shards only and the
