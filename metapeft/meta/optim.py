@@ -128,22 +128,24 @@ class ModuleLRSGD(torch.optim.SGD):
 
 
 class CommonScaleCalibration:
-    """Moves every modulator's gamma by one common factor when the hypergradient says so with confidence: the
-    warm-up that calibrates the overall scale before the modulators move one by one.
+    """Shrinks every modulator's gamma by one common factor while the meta loss says the scale is too large: the
+    warm-up that rescues a far-too-large scale before the first inner step.
 
     With ``gamma_m = gamma0_m * exp(s)`` for every modulator entry m (gamma0: the gammas when the calibration
-    starts), ``d L_val / d s = sum_m d L_val / d log(gamma_m)`` is the derivative of the meta loss along "every
-    scale up". Each :meth:`step` takes that sum from several hypergradients at the current s (fresh train and
-    meta batches each) and moves s by ``-log_step * sign(mean)`` only when a two-sided 95 % Student-t test over
-    them rejects a zero mean; otherwise s stays and :meth:`step` returns False (the caller stops). A single
-    hypergradient's per-module signs often disagree (a too-large step hurts in aggregate while single modules
-    still gain), so per-module outer steps spread the gammas apart where this common move does not; and a
-    one-step look-ahead's sign flips from batch to batch when the scale is about right, which the test catches
-    (docs/method.md).
+    starts), ``d L_val / d s = sum_m d L_val / d log(gamma_m)`` is the derivative of the one-step look-ahead's meta
+    loss along "every scale up". Each :meth:`step` takes that sum from several hypergradients at the current s (fresh
+    train and meta batches each) and, when a one-sided 95 % Student-t test says it is positive (the step overshoots),
+    halves every gamma (``s -= log_step``; log_step ln 2). When the test stops saying so after at least one move, the
+    scale goes one ``log_step`` further down and the calibration ends: the one-step look-ahead's best scale sits at
+    the edge of the scales that train stably (docs/figures/effective_lr.png: the meta loss is lowest at twice the
+    scale where it starts to climb). It never moves up: a too-small scale barely moves a one-step look-ahead (its
+    effect grows with the scale squared) and its sign flips from batch to batch (docs/method.md). Why a common
+    factor and not per-module steps: the per-module hypergradients disagree in sign at a too-large scale, so
+    per-module steps spread the gammas apart; their sum does not.
 
     Args:
         modulators: ``(rho, constraint)`` per learnable modulator (:func:`metapeft.params.modulators_with_constraints`).
-        log_step: how far one move goes (every gamma times ``exp(+-log_step)``).
+        log_step: how far one move goes (every gamma times ``exp(-log_step)``).
     """
 
     def __init__(self, modulators: list[tuple[torch.nn.Parameter, str]], log_step: float) -> None:
@@ -165,9 +167,11 @@ class CommonScaleCalibration:
 
     @torch.no_grad()
     def step(self, hypergradients: list[list[torch.Tensor]]) -> bool:
-        """Test the mean of :meth:`common_gradient` over ``hypergradients`` (at least 2) and, when it is not zero at
-        95 %, move s one ``log_step`` against it and write ``rho_m = gamma^-1(gamma0_m * exp(s))``. Returns whether
-        s moved; every call is recorded in :attr:`history` (s, the mean, the interval's half-width, moved)."""
+        """Test the mean of :meth:`common_gradient` over ``hypergradients`` (at least 2): when it is positive at 95 %
+        (one-sided), shrink s by ``log_step`` and return True (the caller tests again); otherwise, if s has moved
+        before, shrink it once more, and return False (the caller stops). The gammas are written as
+        ``rho_m = gamma^-1(gamma0_m * exp(s))``; every call is recorded in :attr:`history` (s after it, the mean, the
+        one-sided bound, whether the test said shrink)."""
         from scipy.stats import t
 
         values = [self.common_gradient(g) for g in hypergradients]
@@ -176,11 +180,11 @@ class CommonScaleCalibration:
             raise ValueError(f"the calibration's test needs at least 2 hypergradients, got {n}")
         mean = sum(values) / n
         spread = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-        half_width = float(t.ppf(0.975, n - 1)) * spread / math.sqrt(n)
-        moved = abs(mean) > half_width
-        if moved:
-            self.log_scale -= math.copysign(self.log_step, mean)
+        bound = float(t.ppf(0.95, n - 1)) * spread / math.sqrt(n)
+        overshoots = mean > bound
+        if overshoots or self.log_scale < 0:
+            self.log_scale -= self.log_step
             for (rho, constraint), gamma0 in zip(self.modulators, self.initial):
                 rho.copy_(modulator_from_gamma(gamma0 * math.exp(self.log_scale), constraint).to(rho.dtype))
-        self.history.append({"log_scale": self.log_scale, "mean": mean, "half_width": half_width, "moved": moved})
-        return moved
+        self.history.append({"log_scale": self.log_scale, "mean": mean, "bound": bound, "overshoots": overshoots})
+        return overshoots

@@ -54,13 +54,13 @@ class TrainerConfig:
     replaces the training set as the meta-batch source. ``meta=False`` (or a model without learnable modulators)
     trains as plain PEFT. ``meta_lookahead_steps`` K: SGD steps of the meta step's look-ahead, the first on the step's
     own batch, the others on batches of ``batch_size`` drawn from the training set
-    (:func:`metapeft.sampling.lookahead_batches`); the authors' code uses K = 2-3. ``meta_warmup_steps``: rounds
-    before the first inner step that move every gamma by one common factor ``exp(+-meta_warmup_lr)`` while a t-test
-    over 6 hypergradients says which way the meta loss falls (:class:`metapeft.meta.optim.CommonScaleCalibration`), so
-    the overall scale is calibrated before phi moves; ``meta_dense_steps``: the first inner steps each get a meta
-    step, ``meta_interval`` applies after them (dense meta steps early, sparse later). ``meta_module_lr``: gamma also
-    multiplies its module's inner learning rate (the modulator as a module-wise learning rate; the hypergradient then
-    has a learning-rate term).
+    (:func:`metapeft.sampling.lookahead_batches`); the authors' code uses K = 2-3. ``meta_warmup_steps``: at most that
+    many rounds before the first inner step that halve every gamma (``exp(-meta_warmup_lr)``) while a one-sided t-test
+    over 6 hypergradients says the scale overshoots, and once more after the last such round
+    (:class:`metapeft.meta.optim.CommonScaleCalibration`): a far-too-large scale is rescued before phi moves;
+    ``meta_dense_steps``: the first inner steps each get a meta step, ``meta_interval`` applies after them (dense meta
+    steps early, sparse later). ``meta_module_lr``: gamma also multiplies its module's inner learning rate (the
+    modulator as a module-wise learning rate; the hypergradient then has a learning-rate term).
 
     Loss ``"logit_adjusted"`` (tau) or ``"ce"``; ``classifier="cosine"`` replaces the head (found by name
     ``head`` or automatically) with a cosine classifier of scale ``cosine_scale`` initialised from class-mean
@@ -111,10 +111,10 @@ class TrainerConfig:
                                           "the others on fresh training batches (the authors' code: 2-3)")
     meta_module_lr: bool = option(False, "gamma also multiplies its module's inner learning rate (the modulator as a "
                                          "module-wise learning rate)")
-    meta_warmup_steps: int = option(0, "calibration rounds before the first inner step: each tests 6 hypergradients "
-                                       "and moves every gamma by one common factor while the meta loss says which "
-                                       "way with 95 % confidence")
-    meta_warmup_lr: float = option(0.69, "log of the warm-up's factor per round (0.69: every gamma x2 or /2)")
+    meta_warmup_steps: int = option(6, "at most this many calibration rounds before the first inner step: each tests "
+                                       "6 hypergradients and halves every gamma while the meta loss says the scale "
+                                       "overshoots (95 %, one-sided), then once more; never grows a gamma; 0: off")
+    meta_warmup_lr: float = option(0.69, "log of the warm-up's factor per round (0.69: every gamma /2)")
     meta_dense_steps: int = option(0, "the first inner steps that each get a meta step; meta_interval applies after "
                                       "them")
 

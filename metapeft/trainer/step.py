@@ -190,8 +190,8 @@ class BilevelStep:
     def warm_up_modulators(self, x: torch.Tensor, y: torch.Tensor, batch_indices: torch.Tensor) -> None:
         """Before phi moves: up to ``meta_warmup_steps`` rounds of :class:`metapeft.meta.optim.CommonScaleCalibration`,
         each testing :data:`WARMUP_DRAWS` hypergradients (step 0's batch, then fresh training batches, each with its
-        own meta batch) and moving every gamma by ``exp(+-meta_warmup_lr)`` while the test is significant. The rounds
-        are logged as :attr:`warmup_history`."""
+        own meta batch) and halving every gamma (``meta_warmup_lr`` = ln 2) while they say the scale overshoots, one
+        halving more after the last such round. The rounds are logged as :attr:`warmup_history`."""
         calibration = CommonScaleCalibration(modulators_with_constraints(unwrap_model(self.model)),
                                              self.config.meta_warmup_lr)
         empty = (x[:0], y[:0])

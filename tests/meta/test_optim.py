@@ -78,7 +78,7 @@ def test_module_lr_sgd_is_torch_sgd_without_scales_and_the_formula_with():
 
 
 @pytest.mark.parametrize("constraint", ("softplus", "exp"))
-def test_common_scale_calibration_moves_only_on_a_significant_mean(constraint):
+def test_common_scale_calibration_halves_while_the_step_overshoots_then_once_more(constraint):
     gammas = [torch.tensor([0.5, 2.0], dtype=torch.float64), torch.tensor([1.0], dtype=torch.float64)]
     rho = [torch.nn.Parameter(modulator_from_gamma(g, constraint)) for g in gammas]
     calibration = CommonScaleCalibration([(r, constraint) for r in rho], log_step=math.log(2))
@@ -88,11 +88,17 @@ def test_common_scale_calibration_moves_only_on_a_significant_mean(constraint):
         per_log = [torch.full_like(r, common / 3) for r in rho]
         return [pl / log_gamma_gradient(torch.ones_like(r), r.detach(), constraint) for pl, r in zip(per_log, rho)]
 
+    def gamma_factors() -> list[float]:
+        return [float(f) for r, g in zip(rho, gammas) for f in gamma_from_modulator(r.detach(), constraint) / g]
+
     assert not calibration.step([hypergradient(v) for v in (1.0, -1.0, 0.5, -0.4)]), "noise: no move"
-    assert calibration.step([hypergradient(v) for v in (2.0, 2.2, 1.8, 2.1)]), "every scale down"
-    for r, g in zip(rho, gammas):
-        torch.testing.assert_close(gamma_from_modulator(r.detach(), constraint), g / 2)
-    assert [h["moved"] for h in calibration.history] == [False, True]
-    assert calibration.history[-1]["log_scale"] == pytest.approx(-math.log(2))
+    assert not calibration.step([hypergradient(v) for v in (-2.0, -2.2, -1.8, -2.1)]), "never grows"
+    assert gamma_factors() == pytest.approx([1.0, 1.0, 1.0])
+    assert calibration.step([hypergradient(v) for v in (2.0, 2.2, 1.8, 2.1)]), "overshoots: halve"
+    assert gamma_factors() == pytest.approx([0.5, 0.5, 0.5])
+    assert not calibration.step([hypergradient(v) for v in (0.3, -0.2, 0.1, -0.4)]), "no longer: once more, stop"
+    assert gamma_factors() == pytest.approx([0.25, 0.25, 0.25])
+    assert [h["overshoots"] for h in calibration.history] == [False, False, True, False]
+    assert calibration.history[-1]["log_scale"] == pytest.approx(-2 * math.log(2))
     with pytest.raises(ValueError, match="at least 2"):
         calibration.step([hypergradient(1.0)])

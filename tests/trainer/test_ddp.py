@@ -21,9 +21,10 @@ RESUME_AT = 3
 
 
 def config(**kwargs) -> TrainerConfig:
-    # odd global and meta batch sizes give uneven shards; meta_interval=2 mixes meta and plain steps
-    return TrainerConfig(epochs=2, batch_size=15, meta_batch_size=9, meta_interval=2, meta_lr=0.05,
-                         progress=False, **kwargs)
+    # odd global and meta batch sizes give uneven shards; meta_interval=2 mixes meta and plain steps; no scale
+    # warm-up, so the outer steps counted are the schedule's
+    return TrainerConfig(**{"epochs": 2, "batch_size": 15, "meta_batch_size": 9, "meta_interval": 2, "meta_lr": 0.05,
+                            "progress": False, "meta_warmup_steps": 0, **kwargs})
 
 
 def trainer_for(counts=COUNTS, model: TinyNet | None = None, **kwargs) -> MetaPEFTTrainer:

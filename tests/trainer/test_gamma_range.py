@@ -14,7 +14,8 @@ from tests.helpers.toy import LongTailedBlobs, TinyNet
 def run(output_dir, **kwargs):
     torch.manual_seed(0)
     config = TrainerConfig(**{"progress": False, "batch_size": 8, "epochs": 2, "meta_lr": 100.0, "meta_interval": 1,
-                              "classifier": "linear", "log_every": 1, "output_dir": str(output_dir), **kwargs})
+                              "classifier": "linear", "log_every": 1, "output_dir": str(output_dir),
+                              "meta_warmup_steps": 0, **kwargs})
     return MetaPEFTTrainer(TinyNet(), LongTailedBlobs([20, 12, 6, 4]), config=config)
 
 

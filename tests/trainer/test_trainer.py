@@ -22,8 +22,10 @@ COUNTS = [20, 12, 6, 4]
 
 def quiet(**kwargs) -> TrainerConfig:
     """A config without progress bars on the paper's meta schedule (an exact meta step at every step; the shipped
-    default is a first-order meta step every 5 steps)."""
-    return TrainerConfig(**{"progress": False, "meta_mode": "exact", "meta_interval": 1, **kwargs})
+    default is a first-order meta step every 5 steps) and without the scale warm-up (tests/trainer/test_meta_schedule.py
+    covers it), so the first meta step is the one these tests take apart."""
+    return TrainerConfig(**{"progress": False, "meta_mode": "exact", "meta_interval": 1, "meta_warmup_steps": 0,
+                            **kwargs})
 
 
 def test_config_rejects_bad_values():
