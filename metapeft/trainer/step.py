@@ -75,6 +75,9 @@ class TrainingLoss:
 # Hypergradients per calibration round of the warm-up (step 0's batch and 5 fresh ones): with 4 a single outlier
 # batch hid an 8x too large scale from the t-test (mean 4.3, half-width 8.3 at alpha = 8r, demo validation seed 100)
 WARMUP_DRAWS = 6
+# The warm-up's draws are keyed as outer steps from here on (meta and look-ahead batches are functions of the seed and
+# the outer step), far beyond any run's own outer steps
+WARMUP_OUTER_STEPS = 1 << 40
 
 
 def _detached(tensors: list[torch.Tensor | None] | None) -> list[torch.Tensor | None] | None:
@@ -191,10 +194,15 @@ class BilevelStep:
         """Before phi moves: up to ``meta_warmup_steps`` rounds of :class:`metapeft.meta.optim.CommonScaleCalibration`,
         each testing :data:`WARMUP_DRAWS` hypergradients (step 0's batch, then fresh training batches, each with its
         own meta batch) and halving every gamma (``meta_warmup_lr`` = ln 2) while they say the scale overshoots, one
-        halving more after the last such round. The rounds are logged as :attr:`warmup_history`."""
+        halving more after the last such round. The rounds are logged as :attr:`warmup_history`.
+
+        The warm-up draws its batches as outer steps :data:`WARMUP_OUTER_STEPS` onwards and then restores the outer-step
+        count, so the meta batches of the training that follows are the same with or without it: a warm-up that does
+        not move leaves the run exactly as without one."""
         calibration = CommonScaleCalibration(modulators_with_constraints(unwrap_model(self.model)),
                                              self.config.meta_warmup_lr)
         empty = (x[:0], y[:0])
+        outer_step, self.outer_step = self.outer_step, WARMUP_OUTER_STEPS
         for _ in range(self.config.meta_warmup_steps):
             draws = [(x, y, batch_indices)]
             for indices in lookahead_batches(self.train_indices, batch_indices, WARMUP_DRAWS - 1,
@@ -202,6 +210,7 @@ class BilevelStep:
                 draws.append((*self._shard_of(self.train_set, indices, empty), indices))
             if not calibration.step([self.hypergradient(bx, by, bi, 0).meta_grads for bx, by, bi in draws]):
                 break
+        self.outer_step = outer_step
         self.warmup_history = calibration.history
         self.monitor.observe(1, modulator=all_finite(self.rho))
 

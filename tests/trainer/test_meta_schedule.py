@@ -110,3 +110,21 @@ def test_meta_optimizer_and_warm_up_options_are_checked():
             TrainerConfig(**bad)
     trainer = MetaPEFTTrainer(TinyNet(), LongTailedBlobs(COUNTS), config=config(meta_optimizer="shared_adam"))
     assert type(trainer.meta_optimizer).__name__ == "SharedAdam"
+
+
+def test_a_warm_up_that_does_not_move_leaves_the_run_exactly_as_without_one(tmp_path):
+    """At a scale the test finds no overshoot in, the warm-up's own draws must not shift the meta batches of the
+    training that follows: the trained weights and gammas equal a run without the warm-up bit for bit."""
+    runs = []
+    for rounds in (0, 4):
+        torch.manual_seed(2)
+        model = LinearLoRA(20.0)
+        trainer = MetaPEFTTrainer(model, LongTailedBlobs(COUNTS, seed=2),
+                                  config=config(batch_size=8, lr=0.1, epochs=2, meta_interval=2,
+                                                meta_warmup_steps=rounds))
+        trainer.fit()
+        runs.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    assert trainer.step.warmup_history and not any(h["overshoots"] for h in trainer.step.warmup_history)
+    assert runs[0].keys() == runs[1].keys()
+    for key in runs[0]:
+        assert torch.equal(runs[0][key], runs[1][key]), key
