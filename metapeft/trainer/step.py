@@ -3,8 +3,8 @@
 At global step ``t`` on the global batch ``B_t`` (docs/method.md, "Bi-level optimization"):
 
 - meta step (every ``meta_interval`` steps, or at the first step of every epoch, and at each of the first
-  ``meta_dense_steps`` steps, when the model has learnable modulators and ``meta=True``; before step 0 also
-  ``meta_warmup_steps`` outer steps on step 0's batch, each with its own meta batch):
+  ``meta_dense_steps`` steps, when the model has learnable modulators and ``meta=True``; before step 0 also the
+  scale warm-up, :meth:`BilevelStep.warm_up_modulators`):
   draw a meta batch ``V_t`` (:class:`metapeft.sampling.MetaSetSampler`), compute the hypergradient of
   ``L_val(phi_K)`` through K = ``meta_lookahead_steps`` SGD look-ahead steps, the first
   ``phi_1 = phi - lr * (grad_phi L_train(phi, rho; B_t) + wd * phi + mu * m)`` and the others on batches drawn
