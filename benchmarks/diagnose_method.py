@@ -35,7 +35,7 @@ from metapeft.demo import FULL, DemoTask, cached_backbone  # noqa: E402
 from metapeft.inject import inject  # noqa: E402
 from metapeft.meta import hypergradient  # noqa: E402
 from metapeft.meta.optim import meta_optimizer  # noqa: E402
-from metapeft.modulator import log_gamma_gradient  # noqa: E402
+from metapeft.modulator import gamma_from_modulator, log_gamma_gradient, modulator_from_gamma  # noqa: E402
 from metapeft.params import meta_parameters, modulators_with_constraints  # noqa: E402
 from metapeft.sweep import META, PLAIN, Cell, run_grid, with_seeds  # noqa: E402
 from metapeft.trainer import MetaPEFTTrainer  # noqa: E402
@@ -69,10 +69,9 @@ def lookahead_loss(model, loss_fn, train, val, lr: float) -> float:
 
 @torch.no_grad()
 def scale_all(model, factor: float, base: list[torch.Tensor]) -> None:
-    """Set every modulator to gamma0 * factor (softplus)."""
-    for (rho, _), b in zip(modulators_with_constraints(model), base):
-        gamma = torch.nn.functional.softplus(b) * factor
-        rho.copy_(gamma + torch.log(-torch.expm1(-gamma)))
+    """Set every modulator to gamma0 * factor (``base``: the modulators' values at gamma0)."""
+    for (rho, constraint), b in zip(modulators_with_constraints(model), base):
+        rho.copy_(modulator_from_gamma(gamma_from_modulator(b, constraint) * factor, constraint))
 
 
 def effective_lr(task: DemoTask, lr: float) -> dict:
