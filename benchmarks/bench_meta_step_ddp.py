@@ -35,8 +35,8 @@ if __package__ in (None, ""):
 
 import metapeft  # noqa: E402
 from benchmarks.harness import record_results  # noqa: E402
+from metapeft.data.sampling import shard_bounds  # noqa: E402
 from metapeft.meta import hypergradient, rank_sum, trainable_phi  # noqa: E402
-from metapeft.sampling import shard_bounds  # noqa: E402
 
 RANK, BATCH, CLASSES, LR, MOMENTUM, WEIGHT_DECAY = 8, 32, 10, 0.01, 0.9, 5e-4
 FULL = {"img_size": 64, "patch_size": 8, "depth": 4}

@@ -42,23 +42,24 @@ CASES = [
         (T + "trainer/test_evaluation.py::test_a_nan_training_image", None),
         (T + "trainer/test_nonfinite.py::test_a_nan_training_image_is_named", None)]),
     ("misleading", "load_adapter while another process saves", [
-        (T + "test_checkpoint.py::test_loads_while_another_process", None),
-        (T + "test_checkpoint.py::test_a_read_that_fails_because_the_file_was_replaced", None)]),
-    ("misleading", "disk full", [(T + "test_checkpoint.py::test_a_full_device", None),
-                                 (T + "test_checkpoint.py::test_a_real_full_device", None)]),
+        (T + "test_atomic_files.py::test_loads_while_another_process", None),
+        (T + "test_atomic_files.py::test_a_read_that_fails_because_the_file_was_replaced", None)]),
+    ("misleading", "disk full", [(T + "test_atomic_files.py::test_a_full_device", None),
+                                 (T + "test_atomic_files.py::test_a_real_full_device", None)]),
     ("misleading", "corrupt / empty / non-mapping config.yaml, model.kwargs typo, train key", [
-        (T + "test_runs.py::test_a_damaged_recorded_config", None), (T + "test_runs.py::test_a_typo", None),
-        (T + "test_runs.py::test_an_unknown_train_key", None), (T + "test_config_files.py", None)]),
+        (T + "test_run_directories.py::test_a_damaged_recorded_config", None),
+        (T + "test_run_directories.py::test_a_typo", None),
+        (T + "test_run_directories.py::test_an_unknown_train_key", None), (T + "test_config_files.py", None)]),
     ("misleading", "load_adapter of a deeper model's adapter", [
-        (T + "test_io.py::test_an_adapter_of_a_deeper_model", None)]),
+        (T + "test_adapter_save_load.py::test_an_adapter_of_a_deeper_model", None)]),
     ("misleading", "training set no larger than batch_size", [
         (T + "trainer/test_trainer.py::test_a_batch_no_smaller", None)]),
     ("misleading", "start failed before its first checkpoint", [
-        (T + "test_runs.py::test_a_start_that_failed", None),
+        (T + "test_run_directories.py::test_a_start_that_failed", None),
         (T + "trainer/test_run_dir.py::test_a_trainer_run_that_stopped", None)]),
     ("misleading", "build_info from a source root shadowing an install", [(T + "test_build_info.py", None)]),
     ("misleading", "long file names (218-byte targets, --overwrite of 250)", [
-        (T + "test_checkpoint.py::test_a_valid_long_file_name", None),
+        (T + "test_atomic_files.py::test_a_valid_long_file_name", None),
         (T + "trainer/test_run_dir.py::test_overwrite_moves_aside_a_run_whose_name", None)]),
     ("misleading", "vmap(randomness='different') over dropout", [(T + "ops/test_dropout.py", None)]),
 ]

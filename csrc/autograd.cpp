@@ -9,7 +9,8 @@
 // dropout: the Python routes keep every backend's mask), and one autograd node runs the backward without Python.
 // The backward is built from differentiable ATen ops: with grad mode on (create_graph=True) it recomputes the kept
 // activation and the scale from the saved inputs, so a double backward gives exact second derivatives.
-// Shapes: as the Python ops (x (..., K); modulator (S,) for scaled LoRA, (1,) for the adapter); the Python layer
+// Shapes: as the Python ops (x (..., K); modulator (S,) or (N,) for scaled LoRA, (1,) or (D,) for the adapter: one
+// gamma per segment / adapter or one per output channel, told apart by length); the Python layer
 // checks every argument before the call (parameters once, x per call), so this file only checks what it relies on.
 // The Python fake kernels of both ops are in metapeft/ops/cpp_autograd.py.
 #include <ATen/ATen.h>
@@ -60,18 +61,30 @@ at::Tensor segment_view(const at::Tensor& t, int64_t segments) {
   return t.unflatten(1, {segments, t.size(1) / segments}).transpose(0, 1);
 }
 
+// (N, r) B rows -> the (N, S*r) block-diagonal B whose block (j, j) is segment j's rows times blocks[j, j].
+at::Tensor block_diagonal(const at::Tensor& rows, const at::Tensor& blocks) {
+  const int64_t segments = blocks.size(0), rank = rows.size(1);
+  return (rows.reshape({segments, -1, 1, rank}) * blocks.view({segments, 1, segments, 1}))
+      .reshape({rows.size(0), segments * rank});
+}
+
 // y (M, N) from 2-D x, h = x A^T and the scale: the base GEMM, then one rank-space GEMM accumulated onto it (at
-// S > 1 on a block-diagonal (N, S*r) B scaled by diag(scale)), as scaled_lora_fwd_torch.
+// S > 1 on a block-diagonal (N, S*r) B scaled by diag(scale); a per-channel scale (N,) scales B's rows), as
+// scaled_lora_fwd_torch.
 at::Tensor lora_forward(const at::Tensor& x2d, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                         const at::Tensor& lora_B, const at::Tensor& scale, const at::Tensor& h) {
-  const int64_t segments = scale.size(0), rank = lora_B.size(1);
+  const int64_t segments = h.size(1) / lora_B.size(1);
   const at::Tensor c = as_dtype(scale, h.scalar_type());
   at::Tensor scaled_B;
-  if (segments == 1) {
+  if (c.size(0) != segments) {  // per channel
+    scaled_B = lora_B * c.unsqueeze(1);
+    if (segments > 1) {
+      scaled_B = block_diagonal(scaled_B, at::eye(segments, c.options()));
+    }
+  } else if (segments == 1) {
     scaled_B = lora_B * c;
   } else {
-    const at::Tensor blocks = at::diag_embed(c).view({segments, 1, segments, 1});
-    scaled_B = (lora_B.reshape({segments, -1, 1, rank}) * blocks).reshape({lora_B.size(0), segments * rank});
+    scaled_B = block_diagonal(lora_B, at::diag_embed(c));
   }
   at::Tensor y = bias.has_value() ? at::addmm(*bias, x2d, weight.t()) : at::mm(x2d, weight.t());
   return y.addmm_(h, scaled_B.t());
@@ -99,7 +112,8 @@ class ScaledLoRAFunction : public torch::autograd::Function<ScaledLoRAFunction> 
   }
 
   // As scaled_lora_bwd_torch: T_j = dY_j B_j; d scale_j = sum(T_j * h_j); dB_j = scale_j dY_j^T h_j;
-  // dA = (scale T)^T x; dx = dY W + (scale T) A; dW = dY^T x; dbias = sum_m dY_m.
+  // dA = (scale T)^T x; dx = dY W + (scale T) A; dW = dY^T x; dbias = sum_m dY_m. Per channel (scale c (N,)):
+  // scale T = dY (c B); P_j = dY_j^T h_j; dB = c P; d c = rowsum(P * B), P in fp32 for fp16/bf16 when d c is needed.
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor& x = saved[0];
@@ -113,11 +127,21 @@ class ScaledLoRAFunction : public torch::autograd::Function<ScaledLoRAFunction> 
     const bool differentiable = at::GradMode::is_enabled();
     const at::Tensor h = differentiable ? at::linear(x2d, lora_A) : saved[5];
     const at::Tensor scale = differentiable ? scale_of(modulator, constraint, factor) : saved[6];
-    const int64_t segments = scale.size(0);
+    const int64_t segments = lora_A.size(0) / lora_B.size(1);
     const at::Tensor c = as_dtype(scale, grad_y.scalar_type());
+    const bool per_channel = c.size(0) != segments;
 
     at::Tensor T, scaled_T, grad_segments;
-    if (segments == 1) {
+    if (per_channel) {
+      const at::Tensor scaled_B = lora_B * c.unsqueeze(1);
+      if (segments == 1) {
+        scaled_T = at::mm(grad_y, scaled_B);
+      } else {
+        scaled_T = at::bmm(segment_view(grad_y, segments), scaled_B.unflatten(0, {segments, -1}))
+                       .transpose(0, 1)
+                       .reshape({grad_y.size(0), h.size(1)});
+      }
+    } else if (segments == 1) {
       T = at::mm(grad_y, lora_B);
       scaled_T = T * c;
     } else {
@@ -126,7 +150,21 @@ class ScaledLoRAFunction : public torch::autograd::Function<ScaledLoRAFunction> 
       scaled_T = (T * c.view({segments, 1, 1})).transpose(0, 1).reshape({grad_y.size(0), h.size(1)});
     }
     at::Tensor dx, dweight, dbias, dA, dB, dmodulator;
-    if (needs[5]) {
+    if (per_channel && (needs[4] || needs[5])) {
+      const at::ScalarType acc = needs[5] ? at::promote_types(grad_y.scalar_type(), at::kFloat) : grad_y.scalar_type();
+      const at::Tensor grad_acc = as_dtype(grad_y, acc), h_acc = as_dtype(h, acc);
+      const at::Tensor P = segments == 1 ? at::mm(grad_acc.t(), h_acc)
+                                         : at::bmm(segment_view(grad_acc, segments).transpose(1, 2),
+                                                   segment_view(h_acc, segments)).reshape(lora_B.sizes());
+      if (needs[4]) {
+        dB = as_dtype(P * as_dtype(c, acc).unsqueeze(1), lora_B.scalar_type());
+      }
+      if (needs[5]) {
+        const at::Tensor dscale = as_dtype((P * as_dtype(lora_B, acc)).sum(1), scale.scalar_type());
+        dmodulator = modulator_grad(dscale, modulator, constraint, factor);
+      }
+    }
+    if (needs[5] && !per_channel) {
       at::Tensor dscale;
       if (segments == 1 && (T.scalar_type() == at::kFloat || T.scalar_type() == at::kDouble)) {
         dscale = at::dot(T.reshape(-1), h.reshape(-1)).reshape({1});
@@ -137,7 +175,7 @@ class ScaledLoRAFunction : public torch::autograd::Function<ScaledLoRAFunction> 
       }
       dmodulator = modulator_grad(as_dtype(dscale, scale.scalar_type()), modulator, constraint, factor);
     }
-    if (needs[4]) {
+    if (needs[4] && !per_channel) {
       if (segments == 1) {
         dB = at::mm(grad_y.t(), h * c);
       } else {
@@ -165,7 +203,8 @@ at::Tensor activation(const at::Tensor& z, bool relu) {
   return relu ? at::relu(z) : at::gelu(z);
 }
 
-// out = base + up(act(down(x)) * c) with the scale applied in bottleneck space, as adapter_fwd_torch.
+// out = base + up(act(down(x)) * c) with the scale applied in bottleneck space, as adapter_fwd_torch; a per-channel
+// scale (D,) scales up's rows instead.
 at::Tensor adapter_forward(const at::Tensor& x, const std::optional<at::Tensor>& residual, const at::Tensor& z,
                            const at::Tensor& up_weight, const std::optional<at::Tensor>& up_bias,
                            const at::Tensor& scale, bool relu) {
@@ -173,7 +212,11 @@ at::Tensor adapter_forward(const at::Tensor& x, const std::optional<at::Tensor>&
   const at::Tensor c = as_dtype(scale, a.scalar_type());
   const std::optional<at::Tensor> scaled_up_bias =
       up_bias.has_value() ? std::optional<at::Tensor>(*up_bias * c) : std::nullopt;
-  return (residual.has_value() ? *residual : x) + at::linear(a * c, up_weight, scaled_up_bias);
+  const at::Tensor base = residual.has_value() ? *residual : x;
+  if (c.size(0) != 1) {
+    return base + at::linear(a, up_weight * c.unsqueeze(1), scaled_up_bias);
+  }
+  return base + at::linear(a * c, up_weight, scaled_up_bias);
 }
 
 class AdapterFunction : public torch::autograd::Function<AdapterFunction> {
@@ -207,6 +250,8 @@ class AdapterFunction : public torch::autograd::Function<AdapterFunction> {
   // As adapter_bwd_torch: P = dOut^T a (D, b); d up = c P; d up_b = c sum_m dOut_m;
   // d scale = sum(P * up) + (sum_m dOut_m) . up_b; dz = c (dOut up) * act'(z); d down = dz^T x; d down_b = sum_m dz_m;
   // dx = [dOut if the residual is x] + dz down; d residual = dOut. P and sum_m dOut_m in fp32 for fp16/bf16.
+  // Per channel (scale c (D,)): d up = c[:, None] P; d c = rowsum(P * up) + (sum_m dOut_m) * up_b;
+  // dz = (dOut (c[:, None] up)) * act'(z).
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &down_weight = saved[1], &down_bias = saved[2], &up_weight = saved[3];
@@ -223,6 +268,7 @@ class AdapterFunction : public torch::autograd::Function<AdapterFunction> {
     const at::Tensor z = (differentiable ? at::linear(x2d, down_weight, down_b) : saved[6]).reshape({-1, bottleneck});
     const at::Tensor scale = differentiable ? scale_of(modulator, constraint, factor) : saved[7];
     const at::Tensor c = as_dtype(scale, grad_out.scalar_type());
+    const bool per_channel = c.size(0) != 1;
     const at::Tensor a = activation(z, relu);
 
     at::Tensor dx, dresidual, ddown_w, ddown_b, dup_w, dup_b, dmodulator;
@@ -235,12 +281,18 @@ class AdapterFunction : public torch::autograd::Function<AdapterFunction> {
         grad_sum = grad_acc.sum(0);
       }
       if (needs[4]) {
-        dup_w = as_dtype(P * c_acc, up_weight.scalar_type());
+        dup_w = as_dtype(P * c_acc.unsqueeze(1), up_weight.scalar_type());
       }
       if (needs[5]) {
         dup_b = as_dtype(grad_sum * c_acc, up_weight.scalar_type());
       }
-      if (needs[6]) {
+      if (needs[6] && per_channel) {
+        at::Tensor dscale = (P * as_dtype(up_weight, acc)).sum(1);
+        if (up_bias.defined()) {
+          dscale = dscale + grad_sum * as_dtype(up_bias, acc);
+        }
+        dmodulator = modulator_grad(as_dtype(dscale, scale.scalar_type()), modulator, constraint, factor);
+      } else if (needs[6]) {
         at::Tensor dscale = (P * as_dtype(up_weight, acc)).sum();
         if (up_bias.defined()) {
           dscale = dscale + at::dot(grad_sum, as_dtype(up_bias, acc));
@@ -249,7 +301,8 @@ class AdapterFunction : public torch::autograd::Function<AdapterFunction> {
       }
     }
     if (needs[0] || needs[2] || needs[3]) {
-      const at::Tensor grad_z = at::mm(grad_out, up_weight) * c;
+      const at::Tensor grad_z =
+          per_channel ? at::mm(grad_out, up_weight * c.unsqueeze(1)) : at::mm(grad_out, up_weight) * c;
       const at::Tensor dz = relu ? at::threshold_backward(grad_z, z, 0) : at::gelu_backward(grad_z, z);
       if (needs[2]) {
         ddown_w = at::mm(dz.t(), x2d);

@@ -5,6 +5,9 @@
 //   forward:  xd = drop(x);  h = xd A^T (M, S*r);  y = x W^T + bias;  y[:, seg j] += (c_j h_j) B_j^T
 //   backward: T_j = dY_j B_j;  d c_j = sum(T_j * h_j) in fp32;  dB_j = dY_j^T (c_j h_j);
 //             dA = (c T)^T drop(x);  dx = dY W + drop'((c T) A);  dW = dY^T x;  dbias = sum_m dY
+//   per-channel scale c (N,) (one per output channel; S = lora_A's rows / r): cB = c[:, None] B;
+//   forward y[:, seg j] += h_j cB_j^T;  backward cT_j = dY_j cB_j replaces c T, P_j = dY_j^T h_j (fp32 when d c is
+//   needed), dB = c[:, None] P, d c = rowsum(P * B): cuBLAS GEMMs only (the rank-space pass serves the segment case).
 //
 // The GEMMs are ATen matmuls (cuBLAS/cuBLASLt on CUDA, fp32 accumulation); the dropout (regenerated
 // from the seed, never stored) and the fused rank-space pass over T and h are our kernels. The host
@@ -33,7 +36,7 @@ void check_tensor(const at::Tensor& t, const char* name, int64_t dim, const at::
               x.scalar_type(), "; they must match");
 }
 
-// Checks shared by forward and backward; returns the number of segments S.
+// Checks shared by forward and backward; returns the number of segments S (lora_A's rows over the rank).
 int64_t check_common(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
                      const at::Tensor& lora_B, const at::Tensor& scale, double dropout_p) {
   TORCH_CHECK(x.dim() == 2, "x must be 2-D (M, K), got shape ", x.sizes());
@@ -42,19 +45,21 @@ int64_t check_common(const at::Tensor& x, const at::Tensor& weight, const at::Te
   check_tensor(weight, "weight", 2, x);
   check_tensor(lora_A, "lora_A", 2, x);
   check_tensor(lora_B, "lora_B", 2, x);
-  TORCH_CHECK(scale.dim() == 1, "scale must be 1-D (S,), got shape ", scale.sizes());
+  TORCH_CHECK(scale.dim() == 1, "scale must be 1-D (S,) or (N,), got shape ", scale.sizes());
   TORCH_CHECK(at::isFloatingType(scale.scalar_type()), "scale must be a floating-point tensor, got dtype ",
               scale.scalar_type());
   TORCH_CHECK(scale.device() == x.device(), "scale is on ", scale.device(), " but x is on ", x.device(),
               "; they must be on one device");
-  const int64_t N = weight.size(0), K = weight.size(1), S = scale.size(0), r = lora_B.size(1);
+  const int64_t N = weight.size(0), K = weight.size(1), r = lora_B.size(1);
   TORCH_CHECK(x.size(1) == K, "x's last dimension (", x.size(1), ") must equal weight's in_features (", K, ")");
-  TORCH_CHECK(S >= 1 && N % S == 0, "scale has ", S, " segments, which must divide out_features (", N, ")");
-  TORCH_CHECK(r >= 1 && r <= std::min(K, N / S), "rank (lora_B's columns) must be in [1, ", std::min(K, N / S),
-              "], got ", r);
-  TORCH_CHECK(lora_A.size(0) == S * r && lora_A.size(1) == K, "lora_A must have shape (", S * r, ", ", K,
-              "), got ", lora_A.sizes());
+  TORCH_CHECK(r >= 1 && lora_A.size(0) % r == 0 && lora_A.size(1) == K, "lora_A must have shape (segments*", r,
+              ", ", K, "), got ", lora_A.sizes());
+  const int64_t S = lora_A.size(0) / r;
+  TORCH_CHECK(S >= 1 && N % S == 0, "lora_A holds ", S, " segments, which must divide out_features (", N, ")");
+  TORCH_CHECK(r <= std::min(K, N / S), "rank (lora_B's columns) must be in [1, ", std::min(K, N / S), "], got ", r);
   TORCH_CHECK(lora_B.size(0) == N, "lora_B must have shape (", N, ", ", r, "), got ", lora_B.sizes());
+  TORCH_CHECK(scale.size(0) == S || scale.size(0) == N, "scale must have shape (", S, ",) (one per segment) or (", N,
+              ",) (one per output channel), got ", scale.sizes());
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", dropout_p);
   return S;
 }
@@ -125,11 +130,19 @@ std::tuple<at::Tensor, at::Tensor> scaled_lora_fwd(const at::Tensor& x, const at
     check_tensor(*bias, "bias", 1, x);
     TORCH_CHECK(bias->size(0) == weight.size(0), "bias must have shape (", weight.size(0), ",), got ", bias->sizes());
   }
-  const int64_t n = weight.size(0) / S;
+  const int64_t n = weight.size(0) / S, r = lora_B.size(1);
   at::Tensor h = at::mm(dropped(x, dropout_p, seed), lora_A.t());
   at::Tensor y = bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
-  const at::Tensor scaled_h = segment_view(h, S) * scale.to(h.scalar_type()).view({S, 1, 1});  // (S, M, r)
-  for (int64_t j = 0; j < S; ++j) {  // cuBLAS writes the column block of y in place (ldc = N)
+  const at::Tensor c = scale.to(h.scalar_type());
+  if (scale.size(0) != S) {  // per channel: the scale rides on B's rows
+    const at::Tensor scaled_B = lora_B * c.unsqueeze(1);
+    for (int64_t j = 0; j < S; ++j) {  // cuBLAS writes the column block of y in place (ldc = N)
+      y.narrow(1, j * n, n).addmm_(h.narrow(1, j * r, r), scaled_B.narrow(0, j * n, n).t());
+    }
+    return {y, h};
+  }
+  const at::Tensor scaled_h = segment_view(h, S) * c.view({S, 1, 1});  // (S, M, r)
+  for (int64_t j = 0; j < S; ++j) {
     y.narrow(1, j * n, n).addmm_(scaled_h[j], lora_B.narrow(0, j * n, n).t());
   }
   return {y, h};
@@ -154,11 +167,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor dscale = at::empty({0}, scale.options());
 
   const at::Tensor grad_segments = segment_view(grad_y, S);  // (S, M, n)
-  if (need_dx || need_dA || need_dscale) {
-    const at::Tensor T = at::bmm(grad_segments, lora_B.reshape({S, n, r})).contiguous();  // (S, M, r)
-    auto [scaled_T, dscale_acc] = segment_scale_reduce(T, h, scale);
+  const bool per_channel = scale.size(0) != S;
+  if (per_channel && (need_dB || need_dscale)) {
+    const at::ScalarType acc = need_dscale ? at::toOpMathType(x.scalar_type()) : x.scalar_type();
+    const at::Tensor P = at::bmm(grad_segments.transpose(1, 2).to(acc), segment_view(h, S).to(acc)).view({N, r});
+    if (need_dB) {
+      dB = (P * scale.to(x.scalar_type()).to(acc).unsqueeze(1)).to(x.scalar_type());
+    }
     if (need_dscale) {
-      dscale = dscale_acc.to(scale.scalar_type());
+      dscale = (P * lora_B.to(acc)).sum(1).to(scale.scalar_type());
+    }
+  }
+  if (need_dx || need_dA || (need_dscale && !per_channel)) {
+    at::Tensor scaled_T;
+    if (per_channel) {  // dY_j (c B)_j in the (M, S*r) layout
+      const at::Tensor scaled_B = lora_B * scale.to(x.scalar_type()).unsqueeze(1);
+      scaled_T = at::bmm(grad_segments, scaled_B.reshape({S, n, r})).transpose(0, 1).reshape({M, S * r});
+    } else {
+      const at::Tensor T = at::bmm(grad_segments, lora_B.reshape({S, n, r})).contiguous();  // (S, M, r)
+      at::Tensor dscale_acc;
+      std::tie(scaled_T, dscale_acc) = segment_scale_reduce(T, h, scale);
+      if (need_dscale) {
+        dscale = dscale_acc.to(scale.scalar_type());
+      }
     }
     if (need_dA) {
       dA = at::mm(scaled_T.t(), dropped(x, dropout_p, seed));
@@ -172,7 +203,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       }
     }
   }
-  if (need_dB) {
+  if (need_dB && !per_channel) {
     const at::Tensor scaled_h = segment_view(h, S) * scale.to(h.scalar_type()).view({S, 1, 1});  // (S, M, r)
     dB = at::bmm(grad_segments.transpose(1, 2), scaled_h).view({N, r});
   }

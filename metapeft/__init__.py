@@ -7,10 +7,10 @@ trainer, adapter files (and HF PEFT import/export) and the gamma table. Everythi
 """
 
 from metapeft import meta, metrics, ops  # noqa: F401  (submodules, reachable as metapeft.meta etc.)
+from metapeft.adapter_files import load_adapter, save_adapter
 from metapeft.gamma import gamma_table
 from metapeft.hf_peft import export_peft, from_peft
 from metapeft.inject import inject
-from metapeft.io import load_adapter, save_adapter
 from metapeft.layers import FusedMetaAdapter, FusedMetaLoRA
 from metapeft.merging import merge, unmerge
 from metapeft.meta import hypergradient

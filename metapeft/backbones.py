@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from metapeft.checkpoint import read_torch_file
+from metapeft.atomic_files import read_torch_file
 from metapeft.heads import find_head
 
 SATMAE_PRETRAINING_ONLY = ("decoder_", "mask_token")

@@ -12,9 +12,9 @@
 | ``metapeft demo [--seeds N] [--quick] [--readme README.md]`` | the small-scale demonstration (:mod:`metapeft.demo`) |
 | ``metapeft sweep KIND [--config CFG] [--seeds N] [--jobs N]`` | the paper's analyses (:mod:`metapeft.sweep`) |
 
-The run config's schema is :mod:`metapeft.config`; building models and data, :mod:`metapeft.build`; run directories,
-:mod:`metapeft.runs`. Library errors (``ValueError``, ``OSError``) print as ``metapeft COMMAND: error: MESSAGE`` with
-exit status 2; an interrupted run exits with 130.
+The run config's schema is :mod:`metapeft.runs.config`; building models and data, :mod:`metapeft.runs.builders`;
+run directories, :mod:`metapeft.runs.directory`. Library errors (``ValueError``, ``OSError``) print as
+``metapeft COMMAND: error: MESSAGE`` with exit status 2; an interrupted run exits with 130.
 """
 
 from __future__ import annotations
@@ -98,8 +98,8 @@ def fit_until_interrupted(trainer, eval_set=None) -> dict:
 
 # ----- commands ------------------------------------------------------------------------------------------------------
 def cmd_train(args: argparse.Namespace) -> int:
-    from metapeft.config import apply_overrides, load_config, method_name
-    from metapeft.runs import finish_run, prepare_run
+    from metapeft.runs.config import apply_overrides, load_config, method_name
+    from metapeft.runs.directory import finish_run, prepare_run
     from metapeft.trainer import MetaPEFTTrainer, setup_distributed
 
     rank, world_size = setup_distributed()  # under torchrun: join its process group; (0, 1) otherwise
@@ -141,8 +141,8 @@ def _echo_options(args: argparse.Namespace) -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from metapeft.config import method_name
-    from metapeft.runs import evaluate_run, load_run
+    from metapeft.runs.config import method_name
+    from metapeft.runs.directory import evaluate_run, load_run
 
     config, model, _ = load_run(args.run, args.weights)
     metrics = evaluate_run(config, model, args.data, args.split, args.batch_size, args.num_workers)
@@ -153,9 +153,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_gamma(args: argparse.Namespace) -> int:
-    from metapeft.config import method_name
     from metapeft.gamma import gamma_table, plot_gamma
-    from metapeft.runs import load_run
+    from metapeft.runs.config import method_name
+    from metapeft.runs.directory import load_run
 
     config, model, _ = load_run(args.run, args.weights)
     table = gamma_table(model)
@@ -167,7 +167,7 @@ def cmd_gamma(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from metapeft.hf_peft import export_peft, require_peft
-    from metapeft.runs import load_run
+    from metapeft.runs.directory import load_run
 
     try:
         require_peft()
@@ -182,7 +182,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from metapeft.config import defaults_yaml, reference_markdown
+    from metapeft.runs.config import defaults_yaml, reference_markdown
 
     print(defaults_yaml() if args.defaults else reference_markdown(), end="")
     return 0
@@ -240,7 +240,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from metapeft.sweep import ConfigTask, parse_values, run_sweep
 
     if args.config is not None:
-        from metapeft.config import apply_overrides, load_config
+        from metapeft.runs.config import apply_overrides, load_config
 
         task = ConfigTask(apply_overrides(load_config(args.config), args.set or []), str(Path.cwd()))
     elif args.set:

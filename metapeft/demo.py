@@ -83,7 +83,7 @@ def validation_tasks(tasks, seed: int):
     from dataclasses import replace
 
     from metapeft.data.digits import TensorImageDataset
-    from metapeft.sampling import stratified_subset
+    from metapeft.data.sampling import stratified_subset
 
     train = tasks.target_train
     pool = torch.arange(len(train))
@@ -140,7 +140,7 @@ def cached_backbone(size: DemoSize, tasks, cache_dir: Path, seed: int) -> tuple[
     the first call. Returns ``(model, what happened)``."""
     from safetensors.torch import load_file
 
-    from metapeft.checkpoint import save_safetensors
+    from metapeft.atomic_files import save_safetensors
 
     key = hashlib.sha256(json.dumps({"size": asdict(size), "seed": seed, "format": 1}).encode()).hexdigest()[:16]
     path = cache_dir / f"demo_digits_vit_{key}.safetensors"

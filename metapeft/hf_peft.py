@@ -16,10 +16,10 @@ from collections import Counter
 import torch
 from torch import nn
 
-from metapeft.checkpoint import nonfinite_tensors
+from metapeft.adapter_files import check_unmerged
+from metapeft.atomic_files import nonfinite_tensors
 from metapeft.heads import CosineClassifier
 from metapeft.inject import CONFIG_ATTRIBUTE, Injection, Placement, injection_config, replace_module, unwrap_model
-from metapeft.io import check_unmerged
 from metapeft.layers import FusedMetaLoRA, MetaPEFTModule
 from metapeft.params import mark_only_peft_trainable
 

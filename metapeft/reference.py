@@ -45,20 +45,19 @@ def scaled_lora_reference(
     dropout_p: float = 0.0,
     seed: int = 0,
 ) -> torch.Tensor:
-    """Unfused scaled LoRA: ``base(x) + cat_j(scale_j * B_j(A_j(drop(x))))``; shapes as ``metapeft.ops.scaled_lora``.
+    """Unfused scaled LoRA: ``base(x) + cat_j(B_j(A_j(drop(x)))) * scale`` with the scale one per segment (each
+    segment's outputs times its scale) or one per output channel; shapes as ``metapeft.ops.scaled_lora``.
 
-    x (..., K), weight (N, K), bias (N,) or None, lora_A (S*r, K), lora_B (N, r), scale (S,).
+    x (..., K), weight (N, K), bias (N,) or None, lora_A (S*r, K), lora_B (N, r), scale (S,) or (N,).
     """
-    segments = scale.shape[0]
+    segments = lora_A.shape[0] // lora_B.shape[1]
     result = F.linear(x, weight, bias)
     dropped = reference_dropout(x, dropout_p, seed)
     a_blocks = lora_A.chunk(segments, dim=0)
     b_blocks = lora_B.chunk(segments, dim=0)
-    lora = torch.cat(
-        [F.linear(F.linear(dropped, a), b) * scale[j].to(x.dtype) for j, (a, b) in enumerate(zip(a_blocks, b_blocks))],
-        dim=-1,
-    )
-    return result + lora
+    lora = torch.cat([F.linear(F.linear(dropped, a), b) for a, b in zip(a_blocks, b_blocks)], dim=-1)
+    per_channel = scale.to(x.dtype).repeat_interleave(weight.shape[0] // scale.shape[0])  # (N,): a segment's scale
+    return result + lora * per_channel  # on each of its outputs
 
 
 def adapter_reference(

@@ -7,11 +7,11 @@ import json
 import os
 from pathlib import Path
 
-from metapeft.checkpoint import atomic_write
+from metapeft.atomic_files import atomic_write
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` atomically (:func:`metapeft.checkpoint.atomic_write`: a crash never leaves a torn
+    """Write ``text`` to ``path`` atomically (:func:`metapeft.atomic_files.atomic_write`: a crash never leaves a torn
     file)."""
     return atomic_write(path, lambda temporary: Path(temporary).write_text(text, encoding="utf-8"))
 

@@ -101,10 +101,10 @@ class Task(Protocol):
 
 @dataclass(frozen=True)
 class ConfigTask:
-    """A run config (:mod:`metapeft.config`) as a sweep task. A cell's ``peft`` / ``train`` values update the
+    """A run config (:mod:`metapeft.runs.config`) as a sweep task. A cell's ``peft`` / ``train`` values update the
     config's sections; its seed becomes ``train.seed`` and ``model.seed`` (the PEFT initialisation, and a random
-    backbone's). Each cell is a run directory (:func:`metapeft.runs.prepare_run`) evaluated on the config's test
-    split after fine-tuning (every epoch too with ``eval_each_epoch``). Relative data paths resolve against
+    backbone's). Each cell is a run directory (:func:`metapeft.runs.directory.prepare_run`) evaluated on the config's
+    test split after fine-tuning (every epoch too with ``eval_each_epoch``). Relative data paths resolve against
     ``base_dir``."""
 
     config: dict
@@ -117,8 +117,8 @@ class ConfigTask:
 
     def layout(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """Blocks and the config's PEFT positions, read from the model built without its pre-trained weights."""
-        from metapeft.build import build_model
         from metapeft.inject import injection_config
+        from metapeft.runs.builders import build_model
 
         model = {**(self.config.get("model") or {}), "pretrained": False, "weights": None}
         placed = injection_config(build_model({**self.config, "model": model}, num_classes=2)[0])
@@ -126,7 +126,7 @@ class ConfigTask:
 
     def run(self, cell: Cell, run_dir: Path) -> dict:
         """Fine-tune the config updated by ``cell`` in ``run_dir``: :func:`fit_and_evaluate`'s result."""
-        from metapeft.runs import prepare_run
+        from metapeft.runs.directory import prepare_run
         from metapeft.trainer import MetaPEFTTrainer
 
         config = {**self.config, "model": {**(self.config.get("model") or {}), "seed": cell.seed},
@@ -148,9 +148,9 @@ def fit_and_evaluate(trainer, test_set, eval_each_epoch: bool = False, resumed: 
     A run that diverges (the trainer's :class:`~metapeft.trainer.nonfinite.NonFiniteError`) is a result, not a
     crash: ``diverged`` is ``{"step", "cause"}`` (else None), ``metrics`` are chance level
     (:func:`metapeft.metrics.chance_metrics` on the test labels) and ``gamma`` is None."""
+    from metapeft.data.sampling import dataset_labels
     from metapeft.gamma import gamma_table
     from metapeft.metrics import chance_metrics
-    from metapeft.sampling import dataset_labels
     from metapeft.trainer.nonfinite import NonFiniteError
 
     start, cpu_start = time.perf_counter(), time.process_time()

@@ -13,10 +13,10 @@ from safetensors import safe_open
 from torch import nn
 
 import metapeft
-from metapeft.checkpoint import LoadError
+from metapeft.adapter_files import adapter_tensors, read_adapter_info
+from metapeft.atomic_files import LoadError
 from metapeft.heads import CosineClassifier, replace_head
 from metapeft.inject import CONFIG_ATTRIBUTE, peft_modules
-from metapeft.io import adapter_tensors, read_adapter_info
 from metapeft.trainer import MetaPEFTTrainer, TrainerConfig
 from tests.helpers.vit import images, randomize, tiny_vit
 

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 import yaml
 
 from metapeft.backbones import SATMAE_MEAN, SATMAE_STD, load_satmae_weights, read_satmae_checkpoint, satmae_to_timm
-from metapeft.build import build_backbone, build_data
 from metapeft.cli import main
-from metapeft.runs import load_run
+from metapeft.runs.builders import build_backbone, build_data
+from metapeft.runs.directory import load_run
 from tests.helpers.cli import tiny_config
 from tests.helpers.imagefiles import write_index_dataset
 
@@ -123,7 +123,7 @@ def test_build_backbone_reads_the_satmae_layout_and_requires_the_file(encoder, t
     config = {"name": "vit_large_patch16_224", "pretrained": False, "weights_format": "satmae", "kwargs": SMALL}
     model = build_backbone({**config, "weights": path}, 4)
     assert torch.equal(model.blocks[1].mlp.fc2.weight, encoder.blocks[1].mlp.fc2.weight)
-    with pytest.raises(ValueError, match="weights_format='satmae'.*pass --weights PATH"):
+    with pytest.raises(ValueError, match="weights_format='satmae'.*set model.weights to it"):
         build_backbone(config, 4)
     with pytest.raises(ValueError, match=r"model.weights_format must be one of \('timm', 'satmae'\), got 'mae'"):
         build_backbone({**config, "weights": path, "weights_format": "mae"}, 4)
@@ -147,7 +147,7 @@ def test_metapeft_train_with_satmae_weights(encoder, tmp_path, capsys, one_threa
     config["data"] |= {"split": "fusrs_v2.5", "image_size": 32, "resize": 36}
     (tmp_path / "fusrs.yaml").write_text(yaml.safe_dump(config))
     assert main(["train", "--config", str(tmp_path / "fusrs.yaml")]) == 2
-    assert "pass --weights PATH (e.g. fmow_pretrain.pth)" in capsys.readouterr().err
+    assert "set model.weights to it (e.g. fmow_pretrain.pth)" in capsys.readouterr().err
     assert main(["train", "--config", str(tmp_path / "fusrs.yaml"), "--weights", path]) == 0
     _, model, _ = load_run(tmp_path / "run")
     assert torch.equal(model.pos_embed, encoder.pos_embed) and torch.equal(model.norm.weight, encoder.norm.weight)

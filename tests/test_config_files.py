@@ -1,4 +1,4 @@
-"""Loading run config files (metapeft.config.load_config, read_yaml_mapping): every unreadable, malformed or
+"""Loading run config files (metapeft.runs.config.load_config, read_yaml_mapping): every unreadable, malformed or
 misspelled file is a ValueError naming the file (and the line or key), never a traceback from yaml or the
 dataclass."""
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from metapeft.config import load_config, read_yaml_mapping
+from metapeft.runs.config import load_config, read_yaml_mapping
 
 
 @pytest.mark.parametrize("content, message", [

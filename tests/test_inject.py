@@ -312,8 +312,8 @@ def test_the_config_checks_its_fields_without_a_model(options, match):
 def test_every_option_is_documented_and_is_an_inject_keyword_and_a_yaml_key():
     import inspect
 
-    from metapeft.config import PEFT_KEYS
     from metapeft.inject import InjectionConfig
+    from metapeft.runs.config import PEFT_KEYS
 
     names = [spec.name for spec in InjectionConfig.options()]
     keywords = [p.name for p in inspect.signature(metapeft.inject).parameters.values() if p.kind is p.KEYWORD_ONLY]

@@ -1,4 +1,4 @@
-"""Meta sets and meta batches (``metapeft.sampling``): random draws that reach every class, in the expected shares,
+"""Meta sets and meta batches (``metapeft.data.sampling``): random draws that reach every class, in the expected shares,
 reproducible from ``(seed, outer step)``.
 
 Statistical bound used below: over T independent outer steps, each drawing B of the M meta-set members without
@@ -18,7 +18,7 @@ import torch
 from scipy.stats import chi2
 
 from metapeft.data.cifar import long_tail_counts
-from metapeft.sampling import (
+from metapeft.data.sampling import (
     MetaSetSampler,
     class_balanced_batch,
     epoch_batches,

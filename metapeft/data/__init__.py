@@ -1,10 +1,10 @@
 """Long-tailed datasets for MetaPEFT: the authors' index-file layout with class-split yaml files, ImageFolder trees,
 CIFAR-100-LT from a local copy, the paper's transforms, and the demo's bundled digits tasks."""
 
-from metapeft.data.build import KINDS, DataBundle, build_datasets
 from metapeft.data.cifar import CIFAR100LT, long_tail_counts, long_tail_indices
 from metapeft.data.digits import DigitsTasks, TensorImageDataset, digits_tasks
 from metapeft.data.folder import image_folder
+from metapeft.data.from_config import KINDS, DataBundle, build_datasets
 from metapeft.data.images import ImageDecodeError, load_image
 from metapeft.data.index import DataFormatError, IndexDataset, read_index
 from metapeft.data.seeded import SeededSamples, item_digest, sample_seed, seeded_generators

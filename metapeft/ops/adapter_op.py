@@ -5,7 +5,8 @@
 
 AdaptFormer (parallel) passes ``residual = mlp(LN(x))``; the Houlsby adapter (sequential) passes none.
 Shapes and dtypes: x (M, D), residual (M, D) or None, down_weight (b, D), down_bias (b,) or None,
-up_weight (D, b), up_bias (D,) or None, all of one floating dtype on one device; scale (1,) = gamma * alpha
+up_weight (D, b), up_bias (D,) or None, all of one floating dtype on one device; scale (1,) = gamma * alpha, or
+(D,): one per output channel (the authors' code's modulator vector), ``out = residual + scale * (...)`` per column,
 on the same device, any float dtype (a tensor with a real gradient: changing it never recompiles and never
 syncs the host). ``activation`` is ``"relu"`` or ``"gelu"``.
 
@@ -72,8 +73,9 @@ def check_adapter_params(down_weight, down_bias, up_weight, up_bias, scale, acti
     for name, t, size in (("down_bias", down_bias, bottleneck), ("up_bias", up_bias, dim)):
         if t is not None and tuple(t.shape) != (size,):
             raise ValueError(f"{name} must have shape ({size},), got {tuple(t.shape)}")
-    if tuple(scale.shape) != (1,):
-        raise ValueError(f"scale must have shape (1,), got {tuple(scale.shape)}")
+    if scale.shape[0] not in (1, dim):
+        raise ValueError(f"scale must have shape (1,) (one scale) or (dim,) = ({dim},) (one per output channel), "
+                         f"got {tuple(scale.shape)}")
     if activation not in ADAPTER_ACTIVATIONS:
         raise ValueError(f"activation must be one of {ADAPTER_ACTIVATIONS}, got {activation!r}")
 
@@ -93,8 +95,8 @@ def adapter(
 ) -> torch.Tensor:
     """Fused adapter: ``x (..., D) -> (..., D)``; see the module docstring for the math and shapes.
 
-    ``residual`` (..., D) or None (the residual is x: the sequential, Houlsby form). ``scale`` (1,) is usually
-    ``gamma * alpha``. ``backend`` is "auto" (by device, overridden by ``METAPEFT_BACKEND``) or a backend name;
+    ``residual`` (..., D) or None (the residual is x: the sequential, Houlsby form). ``scale`` (1,) or (D,) is
+    usually ``gamma * alpha`` (one gamma, or one per output channel). ``backend`` is "auto" (by device, overridden by ``METAPEFT_BACKEND``) or a backend name;
     an unavailable backend raises, it never falls back. Checks every argument (``scale`` must be finite) on each
     call; layers check their parameters once instead.
     """

@@ -1,7 +1,7 @@
 """The ``torch`` backend of the adapter op: the fused adapter math composed from ATen ops.
 
 Shapes: x (M, D), residual (M, D) or None (then the residual is x), down_weight (b, D), down_bias (b,) or
-None, up_weight (D, b), up_bias (D,) or None, scale (1,) = gamma * alpha.
+None, up_weight (D, b), up_bias (D,) or None, scale (1,) = gamma * alpha, or (D,): one per output channel.
 
 Forward:  z = drop(x) down^T + down_b (M, b);  a = act(z);  out = residual + scale * (a up^T + up_b).
 Backward: P = dOut^T a (D, b);  d up = scale P;  d up_b = scale sum_m dOut_m;
@@ -13,6 +13,9 @@ beyond the GEMMs. P and sum_m dOut_m are kept in fp32 for fp16/bf16 inputs (this
 dOut for them; a kernel accumulates in fp32 anyway): rounding them, or dOut up, to 8-11 mantissa bits before
 the reduction made d scale up to 4x less accurate than the unfused computation in our tests. (Appending the up
 bias as a ones column to a, to get both from one GEMM, made that GEMM slower on CPU: b + 1 columns break its tiling.)
+Per channel (scale c (D,)): out = residual + c * (a up^T + up_b), computed as a (c[:, None] up)^T + c up_b;
+d up = c[:, None] P;  d up_b = c sum_m dOut_m;  d c = rowsum(P * up) + (sum_m dOut_m) * up_b;
+dz = (dOut (c[:, None] up)) * act'(z): the same GEMMs, c on (D, b) weights instead of (M, b) activations.
 Only x (alive anyway) and z (M, b) are saved; the dropout mask is regenerated once per backward from the seed
 (the unfused reference stores it instead).
 """
@@ -78,7 +81,11 @@ def adapter_fwd_torch(
     z = adapter_recompute_z(x, down_weight, down_bias, dropout_p, seed, dropout_factors)
     a = adapter_activation(z, activation)
     c = scale if scale.dtype == a.dtype else scale.to(a.dtype)
-    up = F.linear(a * c, up_weight, None if up_bias is None else up_bias * c)
+    scaled_bias = None if up_bias is None else up_bias * c
+    if c.shape[0] == 1:
+        up = F.linear(a * c, up_weight, scaled_bias)
+    else:  # per channel: c scales up's rows
+        up = F.linear(a, up_weight * c.unsqueeze(1), scaled_bias)
     return torch.add(x if residual is None else residual, up, alpha=factor), z
 
 
@@ -105,6 +112,7 @@ def adapter_bwd_torch(
     """
     need_dx, need_ddown_w, need_ddown_b, need_dup_w, need_dup_b, need_dscale = needs
     c = scale.to(grad_out.dtype)
+    per_channel = c.shape[0] != 1
     a = adapter_activation(z, activation)
 
     dx = ddown_w = ddown_b = dup_w = dup_b = dscale = None
@@ -113,15 +121,21 @@ def adapter_bwd_torch(
         grad_acc, c_acc = grad_out.to(accumulate), scale.to(accumulate)
         P = grad_acc.t() @ a.to(accumulate)  # (D, b)
         grad_sum = grad_acc.sum(dim=0) if up_bias is not None and (need_dscale or need_dup_b) else None  # (D,)
-        dup_w = (P * c_acc).to(up_weight.dtype) if need_dup_w else None
+        dup_w = (P * c_acc.unsqueeze(1)).to(up_weight.dtype) if need_dup_w else None
         dup_b = (grad_sum * c_acc).to(up_weight.dtype) if need_dup_b else None
-        if need_dscale:
+        if need_dscale and per_channel:
+            dscale = (P * up_weight.to(accumulate)).sum(dim=1)
+            if up_bias is not None:
+                dscale = dscale + grad_sum * up_bias.to(accumulate)
+            dscale = dscale.to(scale.dtype)
+        elif need_dscale:
             dscale = (P * up_weight.to(accumulate)).sum()
             if up_bias is not None:
                 dscale = dscale + grad_sum @ up_bias.to(accumulate)
             dscale = dscale.reshape(1).to(scale.dtype)
     if need_dx or need_ddown_w or need_ddown_b:
-        dz = adapter_activation_backward((grad_out @ up_weight) * c, z, activation)  # (M, b)
+        grad_a = grad_out @ (up_weight * c.unsqueeze(1)) if per_channel else (grad_out @ up_weight) * c
+        dz = adapter_activation_backward(grad_a, z, activation)  # (M, b)
         factors = dropout_factors(x, dropout_p, seed) if dropout_p > 0.0 else None
 
         def drop(t: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@
 | :mod:`~metapeft.trainer.config` | :class:`TrainerConfig`, every knob and its checks |
 | :mod:`~metapeft.trainer.loop` | :class:`MetaPEFTTrainer`: wiring, ``fit`` (epoch loop), ``evaluate``, stopping |
 | :mod:`~metapeft.trainer.step` | one training step: the meta step (hypergradient, Adam on rho) and the inner SGD step |
-| :mod:`~metapeft.trainer.checkpointing` | the run directory's checkpoint, JSONL log and final weights; exact resume |
+| :mod:`~metapeft.trainer.output_dir` | the run directory's checkpoint, JSONL log and final weights; exact resume |
 | :mod:`~metapeft.trainer.callbacks` | :class:`Callback` and the events ``fit`` emits, with their payloads |
 | :mod:`~metapeft.trainer.model_setup` | device, bf16 autocast, the classifier head, which parameters train |
 | :mod:`~metapeft.trainer.evaluation` | eval-mode passes: confusion counts, class-mean features |

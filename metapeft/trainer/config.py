@@ -6,8 +6,8 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from metapeft.data.sampling import META_SAMPLINGS
 from metapeft.meta.optim import META_OPTIMIZERS
-from metapeft.sampling import META_SAMPLINGS
 from metapeft.schema import option
 
 LOSSES = ("logit_adjusted", "ce")
@@ -50,13 +50,13 @@ class TrainerConfig:
     set, re-sampled every outer step unless ``meta_resample=False`` (a fixed split, excluded from the inner loop's
     data); each meta batch is a random draw from that meta set,
     ``meta_sampling="uniform"`` (every class in its meta-set share) or ``"class_balanced"`` (an equal share per
-    class, small classes drawn with replacement; :mod:`metapeft.sampling`). A ``val_set`` given to the trainer
+    class, small classes drawn with replacement; :mod:`metapeft.data.sampling`). A ``val_set`` given to the trainer
     replaces the training set as the meta-batch source. ``meta=False`` (or a model without learnable modulators)
     trains as plain PEFT. ``meta_lookahead_steps`` K: SGD steps of the meta step's look-ahead, the first on the step's
     own batch, the others on batches of ``batch_size`` drawn from the training set
-    (:func:`metapeft.sampling.lookahead_batches`); the authors' code uses K = 2-3. ``meta_warmup_steps``: at most that
-    many rounds before the first inner step that halve every gamma (``exp(-meta_warmup_lr)``) while a one-sided t-test
-    over 6 hypergradients says the scale overshoots, and once more after the last such round
+    (:func:`metapeft.data.sampling.lookahead_batches`); the authors' code uses K = 2-3. ``meta_warmup_steps``: at most
+    that many rounds before the first inner step that halve every gamma (``exp(-meta_warmup_lr)``) while a one-sided
+    t-test over 6 hypergradients says the scale overshoots, and once more after the last such round
     (:class:`metapeft.meta.optim.CommonScaleCalibration`): a far-too-large scale is rescued before phi moves;
     ``meta_dense_steps``: the first inner steps each get a meta step, ``meta_interval`` applies after them (dense meta
     steps early, sparse later). ``meta_module_lr``: gamma also multiplies its module's inner learning rate (the
@@ -67,7 +67,7 @@ class TrainerConfig:
     features, ``"linear"`` keeps it (resized if its width is not the number of classes). ``amp``: bf16
     autocast on CUDA (``"auto"``), everywhere (``"bf16"``) or never. ``output_dir`` receives
     ``checkpoint.pt`` (each epoch, every ``save_every_steps`` steps and on an early stop), ``metrics.jsonl``
-    and the final ``model.safetensors``; it holds one run (:mod:`metapeft.run_directory`): a new run refuses a
+    and the final ``model.safetensors``; it holds one run (:mod:`metapeft.runs.lock`): a new run refuses a
     non-empty directory, ``resume=True`` continues from its checkpoint when one exists, ``overwrite=True`` moves
     the old run aside to a timestamped sibling first. ``num_classes``: the number of classes the data declares
     (every label must be below it; default: the largest label + 1, at least the model head's width).

@@ -1,7 +1,7 @@
 """torch.distributed plumbing of the trainer: joining torchrun's process group, summing over ranks, agreeing on a flag.
 
 Every rank sees the same global batch order; each works on its contiguous shard
-(:func:`metapeft.sampling.shard_bounds`) and the pieces are summed with one flat all-reduce.
+(:func:`metapeft.data.sampling.shard_bounds`) and the pieces are summed with one flat all-reduce.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """``MetaPEFTTrainer``: wires model, data, step and run files together and runs the epoch loop.
 
 The parts live beside this module: the config (:mod:`~metapeft.trainer.config`), the step and its optimizers
-(:mod:`~metapeft.trainer.step`), the run directory's files (:mod:`~metapeft.trainer.checkpointing`), device and head
+(:mod:`~metapeft.trainer.step`), the run directory's files (:mod:`~metapeft.trainer.output_dir`), device and head
 setup (:mod:`~metapeft.trainer.model_setup`), evaluation passes (:mod:`~metapeft.trainer.evaluation`), callbacks
 (:mod:`~metapeft.trainer.callbacks`) and torch.distributed plumbing (:mod:`~metapeft.trainer.distributed`).
 """
@@ -21,7 +21,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from metapeft.checkpoint import copy_into, load_checkpoint, rng_state, seed_everything, set_rng_state
+from metapeft.atomic_files import copy_into, load_checkpoint, rng_state, seed_everything, set_rng_state
+from metapeft.data.sampling import LOADER, MetaSetSampler, dataset_labels, epoch_batches, generator_for, shard_bounds
 from metapeft.data.seeded import SeededSamples
 from metapeft.heads import CosineClassifier, find_head
 from metapeft.inject import unwrap_model
@@ -29,19 +30,8 @@ from metapeft.layers.base import MetaPEFTModule
 from metapeft.losses import LogitAdjustedLoss
 from metapeft.metrics import class_split_from_counts, metrics_from_confusion
 from metapeft.params import trainable_phi
-from metapeft.run_directory import RunClaim, claim_run_directory
-from metapeft.sampling import LOADER, MetaSetSampler, dataset_labels, epoch_batches, generator_for, shard_bounds
+from metapeft.runs.lock import RunClaim, claim_run_directory
 from metapeft.trainer.callbacks import Callback
-from metapeft.trainer.checkpointing import (
-    LOG_NAME,
-    RunFiles,
-    check_optimizer_state,
-    check_same_config,
-    check_same_run,
-    check_trained_tensors,
-    run_fingerprint,
-    trained_tensors,
-)
 from metapeft.trainer.config import RUN_CONTROL_FIELDS, TrainerConfig
 from metapeft.trainer.distributed import (
     all_reduce_sum,
@@ -63,6 +53,16 @@ from metapeft.trainer.model_setup import (
     training_forward,
 )
 from metapeft.trainer.nonfinite import NonFiniteError
+from metapeft.trainer.output_dir import (
+    LOG_NAME,
+    RunFiles,
+    check_optimizer_state,
+    check_same_config,
+    check_same_run,
+    check_trained_tensors,
+    run_fingerprint,
+    trained_tensors,
+)
 from metapeft.trainer.step import BilevelStep, TrainingLoss
 
 
@@ -88,7 +88,7 @@ class MetaPEFTTrainer:
     boundary with a checkpoint that resumes exactly (``resume=True``).
 
     Parts (public attributes): ``step`` (:class:`~metapeft.trainer.step.BilevelStep`: the optimizers, the step),
-    ``files`` (:class:`~metapeft.trainer.checkpointing.RunFiles`: the run directory's files), ``meta_sampler``,
+    ``files`` (:class:`~metapeft.trainer.output_dir.RunFiles`: the run directory's files), ``meta_sampler``,
     ``phi`` / ``rho`` (inner / outer parameters), ``head``; position ``epoch``, ``step_in_epoch``, ``global_step``,
     ``outer_step``.
 
@@ -200,7 +200,7 @@ class MetaPEFTTrainer:
             return
         classes = int((torch.bincount(self.train_labels) > 0).sum())
         works = n - classes - 1  # then a full batch leaves classes + 1 samples: one class has two (pigeonhole)
-        advice = f"use batch_size <= {works} (e.g. --set train.batch_size={works}), " if works >= 1 else ""
+        advice = f"use batch_size <= {works} (train.batch_size={works}), " if works >= 1 else ""
         raise ValueError(f"batch_size {config.batch_size} is too large for the training set of {n} samples: each meta "
                          f"step draws its meta set (meta_ratio {config.meta_ratio}) from the training samples outside "
                          f"the step's batch, which needs a class with 2 samples left over; {advice}or set "
@@ -331,7 +331,7 @@ class MetaPEFTTrainer:
         loop at the next step boundary the same way. Returns the last evaluation's metrics (empty without
         ``eval_set``) plus ``global_step``, ``epoch`` and ``stopped`` (True when a stop request ended it).
 
-        ``output_dir`` is claimed for the call (:func:`metapeft.run_directory.claim_run_directory`: a second run on
+        ``output_dir`` is claimed for the call (:func:`metapeft.runs.lock.claim_run_directory`: a second run on
         it fails at once; a new run refuses an old one unless ``resume`` or ``overwrite``; a later ``fit`` of the
         same trainer continues its own run; a log alone, left by a run that stopped before its first checkpoint, is
         no old run). Non-finite values raise :class:`~metapeft.trainer.nonfinite.NonFiniteError` naming the cause and
@@ -507,7 +507,7 @@ class MetaPEFTTrainer:
         return {name: [next(values) for _ in range(gamma.numel())] for name, gamma in modules}
 
     def fingerprint(self) -> dict:
-        """What this trainer's checkpoints continue (:func:`~metapeft.trainer.checkpointing.run_fingerprint`),
+        """What this trainer's checkpoints continue (:func:`~metapeft.trainer.output_dir.run_fingerprint`),
         computed once: the frozen weights do not change and the datasets are fixed."""
         if self._fingerprint is None:
             self._fingerprint = run_fingerprint(self.module, self.config.save_full_model,

@@ -5,10 +5,10 @@ At global step ``t`` on the global batch ``B_t`` (docs/method.md, "Bi-level opti
 - meta step (every ``meta_interval`` steps, or at the first step of every epoch, and at each of the first
   ``meta_dense_steps`` steps, when the model has learnable modulators and ``meta=True``; before step 0 also the
   scale warm-up, :meth:`BilevelStep.warm_up_modulators`):
-  draw a meta batch ``V_t`` (:class:`metapeft.sampling.MetaSetSampler`), compute the hypergradient of
+  draw a meta batch ``V_t`` (:class:`metapeft.data.sampling.MetaSetSampler`), compute the hypergradient of
   ``L_val(phi_K)`` through K = ``meta_lookahead_steps`` SGD look-ahead steps, the first
   ``phi_1 = phi - lr * (grad_phi L_train(phi, rho; B_t) + wd * phi + mu * m)`` and the others on batches drawn
-  from the training set (:func:`metapeft.sampling.lookahead_batches`; the meta batch excludes every look-ahead
+  from the training set (:func:`metapeft.data.sampling.lookahead_batches`; the meta batch excludes every look-ahead
   batch), with :func:`metapeft.meta.hypergradient`, and take an Adam step on rho;
 - inner step: an SGD step (momentum, weight decay, cosine schedule) on phi; with ``meta_module_lr`` each PEFT
   module's step is multiplied by its gamma (the modulator as a module-wise learning rate), in the look-ahead and its
@@ -25,7 +25,7 @@ uses the modulators rho_t from before the outer update (a simultaneous update of
 alternating order), at the cost of one more forward/backward.
 
 Distributed: every batch (the step's batch, each look-ahead batch, the meta batch) is split into contiguous
-shards (:func:`metapeft.sampling.shard_bounds`); each rank computes every pass on its shards only and the
+shards (:func:`metapeft.data.sampling.shard_bounds`); each rank computes every pass on its shards only and the
 pieces are summed weighted by shard size (:func:`metapeft.meta.hypergradient` over the default process group),
 so each rank does ~1/world of the work and the result is the single-process one up to rounding.
 
@@ -45,11 +45,11 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import default_collate
 
+from metapeft.data.sampling import MetaSetSampler, lookahead_batches, shard_bounds
 from metapeft.inject import unwrap_model
 from metapeft.meta import hypergradient
 from metapeft.meta.optim import CommonScaleCalibration, ModuleLRSGD, meta_optimizer
 from metapeft.params import modulators_with_constraints, module_lr_scales
-from metapeft.sampling import MetaSetSampler, lookahead_batches, shard_bounds
 from metapeft.trainer.config import TrainerConfig
 from metapeft.trainer.distributed import all_reduce_sum
 from metapeft.trainer.model_setup import batch_to_device
@@ -221,7 +221,7 @@ class BilevelStep:
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, batch_indices: torch.Tensor, global_step: int) -> dict:
         """Step ``global_step`` on the global batch of training-set indices ``batch_indices``, of which (x, y) is
-        this rank's shard (:func:`metapeft.sampling.shard_bounds`); returns the step's values: ``lr`` (float),
+        this rank's shard (:func:`metapeft.data.sampling.shard_bounds`); returns the step's values: ``lr`` (float),
         ``train_loss`` and, when computed, ``meta_loss`` and ``grad_norm`` (0-dim tensors); at step 0 with a warm-up,
         ``warmup_gamma_factor`` (the common factor it applied to every gamma)."""
         logs = {}

@@ -15,10 +15,10 @@ import yaml
 from safetensors.torch import save_file
 
 import metapeft
-import metapeft.build
-from metapeft.build import build_backbone, build_model
+import metapeft.runs.builders
 from metapeft.cli import main
-from metapeft.config import load_config, trainer_config
+from metapeft.runs.builders import build_backbone, build_model
+from metapeft.runs.config import load_config, trainer_config
 from tests.helpers.cli import TINY_MODEL
 
 REPO = Path(__file__).resolve().parents[2]
@@ -84,11 +84,12 @@ def test_config_file_errors(tmp_path, capsys):
 
 
 def test_missing_pretrained_weights_names_both_sources(write_config, capsys, monkeypatch):
-    monkeypatch.setattr(metapeft.build, "hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(metapeft.runs.builders, "hub_reachable", lambda timeout=3.0: False)
     code, _, err = run(["train", "--config", str(write_config()), "--set", "model.pretrained=true"], capsys)
-    assert code == 2 and "Hugging Face hub" in err and "--weights PATH" in err and "model.pretrained=false" in err
+    assert code == 2 and "Hugging Face hub" in err and "set model.weights to a local file" in err
+    assert "model.pretrained=false" in err
     code, _, err = run(["train", "--config", str(write_config()), "--weights", "/nope/w.safetensors"], capsys)
-    assert code == 2 and "--weights /nope/w.safetensors: no such file" in err
+    assert code == 2 and "model.weights /nope/w.safetensors: no such file" in err
 
 
 def test_weights_file_loads_the_backbone_and_skips_a_different_head(tmp_path):
@@ -129,7 +130,7 @@ def test_model_build_is_seeded_and_leaves_the_global_rng_alone():
 def test_resume_needs_a_checkpoint_and_the_same_config(write_config, tmp_path, capsys):
     config = write_config()
     code, _, err = run(["train", "--config", str(config), "--resume"], capsys)
-    assert code == 2 and "--resume: no checkpoint.pt" in err
+    assert code == 2 and "resume: no checkpoint.pt" in err
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "checkpoint.pt").write_bytes(b"")
     stored = yaml.safe_load(config.read_text())
@@ -212,7 +213,7 @@ def test_library_errors_map_to_exit_status_and_one_line(monkeypatch, capsys, err
     def load_run(run, weights=None):
         raise error
 
-    monkeypatch.setattr("metapeft.runs.load_run", load_run)
+    monkeypatch.setattr("metapeft.runs.directory.load_run", load_run)
     code, out, err = run(["gamma", "some/run"], capsys)
     assert code == status and out == ""
     message = "metapeft: interrupted\n" if status == 130 else f"metapeft gamma: error: {error}\n"
@@ -223,7 +224,7 @@ def test_a_bug_is_not_disguised_as_a_usage_error(monkeypatch):
     def load_run(run, weights=None):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr("metapeft.runs.load_run", load_run)
+    monkeypatch.setattr("metapeft.runs.directory.load_run", load_run)
     with pytest.raises(RuntimeError, match="a bug"):
         main(["gamma", "some/run"])
 

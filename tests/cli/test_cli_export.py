@@ -7,9 +7,9 @@ import sys
 import torch
 import yaml
 
-from metapeft.build import build_backbone
 from metapeft.cli import main
-from metapeft.runs import load_run
+from metapeft.runs.builders import build_backbone
+from metapeft.runs.directory import load_run
 
 
 def test_export_a_trained_run_to_peft_and_load_it_back(write_config, tmp_path, capsys, monkeypatch):

@@ -8,7 +8,7 @@ import pytest
 import timm
 
 import metapeft
-from metapeft.checkpoint import load_safetensors, save_safetensors
+from metapeft.atomic_files import load_safetensors, save_safetensors
 from metapeft.cli import main
 from metapeft.heads import CosineClassifier
 from tests.helpers.cli import TINY_MODEL
@@ -28,7 +28,7 @@ def test_run_directory_refusal_overwrite_and_strict_eval(write_config, tmp_path,
     assert "the previous run moved to" in capsys.readouterr().out
     assert len(aside) == 1 and (aside[0] / "model.safetensors").read_bytes() == weights
 
-    info = metapeft.io.read_adapter_info(run / "adapter.safetensors")
+    info = metapeft.adapter_files.read_adapter_info(run / "adapter.safetensors")
     assert info.class_names == ("zero", "one", "two", "three") and info.heads["head"]["type"] == "CosineClassifier"
     fresh = timm.create_model(TINY_MODEL["name"], pretrained=False, num_classes=4, **TINY_MODEL["kwargs"])
     metapeft.load_adapter(fresh, run / "adapter.safetensors")

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from metapeft.checkpoint import load_checkpoint
+from metapeft.atomic_files import load_checkpoint
 from metapeft.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -42,7 +42,7 @@ def test_train_eval_gamma_end_to_end(write_config, tmp_path, capsys):
     assert f"{100 * trained['accuracy']:.1f}" in table
     # --data with an index file: the training split (through the test transform), 38 images
     assert main(["eval", str(run), "--data", str(tmp_path / "missing.txt")]) == 2
-    assert "--data" in capsys.readouterr().err
+    assert "missing.txt: no such file" in capsys.readouterr().err
     data_root = Path(_run_config(run)["data"]["root"])
     assert main(["eval", str(run), "--data", str(data_root / "train.txt"), "--json", str(tmp_path / "t.json")]) == 0
     assert json.loads((tmp_path / "t.json").read_text())["num_samples"] == 38

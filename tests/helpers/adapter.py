@@ -5,8 +5,9 @@ import torch
 NAMES = ("x", "residual", "down_weight", "down_bias", "up_weight", "up_bias", "scale")
 
 
-def make_inputs(M, D, b, dtype, residual=True, bias=True, device="cpu"):
-    """Random op inputs (a dict in the op's argument order) in ``dtype`` (scale: f32) and their exact float64 copies.
+def make_inputs(M, D, b, dtype, residual=True, bias=True, device="cpu", channel=False):
+    """Random op inputs (a dict in the op's argument order) in ``dtype`` (scale: f32, (1,) or with ``channel`` (D,))
+    and their exact float64 copies.
 
     The oracle sees the same (rounded) values as the computation under test, so errors measure computation only.
     """
@@ -18,7 +19,7 @@ def make_inputs(M, D, b, dtype, residual=True, bias=True, device="cpu"):
         "down_bias": torch.randn(b, generator=g, dtype=torch.float64) * 0.5 if bias else None,
         "up_weight": torch.randn(D, b, generator=g, dtype=torch.float64) / b**0.5,
         "up_bias": torch.randn(D, generator=g, dtype=torch.float64) if bias else None,
-        "scale": torch.rand(1, generator=g, dtype=torch.float64) + 0.5,
+        "scale": torch.rand(D if channel else 1, generator=g, dtype=torch.float64) + 0.5,
     }
     cast = {k: None if v is None else v.to(device, torch.float32 if k == "scale" else dtype)
             for k, v in inputs64.items()}

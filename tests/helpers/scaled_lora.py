@@ -20,8 +20,12 @@ SHAPES = [
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 
 
-def make_inputs(M, K, N, r, S, dtype, bias=True, device="cpu"):
-    """Random op inputs in float64 (the oracle's) and their ``dtype`` copies."""
+GRANULARITIES = ("segment", "channel")
+
+
+def make_inputs(M, K, N, r, S, dtype, bias=True, device="cpu", granularity="segment"):
+    """Random op inputs in float64 (the oracle's) and their ``dtype`` copies; the scale (S,) per segment or (N,) per
+    output channel (``granularity``)."""
     g = torch.Generator().manual_seed(M * 7 + K * 3 + N + r + S)
     inputs64 = {
         "x": torch.randn(M, K, generator=g, dtype=torch.float64),
@@ -29,7 +33,7 @@ def make_inputs(M, K, N, r, S, dtype, bias=True, device="cpu"):
         "bias": torch.randn(N, generator=g, dtype=torch.float64) if bias else None,
         "lora_A": torch.randn(S * r, K, generator=g, dtype=torch.float64) / K**0.5,
         "lora_B": torch.randn(N, r, generator=g, dtype=torch.float64) / r**0.5,
-        "scale": torch.rand(S, generator=g, dtype=torch.float64) + 0.5,
+        "scale": torch.rand(S if granularity == "segment" else N, generator=g, dtype=torch.float64) + 0.5,
     }
     inputs64 = {k: None if v is None else v.to(device) for k, v in inputs64.items()}
     cast = {k: None if v is None else v.to(torch.float32 if k == "scale" else dtype) for k, v in inputs64.items()}
@@ -84,7 +88,7 @@ def dropout_oracle(factors: torch.Tensor):
 
 
 def check_against_oracle(shape, dtype, bias=True, dropout_p=0.0, seed=0, device="cpu", op=triton_op,
-                         mask=dropout_mask):
+                         mask=dropout_mask, granularity="segment"):
     """Forward and every gradient of ``op(dropout_p, seed)`` vs float64 by the 2x rule (non-contiguous x and dY,
     poisoned memory); ``mask(M, K, p, seed, device)`` gives the dropout factors that backend applies to x.
 
@@ -92,7 +96,7 @@ def check_against_oracle(shape, dtype, bias=True, dropout_p=0.0, seed=0, device=
     sum over h, which is saved in x's dtype: its error floor is that dtype's, not scale's fp32.
     """
     M, K, N, _, _ = shape
-    _, inputs = make_inputs(*shape, dtype=dtype, bias=bias, device=device)
+    _, inputs = make_inputs(*shape, dtype=dtype, bias=bias, device=device, granularity=granularity)
     inputs64 = {k: None if v is None else v.double() for k, v in inputs.items()}
     grad64 = torch.randn(M, N, dtype=torch.float64, device=device)
     if dropout_p > 0.0:

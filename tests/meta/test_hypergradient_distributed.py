@@ -9,8 +9,8 @@ import torch
 import torch.distributed as dist
 
 import metapeft
+from metapeft.data.sampling import shard_bounds
 from metapeft.meta import hypergradient, rank_sum
-from metapeft.sampling import shard_bounds
 from tests.helpers.distributed import run_gloo
 from tests.helpers.meta import adapter_net, classification_loss, lora_mlp, momentum_buffers, relative_error
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from metapeft.checkpoint import load_checkpoint
+from metapeft.atomic_files import load_checkpoint
 from metapeft.trainer import Callback, MetaPEFTTrainer, TrainerConfig
 from tests.helpers.distributed import run_gloo
 from tests.helpers.toy import LongTailedBlobs, TinyNet

@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from metapeft.checkpoint import load_checkpoint, rng_state, save_checkpoint, save_safetensors, set_rng_state
-from metapeft.sampling import dataset_labels, epoch_batches, shard_bounds
+from metapeft.atomic_files import load_checkpoint, rng_state, save_checkpoint, save_safetensors, set_rng_state
+from metapeft.data.sampling import dataset_labels, epoch_batches, shard_bounds
 from tests.helpers.toy import LongTailedBlobs
 
 

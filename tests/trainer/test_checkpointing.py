@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from metapeft.checkpoint import LoadError
+from metapeft.atomic_files import LoadError
 from metapeft.trainer import MetaPEFTTrainer, TrainerConfig
 from tests.helpers.toy import LongTailedBlobs, TinyNet
 

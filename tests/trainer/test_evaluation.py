@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from metapeft.checkpoint import load_checkpoint
+from metapeft.atomic_files import load_checkpoint
 from metapeft.trainer import MetaPEFTTrainer, TrainerConfig
 from metapeft.trainer.evaluation import evaluate_model
 from tests.helpers.toy import LongTailedBlobs, TinyNet

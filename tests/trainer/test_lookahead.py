@@ -1,5 +1,5 @@
 """The trainer's K-step look-ahead: its meta step is ``metapeft.meta.hypergradient`` over the step's batch and the
-K - 1 batches ``metapeft.sampling.lookahead_batches`` draws, with a meta batch that excludes all of them."""
+K - 1 batches ``metapeft.data.sampling.lookahead_batches`` draws, with a meta batch that excludes all of them."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import copy
 import pytest
 import torch
 
+from metapeft.data.sampling import lookahead_batches
 from metapeft.losses import LogitAdjustedLoss
 from metapeft.meta import hypergradient
-from metapeft.sampling import lookahead_batches
 from metapeft.trainer import MetaPEFTTrainer, TrainerConfig
 from tests.helpers.meta import relative_error
 from tests.helpers.toy import LongTailedBlobs, tiny_net_with_random_lora

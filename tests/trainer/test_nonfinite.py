@@ -7,8 +7,8 @@ import pickle
 import pytest
 import torch
 
-from metapeft.checkpoint import load_checkpoint
-from metapeft.sampling import epoch_batches
+from metapeft.atomic_files import load_checkpoint
+from metapeft.data.sampling import epoch_batches
 from metapeft.trainer import MetaPEFTTrainer, TrainerConfig
 from metapeft.trainer.nonfinite import NonFiniteError, NonFiniteMonitor, all_finite
 from tests.helpers.oracle import HostReadCounter

@@ -12,7 +12,7 @@ import threading
 
 import pytest
 
-from metapeft.run_directory import LOCK_NAME, RunDirectoryError, claim_run_directory, run_files
+from metapeft.runs.lock import LOCK_NAME, RunDirectoryError, claim_run_directory, run_files
 from metapeft.trainer import MetaPEFTTrainer, TrainerConfig
 from tests.helpers.toy import LongTailedBlobs, TinyNet
 
@@ -82,7 +82,7 @@ def test_claims_are_reentrant_within_a_thread_only(tmp_path):
 def test_a_second_process_fails_at_once_naming_the_holder(tmp_path):
     holder = child(f"""
         import time
-        from metapeft.run_directory import claim_run_directory
+        from metapeft.runs.lock import claim_run_directory
         claim = claim_run_directory({str(tmp_path)!r})
         print("held", flush=True)
         time.sleep(60)
@@ -99,7 +99,7 @@ def test_a_second_process_fails_at_once_naming_the_holder(tmp_path):
 def test_a_dead_holder_leaves_a_stale_lock_that_does_not_block(tmp_path):
     holder = child(f"""
         import os, signal
-        from metapeft.run_directory import claim_run_directory
+        from metapeft.runs.lock import claim_run_directory
         claim_run_directory({str(tmp_path)!r}, resume=True)
         print("held", flush=True)
         os.kill(os.getpid(), signal.SIGKILL)

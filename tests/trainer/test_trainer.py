@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import metapeft
+from metapeft.data.sampling import epoch_batches
 from metapeft.heads import CosineClassifier
 from metapeft.meta import hypergradient
-from metapeft.sampling import epoch_batches
 from metapeft.trainer import MetaPEFTTrainer, TrainerConfig
 from tests.helpers.toy import LongTailedBlobs, TinyNet, first_meta_step_inputs, tiny_net_with_random_lora
 

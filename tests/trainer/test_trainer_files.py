@@ -9,8 +9,8 @@ import textwrap
 import pytest
 import torch
 
-from metapeft.checkpoint import LoadError
-from metapeft.run_directory import RunDirectoryError
+from metapeft.atomic_files import LoadError
+from metapeft.runs.lock import RunDirectoryError
 from metapeft.trainer import MetaPEFTTrainer, TrainerConfig
 from tests.helpers.toy import LongTailedBlobs, TinyNet
 
@@ -51,7 +51,7 @@ def test_a_new_run_refuses_an_old_one_and_overwrite_moves_it_aside(tmp_path):
 def test_fit_fails_at_once_while_another_process_trains_there(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import time
-        from metapeft.run_directory import claim_run_directory
+        from metapeft.runs.lock import claim_run_directory
         claim_run_directory({str(tmp_path)!r})
         print("held", flush=True)
         time.sleep(60)

@@ -15,11 +15,11 @@ import torch
 import yaml
 
 import metapeft
-import metapeft.build
-from metapeft import config as run_config
+import metapeft.runs.builders
 from metapeft.cli import main
-from metapeft.data.build import KEYS as DATA_KEYS
+from metapeft.data.from_config import KEYS as DATA_KEYS
 from metapeft.inject import InjectionConfig
+from metapeft.runs import config as run_config
 from metapeft.trainer import TrainerConfig
 from tests.helpers.imagefiles import digit_images
 
@@ -90,7 +90,7 @@ def test_metapeft_train_accepts_the_defaults_as_is(tmp_path, capsys, monkeypatch
                             num_heads=2, **kwargs)
 
     monkeypatch.setattr(timm, "create_model", download_free)
-    monkeypatch.setattr(metapeft.build, "hub_reachable", lambda timeout=3.0: True)
+    monkeypatch.setattr(metapeft.runs.builders, "hub_reachable", lambda timeout=3.0: True)
     monkeypatch.chdir(tmp_path)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny model: more threads only oversubscribe the shared cores

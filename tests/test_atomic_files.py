@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import metapeft.checkpoint
-from metapeft.checkpoint import (
+import metapeft.atomic_files
+from metapeft.atomic_files import (
     CHECKPOINT_FORMAT,
     NAME_MAX,
     LoadError,
@@ -190,7 +190,7 @@ def test_a_valid_long_file_name_is_written_and_its_temp_files_are_recognised(tmp
     path = tmp_path / ("c" * (length - 3) + ".pt")
     save_checkpoint(state(), path)
     assert load_checkpoint(path)["step"] == 7
-    stale = metapeft.checkpoint._temporary_name(path)
+    stale = metapeft.atomic_files._temporary_name(path)
     assert len(stale.name.encode()) <= NAME_MAX
     stale.write_bytes(b"partial")
     assert remove_stale_temporaries(tmp_path) == [stale]
@@ -233,7 +233,7 @@ def test_a_read_that_fails_because_the_file_was_replaced_is_read_again(tmp_path,
     path = tmp_path / "adapter.safetensors"
     good = save_safetensors({"w": MARKER}, tmp_path / "good.safetensors").read_bytes()
     path.write_bytes(good[: len(good) // 2])
-    read_once = metapeft.checkpoint._read_once
+    read_once = metapeft.atomic_files._read_once
 
     def read_then_replace(target, replacement):
         result = read_once(target)
@@ -241,10 +241,10 @@ def test_a_read_that_fails_because_the_file_was_replaced_is_read_again(tmp_path,
         os.replace(tmp_path / "next", target)
         return result
 
-    monkeypatch.setattr(metapeft.checkpoint, "_read_once", lambda target: read_then_replace(target, good))
+    monkeypatch.setattr(metapeft.atomic_files, "_read_once", lambda target: read_then_replace(target, good))
     assert torch.equal(load_safetensors(path)[0]["w"], MARKER)
     path.write_bytes(good[: len(good) // 2])
-    monkeypatch.setattr(metapeft.checkpoint, "_read_once",
+    monkeypatch.setattr(metapeft.atomic_files, "_read_once",
                         lambda target: read_then_replace(target, good[: len(good) // 2]))
     with pytest.raises(LoadError, match="replaced by another process twice while being read") as error:
         load_safetensors(path)

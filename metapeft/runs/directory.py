@@ -1,14 +1,14 @@
 """Run directories of the ``metapeft`` command line: preparing a fine-tuning run from a run config, finishing it, and
 rebuilding a trained model from its directory.
 
-A run directory holds one run (:mod:`metapeft.run_directory`: a lock while it trains, a new run never overwrites an
+A run directory holds one run (:mod:`metapeft.runs.lock`: a lock while it trains, a new run never overwrites an
 old one) and ``config.yaml`` (the resolved run config plus ``num_classes``, ``classes`` and
 ``class_split``), the trainer's files (``checkpoint.pt``, ``metrics.jsonl``, ``model.safetensors``;
-:mod:`metapeft.trainer.checkpointing`), ``adapter.safetensors`` (:func:`metapeft.save_adapter`) and ``eval.json``
+:mod:`metapeft.trainer.output_dir`), ``adapter.safetensors`` (:func:`metapeft.save_adapter`) and ``eval.json``
 (the final test metrics).
 
-Errors are ``ValueError`` (:class:`~metapeft.checkpoint.LoadError` for files that cannot be loaded) / ``OSError``
-(``FileNotFoundError``, :class:`~metapeft.run_directory.RunDirectoryError`) whose message names the file or the key.
+Errors are ``ValueError`` (:class:`~metapeft.atomic_files.LoadError` for files that cannot be loaded) / ``OSError``
+(``FileNotFoundError``, :class:`~metapeft.runs.lock.RunDirectoryError`) whose message names the file or the key.
 """
 
 from __future__ import annotations
@@ -22,16 +22,16 @@ from pathlib import Path
 import yaml
 from torch import nn
 
-from metapeft.build import build_data, build_model
-from metapeft.config import SECTIONS, read_yaml_mapping, resolve_data_paths, trainer_config
 from metapeft.data import DataBundle
 from metapeft.inject import InjectionSummary
-from metapeft.run_directory import RunClaim, claim_run_directory
+from metapeft.runs.builders import build_data, build_model
+from metapeft.runs.config import SECTIONS, read_yaml_mapping, resolve_data_paths, trainer_config
+from metapeft.runs.lock import RunClaim, claim_run_directory
 from metapeft.trainer import MetaPEFTTrainer, TrainerConfig
-from metapeft.trainer.checkpointing import CHECKPOINT_NAME, LOG_NAME, WEIGHTS_NAME
 from metapeft.trainer.distributed import rank_and_world_size
 from metapeft.trainer.evaluation import evaluate_model
 from metapeft.trainer.model_setup import install_head
+from metapeft.trainer.output_dir import CHECKPOINT_NAME, LOG_NAME, WEIGHTS_NAME
 
 RUN_CONFIG, ADAPTER_NAME, EVAL_NAME = "config.yaml", "adapter.safetensors", "eval.json"
 # What a run that failed before its first checkpoint leaves: a new run reuses a directory holding only these.
@@ -58,20 +58,20 @@ class PreparedRun:
 
 
 def check_resumable(directory: Path, config: dict) -> None:
-    """Refuse ``--resume`` unless ``directory`` holds a checkpoint and a readable ``config.yaml`` (the error says
+    """Refuse to resume unless ``directory`` holds a checkpoint and a readable ``config.yaml`` (the error says
     which is missing) whose sections equal ``config``'s."""
     stored_path = directory / RUN_CONFIG
     missing = [name for name in (CHECKPOINT_NAME, RUN_CONFIG) if not (directory / name).is_file()]
     if missing == [CHECKPOINT_NAME]:
-        raise FileNotFoundError(f"--resume: {directory} holds no {CHECKPOINT_NAME}: the run there stopped before its "
-                                "first checkpoint; start it again without --resume (its directory is reused)")
+        raise FileNotFoundError(f"resume: {directory} holds no {CHECKPOINT_NAME}: the run there stopped before its "
+                                "first checkpoint; start it again as a new run (its directory is reused)")
     if missing:
-        raise FileNotFoundError(f"--resume: no {' and no '.join(missing)} in {directory} to resume from")
+        raise FileNotFoundError(f"resume: no {' and no '.join(missing)} in {directory} to resume from")
     stored = read_run_config(directory)[0]
     changed = [key for key in SECTIONS if (stored.get(key) or {}) != (config.get(key) or {})]
     if changed:
-        raise ValueError(f"--resume: the config's {changed} section(s) differ from the run's {stored_path}; "
-                         "resume with the same config and --set options")
+        raise ValueError(f"resume: the config's {changed} section(s) differ from the run's {stored_path}; "
+                         "resume with the same config")
 
 
 def prepare_run(config: dict, output_dir: str | os.PathLike | None, resume: bool = False,
@@ -85,7 +85,7 @@ def prepare_run(config: dict, output_dir: str | os.PathLike | None, resume: bool
     config = copy.deepcopy(config)
     output_dir = output_dir or config.get("output_dir")
     if not output_dir:
-        raise ValueError("no output directory: set output_dir in the config or pass --output-dir")
+        raise ValueError("no output directory: set output_dir in the config or the output_dir argument")
     directory = Path(output_dir)
     resolve_data_paths(config, base_dir)
     claim = claim_run_directory(directory, resume=resume, overwrite=overwrite, disposable=BEFORE_FIRST_CHECKPOINT) \
@@ -119,7 +119,7 @@ def _prepare_claimed(config: dict, directory: Path, resume: bool, overwrite: boo
 
 
 def build_run_model(config: dict, num_classes: int):
-    """:func:`metapeft.build.build_model`, with a ``model.kwargs`` entry the backbone does not take named in a
+    """:func:`metapeft.runs.builders.build_model`, with a ``model.kwargs`` entry the backbone does not take named in a
     ``ValueError`` (timm raises a bare ``TypeError``)."""
     kwargs = (config.get("model") or {}).get("kwargs") or {}
     try:
@@ -134,7 +134,7 @@ def build_run_model(config: dict, num_classes: int):
 def finish_run(run: PreparedRun, trainer: MetaPEFTTrainer) -> dict:
     """After a completed ``fit``: write ``adapter.safetensors`` and the test metrics ``eval.json``; returns them. Under
     torchrun every rank evaluates its shard and rank 0 writes."""
-    from metapeft.io import save_adapter
+    from metapeft.adapter_files import save_adapter
 
     metrics = trainer.evaluate(run.data.test)
     if trainer.rank == 0:
@@ -168,9 +168,9 @@ def load_run(run: str | os.PathLike, weights: str | os.PathLike | None = None) -
 
     Strict: the file is verified (checksum, finiteness) and must hold every PEFT weight, modulator and head tensor
     of the rebuilt model, and nothing the model lacks, with the model's shapes and dtypes
-    (:class:`~metapeft.checkpoint.LoadError` naming the file and every problem otherwise)."""
-    from metapeft.checkpoint import check_tensors_fit, copy_into, load_checkpoint, load_safetensors
-    from metapeft.io import adapter_tensors
+    (:class:`~metapeft.atomic_files.LoadError` naming the file and every problem otherwise)."""
+    from metapeft.adapter_files import adapter_tensors
+    from metapeft.atomic_files import check_tensors_fit, copy_into, load_checkpoint, load_safetensors
 
     config, directory = read_run_config(run)
     run = Path(run)
@@ -201,10 +201,10 @@ def eval_data(config: dict, data: str | os.PathLike | None = None, split: str = 
     if data is not None:
         data_path = Path(data)
         if not data_path.is_file():
-            raise FileNotFoundError(f"--data {data_path}: no such file (give a config yaml with a data section, or "
+            raise FileNotFoundError(f"data {data_path}: no such file (give a config yaml with a data section, or "
                                     "an index file listing 'relative/path label' lines under the run's data root)")
         if data_path.suffix in (".yaml", ".yml"):
-            loaded = read_yaml_mapping(data_path, "--data")
+            loaded = read_yaml_mapping(data_path, "data")
             data_config = dict(loaded.get("data", loaded))
             resolve_data_paths({"data": data_config}, data_path.resolve().parent)
         else:

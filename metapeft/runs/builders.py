@@ -1,5 +1,5 @@
-"""Builders from a run config (:mod:`metapeft.config`): the backbone with its pre-trained weights, the PEFT model and
-the datasets.
+"""Builders from a run config (:mod:`metapeft.runs.config`): the backbone with its pre-trained weights, the PEFT
+model and the datasets.
 
 Errors are ordinary exceptions whose message names the key or the file: ``ValueError`` (a bad value or a file that
 does not fit), ``FileNotFoundError`` (a missing file), ``ConnectionError`` / ``OSError`` (no way to download the
@@ -15,14 +15,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from metapeft.atomic_files import load_safetensors, read_torch_file
 from metapeft.backbones import SATMAE_MEAN, SATMAE_STD, load_satmae_weights
-from metapeft.checkpoint import load_safetensors, read_torch_file
-from metapeft.config import MODEL_KEYS, PEFT_KEYS, section
 from metapeft.heads import find_head
 from metapeft.inject import InjectionSummary, inject
+from metapeft.runs.config import MODEL_KEYS, PEFT_KEYS, section
 
 HUB_HOST = ("huggingface.co", 443)
-WEIGHTS_FORMATS = ("timm", "satmae")  # model.weights_format: the key layout of the --weights file
+WEIGHTS_FORMATS = ("timm", "satmae")  # model.weights_format: the key layout of the model.weights file
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -37,10 +37,10 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A state dict from a ``.safetensors`` file or a ``torch.save`` file (loaded with ``weights_only=True``;
     a ``{"state_dict": ...}`` or ``{"model": ...}`` wrapper is unwrapped). A file that cannot be read, or holds
-    non-finite values, is a :class:`~metapeft.checkpoint.LoadError` naming it."""
+    non-finite values, is a :class:`~metapeft.atomic_files.LoadError` naming it."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--weights {path}: no such file")
+        raise FileNotFoundError(f"model.weights {path}: no such file")
     if path.suffix == ".safetensors":
         return load_safetensors(path, require_checksum=False)[0]
     state = read_torch_file(path)
@@ -48,7 +48,7 @@ def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"--weights {path}: expected a state dict of tensors")
+        raise ValueError(f"model.weights {path}: expected a state dict of tensors")
     return state
 
 
@@ -65,7 +65,7 @@ def load_backbone_weights(model: nn.Module, path: str | os.PathLike, name: str) 
     missing = [k for k in result.missing_keys if not k.startswith(head_prefix)]
     wrong_shape = [f"{k} {tuple(own[k].shape)}" for k in mismatched if not k.startswith(head_prefix)]
     if missing or result.unexpected_keys or wrong_shape:
-        raise ValueError(f"--weights {path} does not fit {name!r}: missing {missing[:5]}, unexpected "
+        raise ValueError(f"model.weights {path} does not fit {name!r}: missing {missing[:5]}, unexpected "
                          f"{result.unexpected_keys[:5]}, other shape than the model's {wrong_shape[:5]}")
 
 
@@ -89,13 +89,13 @@ def build_backbone(model_config: dict, num_classes: int) -> nn.Module:
         raise ValueError(f"model.weights_format must be one of {WEIGHTS_FORMATS}, got {weights_format!r}")
     if weights_format == "satmae" and weights is None:
         raise ValueError(f"model.weights_format='satmae': {name!r} starts from SatMAE's pre-training checkpoint; "
-                         "pass --weights PATH (e.g. fmow_pretrain.pth)")
+                         "set model.weights to it (e.g. fmow_pretrain.pth)")
     download = weights is None and pretrained
     if download and not os.environ.get("HF_HUB_OFFLINE") and not hub_reachable():
         raise ConnectionError(
             f"no pre-trained weights for {name!r}: the Hugging Face hub ({HUB_HOST[0]}) is not reachable for timm's "
-            "download and no local file was given; pass --weights PATH (a .safetensors or torch state dict of the "
-            "backbone) or set model.pretrained=false to start from random weights")
+            "download and no local file was given; set model.weights to a local file (a .safetensors or torch "
+            "state dict of the backbone) or set model.pretrained=false to start from random weights")
     try:
         model = timm.create_model(name, pretrained=download, num_classes=num_classes, **kwargs)
     except RuntimeError as error:
@@ -103,12 +103,13 @@ def build_backbone(model_config: dict, num_classes: int) -> nn.Module:
             raise ValueError(f"model.name {name!r} is not a timm model ({error})") from None
         if not download:
             raise
-        raise OSError(f"timm could not load pre-trained weights for {name!r} ({error}); pass --weights PATH") from None
+        raise OSError(f"timm could not load pre-trained weights for {name!r} ({error}); "
+                      "set model.weights to a local file") from None
     except OSError as error:  # network and hub-cache failures of the download
         if not download:
             raise
         raise OSError(f"timm could not download pre-trained weights for {name!r} ({type(error).__name__}: {error}); "
-                      "pass --weights PATH") from None
+                      "set model.weights to a local file") from None
     if weights_format == "satmae":
         load_satmae_weights(model, weights)
     elif weights is not None:

@@ -5,7 +5,7 @@
 - ``metrics.jsonl``: one strict-JSON record per line, every ``log_every`` steps, each epoch and evaluation;
 - ``model.safetensors``: the trained tensors (:func:`trained_tensors`), when ``fit`` finishes.
 
-Only rank 0 writes; files are replaced atomically (:mod:`metapeft.checkpoint`). A checkpoint records how many bytes
+Only rank 0 writes; files are replaced atomically (:mod:`metapeft.atomic_files`). A checkpoint records how many bytes
 of the log existed when it was written, so a resume cuts the log back to that point and the resumed run's log equals
 an uninterrupted run's. It also records what it continues (:func:`run_fingerprint`: the training and validation
 sets' sizes, labels and a few samples' content, and a digest of every frozen tensor), and a resume refuses a
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from metapeft.checkpoint import LoadError, check_tensors_fit, content_digest, save_checkpoint, save_safetensors
+from metapeft.atomic_files import LoadError, check_tensors_fit, content_digest, save_checkpoint, save_safetensors
 from metapeft.data.seeded import item_digest
 from metapeft.trainer.config import RUN_CONTROL_FIELDS
 
@@ -57,14 +57,14 @@ def trained_tensors(model: nn.Module, full: bool) -> dict[str, torch.Tensor]:
 
 
 def check_trained_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], full: bool, source: str) -> None:
-    """:class:`~metapeft.checkpoint.LoadError` naming ``source`` unless ``tensors`` are exactly the tensors a run of
+    """:class:`~metapeft.atomic_files.LoadError` naming ``source`` unless ``tensors`` are exactly the tensors a run of
     ``model`` saves (:func:`trained_tensor_names`), with the model's shapes and dtypes."""
     current = model.state_dict()
     check_tensors_fit(tensors, {name: current[name] for name in trained_tensor_names(model, full)}, source)
 
 
 def check_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict | None, name: str, source: str) -> None:
-    """:class:`~metapeft.checkpoint.LoadError` naming ``source`` unless ``saved`` (an optimizer state dict) covers
+    """:class:`~metapeft.atomic_files.LoadError` naming ``source`` unless ``saved`` (an optimizer state dict) covers
     as many parameters as ``optimizer`` with per-parameter buffers (momentum, Adam moments) of their shapes."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if not isinstance(saved, dict) or "param_groups" not in saved or "state" not in saved:
@@ -129,7 +129,7 @@ def _fingerprint_differences(saved: dict, current: dict) -> list[str]:
 
 
 def check_same_run(saved: dict | None, current: dict, source: str) -> None:
-    """:class:`~metapeft.checkpoint.LoadError` naming ``source`` and every difference when the checkpoint's
+    """:class:`~metapeft.atomic_files.LoadError` naming ``source`` and every difference when the checkpoint's
     :func:`run_fingerprint` differs from the trainer's (other data, another frozen backbone); checkpoints written
     before fingerprints existed (None) are not checked."""
     if saved is None:

@@ -9,9 +9,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import metapeft
-import metapeft.checkpoint
+import metapeft.adapter_files
+import metapeft.atomic_files
 import metapeft.hf_peft
-import metapeft.io
 from tests.helpers.vit import images, randomize, tiny_vit
 
 
@@ -35,8 +35,8 @@ def test_round_trip_is_exact_into_a_fresh_model(tmp_path, meta):
     fresh = tiny_vit()  # the same frozen base weights; head and PEFT weights come from the file
     assert not torch.equal(fresh.head.weight, model.head.weight)
     metapeft.load_adapter(fresh, path)
-    for key, tensor in metapeft.io.adapter_tensors(model).items():
-        assert torch.equal(metapeft.io.adapter_tensors(fresh)[key], tensor), key
+    for key, tensor in metapeft.adapter_files.adapter_tensors(model).items():
+        assert torch.equal(metapeft.adapter_files.adapter_tensors(fresh)[key], tensor), key
     assert torch.equal(fresh(x), model(x))
 
 
@@ -75,10 +75,10 @@ def test_config_mismatch_is_refused_with_the_difference(tmp_path, kwargs, match)
     path = metapeft.save_adapter(injected(), tmp_path / "a.safetensors")
     other = tiny_vit()
     metapeft.inject(other, **{"positions": ("q", "v", "out", "mlp1"), "layers": [0, 2], "rank": 3, **kwargs})
-    before = {k: t.clone() for k, t in metapeft.io.adapter_tensors(other).items()}
+    before = {k: t.clone() for k, t in metapeft.adapter_files.adapter_tensors(other).items()}
     with pytest.raises(ValueError, match=match):
         metapeft.load_adapter(other, path)
-    assert all(torch.equal(before[k], t) for k, t in metapeft.io.adapter_tensors(other).items())
+    assert all(torch.equal(before[k], t) for k, t in metapeft.adapter_files.adapter_tensors(other).items())
 
 
 def test_shape_mismatch_and_foreign_files_are_refused(tmp_path):
@@ -111,7 +111,7 @@ def test_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch
             handle.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(metapeft.checkpoint, "save_file", crash)
+    monkeypatch.setattr(metapeft.atomic_files, "save_file", crash)
     with pytest.raises(OSError, match="disk full"):
         metapeft.save_adapter(injected(seed=2), path)
     assert path.read_bytes() == old
@@ -151,7 +151,7 @@ def test_an_adapter_of_a_deeper_model_names_the_file(tmp_path):
     path = metapeft.save_adapter(deep, tmp_path / "deep.safetensors")
     shallow = tiny_vit(depth=2)
     before = {k: v.clone() for k, v in shallow.state_dict().items()}
-    with pytest.raises(metapeft.checkpoint.LoadError, match=f"adapter file {path} does not fit the model: .*block "
+    with pytest.raises(metapeft.atomic_files.LoadError, match=f"adapter file {path} does not fit the model: .*block "
                                                             "indices in \\[0, 2\\)"):
         metapeft.load_adapter(shallow, path)
     assert not hasattr(shallow, "metapeft_config") and all(torch.equal(before[k], v)

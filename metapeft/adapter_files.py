@@ -13,7 +13,7 @@ from itertools import chain
 import torch
 from torch import nn
 
-from metapeft.checkpoint import (
+from metapeft.atomic_files import (
     CHECKSUM_KEY,
     LoadError,
     check_tensors_fit,
@@ -198,7 +198,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> AdapterInfo:
     shapes, dtypes); only then does ``model`` change. An uninjected model is injected with the file's config; an
     injected one must carry the same injection (dropout, init_gamma and backend may differ). A head
     (``modules_to_save``) whose type or size differs from the file's is replaced by the file's (a cosine or linear
-    classifier). Errors are :class:`~metapeft.checkpoint.LoadError` naming the file and every problem. Returns the
+    classifier). Errors are :class:`~metapeft.atomic_files.LoadError` naming the file and every problem. Returns the
     file's :class:`AdapterInfo` (class names, gamma, versions, ...).
     """
     path = os.fspath(path)

@@ -25,7 +25,7 @@ import time
 from collections.abc import Collection
 from pathlib import Path
 
-from metapeft.checkpoint import NAME_MAX, fit_file_name, remove_stale_temporaries
+from metapeft.atomic_files import NAME_MAX, fit_file_name, remove_stale_temporaries
 
 LOCK_NAME = ".lock"
 _HELD: dict[Path, RunClaim] = {}

@@ -1,4 +1,4 @@
-"""Run directories of the command line (metapeft.runs): a damaged recorded config, a backbone argument typo, a
+"""Run directories of the command line (metapeft.runs.directory): a damaged recorded config, a backbone argument typo, a
 start that failed before its first checkpoint: each is an error naming the file or key, never a traceback, and a
 directory without a checkpoint is reusable."""
 
@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from metapeft.cli import main
-from metapeft.runs import RUN_CONFIG, read_run_config
+from metapeft.runs.directory import RUN_CONFIG, read_run_config
 from tests.helpers.cli import tiny_config
 from tests.helpers.imagefiles import tiny_split_dataset
 from tests.helpers.threads import one_torch_thread  # noqa: F401  (autouse fixture)
