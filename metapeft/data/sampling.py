@@ -1,4 +1,5 @@
-"""Deterministic sampling: epoch batch orders, stratified meta sets and meta batches, DDP shards.
+"""Deterministic sampling: epoch batch orders, stratified meta sets, a meta step's look-ahead and meta batches, DDP
+shards.
 
 Every draw comes from its own generator seeded by ``(seed, purpose, step)``, never from the global RNG,
 so it is the same on every DDP rank, reproducible after a resume, and independent of what else consumed
@@ -6,6 +7,8 @@ random numbers.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -181,3 +184,32 @@ def shard_bounds(length: int, rank: int, world_size: int) -> tuple[int, int]:
     base, extra = divmod(length, world_size)
     start = rank * base + min(rank, extra)
     return start, start + base + (1 if rank < extra else 0)
+
+
+@dataclass(frozen=True)
+class MetaStepSamples:
+    """Where a meta step's samples come from: the extra look-ahead batches (steps 2..K) from ``train_indices``
+    (the inner loop's indices into ``train_set``), the meta batch from ``sampler`` (indices into ``meta_source``:
+    the training set, or a separate validation set). ``batch_size``: the look-ahead batches' size; every draw is a
+    function of ``(seed, outer step)``."""
+
+    train_set: object
+    train_indices: torch.Tensor
+    meta_source: object
+    sampler: MetaSetSampler
+    seed: int
+    batch_size: int
+
+    def lookahead(self, batch_indices: torch.Tensor, count: int, outer_step: int,
+                  batch_size: int | None = None) -> list[torch.Tensor]:
+        """``count`` look-ahead batches of outer step ``outer_step`` (:func:`lookahead_batches`), none of them
+        holding the step's own batch ``batch_indices``; ``batch_size`` defaults to :attr:`batch_size`."""
+        if count <= 0:
+            return []
+        return lookahead_batches(self.train_indices, batch_indices, count, batch_size or self.batch_size, self.seed,
+                                 outer_step)
+
+    def meta_batch(self, outer_step: int, seen: torch.Tensor) -> torch.Tensor:
+        """The meta batch of outer step ``outer_step`` (indices into :attr:`meta_source`); a meta set drawn from the
+        training set excludes ``seen`` (the training indices the step's look-ahead uses)."""
+        return self.sampler.meta_batch(outer_step, None if self.sampler.separate_source else seen)

@@ -17,8 +17,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from metapeft.data.shards import batch_to_device
 from metapeft.metrics import metrics_from_confusion
-from metapeft.trainer.model_setup import batch_to_device, parameter_dtype
+from metapeft.trainer.model_setup import parameter_dtype
 
 
 @contextlib.contextmanager

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from metapeft.atomic_files import copy_into, load_checkpoint, rng_state, seed_everything, set_rng_state
-from metapeft.data.sampling import LOADER, MetaSetSampler, dataset_labels, epoch_batches, generator_for, shard_bounds
+from metapeft.data.sampling import MetaSetSampler, MetaStepSamples, dataset_labels, epoch_batches
 from metapeft.data.seeded import SeededSamples
+from metapeft.data.shards import Shards
 from metapeft.heads import CosineClassifier, find_head
 from metapeft.inject import unwrap_model
 from metapeft.layers.base import MetaPEFTModule
@@ -45,7 +45,6 @@ from metapeft.trainer.evaluation import class_feature_sums, confusion_counts
 from metapeft.trainer.gamma_range import GammaRangeWatch
 from metapeft.trainer.model_setup import (
     autocast_context,
-    batch_to_device,
     install_head,
     parameter_dtype,
     resolve_device,
@@ -142,9 +141,12 @@ class MetaPEFTTrainer:
             torch.arange(self.train_labels.numel())
         self.steps_per_epoch = math.ceil(self.train_indices.numel() / config.batch_size)
         self.total_steps = self.steps_per_epoch * config.epochs
-        self.step = BilevelStep(self.model, self.phi, self.rho, self.loss_fn, config, self.meta_sampler,
-                                train_set if val_set is None else val_set, train_set, self.train_indices,
-                                self.total_steps, self.device, self.param_dtype, self.rank, self.world_size)
+        self.shards = Shards(self.rank, self.world_size, self.device, self.param_dtype, config.num_workers)
+        samples = None if self.meta_sampler is None else MetaStepSamples(
+            train_set, self.train_indices, train_set if val_set is None else val_set, self.meta_sampler, config.seed,
+            config.batch_size)
+        self.step = BilevelStep(self.model, self.phi, self.rho, self.loss_fn, config, samples, self.shards,
+                                self.total_steps)
         self.epoch = self.step_in_epoch = self.global_step = 0
         self.output_dir = None if config.output_dir is None else Path(config.output_dir)
         self.files = RunFiles(self.output_dir, self.rank)
@@ -243,7 +245,7 @@ class MetaPEFTTrainer:
         """One global step on the global batch (x, y) (training-set indices ``batch_indices``), each rank computing
         on its shard; returns the step's values (``lr``, ``train_loss``, and ``meta_loss`` / ``grad_norm`` when
         computed)."""
-        start, stop = shard_bounds(len(y), self.rank, self.world_size)
+        start, stop = self.shards.bounds(len(y))
         return self._train_shard(x[start:stop], y[start:stop], batch_indices)
 
     def _train_shard(self, x: torch.Tensor, y: torch.Tensor, batch_indices: torch.Tensor) -> dict:
@@ -272,34 +274,6 @@ class MetaPEFTTrainer:
                 method(self, *payload)
 
     # ----- the loop ---------------------------------------------------------------------------------------
-    def _loader(self, batch_indices: list[torch.Tensor]) -> DataLoader:
-        """This rank's shards of the training set's batches, in the given order (a rank loads only the samples it
-        computes on; an empty shard loads its batch's first sample, cut away by :meth:`_local`); its own
-        generator, so the global RNG stays untouched."""
-        shards = [b[slice(*shard_bounds(len(b), self.rank, self.world_size))].tolist() or b[:1].tolist()
-                  for b in batch_indices]
-        # each sample's augmentation is drawn from (seed, epoch, index): the same whichever worker reads it, so a run
-        # resumed mid-epoch (whose workers get the remaining batches in another order) reads what it would have
-        return DataLoader(SeededSamples(self.train_set, self.config.seed, self.epoch), batch_sampler=shards,
-                          num_workers=self.config.num_workers, pin_memory=self.device.type == "cuda",
-                          generator=generator_for(self.config.seed, LOADER, self.epoch))
-
-    def _local(self, loaded, batch_indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """A batch from :meth:`_loader` on the device: this rank's shard of ``batch_indices`` (zero samples when
-        the shard is empty)."""
-        x, y = batch_to_device(loaded, self.device, self.param_dtype)
-        start, stop = shard_bounds(len(batch_indices), self.rank, self.world_size)
-        return x[: stop - start], y[: stop - start]
-
-    def _shard_loader(self, dataset) -> tuple[DataLoader, int]:
-        """This rank's contiguous shard of ``dataset`` in order (evaluation passes) and the shard's first index; its
-        own generator, so the global RNG stays untouched (an evaluation never changes what training draws next)."""
-        start, stop = shard_bounds(len(dataset), self.rank, self.world_size)
-        loader = DataLoader(Subset(dataset, range(start, stop)), batch_size=self.config.batch_size,
-                            num_workers=self.config.num_workers, pin_memory=self.device.type == "cuda",
-                            generator=torch.Generator().manual_seed(0))
-        return loader, start
-
     def _begin(self) -> None:
         """Resume from ``output_dir``'s checkpoint (``resume=True``), or seed and initialise a fresh run."""
         if self.config.resume and self.files.has_checkpoint():
@@ -382,7 +356,7 @@ class MetaPEFTTrainer:
         while self.epoch < config.epochs:
             batches = epoch_batches(self.train_indices, config.batch_size, config.seed, self.epoch)
             remaining = batches[self.step_in_epoch:]
-            loader = iter(self._loader(remaining))
+            loader = iter(self.shards.epoch_loader(self.train_set, remaining, config.seed, self.epoch))
             bar = tqdm(total=len(batches), initial=self.step_in_epoch, desc=f"epoch {self.epoch + 1}/{config.epochs}",
                        disable=not config.progress or self.rank != 0, leave=False)
             for batch_indices in remaining:
@@ -390,7 +364,7 @@ class MetaPEFTTrainer:
                     bar.close()
                     self._checkpoint("stop")
                     return self._end({"global_step": self.global_step, "epoch": self.epoch, "stopped": True})
-                logs = self._train_shard(*self._local(next(loader), batch_indices), batch_indices)
+                logs = self._train_shard(*self.shards.local(next(loader), batch_indices), batch_indices)
                 self.step_in_epoch += 1
                 self.global_step += 1
                 bar.update(1)
@@ -477,7 +451,7 @@ class MetaPEFTTrainer:
     def init_head_from_class_means(self) -> None:
         """Set the cosine head's prototypes to the class-mean features (the head's inputs) over the training images
         of ``head_init_set``. Each rank embeds a contiguous shard; sums and counts are all-reduced."""
-        loader, first = self._shard_loader(self.head_init_set)
+        loader, first = self.shards.dataset_loader(self.head_init_set, self.config.batch_size)
         what = "train_set" if self.head_init_set is self.train_set else "head_init_set"
         sums, counts = self._checked_on_every_rank(lambda: class_feature_sums(
             self.module, self.head, loader, self.num_classes, self.device, self.param_dtype, self.autocast, what=what,
@@ -491,7 +465,7 @@ class MetaPEFTTrainer:
         ``dataset``, with ``config.class_split`` groups. Ranks evaluate shards and sum confusion matrices. A label
         outside ``[0, num_classes)``, a non-finite image or non-finite logits raise a ``ValueError`` naming the
         sample's index in ``dataset``."""
-        loader, first = self._shard_loader(dataset)
+        loader, first = self.shards.dataset_loader(dataset, self.config.batch_size)
         cm = self._checked_on_every_rank(lambda: confusion_counts(
             self.model, loader, self.num_classes, self.device, self.param_dtype, self.autocast, what="eval_set",
             first_index=first))

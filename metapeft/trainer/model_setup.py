@@ -1,5 +1,5 @@
-"""Putting a model in place for training: the device, bf16 autocast, batches on the device, the classifier head and
-which parameters train."""
+"""Putting a model in place for training: the device, bf16 autocast, the classifier head and which parameters
+train."""
 
 from __future__ import annotations
 
@@ -29,13 +29,6 @@ def autocast_context(device: torch.device, amp: str):
     if amp == "bf16" or (amp == "auto" and device.type == "cuda"):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def batch_to_device(batch, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x, y)`` on ``device``: floating ``x`` cast to the parameters' ``dtype``, labels ``y`` as int64."""
-    x, y = batch
-    x = x.to(device, dtype=dtype if x.is_floating_point() else None, non_blocking=True)
-    return x, y.to(device, non_blocking=True).long()
 
 
 def training_forward(model: nn.Module) -> nn.Module:

@@ -43,16 +43,15 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import default_collate
 
-from metapeft.data.sampling import MetaSetSampler, lookahead_batches, shard_bounds
+from metapeft.data.sampling import MetaStepSamples
+from metapeft.data.shards import Shards
 from metapeft.inject import unwrap_model
 from metapeft.meta import hypergradient
 from metapeft.meta.optim import CommonScaleCalibration, ModuleLRSGD, meta_optimizer
 from metapeft.params import modulators_with_constraints, module_lr_scales
 from metapeft.trainer.config import TrainerConfig
 from metapeft.trainer.distributed import all_reduce_sum
-from metapeft.trainer.model_setup import batch_to_device
 from metapeft.trainer.nonfinite import NonFiniteMonitor, all_finite
 
 
@@ -91,22 +90,15 @@ class BilevelStep:
         model: the model being trained; ``phi`` / ``rho`` its inner / outer parameters (``rho`` empty: plain PEFT).
         loss_fn: :class:`TrainingLoss`.
         config: the trainer's config (optimizer settings, meta schedule and mode).
-        meta_sampler: where meta batches come from (None without meta-learning); ``meta_source`` the dataset it
-            indexes.
-        train_set, train_indices: the training set and the indices the inner loop draws from (the extra
-            look-ahead steps' batches come from them).
+        samples: where a meta step's look-ahead and meta batches come from (None without meta-learning).
+        shards: which slice of every batch this rank computes, and where it goes.
         total_steps: steps of the whole run (the cosine schedule's length).
-        device, dtype, rank, world_size: where batches go and which shard this rank computes.
     """
 
     def __init__(self, model: nn.Module, phi: list[nn.Parameter], rho: list[nn.Parameter], loss_fn: TrainingLoss,
-                 config: TrainerConfig, meta_sampler: MetaSetSampler | None, meta_source, train_set,
-                 train_indices: torch.Tensor, total_steps: int, device: torch.device, dtype: torch.dtype, rank: int,
-                 world_size: int) -> None:
+                 config: TrainerConfig, samples: MetaStepSamples | None, shards: Shards, total_steps: int) -> None:
         self.model, self.phi, self.rho, self.loss_fn, self.config = model, phi, rho, loss_fn, config
-        self.meta_sampler, self.meta_source = meta_sampler, meta_source
-        self.train_set, self.train_indices = train_set, train_indices
-        self.device, self.dtype, self.rank, self.world_size = device, dtype, rank, world_size
+        self.samples, self.shards, self.world_size = samples, shards, shards.world_size
         self.optimizer = ModuleLRSGD(phi, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=total_steps) \
             if config.schedule == "cosine" else None
@@ -114,7 +106,7 @@ class BilevelStep:
         self.meta_every = total_steps // config.epochs if config.meta_interval == "epoch" else config.meta_interval
         self.outer_step = 0
         self.warmup_history: list[dict] = []
-        self.monitor = NonFiniteMonitor(device)
+        self.monitor = NonFiniteMonitor(shards.device)
 
     def inner_gradients(self, x: torch.Tensor, y: torch.Tensor,
                         batch_size: int) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -128,18 +120,9 @@ class BilevelStep:
             loss = loss.detach()
         else:
             grads = [torch.zeros_like(p) for p in self.phi]
-            loss = torch.zeros((), device=self.device)
+            loss = torch.zeros((), device=self.shards.device)
         *grads, loss = all_reduce_sum(grads + [loss.to(grads[0].dtype).reshape(1)], self.world_size)
         return grads, loss.reshape(())
-
-    def _shard_of(self, dataset, indices: torch.Tensor, empty: tuple[torch.Tensor, torch.Tensor]):
-        """This rank's shard of the samples ``dataset[indices]``, collated and on the device; ``empty`` (a
-        zero-length batch of the right shapes) when the shard is empty."""
-        start, stop = shard_bounds(indices.numel(), self.rank, self.world_size)
-        if stop == start:
-            return empty
-        return batch_to_device(default_collate([dataset[int(i)] for i in indices[start:stop]]), self.device,
-                               self.dtype)
 
     def lr_scales(self) -> list[torch.Tensor | None] | None:
         """With ``meta_module_lr``: each phi tensor's learning-rate multiplier (its module's gamma, differentiable in
@@ -152,17 +135,14 @@ class BilevelStep:
         """The hypergradient of outer step :attr:`outer_step` on this rank's shards ((x, y): this rank's shard of the
         step's global batch ``batch_indices``) with its own meta batch; counts the outer step and reports to
         :attr:`monitor` as step ``global_step + 1``. Returns :func:`metapeft.meta.hypergradient`'s result."""
-        config, sampler = self.config, self.meta_sampler
+        config, samples, shards = self.config, self.samples, self.shards
         train_shard, empty = (x, y), (x[:0], y[:0])
-        extra = lookahead_batches(self.train_indices, batch_indices, config.meta_lookahead_steps - 1,
-                                  config.batch_size, config.seed, self.outer_step) \
-            if config.meta_lookahead_steps > 1 else []
-        seen = torch.cat([batch_indices, *extra])
-        meta_indices = sampler.meta_batch(self.outer_step, None if sampler.separate_source else seen)
+        extra = samples.lookahead(batch_indices, config.meta_lookahead_steps - 1, self.outer_step)
+        meta_indices = samples.meta_batch(self.outer_step, torch.cat([batch_indices, *extra]))
         if meta_indices.numel() < self.world_size:
             raise ValueError(f"outer step {self.outer_step}: the meta batch has {meta_indices.numel()} samples, "
                              f"fewer than the {self.world_size} ranks")
-        val_shard = self._shard_of(self.meta_source, meta_indices, empty)
+        val_shard = shards.collate(samples.meta_source, meta_indices, empty)
         momentum_buffers = [self.optimizer.state.get(p, {}).get("momentum_buffer") for p in self.phi]
         if any(b is None for b in momentum_buffers):
             momentum_buffers = None
@@ -170,7 +150,7 @@ class BilevelStep:
                                lr=self.optimizer.param_groups[0]["lr"], momentum=config.momentum,
                                momentum_buffers=momentum_buffers, weight_decay=config.weight_decay,
                                mode=config.meta_mode,
-                               lookahead_batches=[self._shard_of(self.train_set, b, empty) for b in extra],
+                               lookahead_batches=[shards.collate(samples.train_set, b, empty) for b in extra],
                                reduce=dist.group.WORLD if self.world_size > 1 else None,
                                lr_scales=self.lr_scales())
         self.outer_step += 1
@@ -205,9 +185,9 @@ class BilevelStep:
         outer_step, self.outer_step = self.outer_step, WARMUP_OUTER_STEPS
         for _ in range(self.config.meta_warmup_steps):
             draws = [(x, y, batch_indices)]
-            for indices in lookahead_batches(self.train_indices, batch_indices, WARMUP_DRAWS - 1,
-                                             len(batch_indices), self.config.seed, self.outer_step):
-                draws.append((*self._shard_of(self.train_set, indices, empty), indices))
+            for indices in self.samples.lookahead(batch_indices, WARMUP_DRAWS - 1, self.outer_step,
+                                                  len(batch_indices)):
+                draws.append((*self.shards.collate(self.samples.train_set, indices, empty), indices))
             if not calibration.step([self.hypergradient(bx, by, bi, 0).meta_grads for bx, by, bi in draws]):
                 break
         self.outer_step = outer_step
