@@ -141,6 +141,27 @@ def reference_twin(model: nn.Module) -> nn.Module:
     return twin
 
 
+def _adamw_start(phi: dict[str, torch.Tensor], state) -> dict[str, tuple]:
+    state = [None] * len(phi) if state is None else state
+    return {n: (torch.zeros_like(p), torch.zeros_like(p), 0) if s is None else tuple(s)
+            for (n, p), s in zip(phi.items(), state, strict=True)}
+
+
+def _adamw_step(phi, g, moments, scales, lr, weight_decay, adamw):
+    """One AdamW step of every phi tensor, written from the formula (not from metapeft.meta.inner)."""
+    (b1, b2), eps = adamw["betas"], adamw.get("eps", 1e-8)
+    new_phi, new_moments = {}, {}
+    for n, p in phi.items():
+        m, v, t = moments[n]
+        t = t + 1
+        m = b1 * m + (1 - b1) * g[n]
+        v = b2 * v + (1 - b2) * g[n] ** 2
+        direction = weight_decay * p + (m / (1 - b1 ** t)) / (torch.sqrt(v / (1 - b2 ** t)) + eps)
+        new_phi[n] = p - lr * scales.get(n, 1.0) * direction
+        new_moments[n] = (m, v, t)
+    return new_phi, new_moments
+
+
 @dataclass
 class BruteForceHypergradient:
     """The oracle's meta step: ``meta_grads`` in ``meta_parameters(model)`` order, ``lookahead`` (phi_K) and
@@ -165,6 +186,7 @@ def brute_force_hypergradient(
     first_order: bool = False,
     twin: nn.Module | None = None,
     lr_scales: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+    adamw: dict[str, Any] | None = None,
 ) -> BruteForceHypergradient:
     """``d/d rho L_val(phi_K(rho), rho)`` by ``torch.func``, unrolling K = 1 + len(lookahead_batches) SGD steps as
     ``torch.optim.SGD`` takes them (dampening 0): ``m_k = g_k + wd * phi_k + mu * m_{k-1}``,
@@ -178,6 +200,11 @@ def brute_force_hypergradient(
     must have ``model``'s parameter names; it runs with double-differentiable attention
     (:func:`metapeft.meta.math_attention`). ``momentum_buffers``: m_{-1}, one tensor per ``trainable_phi(model)``
     entry (zeros when None).
+
+    ``adamw``: unroll torch's AdamW steps instead (``lr``, ``weight_decay`` as above; momentum unused), from
+    ``{"betas": (b1, b2), "eps": eps, "state": [(exp_avg, exp_avg_sq, steps taken) or None per phi tensor]}``
+    (state optional): ``t += 1; m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2;
+    phi = phi - lr * D * (wd * phi + (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps))``.
     """
     twin = reference_twin(model) if twin is None else twin
     phi_ids = {id(p) for p in trainable_phi(model)}
@@ -195,14 +222,18 @@ def brute_force_hypergradient(
 
     def lookahead(rho_):
         phi_k, m, first_grad = phi, start_buffers, None
+        moments = None if adamw is None else _adamw_start(phi, adamw.get("state"))
         scales = {} if lr_scales is None else lr_scales(rho_)
         for batch in (train_batch, *lookahead_batches):
             g = torch.func.grad(loss)(phi_k, rho_, batch)
             if first_order:
                 g = {n: t.detach() for n, t in g.items()}
             first_grad = g if first_grad is None else first_grad
-            m = {n: g[n] + weight_decay * phi_k[n] + momentum * m[n] for n in phi}
-            phi_k = {n: phi_k[n] - lr * scales.get(n, 1.0) * m[n] for n in phi}
+            if adamw is None:
+                m = {n: g[n] + weight_decay * phi_k[n] + momentum * m[n] for n in phi}
+                phi_k = {n: phi_k[n] - lr * scales.get(n, 1.0) * m[n] for n in phi}
+            else:
+                phi_k, moments = _adamw_step(phi_k, g, moments, scales, lr, weight_decay, adamw)
         return phi_k, first_grad
 
     def val_at_lookahead(rho_):

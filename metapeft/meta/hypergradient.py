@@ -26,6 +26,12 @@ the learning-rate term ``-lr * sum_k (dD/drho)^T (u_k * a_{k+1})`` (one reverse 
 derivative of the loss). In ``first_order`` mode the recursion runs with R_k = H_k = 0, so the learning-rate term
 is kept: it is what makes the modulator a learning rate even without second derivatives.
 
+AdamW instead of SGD (``inner_rule=AdamWRule(...)``, ``inner_state``: exp_avg, exp_avg_sq and step per phi tensor,
+e.g. the Trainer's optimizer state): the K steps are torch's AdamW steps and the recursion above is replaced by
+AdamW's adjoint (:class:`metapeft.meta.inner.AdamWRule`: the update is not linear in g_k, so c_{k-1} also reads step
+k-1's moments and gradient); the second-order term keeps its form ``-lr * sum_k R_k c_k``, with
+c_k = -(1/lr) dL_val/dg_k, and every mode works unchanged.
+
 Modes:
 
 - ``"exact"``: every R_k c_k (and H_k c_k) as ONE reverse-over-reverse product: the train backward of step k
@@ -52,11 +58,6 @@ The finite-difference eps uses the global ||c_k||. Every rank returns the same, 
 be empty (it then contributes zeros and runs no pass); a shard's size is the length of the first dimension
 of the first tensor found in the batch (depth-first through tuples, lists and dict values).
 
-An FSDP2 model (``torch.distributed.fsdp.fully_shard`` on its blocks and root) runs the same sharded meta step over
-its full parameters, all-gathered once per call (:mod:`metapeft.meta.fsdp`: why, and what it costs in memory);
-``reduce`` then defaults to every rank of the FSDP mesh, and ``meta_grads``, ``lookahead`` and ``phi_grads`` come back
-as ``DTensor`` laid out like the sharded parameters.
-
 Where it lives: this module has the public function and the dispatch; :mod:`metapeft.meta.inner` the inner
 rule (its update and its adjoint, shared with the trainer's real step), :mod:`metapeft.meta.lookahead` the forward
 look-ahead and the reverse recursion every mode shares, and one module per mode (:mod:`metapeft.meta.exact`,
@@ -81,13 +82,11 @@ from metapeft.meta.distributed import Reduction, as_reduction
 from metapeft.meta.exact import EXACT
 from metapeft.meta.finite_difference import FD_RADIUS, FINITE_DIFFERENCE
 from metapeft.meta.first_order import FIRST_ORDER
-from metapeft.meta.fsdp import is_fully_sharded, sharded_hypergradient
-from metapeft.meta.inner import SGDRule
+from metapeft.meta.inner import InnerRule, SGDRule
 from metapeft.meta.lookahead import (
     Problem,
     RngReplay,
     check_lr_scales,
-    check_momentum_buffers,
     grads_or_zeros,
     look_ahead,
     reverse,
@@ -131,13 +130,30 @@ def _check_fd_epsilon(mode, fd_epsilon) -> None:
         raise ValueError(f"fd_epsilon is only used by mode='finite_difference', got mode={mode!r}")
 
 
+def _inner_rule(lr, momentum, momentum_buffers, weight_decay, inner_rule, inner_state) -> InnerRule:
+    """SGDRule(lr, momentum, weight_decay), or ``inner_rule`` when given (then no SGD argument may be)."""
+    if inner_rule is None:
+        if lr is None:
+            raise ValueError("give lr (the inner SGD step) or inner_rule")
+        if inner_state is not None:
+            raise ValueError("inner_state belongs to inner_rule; for SGD pass momentum_buffers")
+        return SGDRule(lr, momentum, weight_decay)
+    given = [name for name, value, default in (("lr", lr, None), ("momentum", momentum, 0.0),
+                                               ("momentum_buffers", momentum_buffers, None),
+                                               ("weight_decay", weight_decay, 0.0)) if value != default]
+    if given:
+        raise ValueError(f"inner_rule={inner_rule!r} carries its own hyperparameters and state; do not also pass "
+                         f"{', '.join(given)}")
+    return inner_rule
+
+
 def hypergradient(
     model: nn.Module,
     loss_fn: Callable[[nn.Module, Any], torch.Tensor],
     train_batch: Any,
     val_batch: Any,
     *,
-    lr: float,
+    lr: float | None = None,
     momentum: float = 0.0,
     momentum_buffers: Sequence[torch.Tensor | None] | None = None,
     weight_decay: float = 0.0,
@@ -145,7 +161,9 @@ def hypergradient(
     fd_epsilon: float | None = None,
     lookahead_batches: Sequence[Any] = (),
     reduce: dist.ProcessGroup | Reduction | None = None,
-    lr_scales: Sequence[torch.Tensor | None] | Callable[..., Sequence[torch.Tensor | None]] | None = None,
+    lr_scales: Sequence[torch.Tensor | None] | None = None,
+    inner_rule: InnerRule | None = None,
+    inner_state: Sequence[Any] | None = None,
 ) -> HypergradientResult:
     """One meta step: d L_val(phi_K) / d rho through K SGD look-ahead steps (see the module docstring for the math).
 
@@ -165,22 +183,25 @@ def hypergradient(
             1 + len(lookahead_batches); empty (K = 1) by default.
         reduce: None for a single process; otherwise a ``torch.distributed`` process group, or a callable
             summing a list of tensors over the ranks (:mod:`metapeft.meta.distributed`). Every batch is then
-            this rank's shard and every rank must make the same call (same K, same model). On an FSDP2 model None
-            means every rank of its mesh.
+            this rank's shard and every rank must make the same call (same K, same model).
         lr_scales: per phi parameter (``trainable_phi`` order), a learning-rate multiplier D broadcastable to it
             and differentiable in rho (e.g. :func:`metapeft.params.module_lr_scales`), or None (1); the look-ahead
-            steps are ``phi - lr * D * u`` (module docstring). None for the whole list: plain SGD. Or a callable
-            ``(model, phi) -> that list``, called once phi is known (e.g. ``module_lr_scales`` itself; needed on an
-            FSDP2 model, whose scales must come from the gathered modulators).
+            steps are ``phi - lr * D * u`` (module docstring). None for the whole list: plain SGD.
+        inner_rule, inner_state: instead of ``lr`` / ``momentum`` / ``weight_decay`` / ``momentum_buffers``, another
+            inner rule (:class:`metapeft.meta.inner.AdamWRule`, torch's AdamW; e.g. from a live optimizer by
+            :func:`metapeft.meta.optim.inner_rule_for`) and its state from before the step, one entry (or None) per
+            phi parameter (``trainable_phi`` order; None for the whole list: no step taken yet). The recursion is
+            then that rule's adjoint (:mod:`metapeft.meta.inner`).
+
+    Returns a :class:`HypergradientResult` (global over the ranks); the model's parameters and their ``.grad``
+    are untouched.
 
     Returns a :class:`HypergradientResult` (global over the ranks); the model's parameters and their ``.grad``
     are untouched.
     """
-    if is_fully_sharded(model):  # FSDP2: this same call over the gathered parameters (metapeft.meta.fsdp)
-        return sharded_hypergradient(hypergradient, dict(locals()))
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    rule = SGDRule(lr, momentum, weight_decay)
+    rule = _inner_rule(lr, momentum, momentum_buffers, weight_decay, inner_rule, inner_state)
     _check_fd_epsilon(mode, fd_epsilon)
     if not isinstance(lookahead_batches, (list, tuple)):
         raise ValueError(f"lookahead_batches must be a list or tuple of batches (steps 2..K), got "
@@ -191,8 +212,8 @@ def hypergradient(
         raise ValueError("model has no learnable modulators: meta_parameters(model) is empty")
     if not phi:
         raise ValueError("model has no trainable parameters besides its modulators: trainable_phi(model) is empty")
-    buffers = check_momentum_buffers(momentum_buffers, phi)
-    scales = check_lr_scales(lr_scales(model, phi) if callable(lr_scales) else lr_scales, phi)
+    buffers = rule.check_state(momentum_buffers if inner_rule is None else inner_state, phi)
+    scales = check_lr_scales(lr_scales, phi)
     names = ["train_batch", *(f"lookahead_batches[{i}]" for i in range(len(lookahead_batches))), "val_batch"]
     batches = dict(zip(names, [train_batch, *lookahead_batches, val_batch]))
     weights = [None] * len(batches) if reduce is None else shard_weights(batches, reduce, phi[0].device)
@@ -210,9 +231,9 @@ def hypergradient(
         meta_grads = direct
     else:
         second, lr_term = reverse(problem, rule, engine, steps, v, scales)
-        meta_grads = [d - lr * s for d, s in zip(direct, second)]
+        meta_grads = [d - rule.lr * s for d, s in zip(direct, second)]
         if lr_term is not None and lr_term.requires_grad:
-            meta_grads = [g - lr * t for g, t in zip(meta_grads, grads_or_zeros(lr_term, rho))]
+            meta_grads = [g - rule.lr * t for g, t in zip(meta_grads, grads_or_zeros(lr_term, rho))]
     return HypergradientResult(
         meta_grads=[g.detach() for g in meta_grads],
         lookahead=values,

@@ -91,20 +91,6 @@ def grads_or_zeros(outputs, inputs, **kwargs) -> list[torch.Tensor]:
     return [torch.zeros_like(p) if g is None else g for p, g in zip(inputs, grads)]
 
 
-def check_momentum_buffers(buffers, phi: list[nn.Parameter]) -> list[torch.Tensor | None]:
-    if buffers is None:
-        return [None] * len(phi)
-    buffers = list(buffers)
-    if len(buffers) != len(phi):
-        raise ValueError(f"momentum_buffers must have one entry (or None) per trainable_phi(model) parameter "
-                         f"({len(phi)}), got {len(buffers)}")
-    for i, (m, p) in enumerate(zip(buffers, phi)):
-        if m is not None and (not isinstance(m, torch.Tensor) or m.shape != p.shape or m.device != p.device):
-            raise ValueError(f"momentum_buffers[{i}] must be None or a tensor of shape {tuple(p.shape)} on {p.device}, "
-                             f"got {type(m).__name__}{tuple(m.shape) if isinstance(m, torch.Tensor) else ''}")
-    return buffers
-
-
 def check_lr_scales(scales, phi: list[nn.Parameter]) -> list[torch.Tensor | None] | None:
     if scales is None:
         return None
@@ -161,11 +147,14 @@ def rank_sum_or_local(reduce: Reduction | None, tensors: list[torch.Tensor]) -> 
 
 class Step:
     """One look-ahead step's record: phi_k (values), the tensors its gradient was taken with respect to, its
-    shard's weight and batch, and (exact mode) the rank-local gradient with its double-differentiable graph."""
+    shard's weight and batch, g_k and the rule's state after the step (``grads``, ``updates``: the
+    :class:`~metapeft.meta.inner.StepRecord` the rule's adjoint reads), and (exact mode) the rank-local gradient
+    with its double-differentiable graph."""
 
     def __init__(self, values: list[torch.Tensor], batch: Any, weight: float | None, name: str) -> None:
         self.values, self.batch, self.weight, self.name = values, batch, weight, name
-        self.updates: list[torch.Tensor] = []
+        self.updates: list = []
+        self.grads: list[torch.Tensor] = []
         self.inputs: list[torch.Tensor] = []
         self.local_grads: list[torch.Tensor] = []
 
@@ -257,7 +246,7 @@ def look_ahead(problem: Problem, rule: InnerRule, mode: Mode, batches: dict[str,
         if not steps:
             phi_grads, train_loss = grads, loss
         values, buffers = rule.update(values, grads, buffers, scales)
-        step.updates = buffers
+        step.grads, step.updates = grads, buffers
         steps.append(step)
     return steps, values, phi_grads, train_loss
 
@@ -285,14 +274,14 @@ def reverse(problem: Problem, rule: InnerRule, mode: Mode, steps: list[Step], v:
     whose gradient in rho, times -lr, is the learning-rate term, else None): the reverse recursion through the
     rule's adjoint (:meth:`~metapeft.meta.inner.InnerRule.adjoint_step`), with the mode's products."""
     rho = problem.rho
-    adjoint, c = v, rule.adjoint_seed(v, scales)
+    adjoint, c = rule.adjoint_seed(v, scales, steps[-1])
     rho_term = [torch.zeros_like(p) for p in rho]
     lr_term = None
     for k in range(len(steps) - 1, -1, -1):
         step = steps[k]
         with_phi = k > 0
         if scales is not None:
-            term = rule.lr_scale_term(scales, step.updates, adjoint)
+            term = rule.lr_scale_term(scales, step, adjoint)
             lr_term = term if lr_term is None else lr_term + term
         products = mode.products(problem, step, k, c, with_phi)
         rho_term = [t + r for t, r in zip(rho_term, products[: len(rho)])]
@@ -300,5 +289,5 @@ def reverse(problem: Problem, rule: InnerRule, mode: Mode, steps: list[Step], v:
             hessian_c = products[len(rho):]
             if mode.reduces_products:
                 hessian_c = rank_sum_or_local(problem.reduce, hessian_c)
-            adjoint, c = rule.adjoint_step(adjoint, c, hessian_c, scales)
+            adjoint, c = rule.adjoint_step(adjoint, c, hessian_c, scales, steps[k - 1])
     return rank_sum_or_local(problem.reduce, rho_term), lr_term

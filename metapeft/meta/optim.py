@@ -9,7 +9,8 @@
   "every scale down") is kept.
 - ``"sgd"``: ``torch.optim.SGD`` (plain gradient steps; the step size follows the hypergradient's size).
 
-Also here: :class:`ModuleLRSGD` (the inner SGD step with module-wise learning rates; its update is
+Also here: :func:`inner_rule_for` (the inner rule and state a live torch SGD or AdamW optimizer would step with),
+:class:`ModuleLRSGD` (the inner SGD step with module-wise learning rates; its update is
 :class:`metapeft.meta.inner.SGDRule`, the look-ahead's) and
 :class:`CommonScaleCalibration` (the warm-up that moves all gammas by one learned factor).
 """
@@ -21,7 +22,7 @@ from collections.abc import Iterable
 
 import torch
 
-from metapeft.meta.inner import SGDRule
+from metapeft.meta.inner import AdamWRule, AdamWState, InnerRule, SGDRule
 from metapeft.modulator import gamma_from_modulator, log_gamma_gradient, modulator_from_gamma
 
 META_OPTIMIZERS = ("adam", "shared_adam", "sgd")
@@ -125,6 +126,66 @@ class ModuleLRSGD(torch.optim.SGD):
                 if rule.momentum != 0:
                     self.state[p]["momentum_buffer"] = buffer
         return loss
+
+
+def _groups_of(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> list[dict]:
+    """The param group of each of ``params``; a clear error for a parameter the optimizer does not hold."""
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    missing = [i for i, p in enumerate(params) if id(p) not in group_of]
+    if missing:
+        raise ValueError(f"the optimizer does not hold phi parameters {missing[:5]} (of {len(params)}): the look-ahead "
+                         "must step the parameters the optimizer steps")
+    return [group_of[id(p)] for p in params]
+
+
+def _one(groups: list[dict], key: str, optimizer) -> object:
+    values = {repr(g[key]) for g in groups}
+    if len(values) > 1:
+        raise ValueError(f"{type(optimizer).__name__}'s param groups differ in {key} ({sorted(values)}): the "
+                         f"look-ahead takes one {key}")
+    return groups[0][key]
+
+
+def inner_rule_for(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> tuple[InnerRule, list]:
+    """(rule, state): the inner rule (:mod:`metapeft.meta.inner`) that takes ``optimizer``'s next step of ``params``
+    (phi, e.g. :func:`metapeft.params.trainable_phi`), with its current learning rate, and the state it starts from
+    (one entry per parameter, for :func:`metapeft.meta.hypergradient`'s ``inner_state``).
+
+    - ``torch.optim.AdamW`` (also ``Adam(decoupled_weight_decay=True)``, and ``Adam`` without weight decay; fused,
+      foreach or single-tensor): :class:`~metapeft.meta.inner.AdamWRule` with each parameter's group weight decay;
+      state :class:`~metapeft.meta.inner.AdamWState` (``exp_avg``, ``exp_avg_sq``, ``step``) or None before its
+      first step.
+    - ``torch.optim.SGD`` (and :class:`ModuleLRSGD`): :class:`~metapeft.meta.inner.SGDRule`; state the momentum
+      buffers (None before the first step).
+
+    Every group must share one learning rate (and for SGD one momentum and weight decay); amsgrad, maximize,
+    Nesterov, dampening and other optimizers are refused with a clear error."""
+    groups = _groups_of(optimizer, params)
+    name = type(optimizer).__name__
+    if any(g.get("maximize") for g in groups):
+        raise ValueError(f"{name} with maximize=True is not supported by the look-ahead")
+    lr = float(_one(groups, "lr", optimizer))
+    if isinstance(optimizer, torch.optim.Adam):  # AdamW is a subclass of Adam in torch >= 2.6
+        decoupled = isinstance(optimizer, torch.optim.AdamW) or groups[0].get("decoupled_weight_decay", False)
+        if not decoupled and any(g["weight_decay"] for g in groups):
+            raise ValueError("torch.optim.Adam with weight_decay > 0 adds L2 to the gradient; the look-ahead follows "
+                             "AdamW (decoupled weight decay): use torch.optim.AdamW or weight_decay=0")
+        if any(g["amsgrad"] for g in groups):
+            raise ValueError(f"{name} with amsgrad=True is not supported by the look-ahead (AdamWRule)")
+        rule = AdamWRule(lr, tuple(float(b) for b in _one(groups, "betas", optimizer)),
+                         float(_one(groups, "eps", optimizer)), [float(g["weight_decay"]) for g in groups])
+        state = []
+        for p in params:
+            s = optimizer.state.get(p, {})
+            state.append(AdamWState(s["exp_avg"], s["exp_avg_sq"], float(s["step"])) if "step" in s else None)
+        return rule, state
+    if isinstance(optimizer, torch.optim.SGD):
+        if any(g["nesterov"] or g["dampening"] for g in groups):
+            raise ValueError(f"{name} with nesterov or dampening is not supported by the look-ahead (SGDRule)")
+        momentum = float(_one(groups, "momentum", optimizer))
+        rule = SGDRule(lr, momentum, float(_one(groups, "weight_decay", optimizer)))
+        return rule, [optimizer.state.get(p, {}).get("momentum_buffer") for p in params]
+    raise ValueError(f"the look-ahead follows torch.optim.SGD or torch.optim.AdamW; {name} has no inner rule")
 
 
 class CommonScaleCalibration:

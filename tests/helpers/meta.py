@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import metapeft
+from metapeft.layers import MetaPEFTModule
 from metapeft.meta import trainable_phi
 from metapeft.reference import brute_force_hypergradient
 
@@ -125,3 +126,24 @@ def adapter_net() -> nn.Module:
     model = AdapterNet().double()
     randomize_lora(model)
     return metapeft.mark_only_peft_trainable(model, extra=(model.head,))
+
+
+def independent_lr_scales(model: nn.Module):
+    """The oracle's module-wise learning rates, written apart from ``metapeft.params.module_lr_scales``: for every
+    PEFT module named ``m``, ``D = softplus(rho)`` of ``m.modulator`` on each of its PEFT weights, LoRA segment j's
+    gamma on segment j's rows of A and B."""
+    modules = {name: m for name, m in model.named_modules() if isinstance(m, MetaPEFTModule)}
+
+    def scales(rho: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, module in modules.items():
+            gamma = F.softplus(rho[f"{name}.modulator"])
+            for weight in module.peft_parameter_names:
+                rows = getattr(module, weight).shape[0]
+                if isinstance(module, metapeft.FusedMetaLoRA):
+                    out[f"{name}.{weight}"] = torch.cat([g.expand(rows // gamma.numel(), 1) for g in gamma])
+                else:
+                    out[f"{name}.{weight}"] = gamma
+        return out
+
+    return scales

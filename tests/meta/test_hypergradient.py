@@ -11,13 +11,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import metapeft
-from metapeft.layers import MetaPEFTModule
 from metapeft.meta import hypergradient, trainable_phi
 from tests.helpers.meta import (
     adapter_net,
     batches,
     brute_force,
     classification_loss,
+    independent_lr_scales,
     lora_mlp,
     lora_vit,
     momentum_buffers,
@@ -291,27 +291,6 @@ def test_meta_steps_lower_meta_loss_and_switch_off_the_harmful_position(mode):
     assert last.val_loss < 0.8 * first.val_loss
     assert model.bad.gamma.item() < 0.5 * gamma_start[1], "the harmful position's gamma must fall"
     assert model.good.gamma.item() > gamma_start[0], "the helpful position's gamma must not fall"
-
-
-def independent_lr_scales(model: nn.Module):
-    """The oracle's module-wise learning rates, written apart from ``metapeft.params.module_lr_scales``: for every
-    PEFT module named ``m``, ``D = softplus(rho)`` of ``m.modulator`` on each of its PEFT weights, LoRA segment j's
-    gamma on segment j's rows of A and B."""
-    modules = {name: m for name, m in model.named_modules() if isinstance(m, MetaPEFTModule)}
-
-    def scales(rho: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        out = {}
-        for name, module in modules.items():
-            gamma = F.softplus(rho[f"{name}.modulator"])
-            for weight in module.peft_parameter_names:
-                rows = getattr(module, weight).shape[0]
-                if isinstance(module, metapeft.FusedMetaLoRA):
-                    out[f"{name}.{weight}"] = torch.cat([g.expand(rows // gamma.numel(), 1) for g in gamma])
-                else:
-                    out[f"{name}.{weight}"] = gamma
-        return out
-
-    return scales
 
 
 @pytest.mark.parametrize("steps", [1, 2], ids=lambda k: f"K{k}")

@@ -44,7 +44,9 @@ def test_sgd_rule_adjoint_follows_its_formula():
     rule = SGDRule(0.3, 0.9, 0.01)
     adjoint, c, hessian_c = _start(), _start(), _start()
     scales = [None, torch.full((3,), 0.5, dtype=torch.float64), torch.tensor(2.0).double()]
-    torch.testing.assert_close(rule.adjoint_seed(adjoint, scales), [adjoint[0], 0.5 * adjoint[1], 2.0 * adjoint[2]])
+    carry, seed = rule.adjoint_seed(adjoint, scales)
+    assert carry is adjoint
+    torch.testing.assert_close(seed, [adjoint[0], 0.5 * adjoint[1], 2.0 * adjoint[2]])
     new_adjoint, new_c = rule.adjoint_step(adjoint, c, hessian_c, scales)
     expected = [a - 0.3 * (h + 0.01 * w) for a, h, w in zip(adjoint, hessian_c, c)]
     torch.testing.assert_close(new_adjoint, expected)
