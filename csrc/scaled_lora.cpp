@@ -52,10 +52,11 @@ int64_t check_common(const at::Tensor& x, const at::Tensor& weight, const at::Te
               "; they must be on one device");
   const int64_t N = weight.size(0), K = weight.size(1), r = lora_B.size(1);
   TORCH_CHECK(x.size(1) == K, "x's last dimension (", x.size(1), ") must equal weight's in_features (", K, ")");
-  TORCH_CHECK(r >= 1 && lora_A.size(0) % r == 0 && lora_A.size(1) == K, "lora_A must have shape (segments*", r,
-              ", ", K, "), got ", lora_A.sizes());
-  const int64_t S = lora_A.size(0) / r;
-  TORCH_CHECK(S >= 1 && N % S == 0, "lora_A holds ", S, " segments, which must divide out_features (", N, ")");
+  TORCH_CHECK(r >= 1, "rank (lora_B's columns) must be in [1, min(in_features, out_features/segments)], got ", r);
+  const int64_t S = std::max<int64_t>(lora_A.size(0) / r, 1);
+  TORCH_CHECK(lora_A.size(0) == S * r && lora_A.size(1) == K, "lora_A must have shape (", S * r, ", ", K,
+              ") = (segments*rank, in_features), got ", lora_A.sizes());
+  TORCH_CHECK(N % S == 0, "lora_A holds ", S, " segments, which must divide out_features (", N, ")");
   TORCH_CHECK(r <= std::min(K, N / S), "rank (lora_B's columns) must be in [1, ", std::min(K, N / S), "], got ", r);
   TORCH_CHECK(lora_B.size(0) == N, "lora_B must have shape (", N, ", ", r, "), got ", lora_B.sizes());
   TORCH_CHECK(scale.size(0) == S || scale.size(0) == N, "scale must have shape (", S, ",) (one per segment) or (", N,

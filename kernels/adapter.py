@@ -1,8 +1,9 @@
 """Triton kernels for the scaled adapter (the ``triton`` backend): row-fused forward and backward.
 
 Shapes (any M, D; masked tails; any strides): x (M, D), residual (M, D) or None (the residual is x),
-down_weight (b, D), down_bias (b,) or None, up_weight (D, b), up_bias (D,) or None, scale (1,) read from
-device memory inside the kernels (changing it never recompiles and never syncs the host); 1 <= b <= 256.
+down_weight (b, D), down_bias (b,) or None, up_weight (D, b), up_bias (D,) or None, scale (1,) or (D,) (one per
+output channel) read from device memory inside the kernels as a vector over D with stride ``stride_sd`` (0 for
+(1,); changing it never recompiles and never syncs the host); 1 <= b <= 256.
 fp32 / fp16 / bf16 inputs; every product accumulates in fp32. ``activation``: "relu" or "gelu" (exact, erf).
 
 Forward (``_adapter_fwd_kernel``, one program per BLOCK_M rows; the bottleneck row block stays in registers):
@@ -14,6 +15,9 @@ Backward (``_adapter_bwd_kernel``, one program per BLOCK_M rows):
     dx = drop'(dz down) [+ dOut when the residual is x]
   then torch GEMMs for the weight gradients, which reduce over M:  d up = scale dOut^T a,  d down = dz^T drop(x);
   d up_b = scale * (sum of the partials), d down_b = sum_m dz_m.
+  Per-channel scale c (D,) (``PER_CHANNEL``): G = (dOut * c) up, dz = G * act'(z), and d c's per-column partials
+  sum_m dOut * (a up^T + up_b) (fp32; one more (BLOCK_M, BLOCK_D) GEMM tile per D tile, the forward's up projection
+  recomputed) in a (grid, D) buffer; d up = c[:, None] dOut^T a, d up_b = c * (column sums).
 Dropout: the kernels' shared rule (``kernels/common.py``), the scaled-LoRA kernels' mask; regenerated in backward,
 never stored (d down materialises drop(x) transiently).
 
@@ -82,7 +86,7 @@ def _act_grad(z, ACTIVATION: tl.constexpr):
 def _adapter_fwd_kernel(
     x_ptr, res_ptr, dw_ptr, db_ptr, uw_ptr, ub_ptr, scale_ptr, z_ptr, out_ptr, M, D, B,
     stride_xm, stride_xd, stride_rm, stride_rd, stride_dwb, stride_dwd, stride_uwd, stride_uwb,
-    stride_zm, stride_zb, stride_om, stride_od,
+    stride_zm, stride_zb, stride_om, stride_od, stride_sd,
     p, inv_keep, seed_ptr,
     HAS_DOWN_BIAS: tl.constexpr, HAS_UP_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr,
@@ -110,10 +114,10 @@ def _adapter_fwd_kernel(
     z = acc.to(z_ptr.dtype.element_ty)
     tl.store(z_ptr + rm64[:, None] * stride_zm + rb[None, :] * stride_zb, z, mask=m_mask[:, None] & b_mask[None, :])
     a = _act(z.to(tl.float32), ACTIVATION).to(uw_ptr.dtype.element_ty)
-    c = tl.load(scale_ptr).to(tl.float32)
     for d0 in range(0, D, BLOCK_D):
         rd = d0 + tl.arange(0, BLOCK_D)
         d_mask = rd < D
+        c = tl.load(scale_ptr + rd * stride_sd, mask=d_mask, other=0.0).to(tl.float32)
         up_t = tl.load(uw_ptr + rd[None, :] * stride_uwd + rb[:, None] * stride_uwb,
                        mask=d_mask[None, :] & b_mask[:, None], other=0.0)
         delta = tl.dot(a, up_t, input_precision=DOT_PRECISION)
@@ -121,7 +125,7 @@ def _adapter_fwd_kernel(
             delta += tl.load(ub_ptr + rd, mask=d_mask, other=0.0).to(tl.float32)[None, :]
         tile = m_mask[:, None] & d_mask[None, :]
         res = tl.load(res_ptr + rm64[:, None] * stride_rm + rd[None, :] * stride_rd, mask=tile, other=0.0)
-        out = res.to(tl.float32) + c * delta
+        out = res.to(tl.float32) + c[None, :] * delta
         tl.store(out_ptr + rm64[:, None] * stride_om + rd[None, :] * stride_od, out.to(out_ptr.dtype.element_ty),
                  mask=tile)
 
@@ -131,20 +135,24 @@ def _adapter_fwd_kernel(
 def _adapter_bwd_kernel(
     dout_ptr, z_ptr, dw_ptr, uw_ptr, ub_ptr, scale_ptr, dz_ptr, a_ptr, dx_ptr, dscale_part_ptr, colsum_part_ptr,
     M, D, B, stride_gm, stride_gd, stride_zm, stride_zb, stride_dwb, stride_dwd, stride_uwd, stride_uwb,
-    stride_dzm, stride_dzb, stride_am, stride_ab, stride_dxm, stride_dxd,
+    stride_dzm, stride_dzb, stride_am, stride_ab, stride_dxm, stride_dxd, stride_sd,
     p, inv_keep, seed_ptr,
     HAS_UP_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_DROPOUT: tl.constexpr, RESIDUAL_IS_X: tl.constexpr,
-    NEED_DX: tl.constexpr, NEED_COLSUM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    NEED_DX: tl.constexpr, NEED_COLSUM: tl.constexpr, PER_CHANNEL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     """dz, a = act(z), dx, and the d-scale partial and dOut column sums (row pid of the (grid, D) colsum_part) of
-    this program's rows; grid (cdiv(M, BLOCK_M),)."""
+    this program's rows; ``PER_CHANNEL``: the d-scale partials per column (row pid of a (grid, D) dscale_part);
+    grid (cdiv(M, BLOCK_M),)."""
     pid = tl.program_id(0)
     rm = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     rb = tl.arange(0, BLOCK_B)
     rm64 = rm.to(tl.int64)
     m_mask = rm < M
     b_mask = rb < B
+    tile = m_mask[:, None] & b_mask[None, :]
+    z = tl.load(z_ptr + rm64[:, None] * stride_zm + rb[None, :] * stride_zb, mask=tile, other=0.0).to(tl.float32)
+    a = _act(z, ACTIVATION)
     G = tl.zeros((BLOCK_M, BLOCK_B), dtype=tl.float32)
     g_bias = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
@@ -154,18 +162,27 @@ def _adapter_bwd_kernel(
                        mask=m_mask[:, None] & d_mask[None, :], other=0.0)
         up = tl.load(uw_ptr + rd[:, None] * stride_uwd + rb[None, :] * stride_uwb,
                      mask=d_mask[:, None] & b_mask[None, :], other=0.0)
-        G = tl.dot(dout, up, G, input_precision=DOT_PRECISION)
-        if HAS_UP_BIAS:
-            up_b = tl.load(ub_ptr + rd, mask=d_mask, other=0.0).to(tl.float32)
-            g_bias += tl.sum(dout.to(tl.float32) * up_b[None, :], axis=1)
+        if PER_CHANNEL:  # d c per column from the recomputed up projection; c folded into dOut for G
+            delta = tl.dot(a.to(uw_ptr.dtype.element_ty), tl.trans(up), input_precision=DOT_PRECISION)
+            if HAS_UP_BIAS:
+                delta += tl.load(ub_ptr + rd, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+            tl.store(dscale_part_ptr + pid * D + rd, tl.sum(dout.to(tl.float32) * delta, axis=0), mask=d_mask)
+            c = tl.load(scale_ptr + rd * stride_sd, mask=d_mask, other=0.0).to(tl.float32)
+            G = tl.dot((dout.to(tl.float32) * c[None, :]).to(dout_ptr.dtype.element_ty), up, G,
+                       input_precision=DOT_PRECISION)
+        else:
+            G = tl.dot(dout, up, G, input_precision=DOT_PRECISION)
+            if HAS_UP_BIAS:
+                up_b = tl.load(ub_ptr + rd, mask=d_mask, other=0.0).to(tl.float32)
+                g_bias += tl.sum(dout.to(tl.float32) * up_b[None, :], axis=1)
         if NEED_COLSUM:
             tl.store(colsum_part_ptr + pid * D + rd, tl.sum(dout.to(tl.float32), axis=0), mask=d_mask)
-    tile = m_mask[:, None] & b_mask[None, :]
-    z = tl.load(z_ptr + rm64[:, None] * stride_zm + rb[None, :] * stride_zb, mask=tile, other=0.0).to(tl.float32)
-    a = _act(z, ACTIVATION)
-    tl.store(dscale_part_ptr + pid, tl.sum(tl.sum(G * a, axis=1) + g_bias, axis=0))
     tl.store(a_ptr + rm64[:, None] * stride_am + rb[None, :] * stride_ab, a.to(a_ptr.dtype.element_ty), mask=tile)
-    dz = (G * tl.load(scale_ptr).to(tl.float32) * _act_grad(z, ACTIVATION)).to(dz_ptr.dtype.element_ty)
+    if PER_CHANNEL:
+        dz = (G * _act_grad(z, ACTIVATION)).to(dz_ptr.dtype.element_ty)
+    else:
+        tl.store(dscale_part_ptr + pid, tl.sum(tl.sum(G * a, axis=1) + g_bias, axis=0))
+        dz = (G * tl.load(scale_ptr).to(tl.float32) * _act_grad(z, ACTIVATION)).to(dz_ptr.dtype.element_ty)
     tl.store(dz_ptr + rm64[:, None] * stride_dzm + rb[None, :] * stride_dzb, dz, mask=tile)
     if NEED_DX:
         for d0 in range(0, D, BLOCK_D):
@@ -191,7 +208,7 @@ def _check_shapes(x, residual, down_weight, down_bias, up_weight, up_bias, scale
             raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
     M, D = x.shape
     B = down_weight.shape[0]
-    if (down_weight.shape[1] != D or tuple(up_weight.shape) != (D, B) or tuple(scale.shape) != (1,)
+    if (down_weight.shape[1] != D or tuple(up_weight.shape) != (D, B) or tuple(scale.shape) not in ((1,), (D,))
             or (residual is not None and tuple(residual.shape) != (M, D))
             or (down_bias is not None and tuple(down_bias.shape) != (B,))
             or (up_bias is not None and tuple(up_bias.shape) != (D,))):
@@ -202,6 +219,11 @@ def _check_shapes(x, residual, down_weight, down_bias, up_weight, up_bias, scale
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
     return M, D, B
+
+
+def _scale_stride(scale: torch.Tensor) -> int:
+    """The kernels' stride over D of ``scale``: 0 for one scale (1,), its stride for a per-channel one (D,)."""
+    return 0 if scale.shape[0] == 1 else scale.stride(0)
 
 
 def _bottleneck_block(b: int) -> int:
@@ -240,7 +262,7 @@ def adapter_fwd(
         x, res, down_weight, down_bias if down_bias is not None else z, up_weight,
         up_bias if up_bias is not None else out, scale, z, out, M, D, B,
         *x.stride(), *res.stride(), *down_weight.stride(), *up_weight.stride(), *z.stride(), *out.stride(),
-        p, inv_keep, seed_arg(seed, x),
+        _scale_stride(scale), p, inv_keep, seed_arg(seed, x),
         HAS_DOWN_BIAS=down_bias is not None, HAS_UP_BIAS=up_bias is not None, ACTIVATION=ACTIVATIONS[activation],
         HAS_DROPOUT=has_dropout, DOT_PRECISION=dot_precision(x), BLOCK_M=block_m, BLOCK_B=block_b,
     )
@@ -277,19 +299,21 @@ def adapter_bwd(
     dz = torch.empty((M, B), dtype=x.dtype, device=x.device)
     a = torch.empty((M, B), dtype=x.dtype, device=x.device)
     dx = torch.empty((M, D), dtype=x.dtype, device=x.device) if need_dx else dz
-    dscale_part = torch.empty((grid,), dtype=torch.float32, device=x.device)
+    per_channel = scale.shape[0] != 1
+    dscale_part = torch.empty((grid, D) if per_channel else (grid,), dtype=torch.float32, device=x.device)
     need_colsum = need_dup_b and has_up_bias
     colsum_part = torch.empty((grid, D) if need_colsum else (1,), dtype=torch.float32, device=x.device)
     _adapter_bwd_kernel[(grid,)](
         grad_out, z, down_weight, up_weight, up_bias if has_up_bias else dz, scale, dz, a, dx, dscale_part,
         colsum_part, M, D, B, *grad_out.stride(), *z.stride(), *down_weight.stride(), *up_weight.stride(),
-        *dz.stride(), *a.stride(), *dx.stride(), p, inv_keep, seed_arg(seed, x),
+        *dz.stride(), *a.stride(), *dx.stride(), _scale_stride(scale), p, inv_keep, seed_arg(seed, x),
         HAS_UP_BIAS=has_up_bias, ACTIVATION=ACTIVATIONS[activation], HAS_DROPOUT=has_dropout,
-        RESIDUAL_IS_X=residual_is_x, NEED_DX=need_dx, NEED_COLSUM=need_colsum, DOT_PRECISION=dot_precision(x),
+        RESIDUAL_IS_X=residual_is_x, NEED_DX=need_dx, NEED_COLSUM=need_colsum, PER_CHANNEL=per_channel,
+        DOT_PRECISION=dot_precision(x),
         BLOCK_M=block_m, BLOCK_B=block_b,
     )
     # (D, b) GEMM on aligned operands; appending d up_b as a ones column of a would misalign it (b+1 columns).
-    dup_w = (grad_out.t() @ a) * scale.to(x.dtype) if need_dup_w else None
+    dup_w = (grad_out.t() @ a) * scale.to(x.dtype).unsqueeze(1) if need_dup_w else None
     dup_b = (colsum_part.sum(dim=0) * scale.to(torch.float32)).to(x.dtype) if need_colsum else None
     ddown_w = ddown_b = None
     if need_ddown_w:
@@ -297,5 +321,7 @@ def adapter_bwd(
         ddown_w = dz.t() @ dropped
     if need_ddown_b:
         ddown_b = dz.sum(dim=0)
-    dscale = dscale_part.sum().reshape(1).to(scale.dtype) if need_dscale else None
+    dscale = None
+    if need_dscale:
+        dscale = (dscale_part.sum(dim=0) if per_channel else dscale_part.sum().reshape(1)).to(scale.dtype)
     return (dx if need_dx else None), ddown_w, ddown_b, dup_w, dup_b, dscale

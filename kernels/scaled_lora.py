@@ -1,9 +1,11 @@
 """Triton kernels for scaled LoRA (the ``triton`` backend): fused forward and backward.
 
 Shapes (any M, K, N; masked tails; any strides): x (M, K), weight (N, K), bias (N,) or None,
-lora_A (S*r, K), lora_B (N, r), scale (S,) read from device memory inside the kernels (changing it never
-recompiles and never syncs the host). Segment j is the output slice ``[j*N/S, (j+1)*N/S)`` with rank
-block j of ``lora_A``. fp32 / fp16 / bf16 inputs; every product accumulates in fp32.
+lora_A (S*r, K), lora_B (N, r), scale (S,) (one per segment) or (N,) (one per output channel) read from device
+memory inside the kernels (changing it never recompiles and never syncs the host). Segment j is the output slice
+``[j*N/S, (j+1)*N/S)`` with rank block j of ``lora_A``; S = lora_A's rows / r. The kernels read the scale as a
+vector over N through two strides (``stride_ss`` per segment, ``stride_sn`` per channel: (1, 0) for a per-segment
+scale, (N/S, 1) for a per-channel one). fp32 / fp16 / bf16 inputs; every product accumulates in fp32.
 
 Forward:  h = drop(x) A^T                                   (``_scaled_lora_h_kernel``, M x S*r, saved)
           y[:, j] = scale_j * h_j B_j^T + x W_j^T + bias_j  (``_scaled_lora_fwd_kernel``: the LoRA term seeds
@@ -13,6 +15,9 @@ Backward: T_j = dY_j B_j;  d scale_j = sum(T_j * h_j);  cT = scale_j T_j      (`
           dA = cT^T drop(x)                                                   (``_scaled_lora_bwd_da_kernel``)
           dx = drop'(cT A) + dY W   (the LoRA term seeds the accumulator)     (``_scaled_lora_bwd_dx_kernel``)
           dweight = dY^T x, dbias = sum_m dY (torch matmul/sum: the base weight is frozen in practice).
+Per-channel scale c (N,): the T kernel scales B's rows before its GEMM (cT_j = dY_j (c B)_j; no d scale there),
+the dB kernel's fp32 P_j = dY_j^T h_j gives dB = c P and, with B's tile, d c_n = sum_k P[n, k] B[n, k] (fp32
+partials per split of M): d c costs one (N, r) reduction on the dB pass, which then also runs for d c alone.
 Dropout: the kernels' shared rule (``kernels/common.py``), regenerated in backward from the seed, never stored.
 
 Bytes moved (fp16, no dropout): forward reads x twice (h kernel + GEMM) and writes y once, the unfused
@@ -124,11 +129,13 @@ def _scaled_lora_h_kernel(
 def _scaled_lora_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, h_ptr, b_ptr, scale_ptr, y_ptr, M, N_SEG, K, R,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_hm, stride_hr, stride_bn, stride_br, stride_ym, stride_yn,
+    stride_ss, stride_sn,
     HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """y[:, seg j] = scale_j h_j B_j^T + x W_j^T + bias_j; grid (tiles of (M, N/S), S)."""
+    """y[:, seg j] = (h_j B_j^T) * scale[seg j] + x W_j^T + bias_j (the scale per column: strides
+    ``stride_ss``, ``stride_sn``); grid (tiles of (M, N/S), S)."""
     seg = tl.program_id(1)
     pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N_SEG, BLOCK_N), GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -146,7 +153,8 @@ def _scaled_lora_fwd_kernel(
         b_t = tl.load(b_ptr + rn[None, :] * stride_bn + rr[:, None] * stride_br,
                       mask=n_mask[None, :] & (rr[:, None] < R), other=0.0)
         lora = tl.dot(h, b_t, lora, input_precision=DOT_PRECISION)
-    acc = lora * tl.load(scale_ptr + seg).to(tl.float32)
+    c = tl.load(scale_ptr + seg * stride_ss + rn_local * stride_sn, mask=n_mask, other=0.0).to(tl.float32)
+    acc = lora * c[None, :]
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + rm64[:, None] * stride_xm + rk[None, :] * stride_xk,
@@ -165,9 +173,12 @@ def _scaled_lora_fwd_kernel(
 def _scaled_lora_bwd_t_kernel(
     dy_ptr, b_ptr, h_ptr, scale_ptr, ct_ptr, dscale_part_ptr, M, N_SEG, R, S,
     stride_dym, stride_dyn, stride_bn, stride_br, stride_hm, stride_hr, stride_ctm, stride_ctr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    stride_ss, stride_sn,
+    PER_CHANNEL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """T_j = dY_j B_j; stores cT = scale_j T_j (M, S*R) and partial sums of T_j * h_j.
+    """T_j = dY_j B_j; stores cT = scale_j T_j (M, S*R) and partial sums of T_j * h_j. ``PER_CHANNEL``: stores
+    cT_j = dY_j (c B)_j (B's rows scaled before the GEMM) and no partial sums.
 
     Grid (cdiv(M, BLOCK_M), S, cdiv(R, BLOCK_R)); partial (pid_m, pid_r, j) goes to
     ``dscale_part[(pid_m * cdiv(R, BLOCK_R) + pid_r) * S + j]`` (fp32).
@@ -188,12 +199,19 @@ def _scaled_lora_bwd_t_kernel(
                      mask=m_mask[:, None] & (rn_local[None, :] < N_SEG), other=0.0)
         b = tl.load(b_ptr + rn[:, None] * stride_bn + rr[None, :] * stride_br,
                     mask=(rn_local[:, None] < N_SEG) & r_mask[None, :], other=0.0)
+        if PER_CHANNEL:
+            c = tl.load(scale_ptr + seg * stride_ss + rn_local * stride_sn, mask=rn_local < N_SEG, other=0.0)
+            b = (b.to(tl.float32) * c.to(tl.float32)[:, None]).to(b_ptr.dtype.element_ty)
         acc = tl.dot(dy, b, acc, input_precision=DOT_PRECISION)
     tile_mask = m_mask[:, None] & r_mask[None, :]
-    h = tl.load(h_ptr + rm64[:, None] * stride_hm + (seg * R + rr)[None, :] * stride_hr, mask=tile_mask, other=0.0)
-    partial = tl.sum(tl.sum(acc * h.to(tl.float32), axis=1), axis=0)
-    tl.store(dscale_part_ptr + (pid_m * tl.num_programs(2) + pid_r) * S + seg, partial)
-    ct = acc * tl.load(scale_ptr + seg).to(tl.float32)
+    if PER_CHANNEL:
+        ct = acc
+    else:
+        h = tl.load(h_ptr + rm64[:, None] * stride_hm + (seg * R + rr)[None, :] * stride_hr, mask=tile_mask,
+                    other=0.0)
+        partial = tl.sum(tl.sum(acc * h.to(tl.float32), axis=1), axis=0)
+        tl.store(dscale_part_ptr + (pid_m * tl.num_programs(2) + pid_r) * S + seg, partial)
+        ct = acc * tl.load(scale_ptr + seg * stride_ss).to(tl.float32)
     tl.store(ct_ptr + rm64[:, None] * stride_ctm + (seg * R + rr)[None, :] * stride_ctr,
              ct.to(ct_ptr.dtype.element_ty), mask=tile_mask)
 
@@ -201,11 +219,14 @@ def _scaled_lora_bwd_t_kernel(
 @triton.autotune(configs=REDUCE_CONFIGS, key=["M", "N_SEG", "R", "SPLIT"], do_bench=tune_bench)
 @triton.jit
 def _scaled_lora_bwd_db_kernel(
-    dy_ptr, h_ptr, scale_ptr, part_ptr, M, N_SEG, R, SPLIT,
-    stride_dym, stride_dyn, stride_hm, stride_hr, stride_ps, stride_pn, stride_pr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    dy_ptr, h_ptr, b_ptr, scale_ptr, part_ptr, dscale_part_ptr, M, N_SEG, R, SPLIT,
+    stride_dym, stride_dyn, stride_hm, stride_hr, stride_bn, stride_br, stride_ss, stride_sn,
+    stride_ps, stride_pn, stride_pr, stride_dss, stride_dsr,
+    STORE_DSCALE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """part[split, seg j rows, :] = scale_j dY_j^T h_j over split's rows of M; dB = part.sum(0).
+    """part[split, seg j rows, :] = scale[rows] * (dY_j^T h_j) over split's rows of M (P_j, fp32); dB = part.sum(0).
+    ``STORE_DSCALE`` (per-channel scale): also ``dscale_part[split, pid_r, rows] = sum_k P_j[rows, k] B[rows, k]``.
 
     Grid (cdiv(N/S, BLOCK_N) * cdiv(R, BLOCK_R), S, SPLIT).
     """
@@ -231,9 +252,14 @@ def _scaled_lora_bwd_db_kernel(
         h = tl.load(h_ptr + rm64[:, None] * stride_hm + (seg * R + rr)[None, :] * stride_hr,
                     mask=m_mask[:, None] & r_mask[None, :], other=0.0)
         acc = tl.dot(dy_t, h, acc, input_precision=DOT_PRECISION)
-    acc = acc * tl.load(scale_ptr + seg).to(tl.float32)
-    tl.store(part_ptr + split * stride_ps + rn[:, None] * stride_pn + rr[None, :] * stride_pr, acc,
-             mask=n_mask[:, None] & r_mask[None, :])
+    tile_mask = n_mask[:, None] & r_mask[None, :]
+    if STORE_DSCALE:
+        b = tl.load(b_ptr + rn[:, None] * stride_bn + rr[None, :] * stride_br, mask=tile_mask, other=0.0)
+        tl.store(dscale_part_ptr + split * stride_dss + pid_r * stride_dsr + rn,
+                 tl.sum(acc * b.to(tl.float32), axis=1), mask=n_mask)
+    c = tl.load(scale_ptr + seg * stride_ss + rn_local * stride_sn, mask=n_mask, other=0.0).to(tl.float32)
+    tl.store(part_ptr + split * stride_ps + rn[:, None] * stride_pn + rr[None, :] * stride_pr, acc * c[:, None],
+             mask=tile_mask)
 
 
 @triton.autotune(configs=REDUCE_CONFIGS, key=["M", "SR", "K", "SPLIT"], do_bench=tune_bench)
@@ -319,19 +345,29 @@ def _rank_block(width: int) -> int:
     return min(MAX_BLOCK_R, max(MIN_DOT, triton.next_power_of_2(width)))
 
 
+def _scale_strides(scale: torch.Tensor, S: int, N: int) -> tuple[int, int]:
+    """(stride per segment, stride per channel) reading ``scale`` as a vector over the N outputs: (1, 0) for a
+    per-segment scale (S,), (N/S, 1) for a per-channel one (N,) (at N == S the two read the same values)."""
+    if scale.shape[0] == S:
+        return scale.stride(0), 0
+    return (N // S) * scale.stride(0), scale.stride(0)
+
+
 def _split(tiles: int, M: int) -> int:
     """How many slices of M a split reduction uses: enough programs to fill the GPU, >= 256 rows a slice."""
     return max(1, min(triton.cdiv(TARGET_PROGRAMS, max(tiles, 1)), triton.cdiv(M, 256)))
 
 
 def _check_shapes(x, weight, lora_A, lora_B, scale) -> tuple[int, int, int, int, int]:
-    """(M, K, N, S, r) after checking that the operands fit together."""
+    """(M, K, N, S, r) after checking that the operands fit together (scale (S,) or (N,))."""
     for name, t in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
         if t.dim() != 2:
             raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
     M, K = x.shape
-    N, S, r = weight.shape[0], scale.shape[0], lora_B.shape[1]
-    if weight.shape[1] != K or tuple(lora_A.shape) != (S * r, K) or lora_B.shape[0] != N or N % S:
+    N, r = weight.shape[0], lora_B.shape[1]
+    S = lora_A.shape[0] // max(r, 1)
+    if (r < 1 or S < 1 or weight.shape[1] != K or tuple(lora_A.shape) != (S * r, K) or lora_B.shape[0] != N or N % S
+            or scale.dim() != 1 or scale.shape[0] not in (S, N)):
         raise ValueError(f"inconsistent shapes: x {tuple(x.shape)}, weight {tuple(weight.shape)}, lora_A "
                          f"{tuple(lora_A.shape)}, lora_B {tuple(lora_B.shape)}, scale {tuple(scale.shape)}")
     return M, K, N, S, r
@@ -368,7 +404,7 @@ def scaled_lora_fwd(
 
     _scaled_lora_fwd_kernel[fwd_grid](
         x, weight, bias if bias is not None else y, h, lora_B, scale, y, M, N // S, K, r,
-        *x.stride(), *weight.stride(), *h.stride(), *lora_B.stride(), *y.stride(),
+        *x.stride(), *weight.stride(), *h.stride(), *lora_B.stride(), *y.stride(), *_scale_strides(scale, S, N),
         HAS_BIAS=bias is not None, DOT_PRECISION=precision, BLOCK_R=_rank_block(r),
     )
     return y, h
@@ -399,28 +435,37 @@ def scaled_lora_bwd(
     precision = dot_precision(x)
     n_seg = N // S
     block_r = _rank_block(r)
+    num_r = triton.cdiv(r, block_r)
+    scale_strides = _scale_strides(scale, S, N)
+    per_channel = scale.shape[0] != S
     dx = dweight = dbias = dA = dB = dscale = None
 
-    if need_dx or need_dA or need_dscale:
+    if need_dx or need_dA or (need_dscale and not per_channel):
         ct = torch.empty((M, S * r), dtype=x.dtype, device=x.device)
-        num_r = triton.cdiv(r, block_r)
         dscale_part = torch.empty((triton.cdiv(M, OUT_TILE) * num_r, S), dtype=torch.float32, device=x.device)
         _scaled_lora_bwd_t_kernel[(triton.cdiv(M, OUT_TILE), S, num_r)](
             grad_y, lora_B, h, scale, ct, dscale_part, M, n_seg, r, S,
-            *grad_y.stride(), *lora_B.stride(), *h.stride(), *ct.stride(),
-            DOT_PRECISION=precision, BLOCK_M=OUT_TILE, BLOCK_R=block_r,
+            *grad_y.stride(), *lora_B.stride(), *h.stride(), *ct.stride(), *scale_strides,
+            PER_CHANNEL=per_channel, DOT_PRECISION=precision, BLOCK_M=OUT_TILE, BLOCK_R=block_r,
         )
-        if need_dscale:
+        if need_dscale and not per_channel:
             dscale = dscale_part.sum(dim=0).to(scale.dtype)
-    if need_dB:
-        tiles = triton.cdiv(n_seg, OUT_TILE) * triton.cdiv(r, block_r)
+    if need_dB or (need_dscale and per_channel):
+        tiles = triton.cdiv(n_seg, OUT_TILE) * num_r
         split = _split(tiles * S, M)
         part = torch.empty((split, N, r), dtype=torch.float32, device=x.device)
+        store_dscale = need_dscale and per_channel
+        dscale_part = torch.empty((split, num_r, N) if store_dscale else (1, 1, 1), dtype=torch.float32,
+                                  device=x.device)
         _scaled_lora_bwd_db_kernel[(tiles, S, split)](
-            grad_y, h, scale, part, M, n_seg, r, split, *grad_y.stride(), *h.stride(), *part.stride(),
-            DOT_PRECISION=precision, BLOCK_N=OUT_TILE, BLOCK_R=block_r,
+            grad_y, h, lora_B, scale, part, dscale_part, M, n_seg, r, split, *grad_y.stride(), *h.stride(),
+            *lora_B.stride(), *scale_strides, *part.stride(), *dscale_part.stride()[:2],
+            STORE_DSCALE=store_dscale, DOT_PRECISION=precision, BLOCK_N=OUT_TILE, BLOCK_R=block_r,
         )
-        dB = part.sum(dim=0).to(x.dtype)
+        if need_dB:
+            dB = part.sum(dim=0).to(x.dtype)
+        if store_dscale:
+            dscale = dscale_part.sum(dim=(0, 1)).to(scale.dtype)
     if need_dA:
         block_sr = _rank_block(S * r)
         block_k = min(128, max(MIN_DOT, triton.next_power_of_2(K)))

@@ -96,9 +96,9 @@ def adapter(
     """Fused adapter: ``x (..., D) -> (..., D)``; see the module docstring for the math and shapes.
 
     ``residual`` (..., D) or None (the residual is x: the sequential, Houlsby form). ``scale`` (1,) or (D,) is
-    usually ``gamma * alpha`` (one gamma, or one per output channel). ``backend`` is "auto" (by device, overridden by ``METAPEFT_BACKEND``) or a backend name;
-    an unavailable backend raises, it never falls back. Checks every argument (``scale`` must be finite) on each
-    call; layers check their parameters once instead.
+    usually ``gamma * alpha`` (one gamma, or one per output channel). ``backend`` is "auto" (by device, overridden
+    by ``METAPEFT_BACKEND``) or a backend name; an unavailable backend raises, it never falls back. Checks every
+    argument (``scale`` must be finite) on each call; layers check their parameters once instead.
     """
     check_adapter_params(down_weight, down_bias, up_weight, up_bias, scale, activation, dropout_p)
     check_finite(scale, "scale")

@@ -67,11 +67,13 @@ def check_scaled_lora_params(weight, bias, lora_A, lora_B, scale, dropout_p) -> 
     rank = lora_B.shape[1]
     if bias is not None and tuple(bias.shape) != (out_features,):
         raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
-    if rank < 1 or lora_A.shape[1] != in_features or lora_A.shape[0] % rank != 0:
-        raise ValueError(f"lora_A must have shape (segments*rank, in_features) with rank = lora_B's columns "
-                         f"({rank}) and in_features {in_features}, got {tuple(lora_A.shape)}")
-    segments = lora_A.shape[0] // rank
-    if segments < 1 or out_features % segments != 0:
+    if rank < 1:
+        raise ValueError(f"rank (lora_B's columns) must be in [1, min(in_features, out_features/segments)], got {rank}")
+    segments = max(lora_A.shape[0] // rank, 1)
+    if tuple(lora_A.shape) != (segments * rank, in_features):
+        raise ValueError(f"lora_A must have shape (segments*rank, in_features) = ({segments * rank}, {in_features}), "
+                         f"got {tuple(lora_A.shape)}")
+    if out_features % segments != 0:
         raise ValueError(f"lora_A holds {segments} segments (rank blocks), which must divide out_features "
                          f"({out_features})")
     if not rank <= min(in_features, out_features // segments):

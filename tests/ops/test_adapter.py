@@ -21,11 +21,12 @@ def fused_torch(*args, **kwargs):
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "M{}_D{}_b{}_{}".format(*s))
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
-def test_torch_backend_matches_float64_oracle_by_2x_rule(shape, dtype_name):
+@pytest.mark.parametrize("channel", [False, True], ids=["scalar", "channel"])
+def test_torch_backend_matches_float64_oracle_by_2x_rule(shape, dtype_name, channel):
     dtype = DTYPES[dtype_name]
     *shape, kind = shape
     activation = "gelu" if shape[2] % 2 == 0 else "relu"
-    inputs64, inputs = make_inputs(*shape, dtype=dtype, residual=kind == "parallel")
+    inputs64, inputs = make_inputs(*shape, dtype=dtype, residual=kind == "parallel", channel=channel)
     grad_out = non_contiguous(torch.randn(shape[0], shape[1], dtype=dtype))
     grad64 = grad_out.double()
     torch.full((shape[0] * shape[1] * 4,), float("nan"), dtype=dtype)  # poison freed memory the op may reuse
@@ -51,8 +52,9 @@ GRADCHECK_CASES = [
 
 
 @pytest.mark.parametrize("kind,activation,bias,dropout", GRADCHECK_CASES, ids=lambda v: str(v))
-def test_gradcheck_and_gradgradcheck_float64(kind, activation, bias, dropout):
-    _, inputs = make_inputs(5, 7, 3, dtype=torch.float64, residual=kind == "parallel", bias=bias)
+@pytest.mark.parametrize("channel", [False, True], ids=["scalar", "channel"])
+def test_gradcheck_and_gradgradcheck_float64(kind, activation, bias, dropout, channel):
+    _, inputs = make_inputs(5, 7, 3, dtype=torch.float64, residual=kind == "parallel", bias=bias, channel=channel)
     inputs["scale"] = inputs["scale"].double()
     leaves = tuple(None if inputs[k] is None else inputs[k].requires_grad_(True) for k in NAMES)
 
@@ -65,8 +67,9 @@ def test_gradcheck_and_gradgradcheck_float64(kind, activation, bias, dropout):
 
 @pytest.mark.parametrize("kind", ["parallel", "sequential"])
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
-def test_double_backward_matches_float64_autograd_oracle(kind, activation):
-    _, inputs = make_inputs(9, 12, 4, dtype=torch.float64, residual=kind == "parallel")
+@pytest.mark.parametrize("channel", [False, True], ids=["scalar", "channel"])
+def test_double_backward_matches_float64_autograd_oracle(kind, activation, channel):
+    _, inputs = make_inputs(9, 12, 4, dtype=torch.float64, residual=kind == "parallel", channel=channel)
     inputs["scale"] = inputs["scale"].double()
     names = [k for k in NAMES if inputs[k] is not None]
     leaves = {k: inputs[k].requires_grad_(True) for k in names}
@@ -85,8 +88,9 @@ def test_double_backward_matches_float64_autograd_oracle(kind, activation):
 
 
 @pytest.mark.parametrize("kind", ["parallel", "sequential"])
-def test_forward_mode_jvp_matches_reference(kind):
-    _, inputs = make_inputs(9, 12, 4, dtype=torch.float64, residual=kind == "parallel")
+@pytest.mark.parametrize("channel", [False, True], ids=["scalar", "channel"])
+def test_forward_mode_jvp_matches_reference(kind, channel):
+    _, inputs = make_inputs(9, 12, 4, dtype=torch.float64, residual=kind == "parallel", channel=channel)
     inputs["scale"] = inputs["scale"].double()
     names = [k for k in NAMES if inputs[k] is not None]
     primals = tuple(inputs[k] for k in names)
@@ -101,8 +105,9 @@ def test_forward_mode_jvp_matches_reference(kind):
 
 
 @pytest.mark.parametrize("kind,bias", [("parallel", True), ("sequential", False)], ids=["parallel", "seq_nobias"])
-def test_opcheck(kind, bias):
-    _, inputs = make_inputs(6, 10, 3, dtype=torch.float32, residual=kind == "parallel", bias=bias)
+@pytest.mark.parametrize("channel", [False, True], ids=["scalar", "channel"])
+def test_opcheck(kind, bias, channel):
+    _, inputs = make_inputs(6, 10, 3, dtype=torch.float32, residual=kind == "parallel", bias=bias, channel=channel)
     for k in ("x", "residual", "down_weight", "up_weight", "scale"):
         if inputs[k] is not None:
             inputs[k].requires_grad_(True)
@@ -195,7 +200,7 @@ BAD_INPUTS = {
     "bottleneck_0": (dict(down_weight=lambda i: i["down_weight"][:0]), ValueError, "bottleneck"),
     "down_bias_shape": (dict(down_bias=lambda i: i["down_bias"][:2]), ValueError, "down_bias must have shape"),
     "up_bias_shape": (dict(up_bias=lambda i: i["up_bias"][:2]), ValueError, "up_bias must have shape"),
-    "scale_shape": (dict(scale=lambda i: i["scale"].repeat(2)), ValueError, "scale must have shape"),
+    "scale_shape": (dict(scale=lambda i: i["scale"].repeat(2)), ValueError, r"scale must have shape \(1,\).*\(8,\)"),
     "scale_float": (dict(scale=0.5), TypeError, "scale must be a tensor"),
     "scale_nan": (dict(scale=lambda i: torch.full((1,), float("nan"))), ValueError, "scale contains NaN"),
     "activation": (dict(activation="tanh"), ValueError, "activation must be one of"),

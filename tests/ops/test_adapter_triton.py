@@ -62,9 +62,10 @@ def dropout_oracle(factors, activation):
     return run
 
 
-def check_against_oracle(M, D, b, kind, activation, dtype, dropout_p=0.0, seed=0, device="cpu"):
-    """Forward and every gradient of the triton op vs float64 by the 2x rule (non-contiguous x and dOut)."""
-    inputs64, inputs = make_inputs(M, D, b, dtype=dtype, residual=kind == "parallel", device=device)
+def check_against_oracle(M, D, b, kind, activation, dtype, dropout_p=0.0, seed=0, device="cpu", channel=False):
+    """Forward and every gradient of the triton op vs float64 by the 2x rule (non-contiguous x and dOut); the scale
+    (1,) or, with ``channel``, (D,)."""
+    inputs64, inputs = make_inputs(M, D, b, dtype=dtype, residual=kind == "parallel", device=device, channel=channel)
     grad_out = torch.randn(M, D, dtype=dtype, device=device)
     if dropout_p > 0.0:
         factors = dropout_mask(M, D, dropout_p, seed, device).double()
@@ -103,17 +104,24 @@ def test_auto_never_picks_triton_for_cpu_tensors():
             select_backend("triton", x, "adapter")
 
 
+# A per-channel scale (D,) on M = 1, both residual forms, a wide bottleneck, fp32 and fp16.
+CHANNEL_CASES = [(SHAPES[i], True) for i in (0, 1, 3, 4, 5)]
+
+
 @interpreted
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "M{}_D{}_b{}_{}_{}_{}".format(*s))
-def test_matches_float64_oracle_by_2x_rule(shape):
+@pytest.mark.parametrize(("shape", "channel"), [(shape, False) for shape in SHAPES] + CHANNEL_CASES,
+                         ids=lambda s: ("channel" if s else "scalar") if isinstance(s, bool) else
+                         "M{}_D{}_b{}_{}_{}_{}".format(*s))
+def test_matches_float64_oracle_by_2x_rule(shape, channel):
     *shape, dtype_name = shape
-    check_against_oracle(*shape, DTYPES[dtype_name])
+    check_against_oracle(*shape, DTYPES[dtype_name], channel=channel)
 
 
 @interpreted
 @pytest.mark.parametrize("kind,dtype_name", [("parallel", "f16"), ("sequential", "f32")])
-def test_dropout_matches_oracle_built_from_the_kernel_mask(kind, dtype_name):
-    check_against_oracle(97, 200, 8, kind, "gelu", DTYPES[dtype_name], dropout_p=0.3, seed=2**62 - 5)
+@pytest.mark.parametrize("channel", [False, True], ids=["scalar", "channel"])
+def test_dropout_matches_oracle_built_from_the_kernel_mask(kind, dtype_name, channel):
+    check_against_oracle(97, 200, 8, kind, "gelu", DTYPES[dtype_name], dropout_p=0.3, seed=2**62 - 5, channel=channel)
 
 
 @interpreted
@@ -134,8 +142,9 @@ def test_forward_kernel_drops_exactly_the_shared_mask_and_seed_reproduces():
 @interpreted
 @pytest.mark.parametrize("needs", [(True, False, False, False, False, False), (False, True, True, False, False, False),
                                    (False, False, False, True, True, True)], ids=["dx", "down", "up_dscale"])
-def test_backward_computes_only_what_is_needed(needs):
-    _, inputs = make_inputs(33, 40, 4, dtype=torch.float32, residual=False)
+@pytest.mark.parametrize("channel", [False, True], ids=["scalar", "channel"])
+def test_backward_computes_only_what_is_needed(needs, channel):
+    _, inputs = make_inputs(33, 40, 4, dtype=torch.float32, residual=False, channel=channel)
     x, _, down_w, down_b, up_w, up_b, scale = (inputs[k] for k in NAMES)
     grad_out = torch.randn(33, 40)
     _, z = kernels().adapter_fwd(x, None, down_w, down_b, up_w, up_b, scale, "gelu", 0.2, 3)
@@ -150,8 +159,9 @@ def test_backward_computes_only_what_is_needed(needs):
 
 
 @interpreted
-def test_opcheck():
-    _, inputs = make_inputs(6, 20, 3, dtype=torch.float32)
+@pytest.mark.parametrize("channel", [False, True], ids=["scalar", "channel"])
+def test_opcheck(channel):
+    _, inputs = make_inputs(6, 20, 3, dtype=torch.float32, channel=channel)
     for k in ("x", "down_weight", "up_weight", "scale"):
         inputs[k].requires_grad_(True)
     args = (*(inputs[k] for k in NAMES), "relu", 0.25, torch.tensor(5), "triton")
@@ -257,11 +267,13 @@ AOT_FEATURES = dict(HAS_DOWN_BIAS=True, HAS_UP_BIAS=True, ACTIVATION=1, HAS_DROP
 @compiled
 @pytest.mark.parametrize(("arch", "dtype"), [(90, "bf16"), (80, "fp32")], ids=["sm90_bf16", "sm80_fp32"])
 @pytest.mark.parametrize("variant", list(AOT_VARIANTS))
+@pytest.mark.parametrize("per_channel", [False, True], ids=["scalar", "channel"])
 @pytest.mark.parametrize("name", ["_adapter_fwd_kernel", "_adapter_bwd_kernel"])
-def test_kernels_compile_for_the_gpu_without_one(name, variant, arch, dtype):
+def test_kernels_compile_for_the_gpu_without_one(name, per_channel, variant, arch, dtype):
     """Ahead-of-time compile to PTX/cubin for Hopper and Ampere: catches GPU-only lowering errors on a CPU machine."""
     from metapeft.ops.triton_backend import kernel_module
 
     tiles, warps = AOT_VARIANTS[variant]
     kernel = getattr(kernel_module("adapter"), name)
-    assert compile_for_gpu(kernel, {**AOT_FEATURES, **tiles}, arch, dtype, warps), f"{name}: no cubin for sm_{arch}"
+    features = {**AOT_FEATURES, **tiles, "PER_CHANNEL": per_channel}
+    assert compile_for_gpu(kernel, features, arch, dtype, warps), f"{name}: no cubin for sm_{arch}"

@@ -8,14 +8,15 @@ from metapeft.ops.dropout import dropout_keep_mask
 from metapeft.ops.scaled_lora_op import scaled_lora_fwd
 from metapeft.reference import scaled_lora_reference
 from tests.helpers.oracle import HostReadCounter, assert_2x_rule, non_contiguous
-from tests.helpers.scaled_lora import DTYPES, SHAPES, forward_backward, make_inputs
+from tests.helpers.scaled_lora import DTYPES, GRANULARITIES, SHAPES, forward_backward, make_inputs
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "M{}_K{}_N{}_r{}_S{}".format(*s))
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
-def test_torch_backend_matches_float64_oracle_by_2x_rule(shape, dtype_name):
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_torch_backend_matches_float64_oracle_by_2x_rule(shape, dtype_name, granularity):
     dtype = DTYPES[dtype_name]
-    inputs64, inputs = make_inputs(*shape, dtype=dtype)
+    inputs64, inputs = make_inputs(*shape, dtype=dtype, granularity=granularity)
     grad64 = torch.randn(shape[0], shape[2], dtype=torch.float64)
     grad_y = non_contiguous(grad64.to(dtype))
     torch.full((shape[0] * shape[2] * 4,), float("nan"), dtype=dtype)  # poison freed memory the op may reuse
@@ -35,8 +36,9 @@ def test_torch_backend_matches_float64_oracle_by_2x_rule(shape, dtype_name):
 @pytest.mark.parametrize("segments", [1, 3])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["p0", "p0.3"])
-def test_gradcheck_float64(segments, bias, dropout):
-    _, inputs = make_inputs(5, 7, 6, 2, segments, dtype=torch.float64, bias=bias)
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_gradcheck_float64(segments, bias, dropout, granularity):
+    _, inputs = make_inputs(5, 7, 6, 2, segments, dtype=torch.float64, bias=bias, granularity=granularity)
     leaves = [v.requires_grad_(True) if v is not None else None for v in inputs.values()]
     leaves[-1] = leaves[-1].detach().double().requires_grad_(True)
 
@@ -47,8 +49,9 @@ def test_gradcheck_float64(segments, bias, dropout):
     assert torch.autograd.gradgradcheck(op, tuple(leaves))
 
 
-def test_double_backward_matches_reference():
-    _, inputs = make_inputs(9, 12, 15, 3, 3, dtype=torch.float64)
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_double_backward_matches_reference(granularity):
+    _, inputs = make_inputs(9, 12, 15, 3, 3, dtype=torch.float64, granularity=granularity)
     leaves = {k: v.requires_grad_(True) for k, v in inputs.items()}
     args = tuple(leaves.values())
     v = torch.randn(9, 15, dtype=torch.float64)
@@ -66,8 +69,9 @@ def test_double_backward_matches_reference():
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["p0", "p0.3"])
-def test_forward_mode_jvp_matches_reference(dropout):
-    _, inputs = make_inputs(9, 12, 15, 3, 3, dtype=torch.float64)
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_forward_mode_jvp_matches_reference(dropout, granularity):
+    _, inputs = make_inputs(9, 12, 15, 3, 3, dtype=torch.float64, granularity=granularity)
     args = tuple(inputs.values())
     tangents = tuple(torch.randn_like(a) for a in args)
     _, fused = torch.func.jvp(lambda *a: scaled_lora(*a, dropout_p=dropout, seed=4, backend="torch"), args, tangents)
@@ -77,8 +81,9 @@ def test_forward_mode_jvp_matches_reference(dropout):
 
 @pytest.mark.parametrize("segments", [1, 3])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-def test_opcheck(segments, bias):
-    _, inputs = make_inputs(6, 10, 12, 2, segments, dtype=torch.float32, bias=bias)
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_opcheck(segments, bias, granularity):
+    _, inputs = make_inputs(6, 10, 12, 2, segments, dtype=torch.float32, bias=bias, granularity=granularity)
     for k in ("x", "lora_A", "lora_B", "scale"):
         inputs[k].requires_grad_(True)
     args = (*inputs.values(), 0.25, torch.tensor(5), "torch")
@@ -111,6 +116,28 @@ def test_no_output_sized_tensor_or_mask_saved_for_backward(dropout):
     assert saved, "the op saved nothing, so this test checks nothing"
     assert all(t.dtype != torch.bool for t in saved), "a dropout mask was saved"
     assert all(t.numel() < M * N for t in saved), [tuple(t.shape) for t in saved]
+
+
+def test_channel_scale_equals_per_segment_scale_repeated_over_the_segments():
+    """A per-channel scale whose values repeat a per-segment one gives that op's output and, summed per segment,
+    its scale gradient (the two granularities agree where they mean the same)."""
+    _, inputs = make_inputs(11, 12, 15, 3, 3, dtype=torch.float64)
+    channel = {**inputs, "scale": inputs["scale"].double().repeat_interleave(5)}
+    grad_y = torch.randn(11, 15, dtype=torch.float64)
+    y_seg, g_seg = forward_backward(lambda *a: scaled_lora(*a, backend="torch"), inputs, grad_y)
+    y_ch, g_ch = forward_backward(lambda *a: scaled_lora(*a, backend="torch"), channel, grad_y)
+    torch.testing.assert_close(y_ch, y_seg, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g_ch["scale"].view(3, 5).sum(1), g_seg["scale"].double(), rtol=1e-6, atol=1e-6)
+    for name in ("x", "lora_A", "lora_B"):
+        torch.testing.assert_close(g_ch[name], g_seg[name], rtol=1e-6, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("length", [2, 14, 16], ids=lambda n: f"len{n}")
+def test_a_scale_neither_per_segment_nor_per_channel_is_refused(length):
+    _, inputs = make_inputs(4, 12, 15, 3, 3, dtype=torch.float32)
+    inputs["scale"] = torch.ones(length)
+    with pytest.raises(ValueError, match=r"scale must have shape \(segments,\) = \(3,\).* = \(15,\)"):
+        scaled_lora(*inputs.values(), backend="torch")
 
 
 class TestDropout:

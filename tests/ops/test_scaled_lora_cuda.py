@@ -16,7 +16,7 @@ from metapeft.build_info import arch_runs_on, build_info, main
 from metapeft.ops import available_backends, scaled_lora, select_backend
 from metapeft.ops.cuda_backend import EXTENSION_ERROR
 from tests.helpers.oracle import non_contiguous
-from tests.helpers.scaled_lora import DTYPES, SHAPES, check_against_oracle, make_inputs
+from tests.helpers.scaled_lora import DTYPES, GRANULARITIES, SHAPES, check_against_oracle, make_inputs
 
 pytestmark = pytest.mark.skipif(EXTENSION_ERROR is not None, reason=str(EXTENSION_ERROR))
 
@@ -81,20 +81,24 @@ def test_extension_registers_the_op_schemas():
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "M{}_K{}_N{}_r{}_S{}".format(*s))
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
-def test_cpu_kernels_match_float64_oracle_by_2x_rule(shape, dtype_name):
-    check_against_oracle(shape, DTYPES[dtype_name], op=extension_op, mask=keep_factors)
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_cpu_kernels_match_float64_oracle_by_2x_rule(shape, dtype_name, granularity):
+    check_against_oracle(shape, DTYPES[dtype_name], op=extension_op, mask=keep_factors, granularity=granularity)
 
 
 @pytest.mark.parametrize("dtype_name", ["f64", "f32", "bf16"])
-def test_cpu_dropout_matches_oracle_built_from_the_mask(dtype_name):
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_cpu_dropout_matches_oracle_built_from_the_mask(dtype_name, granularity):
     dtype = {"f64": torch.float64, **DTYPES}[dtype_name]
-    check_against_oracle((97, 200, 120, 8, 3), dtype, dropout_p=0.3, seed=123, op=extension_op, mask=keep_factors)
+    check_against_oracle((97, 200, 120, 8, 3), dtype, dropout_p=0.3, seed=123, op=extension_op, mask=keep_factors,
+                         granularity=granularity)
 
 
 @pytest.mark.parametrize("segments", [1, 3])
 @pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["p0", "p0.3"])
-def test_gradcheck_float64(segments, dropout):
-    _, inputs = make_inputs(5, 7, 6, 2, segments, dtype=torch.float64)
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_gradcheck_float64(segments, dropout, granularity):
+    _, inputs = make_inputs(5, 7, 6, 2, segments, dtype=torch.float64, granularity=granularity)
     leaves = [v.detach().double().requires_grad_(True) for v in inputs.values()]
     assert torch.autograd.gradcheck(extension_op(dropout, 11), leaves)
 
@@ -136,8 +140,9 @@ def test_backward_returns_empty_tensors_for_unneeded_gradients(needs):
 
 
 @pytest.mark.parametrize("segments", [1, 3])
-def test_opcheck(segments):
-    _, inputs = make_inputs(7, 40, 48, 4, segments, dtype=torch.float32)
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_opcheck(segments, granularity):
+    _, inputs = make_inputs(7, 40, 48, 4, segments, dtype=torch.float32, granularity=granularity)
     fwd_args = (*inputs.values(), 0.2, torch.tensor(5))
     torch.library.opcheck(OPS.scaled_lora_fwd_cuda.default, fwd_args)
     y, h = OPS.scaled_lora_fwd_cuda(*fwd_args)
@@ -153,7 +158,8 @@ def _bad_fwd_inputs():
         ("x_int", {"x": torch.ones(7, 40, dtype=torch.int64)}, 0.0, "x must be a floating-point"),
         ("weight_dtype", {"weight": torch.randn(48, 40, dtype=torch.float64)}, 0.0, "weight has dtype"),
         ("in_features", {"x": torch.randn(7, 41)}, 0.0, "x's last dimension (41)"),
-        ("segments", {"scale": torch.rand(5)}, 0.0, "scale has 5 segments"),
+        ("scale_length", {"scale": torch.rand(5)}, 0.0, "scale must have shape (3,) (one per segment) or (48,)"),
+        ("segments", {"lora_A": torch.randn(20, 40)}, 0.0, "lora_A holds 5 segments"),
         ("scale_2d", {"scale": torch.rand(3, 1)}, 0.0, "scale must be 1-D"),
         ("rank_0", {"lora_A": torch.randn(0, 40), "lora_B": torch.randn(48, 0)}, 0.0, "rank (lora_B's columns)"),
         ("rank_big", {"lora_A": torch.randn(51, 40), "lora_B": torch.randn(48, 17)}, 0.0, "rank (lora_B's columns)"),
@@ -220,8 +226,10 @@ def test_arch_coverage(arch, capability, runs):
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "M{}_K{}_N{}_r{}_S{}".format(*s))
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
-def test_cuda_backend_matches_float64_oracle_by_2x_rule(shape, dtype_name):
-    check_against_oracle(shape, DTYPES[dtype_name], device="cuda", op=public_op, mask=keep_factors)
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_cuda_backend_matches_float64_oracle_by_2x_rule(shape, dtype_name, granularity):
+    check_against_oracle(shape, DTYPES[dtype_name], device="cuda", op=public_op, mask=keep_factors,
+                         granularity=granularity)
 
 
 @pytest.mark.gpu

@@ -18,7 +18,7 @@ from metapeft.ops import scaled_lora, select_backend
 from metapeft.ops.scaled_lora_op import scaled_lora_fwd
 from metapeft.reference import scaled_lora_reference
 from tests.helpers.oracle import run_interpreter_suite
-from tests.helpers.scaled_lora import check_against_oracle, dropout_mask, kernels, make_inputs
+from tests.helpers.scaled_lora import GRANULARITIES, check_against_oracle, dropout_mask, kernels, make_inputs
 from tests.helpers.triton_aot import compile_for_gpu
 
 pytest.importorskip("triton")
@@ -56,21 +56,25 @@ def test_cpu_tensors_need_the_interpreter():
         select_backend("triton", x.double())
 
 
-# fp32 on every shape; fp16 (slower in the interpreter) on M = 1, the multi-tile rank loop and M = 1000.
-CASES = [(shape, "f32") for shape in SHAPES] + [(SHAPES[i], "f16") for i in (0, 4, 5)]
+# fp32 on every shape; fp16 (slower in the interpreter) on M = 1, the multi-tile rank loop and M = 1000. A
+# per-channel scale on fewer shapes: M = 1, S = 1 and 3, the multi-tile rank loop, M = 1000.
+CASES = ([(shape, "f32", "segment") for shape in SHAPES] + [(SHAPES[i], "f16", "segment") for i in (0, 4, 5)]
+         + [(SHAPES[i], "f32", "channel") for i in (1, 4, 5)] + [(SHAPES[i], "f16", "channel") for i in (0, 2)])
 
 
 @interpreted
-@pytest.mark.parametrize(("shape", "dtype_name"), CASES, ids=lambda c: c if isinstance(c, str) else
+@pytest.mark.parametrize(("shape", "dtype_name", "granularity"), CASES, ids=lambda c: c if isinstance(c, str) else
                          "M{}_K{}_N{}_r{}_S{}".format(*c))
-def test_matches_float64_oracle_by_2x_rule(shape, dtype_name):
-    check_against_oracle(shape, DTYPES[dtype_name], bias=shape[0] % 2 == 1)
+def test_matches_float64_oracle_by_2x_rule(shape, dtype_name, granularity):
+    check_against_oracle(shape, DTYPES[dtype_name], bias=shape[0] % 2 == 1, granularity=granularity)
 
 
 @interpreted
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
-def test_dropout_matches_oracle_built_from_the_kernel_mask(dtype_name):
-    check_against_oracle((97, 200, 768, 8, 3), DTYPES[dtype_name], bias=True, dropout_p=0.3, seed=2**62 - 5)
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_dropout_matches_oracle_built_from_the_kernel_mask(dtype_name, granularity):
+    check_against_oracle((97, 200, 768, 8, 3), DTYPES[dtype_name], bias=True, dropout_p=0.3, seed=2**62 - 5,
+                         granularity=granularity)
 
 
 @interpreted
@@ -107,9 +111,10 @@ def test_dropout_is_reproducible_from_the_seed():
 @interpreted
 @pytest.mark.parametrize("needs", [(True, False, False, False, False, False), (False, False, False, True, True, False),
                                    (False, True, True, False, False, True)], ids=["dx", "dA_dB", "dW_db_dscale"])
-def test_backward_computes_only_what_is_needed(needs):
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_backward_computes_only_what_is_needed(needs, granularity):
     M, K, N, r, S = 33, 40, 120, 4, 3
-    _, inputs = make_inputs(M, K, N, r, S, dtype=torch.float32)
+    _, inputs = make_inputs(M, K, N, r, S, dtype=torch.float32, granularity=granularity)
     x, weight, _, lora_A, lora_B, scale = inputs.values()
     grad_y = torch.randn(M, N)
     _, h = kernels().scaled_lora_fwd(x, weight, None, lora_A, lora_B, scale, 0.2, 3)
@@ -123,8 +128,9 @@ def test_backward_computes_only_what_is_needed(needs):
 
 
 @interpreted
-def test_opcheck():
-    _, inputs = make_inputs(6, 20, 24, 2, 3, dtype=torch.float32)
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_opcheck(granularity):
+    _, inputs = make_inputs(6, 20, 24, 2, 3, dtype=torch.float32, granularity=granularity)
     for k in ("x", "lora_A", "lora_B", "scale"):
         inputs[k].requires_grad_(True)
     args = (*inputs.values(), 0.25, torch.tensor(5), "triton")
@@ -168,8 +174,10 @@ AOT_CONSTEXPRS = {
     "_dropout_mask_kernel": dict(BLOCK_M=64, BLOCK_K=64),
     "_scaled_lora_h_kernel": dict(HAS_DROPOUT=True, BLOCK_M=64, BLOCK_R=32, BLOCK_K=64),
     "_scaled_lora_fwd_kernel": dict(HAS_BIAS=True, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, BLOCK_R=16, GROUP_M=8),
-    "_scaled_lora_bwd_t_kernel": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_R=16),
-    "_scaled_lora_bwd_db_kernel": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_R=16),
+    "_scaled_lora_bwd_t_kernel": dict(PER_CHANNEL=False, BLOCK_M=64, BLOCK_N=64, BLOCK_R=16),
+    "_scaled_lora_bwd_t_kernel[per_channel]": dict(PER_CHANNEL=True, BLOCK_M=64, BLOCK_N=64, BLOCK_R=16),
+    "_scaled_lora_bwd_db_kernel": dict(STORE_DSCALE=False, BLOCK_M=64, BLOCK_N=64, BLOCK_R=16),
+    "_scaled_lora_bwd_db_kernel[per_channel]": dict(STORE_DSCALE=True, BLOCK_M=64, BLOCK_N=64, BLOCK_R=16),
     "_scaled_lora_bwd_da_kernel": dict(HAS_DROPOUT=True, BLOCK_M=64, BLOCK_R=32, BLOCK_K=128),
     "_scaled_lora_bwd_dx_kernel": dict(HAS_DROPOUT=True, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, BLOCK_R=32, GROUP_M=8),
 }
@@ -183,7 +191,7 @@ def test_kernels_compile_for_the_gpu_without_one(name, arch, dtype):
     """Ahead-of-time compile to PTX/cubin for Hopper and Ampere: catches GPU-only lowering errors on a CPU machine."""
     from metapeft.ops.triton_backend import kernel_module
 
-    kernel = getattr(kernel_module("common" if name == "_dropout_mask_kernel" else "scaled_lora"), name)
+    kernel = getattr(kernel_module("common" if name == "_dropout_mask_kernel" else "scaled_lora"), name.split("[")[0])
     assert compile_for_gpu(kernel, AOT_CONSTEXPRS[name], arch, dtype), f"{name}: no cubin for sm_{arch}"
 
 
