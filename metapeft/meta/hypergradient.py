@@ -58,6 +58,11 @@ The finite-difference eps uses the global ||c_k||. Every rank returns the same, 
 be empty (it then contributes zeros and runs no pass); a shard's size is the length of the first dimension
 of the first tensor found in the batch (depth-first through tuples, lists and dict values).
 
+An FSDP2 model (``torch.distributed.fsdp.fully_shard`` on its blocks and root) runs the same sharded meta step over
+its full parameters, all-gathered once per call (:mod:`metapeft.meta.fsdp`: why, and what it costs in memory);
+``reduce`` then defaults to every rank of the FSDP mesh, and ``meta_grads``, ``lookahead`` and ``phi_grads`` come back
+as ``DTensor`` laid out like the sharded parameters.
+
 Where it lives: this module has the public function and the dispatch; :mod:`metapeft.meta.inner` the inner
 rule (its update and its adjoint, shared with the trainer's real step), :mod:`metapeft.meta.lookahead` the forward
 look-ahead and the reverse recursion every mode shares, and one module per mode (:mod:`metapeft.meta.exact`,
@@ -82,6 +87,7 @@ from metapeft.meta.distributed import Reduction, as_reduction
 from metapeft.meta.exact import EXACT
 from metapeft.meta.finite_difference import FD_RADIUS, FINITE_DIFFERENCE
 from metapeft.meta.first_order import FIRST_ORDER
+from metapeft.meta.fsdp import is_fully_sharded, sharded_hypergradient
 from metapeft.meta.inner import InnerRule, SGDRule
 from metapeft.meta.lookahead import (
     Problem,
@@ -161,7 +167,7 @@ def hypergradient(
     fd_epsilon: float | None = None,
     lookahead_batches: Sequence[Any] = (),
     reduce: dist.ProcessGroup | Reduction | None = None,
-    lr_scales: Sequence[torch.Tensor | None] | None = None,
+    lr_scales: Sequence[torch.Tensor | None] | Callable[..., Sequence[torch.Tensor | None]] | None = None,
     inner_rule: InnerRule | None = None,
     inner_state: Sequence[Any] | None = None,
 ) -> HypergradientResult:
@@ -183,10 +189,13 @@ def hypergradient(
             1 + len(lookahead_batches); empty (K = 1) by default.
         reduce: None for a single process; otherwise a ``torch.distributed`` process group, or a callable
             summing a list of tensors over the ranks (:mod:`metapeft.meta.distributed`). Every batch is then
-            this rank's shard and every rank must make the same call (same K, same model).
+            this rank's shard and every rank must make the same call (same K, same model). On an FSDP2 model None
+            means every rank of its mesh.
         lr_scales: per phi parameter (``trainable_phi`` order), a learning-rate multiplier D broadcastable to it
             and differentiable in rho (e.g. :func:`metapeft.params.module_lr_scales`), or None (1); the look-ahead
-            steps are ``phi - lr * D * u`` (module docstring). None for the whole list: plain SGD.
+            steps are ``phi - lr * D * u`` (module docstring). None for the whole list: plain SGD. Or a callable
+            ``(model, phi) -> that list``, called once phi is known (e.g. ``module_lr_scales`` itself; needed on an
+            FSDP2 model, whose scales must come from the gathered modulators).
         inner_rule, inner_state: instead of ``lr`` / ``momentum`` / ``weight_decay`` / ``momentum_buffers``, another
             inner rule (:class:`metapeft.meta.inner.AdamWRule`, torch's AdamW; e.g. from a live optimizer by
             :func:`metapeft.meta.optim.inner_rule_for`) and its state from before the step, one entry (or None) per
@@ -195,10 +204,9 @@ def hypergradient(
 
     Returns a :class:`HypergradientResult` (global over the ranks); the model's parameters and their ``.grad``
     are untouched.
-
-    Returns a :class:`HypergradientResult` (global over the ranks); the model's parameters and their ``.grad``
-    are untouched.
     """
+    if is_fully_sharded(model):  # FSDP2: this same call over the gathered parameters (metapeft.meta.fsdp)
+        return sharded_hypergradient(hypergradient, dict(locals()))
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     rule = _inner_rule(lr, momentum, momentum_buffers, weight_decay, inner_rule, inner_state)
@@ -213,7 +221,7 @@ def hypergradient(
     if not phi:
         raise ValueError("model has no trainable parameters besides its modulators: trainable_phi(model) is empty")
     buffers = rule.check_state(momentum_buffers if inner_rule is None else inner_state, phi)
-    scales = check_lr_scales(lr_scales, phi)
+    scales = check_lr_scales(lr_scales(model, phi) if callable(lr_scales) else lr_scales, phi)
     names = ["train_batch", *(f"lookahead_batches[{i}]" for i in range(len(lookahead_batches))), "val_batch"]
     batches = dict(zip(names, [train_batch, *lookahead_batches, val_batch]))
     weights = [None] * len(batches) if reduce is None else shard_weights(batches, reduce, phi[0].device)
