@@ -186,6 +186,13 @@ def gathered(model: nn.Module, reduce: dist.ProcessGroup | Callable | None = Non
         if any(isinstance(p, DTensor) for p in full):
             raise ValueError("a parameter is still a DTensor after FSDP2's unshard (FSDP composed with tensor "
                              "parallelism?); the meta step supports FSDP and HSDP only")
+        # FSDP2 fixes an unsharded parameter's requires_grad when it first builds it: phi and rho inside the block
+        # must be the ones outside
+        changed = [name for (_, name), f, s in zip(slots, full, sharded) if f.requires_grad != s.requires_grad]
+        if changed:
+            raise ValueError(f"requires_grad of {len(changed)} sharded parameters (e.g. {changed[0]!r}) changed after "
+                             f"FSDP2 first gathered them, which it does not follow: set requires_grad before the "
+                             f"first forward or gather")
         _GATHERED.update(id(m) for m in modules)
         with _forward_hooks_off(model, hook_ids):
             yield Gathered({id(f): s for f, s in zip(full, sharded)}, reduce)
@@ -200,6 +207,8 @@ def _full(state):
     (a collective, in the same order on every rank); everything else as it is."""
     if isinstance(state, DTensor):
         return state.full_tensor()
+    if isinstance(state, tuple) and hasattr(state, "_fields"):  # a NamedTuple, e.g. AdamWState
+        return type(state)(*(_full(s) for s in state))
     if isinstance(state, (list, tuple)):
         return type(state)(_full(s) for s in state)
     if isinstance(state, dict):

@@ -1,7 +1,7 @@
 """The hypergradient of an FSDP2-sharded model (``fully_shard`` on every block and the root of a tiny timm ViT with
 metapeft LoRA, 2 gloo processes) equals the single-process hypergradient on the global batches, in float64: every
 mode, K = 1 and 3, momentum buffers given as the sharded optimizer's DTensors, weight decay, module-wise learning rates
-(a callable), uneven shards of batches, of the head and of the (S,) modulators (one rank holds no row of a (1,)
+(a callable), the AdamW inner rule with a sharded state, uneven shards of batches, of the head and of the (S,) modulators (one rank holds no row of a (1,)
 modulator); called on a fresh model, after a forward (FSDP's root stays unsharded) and after a forward/backward. The
 model comes back as it was, and plain FSDP training goes on. What cannot work fails with a clear error first."""
 
@@ -18,6 +18,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 import metapeft
 from metapeft.data.sampling import shard_bounds
 from metapeft.meta import trainable_phi
+from metapeft.meta.inner import AdamWRule, AdamWState
 from metapeft.params import meta_parameters, module_lr_scales
 from tests.helpers.distributed import run_gloo
 from tests.helpers.meta import relative_error
@@ -28,6 +29,7 @@ TRAIN_SIZES, VAL_SIZE = (5, 4, 3), 5  # shards 3/2, 2/2, 2/1 and 3/2 on 2 ranks
 CASES = [("exact", 1, "fresh"), ("exact", 3, "forward"), ("finite_difference", 1, "backward"),
          ("finite_difference", 3, "fresh"), ("first_order", 1, "forward"), ("first_order", 3, "backward")]
 LR_SCALED = {("exact", 3, "forward"), ("first_order", 1, "forward")}
+ADAMW = ("exact", 2, "adamw")  # AdamWRule with its state (exp_avg, exp_avg_sq) as the sharded optimizer's DTensors
 
 
 def lora_vit() -> torch.nn.Module:
@@ -57,13 +59,19 @@ def loss_fn(model, batch):
 
 
 def call(model, train, val, buffers, mode, steps, lr_scaled, reduce=None):
+    if lr_scaled == "adamw":  # buffers: (exp_avg, exp_avg_sq) per phi parameter
+        state = [AdamWState(m, v.abs(), 3.0) for m, v in buffers]
+        return metapeft.hypergradient(model, loss_fn, train[0], val, inner_rule=AdamWRule(LR, weight_decay=0.01),
+                                      inner_state=state, mode=mode, lookahead_batches=train[1:steps])
     return metapeft.hypergradient(model, loss_fn, train[0], val, lr=LR, momentum=MOMENTUM, momentum_buffers=buffers,
                                   weight_decay=WEIGHT_DECAY, mode=mode, lookahead_batches=train[1:steps],
                                   lr_scales=module_lr_scales if lr_scaled else None, reduce=reduce)
 
 
-def single_process(mode: str, steps: int, lr_scaled: bool) -> list:
+def single_process(mode: str, steps: int, lr_scaled) -> list:
     train, val, buffers = problem()
+    if lr_scaled == "adamw":
+        buffers = list(zip(buffers, buffers))
     r = call(lora_vit(), train, val, buffers, mode, steps, lr_scaled)
     return [r.meta_grads, r.lookahead, r.phi_grads, [r.train_loss], [r.val_loss]]
 
@@ -97,17 +105,20 @@ def worker(rank: int, world_size: int, out_path: str) -> None:
     train, val, buffers = problem()
     train, val = [shard(b, rank, world_size) for b in train], shard(val, rank, world_size)
     out = {"cases": {}}
-    for mode, steps, before in CASES:
+    for mode, steps, before in CASES + [ADAMW]:
         model = sharded_vit(mesh)
         phi = trainable_phi(model)
         sharded_buffers = [distribute_tensor(b, p.device_mesh, p.placements, src_data_rank=None)
                            for b, p in zip(buffers, phi)]
+        if before == "adamw":
+            sharded_buffers = list(zip(sharded_buffers, sharded_buffers))
         if before != "fresh":
             loss = loss_fn(model, train[0])
             if before == "backward":
                 loss.backward()
         state = {name: full([p])[0].detach().clone() for name, p in model.named_parameters()}
-        r = call(model, train, val, sharded_buffers, mode, steps, (mode, steps, before) in LR_SCALED)
+        r = call(model, train, val, sharded_buffers, mode, steps,
+                 "adamw" if before == "adamw" else (mode, steps, before) in LR_SCALED)
         after = dict(model.named_parameters())
         out["cases"][(mode, steps, before)] = {
             "results": [full(r.meta_grads), full(r.lookahead), full(r.phi_grads), [r.train_loss], [r.val_loss]],
@@ -139,10 +150,10 @@ def two_ranks(tmp_path_factory):
     return torch.load(out_path, weights_only=False)
 
 
-@pytest.mark.parametrize("case", CASES, ids=["-".join(map(str, c)) for c in CASES])
+@pytest.mark.parametrize("case", CASES + [ADAMW], ids=["-".join(map(str, c)) for c in CASES + [ADAMW]])
 def test_fsdp2_hypergradient_equals_single_process(two_ranks, case):
-    mode, steps, _ = case
-    expected = single_process(mode, steps, case in LR_SCALED)
+    mode, steps, before = case
+    expected = single_process(mode, steps, "adamw" if before == "adamw" else case in LR_SCALED)
     for rank, out in enumerate(two_ranks):
         got = out["cases"][case]
         assert got["sharded"] and got["unchanged"], (case, rank)
