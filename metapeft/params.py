@@ -67,13 +67,20 @@ def module_lr_scales(model: nn.Module, phi: list[nn.Parameter]) -> list[torch.Te
 
     LoRA with S_a active segments: ``lora_A`` (S_a*r, K) and ``lora_B`` (S_a*N/S, r) get gamma_j on the rows of
     segment j, as (rows, 1) columns; an adapter's weights and biases get its gamma (1,). A module with a fixed
-    modulator gives its fixed gamma."""
+    modulator gives its fixed gamma. Per-channel gammas (``gamma="channel"``) multiply the rows they scale
+    (``lora_B``'s rows; an adapter's ``up_weight`` rows and ``up_bias``); a factor whose rows feed every channel of
+    its segment (``lora_A``'s rank block, the adapter's ``down_weight`` and ``down_bias``) gets their mean."""
     scales: dict[int, torch.Tensor] = {}
     for module in _peft_modules(model):
         gamma = module.gamma
-        for p in module.peft_parameters():
-            if isinstance(module, FusedMetaLoRA):
+        for name, p in zip(module.peft_parameter_names, module.peft_parameters()):
+            per_channel = module.granularity == "channel"
+            if isinstance(module, FusedMetaLoRA) and per_channel and name == "lora_A":
+                scales[id(p)] = _segment_rows(gamma.view(len(module.active_segments), -1).mean(1), p.shape[0])
+            elif isinstance(module, FusedMetaLoRA):
                 scales[id(p)] = _segment_rows(gamma, p.shape[0])
+            elif per_channel and name.startswith("up_"):
+                scales[id(p)] = gamma.unsqueeze(1) if p.dim() == 2 else gamma
             else:
-                scales[id(p)] = gamma
+                scales[id(p)] = gamma.mean().reshape(1) if per_channel else gamma
     return [scales.get(id(p)) for p in phi]

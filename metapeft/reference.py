@@ -84,19 +84,22 @@ def adapter_reference(
 
 
 class ReferenceMetaLoRA(nn.Module):
-    """The unfused LoRA with a learnable per-segment modulator: the tests' brute-force twin of ``FusedMetaLoRA``.
+    """The unfused LoRA with a learnable per-segment (or per-output-channel) modulator: the tests' brute-force twin
+    of ``FusedMetaLoRA``.
 
-    x (..., K) -> (..., N); parameters ``lora_A`` (S*r, K), ``lora_B`` (N, r) (zeros), ``modulator`` (S,) with
-    gamma = softplus(modulator) = 1 at init.
+    x (..., K) -> (..., N); parameters ``lora_A`` (S*r, K), ``lora_B`` (N, r) (zeros), ``modulator`` (S,) (or (N,)
+    with ``gamma="channel"``) with gamma = softplus(modulator) = 1 at init.
     """
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float | None = None, segments: int = 1) -> None:
+    def __init__(self, base: nn.Linear, rank: int, alpha: float | None = None, segments: int = 1,
+                 gamma: str = "scalar") -> None:
         super().__init__()
         self.base = base.requires_grad_(False)
         self.rank, self.alpha = rank, float(rank if alpha is None else alpha)
         self.lora_A = nn.Parameter(torch.randn(segments * rank, base.in_features) / base.in_features**0.5)
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank))
-        self.modulator = nn.Parameter(torch.full((segments,), modulator_for_gamma(1.0, "softplus")))
+        count = base.out_features if gamma == "channel" else segments
+        self.modulator = nn.Parameter(torch.full((count,), modulator_for_gamma(1.0, "softplus")))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale = torch.nn.functional.softplus(self.modulator) * (self.alpha / self.rank)
@@ -104,7 +107,8 @@ class ReferenceMetaLoRA(nn.Module):
 
 
 class ReferenceMetaAdapter(nn.Module):
-    """:func:`adapter_reference` with ``FusedMetaAdapter``'s parameter names and shapes (softplus modulator (1,));
+    """:func:`adapter_reference` with ``FusedMetaAdapter``'s parameter names and shapes (softplus modulator (1,) or
+    (D,));
     x and residual (..., D) -> (..., D). Built from a ``FusedMetaAdapter`` (its hyperparameters, fresh weights)."""
 
     def __init__(self, layer: FusedMetaAdapter) -> None:
@@ -137,7 +141,8 @@ def reference_twin(model: nn.Module) -> nn.Module:
         elif len(layer.active_segments) != layer.segments:
             raise ValueError(f"reference_twin: layer {name!r} has inactive segments {layer.active_segments}")
         else:
-            twin.set_submodule(name, ReferenceMetaLoRA(layer.base, layer.rank, layer.alpha, layer.segments))
+            twin.set_submodule(name, ReferenceMetaLoRA(layer.base, layer.rank, layer.alpha, layer.segments,
+                                                       layer.granularity))
     return twin
 
 

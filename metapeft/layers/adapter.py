@@ -9,7 +9,7 @@ import numbers
 import torch
 from torch import nn
 
-from metapeft.layers.base import MetaPEFTModule, module_tensors
+from metapeft.layers.base import MetaPEFTModule, check_gamma_granularity, module_tensors
 from metapeft.ops.adapter_op import ADAPTER, check_adapter_params
 from metapeft.ops.adapter_torch import ADAPTER_ACTIVATIONS
 
@@ -35,10 +35,13 @@ class FusedMetaAdapter(MetaPEFTModule):
         constraint: ``"softplus"`` (gamma = softplus(modulator), the paper) or ``"none"``.
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` (an explicit backend without adapter kernels raises).
         meta: learnable modulator (``True``) or a fixed scale (``False``, the plain-adapter baseline).
+        gamma: ``"scalar"`` (one gamma, the paper) or ``"channel"`` (one per output channel, D of them: the authors'
+            code's modulator vector; ``out = residual + gamma * alpha * up(...)`` column by column).
 
     Parameters (float32; move them with ``.to(device, dtype)``): ``down_weight`` (b, D), kaiming-uniform like
     LoRA's A; ``down_bias`` (b,), zeros; ``up_weight`` (D, b), zeros; ``up_bias`` (D,), zeros (so the adapter
-    adds nothing at init); ``modulator`` (1,), float64 when the module is cast to float64, float32 otherwise.
+    adds nothing at init); ``modulator`` (1,) or (D,) (``gamma="channel"``), float64 when the module is cast to
+    float64, float32 otherwise.
     Input x (..., D) and residual (..., D) of the parameters' dtype (or any float dtype under autocast); output
     (..., D).
 
@@ -60,8 +63,10 @@ class FusedMetaAdapter(MetaPEFTModule):
         constraint: str = "softplus",
         backend: str = "auto",
         meta: bool = True,
+        gamma: str = "scalar",
     ) -> None:
         super().__init__()
+        self.granularity = check_gamma_granularity(gamma)
         if not isinstance(dim, int) or dim < 1:
             raise ValueError(f"dim must be a positive int, got {dim!r}")
         if not isinstance(bottleneck, int) or bottleneck < 1:
@@ -81,11 +86,12 @@ class FusedMetaAdapter(MetaPEFTModule):
         self.up_weight = nn.Parameter(torch.zeros(dim, bottleneck))
         self.up_bias = nn.Parameter(torch.zeros(dim))
         nn.init.kaiming_uniform_(self.down_weight, a=math.sqrt(5))
-        self._init_modulator(1, init_gamma, constraint, meta, backend, self.down_weight)
+        self._init_modulator(dim if gamma == "channel" else 1, init_gamma, constraint, meta, backend, self.down_weight)
         self.check_parameters()
 
     def scale(self) -> torch.Tensor:
-        """The adapter scale ``gamma * alpha``: (1,), differentiable in the modulator."""
+        """The adapter scale ``gamma * alpha``: (1,), or (D,) with ``gamma="channel"``; differentiable in the
+        modulator."""
         return self.gamma * self.alpha
 
     def check_parameters(self) -> None:
@@ -108,7 +114,7 @@ class FusedMetaAdapter(MetaPEFTModule):
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, bottleneck={self.bottleneck}, alpha={self.alpha}, kind={self.kind!r}, "
                 f"activation={self.activation!r}, dropout={self.dropout}, constraint={self.constraint!r}, "
-                f"meta={self.meta}, backend={self.backend!r}")
+                f"meta={self.meta}, backend={self.backend!r}, gamma={self.granularity!r}")
 
 
 class ParallelAdapter(nn.Module):

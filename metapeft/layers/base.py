@@ -44,6 +44,17 @@ def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     return None
 
 
+GAMMA_GRANULARITIES = ("scalar", "channel")
+
+
+def check_gamma_granularity(gamma: str) -> str:
+    """Validate a ``gamma=`` argument: ``"scalar"`` (one gamma per module, per segment for a fused qkv: the paper) or
+    ``"channel"`` (one per output channel: the authors' code's modulator vector)."""
+    if gamma not in GAMMA_GRANULARITIES:
+        raise ValueError(f"gamma must be one of {GAMMA_GRANULARITIES}, got {gamma!r}")
+    return gamma
+
+
 def modulator_dtype(weight_dtype: torch.dtype) -> torch.dtype:
     """The modulator's dtype for PEFT weights of ``weight_dtype``: float64 for float64 weights (gamma and its
     gradient keep float64 precision), float32 otherwise (bf16/fp16 models keep an fp32 gamma)."""

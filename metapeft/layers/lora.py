@@ -8,14 +8,16 @@ import numbers
 import torch
 from torch import nn
 
-from metapeft.layers.base import MetaPEFTModule, module_tensors
+from metapeft.layers.base import MetaPEFTModule, check_gamma_granularity, module_tensors
 from metapeft.ops.scaled_lora_op import SCALED_LORA, check_scaled_lora_params
 
 
 class FusedMetaLoRA(MetaPEFTModule):
-    """LoRA on a frozen Linear, per-segment scaled by ``gamma * alpha / rank``.
+    """LoRA on a frozen Linear, per-segment (or per-output-channel) scaled by ``gamma * alpha / rank``.
 
-    ``y[..., seg j] = base(x)[..., seg j] + gamma_j * alpha / rank * (drop(x) A_j^T) B_j^T``
+    ``y[..., seg j] = base(x)[..., seg j] + gamma_j * alpha / rank * (drop(x) A_j^T) B_j^T``; with
+    ``gamma="channel"`` gamma is a vector over the outputs: ``y[..., n] = base(x)[..., n] + gamma_n * alpha / rank *
+    (drop(x) A_j^T) B_j[n]^T`` for output n of segment j.
 
     Args:
         base: the ``nn.Linear`` to adapt (frozen here); weight (N, K), bias (N,) or None.
@@ -30,10 +32,12 @@ class FusedMetaLoRA(MetaPEFTModule):
         constraint: ``"softplus"`` (gamma = softplus(modulator), the paper) or ``"none"``.
         meta: learnable modulator (``True``) or a fixed scale (``False``, the plain-LoRA baseline).
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
+        gamma: ``"scalar"`` (one gamma per active segment, the paper) or ``"channel"`` (one per output channel of
+            the active segments, the authors' code's modulator vector).
 
     Parameters: ``lora_A`` (S_a*r, K), kaiming-uniform; ``lora_B`` (S_a*N/S, r), zeros (so the layer
-    equals ``base`` at init); ``modulator`` (S_a,), where S_a = number of active segments, float64 on a float64
-    base and float32 otherwise.
+    equals ``base`` at init); ``modulator`` (S_a,) or, with ``gamma="channel"``, (S_a*N/S,), where S_a = number of
+    active segments, float64 on a float64 base and float32 otherwise.
     Input x: (..., K) of any float dtype matching the base (or under autocast); output (..., N).
     """
 
@@ -51,6 +55,7 @@ class FusedMetaLoRA(MetaPEFTModule):
         backend: str = "auto",
         active_segments: tuple[int, ...] | None = None,
         meta: bool = True,
+        gamma: str = "scalar",
     ) -> None:
         super().__init__()
         if not isinstance(base, nn.Linear):
@@ -70,6 +75,7 @@ class FusedMetaLoRA(MetaPEFTModule):
         active = tuple(range(segments)) if active_segments is None else tuple(active_segments)
         if not active or len(set(active)) != len(active) or not all(0 <= j < segments for j in active):
             raise ValueError(f"active_segments must be distinct indices in [0, {segments}), got {active_segments}")
+        self.granularity = check_gamma_granularity(gamma)
         self.base = base.requires_grad_(False)
         self.rank, self.segments, self.active_segments = rank, segments, tuple(sorted(active))
         self.all_segments_active = len(active) == segments
@@ -82,10 +88,11 @@ class FusedMetaLoRA(MetaPEFTModule):
         self.lora_B = nn.Parameter(torch.zeros(len(active) * per_segment, rank, **factory))
         for block in self.lora_A.data.split(rank):
             nn.init.kaiming_uniform_(block, a=math.sqrt(5))
-        self._init_modulator(len(active), init_gamma, constraint, meta, backend, base.weight)
-        # the active segments' indices as a device buffer: building the (S,) scale never copies from the host
-        self.register_buffer("active_index", torch.tensor(self.active_segments, device=base.weight.device),
-                             persistent=False)
+        per_gamma = per_segment if gamma == "channel" else 1  # the outputs each gamma scales
+        self._init_modulator(len(active) * per_gamma, init_gamma, constraint, meta, backend, base.weight)
+        # the scale entries of the active segments as a device buffer: building the scale never copies from the host
+        index = [j * per_gamma + i for j in self.active_segments for i in range(per_gamma)]
+        self.register_buffer("active_index", torch.tensor(index, device=base.weight.device), persistent=False)
         self.check_parameters()
 
     @property
@@ -97,11 +104,19 @@ class FusedMetaLoRA(MetaPEFTModule):
         return self.base.out_features
 
     def scale(self) -> torch.Tensor:
-        """Per-segment LoRA scale ``gamma * alpha / rank``: (S,), zero on inactive segments."""
+        """The LoRA scale ``gamma * alpha / rank`` the op takes: (S,) per segment, or (N,) per output channel with
+        ``gamma="channel"``; zero on inactive segments."""
         active_scale = self.gamma * (self.alpha / self.rank)
         if self.all_segments_active:
             return active_scale
-        return active_scale.new_zeros(self.segments).index_copy(0, self.active_index, active_scale)
+        size = self.out_features if self.granularity == "channel" else self.segments
+        return active_scale.new_zeros(size).index_copy(0, self.active_index, active_scale)
+
+    def output_scale(self) -> torch.Tensor:
+        """The scale of every output channel: (N,), a segment's scale repeated over its outputs (``gamma="scalar"``),
+        zero on inactive segments."""
+        scale = self.scale()
+        return scale.repeat_interleave(self.out_features // scale.shape[0])
 
     def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A (S*r, K), B (N, r))`` over all S segments, zero blocks for inactive ones (differentiable)."""
@@ -134,15 +149,13 @@ class FusedMetaLoRA(MetaPEFTModule):
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
-        """The LoRA update folded into a weight: ``scale_j * B_j A_j`` per segment, (N, K) in float32 or wider."""
+        """The LoRA update folded into a weight: ``diag(scale) B_j A_j`` per segment (the scale of each output row),
+        (N, K) in float32 or wider."""
         lora_A, lora_B = self.lora_factors()
         compute = torch.promote_types(lora_A.dtype, torch.float32)
         per_segment = self.out_features // self.segments
-        blocks = [
-            s * (b.to(compute) @ a.to(compute))
-            for s, a, b in zip(self.scale().to(compute), lora_A.split(self.rank), lora_B.split(per_segment))
-        ]
-        return torch.cat(blocks)
+        blocks = [b.to(compute) @ a.to(compute) for a, b in zip(lora_A.split(self.rank), lora_B.split(per_segment))]
+        return torch.cat(blocks) * self.output_scale().to(compute).unsqueeze(1)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -164,4 +177,5 @@ class FusedMetaLoRA(MetaPEFTModule):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
                 f"alpha={self.alpha}, segments={self.segments}, active_segments={self.active_segments}, "
-                f"dropout={self.dropout}, constraint={self.constraint!r}, meta={self.meta}, backend={self.backend!r}")
+                f"dropout={self.dropout}, constraint={self.constraint!r}, meta={self.meta}, backend={self.backend!r}, "
+                f"gamma={self.granularity!r}")

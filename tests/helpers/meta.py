@@ -34,12 +34,14 @@ def randomize_lora(model: nn.Module, std: float = 0.2) -> None:
                 layer.modulator.uniform_(-0.5, 1.0)
 
 
-def lora_mlp(segments: int, dropout: float = 0.0) -> nn.Module:
-    """Three FusedMetaLoRA layers (the middle one with ``segments`` segments) and a trainable head."""
+def lora_mlp(segments: int, dropout: float = 0.0, gamma: str = "scalar") -> nn.Module:
+    """Three FusedMetaLoRA layers (the middle one with ``segments`` segments; gamma per segment or, with
+    ``gamma="channel"``, per output channel) and a trainable head."""
     model = nn.Sequential(
-        metapeft.FusedMetaLoRA(nn.Linear(10, 12), rank=3, dropout=dropout), nn.Tanh(),
-        metapeft.FusedMetaLoRA(nn.Linear(12, 18), rank=2, segments=segments, alpha=4.0, dropout=dropout), nn.GELU(),
-        metapeft.FusedMetaLoRA(nn.Linear(18, 9, bias=False), rank=2, dropout=dropout), nn.Tanh(),
+        metapeft.FusedMetaLoRA(nn.Linear(10, 12), rank=3, dropout=dropout, gamma=gamma), nn.Tanh(),
+        metapeft.FusedMetaLoRA(nn.Linear(12, 18), rank=2, segments=segments, alpha=4.0, dropout=dropout, gamma=gamma),
+        nn.GELU(),
+        metapeft.FusedMetaLoRA(nn.Linear(18, 9, bias=False), rank=2, dropout=dropout, gamma=gamma), nn.Tanh(),
         nn.Linear(9, 4),
     ).double()
     randomize_lora(model)
@@ -96,14 +98,15 @@ def momentum_buffers(model: nn.Module) -> list[torch.Tensor]:
 
 
 class AdapterNet(nn.Module):
-    """A LoRA layer, an AdaptFormer (parallel) adapter beside a frozen MLP, a Houlsby (sequential) adapter, a head."""
+    """A LoRA layer, an AdaptFormer (parallel) adapter beside a frozen MLP, a Houlsby (sequential) adapter, a head;
+    ``gamma``: the modules' gamma granularity ("scalar" or "channel")."""
 
-    def __init__(self) -> None:
+    def __init__(self, gamma: str = "scalar") -> None:
         super().__init__()
-        self.lora = metapeft.FusedMetaLoRA(nn.Linear(10, 12), rank=2)
+        self.lora = metapeft.FusedMetaLoRA(nn.Linear(10, 12), rank=2, gamma=gamma)
         self.mlp = nn.Sequential(nn.Linear(12, 16), nn.GELU(), nn.Linear(16, 12))
-        self.parallel = metapeft.FusedMetaAdapter(12, 3, alpha=0.5, kind="parallel", activation="gelu")
-        self.sequential = metapeft.FusedMetaAdapter(12, 2, kind="sequential", activation="gelu")
+        self.parallel = metapeft.FusedMetaAdapter(12, 3, alpha=0.5, kind="parallel", activation="gelu", gamma=gamma)
+        self.sequential = metapeft.FusedMetaAdapter(12, 2, kind="sequential", activation="gelu", gamma=gamma)
         self.head = nn.Linear(12, 4)
 
     def forward(self, x):
@@ -121,9 +124,9 @@ def more_train_batches(steps: int, classes: int = 4, features: int = 10) -> list
 
 
 
-def adapter_net() -> nn.Module:
+def adapter_net(gamma: str = "scalar") -> nn.Module:
     """:class:`AdapterNet` in float64 with random PEFT weights and modulators; PEFT weights and head trainable."""
-    model = AdapterNet().double()
+    model = AdapterNet(gamma).double()
     randomize_lora(model)
     return metapeft.mark_only_peft_trainable(model, extra=(model.head,))
 
@@ -131,7 +134,8 @@ def adapter_net() -> nn.Module:
 def independent_lr_scales(model: nn.Module):
     """The oracle's module-wise learning rates, written apart from ``metapeft.params.module_lr_scales``: for every
     PEFT module named ``m``, ``D = softplus(rho)`` of ``m.modulator`` on each of its PEFT weights, LoRA segment j's
-    gamma on segment j's rows of A and B."""
+    gamma on segment j's rows of A and B. Per-channel gammas: each on the row it scales (B's rows, an adapter's up
+    rows and up bias), their segment's mean on A's rank block and on an adapter's down projection."""
     modules = {name: m for name, m in model.named_modules() if isinstance(m, MetaPEFTModule)}
 
     def scales(rho: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -140,8 +144,16 @@ def independent_lr_scales(model: nn.Module):
             gamma = F.softplus(rho[f"{name}.modulator"])
             for weight in module.peft_parameter_names:
                 rows = getattr(module, weight).shape[0]
-                if isinstance(module, metapeft.FusedMetaLoRA):
+                channel = module.granularity == "channel"
+                if isinstance(module, metapeft.FusedMetaLoRA) and channel:
+                    blocks = gamma.chunk(len(module.active_segments))
+                    out[f"{name}.{weight}"] = gamma.unsqueeze(1) if weight == "lora_B" else torch.cat(
+                        [g.mean().expand(module.rank, 1) for g in blocks])
+                elif isinstance(module, metapeft.FusedMetaLoRA):
                     out[f"{name}.{weight}"] = torch.cat([g.expand(rows // gamma.numel(), 1) for g in gamma])
+                elif channel:
+                    up = {"up_weight": gamma.unsqueeze(1), "up_bias": gamma}
+                    out[f"{name}.{weight}"] = up.get(weight, gamma.mean())
                 else:
                     out[f"{name}.{weight}"] = gamma
         return out

@@ -139,6 +139,26 @@ def test_injected_wrappers_compose():
     torch.testing.assert_close(sequential(h), h + (reference_output(sequential, h, None) - h))
 
 
+@pytest.mark.parametrize("kind", ["parallel", "sequential"])
+def test_channel_gamma_scales_each_output_column_float64(kind):
+    """gamma="channel": a (D,) modulator; output and every gradient equal the unfused reference fed the scale
+    softplus(modulator) * alpha built here, in float64."""
+    layer = make_adapter(kind=kind, alpha=0.5, gamma="channel", dtype=torch.float64)
+    assert layer.modulator.shape == (24,)
+    with torch.no_grad():
+        layer.modulator.copy_(torch.linspace(-1.0, 1.5, 24, dtype=torch.float64))
+    x = torch.randn(3, 4, 24, dtype=torch.float64, requires_grad=True)
+    residual = torch.randn(3, 4, 24, dtype=torch.float64) if kind == "parallel" else None
+    out = layer(x, residual)
+    expected = adapter_reference(x, residual, layer.down_weight, layer.down_bias, layer.up_weight, layer.up_bias,
+                                 torch.nn.functional.softplus(layer.modulator) * 0.5, layer.activation)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    params = [x, *layer.peft_parameters(), layer.modulator]
+    grad = torch.randn_like(out)
+    for got, want in zip(torch.autograd.grad(out, params, grad), torch.autograd.grad(expected, params, grad)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
 BAD_CONSTRUCTION = {
     "dim": (dict(dim=0), "dim must be a positive int"),
     "bottleneck": (dict(bottleneck=0), "bottleneck must be a positive int"),
@@ -151,6 +171,7 @@ BAD_CONSTRUCTION = {
     "alpha_nan": (dict(alpha=float("nan")), "alpha must be a finite number > 0"),
     "alpha_inf": (dict(alpha=float("inf")), "alpha must be a finite number > 0"),
     "alpha_zero": (dict(alpha=0.0), "alpha must be a finite number > 0"),
+    "gamma": (dict(gamma="per_channel"), "gamma must be one of"),
 }
 
 

@@ -105,8 +105,32 @@ def test_active_segments_leave_inactive_slices_at_base_output():
     assert layer.modulator.grad.shape == (2,) and torch.all(layer.modulator.grad != 0)
 
 
-def test_merge_unmerge_round_trip():
-    layer = make_layer(segments=3)
+@pytest.mark.parametrize("active", [None, (0, 2)], ids=["qkv", "q_v"])
+def test_channel_gamma_matches_the_reference_with_a_scale_per_output(active):
+    """gamma="channel": one modulator per output of the active segments; the output and every gradient equal the
+    unfused reference fed the per-output scale built here by hand (zeros on the inactive segment) in float64."""
+    layer = make_layer(segments=3, alpha=6.0, gamma="channel", active_segments=active, dtype=torch.float64)
+    n_active = 3 if active is None else 2
+    assert layer.modulator.shape == (n_active * 12,) and layer.modulator.dtype == torch.float64
+    gamma = torch.nn.functional.softplus(layer.modulator)
+    columns = [gamma[i * 12:(i + 1) * 12] for i in range(n_active)]
+    if active is not None:
+        columns.insert(1, torch.zeros(12, dtype=torch.float64))  # the k segment carries no LoRA
+    x = torch.randn(2, 5, 24, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    lora_A, lora_B = layer.lora_factors()
+    expected = scaled_lora_reference(x, layer.base.weight, layer.base.bias, lora_A, lora_B,
+                                     torch.cat(columns) * (6.0 / 4))
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(y)
+    params = [x, layer.lora_A, layer.lora_B, layer.modulator]
+    for got, want in zip(torch.autograd.grad(y, params, grad), torch.autograd.grad(expected, params, grad)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("gamma", ["scalar", "channel"])
+def test_merge_unmerge_round_trip(gamma):
+    layer = make_layer(segments=3, gamma=gamma)
     x = torch.randn(11, 24)
     weight_before = layer.base.weight.detach().clone()
     y = layer(x)
@@ -173,6 +197,7 @@ def test_torch_compile_fullgraph_matches_eager():
         ({"rank": 2, "alpha": float("inf")}, "alpha"),
         ({"rank": 2, "alpha": 0.0}, "alpha"),
         ({"rank": 2, "alpha": True}, "alpha"),
+        ({"rank": 2, "gamma": "vector"}, "gamma must be one of"),
     ],
 )
 def test_bad_construction_arguments_are_named(kwargs, match):

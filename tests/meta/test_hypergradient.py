@@ -41,8 +41,9 @@ def vit_case():
 
 @pytest.mark.parametrize("segments", [1, 3], ids=lambda s: f"S{s}")
 @pytest.mark.parametrize("with_momentum", [False, True], ids=["plain", "momentum_wd"])
-def test_mlp_all_modes_match_brute_force(segments, with_momentum):
-    model = lora_mlp(segments)
+@pytest.mark.parametrize("gamma", ["scalar", "channel"])
+def test_mlp_all_modes_match_brute_force(segments, with_momentum, gamma):
+    model = lora_mlp(segments, gamma=gamma)
     train, val = batches("mlp")
     kwargs = {"momentum": MOMENTUM, "weight_decay": WEIGHT_DECAY} if with_momentum else {}
     buffers = momentum_buffers(model) if with_momentum else None
@@ -75,8 +76,9 @@ def test_vit_matches_brute_force(vit_case, mode):
 
 
 @pytest.mark.parametrize("mode", ["exact", "finite_difference", "first_order"])
-def test_adapters_match_brute_force(mode):
-    model = adapter_net()
+@pytest.mark.parametrize("gamma", ["scalar", "channel"])
+def test_adapters_match_brute_force(mode, gamma):
+    model = adapter_net(gamma)
     train, val = batches("mlp")
     buffers = momentum_buffers(model)
     hyper, direct, phi_next, _ = brute_force(model, train, val, lr=LR, momentum=MOMENTUM, buffers=buffers,
@@ -295,14 +297,15 @@ def test_meta_steps_lower_meta_loss_and_switch_off_the_harmful_position(mode):
 
 @pytest.mark.parametrize("steps", [1, 2], ids=lambda k: f"K{k}")
 @pytest.mark.parametrize("kind", ["lora", "adapters"])
-def test_module_learning_rates_match_brute_force(kind, steps):
+@pytest.mark.parametrize("gamma", ["scalar", "channel"])
+def test_module_learning_rates_match_brute_force(kind, steps, gamma):
     """phi_{k+1} = phi_k - lr * gamma_module * (g + wd phi + mu m): every mode against torch.func through the same
     unrolled steps with gamma differentiated in the step size too; first_order keeps the learning-rate term."""
     from metapeft.params import module_lr_scales
     from metapeft.reference import brute_force_hypergradient
 
     torch.manual_seed(3)
-    model = lora_mlp(3) if kind == "lora" else adapter_net()
+    model = lora_mlp(3, gamma=gamma) if kind == "lora" else adapter_net(gamma)
     train, val = batches("mlp")
     more = more_train_batches(steps)
     buffers = momentum_buffers(model)

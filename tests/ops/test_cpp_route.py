@@ -12,26 +12,28 @@ from metapeft.reference import adapter_reference, scaled_lora_reference
 from tests.helpers.adapter import forward_backward as adapter_forward_backward
 from tests.helpers.adapter import make_inputs as adapter_inputs
 from tests.helpers.oracle import assert_2x_rule, non_contiguous
+from tests.helpers.scaled_lora import GRANULARITIES
 from tests.helpers.scaled_lora import forward_backward as lora_forward_backward
 from tests.helpers.scaled_lora import make_inputs as lora_inputs
 
 pytestmark = pytest.mark.skipif(SCALED_LORA.cpp_op is None, reason="metapeft._C is not built here")
 
 
-def _lora(segments=3, bias=True, constraint="softplus", active=None, dtype=torch.float64):
+def _lora(segments=3, bias=True, constraint="softplus", active=None, dtype=torch.float64, gamma="scalar"):
     torch.manual_seed(0)
     layer = metapeft.FusedMetaLoRA(torch.nn.Linear(12, 6 * segments, bias=bias), rank=2, alpha=3.0,
-                                   segments=segments, constraint=constraint, active_segments=active).to(dtype)
+                                   segments=segments, constraint=constraint, active_segments=active,
+                                   gamma=gamma).to(dtype)
     with torch.no_grad():
         for p in (*layer.peft_parameters(), layer.modulator):
             p.normal_()
     return layer
 
 
-def _adapter(kind="parallel", activation="gelu", constraint="softplus", dtype=torch.float64):
+def _adapter(kind="parallel", activation="gelu", constraint="softplus", dtype=torch.float64, gamma="scalar"):
     torch.manual_seed(0)
-    layer = metapeft.FusedMetaAdapter(12, 3, alpha=2.0, kind=kind, activation=activation,
-                                      constraint=constraint).to(dtype)
+    layer = metapeft.FusedMetaAdapter(12, 3, alpha=2.0, kind=kind, activation=activation, constraint=constraint,
+                                      gamma=gamma).to(dtype)
     with torch.no_grad():
         for p in (*layer.peft_parameters(), layer.modulator):
             p.normal_()
@@ -61,6 +63,11 @@ LAYERS = {
     "adapter_parallel_gelu": lambda: (_adapter(), True),
     "adapter_sequential_relu": lambda: (_adapter("sequential", "relu"), False),
     "adapter_exp": lambda: (_adapter(constraint="exp"), True),
+    "lora_channel_S3": lambda: (_lora(gamma="channel"), False),
+    "lora_channel_S1_nobias": lambda: (_lora(segments=1, bias=False, gamma="channel"), False),
+    "lora_channel_active_q_v": lambda: (_lora(active=(0, 2), gamma="channel"), False),
+    "adapter_channel_parallel": lambda: (_adapter(gamma="channel"), True),
+    "adapter_channel_sequential_relu": lambda: (_adapter("sequential", "relu", gamma="channel"), False),
 }
 
 
@@ -86,8 +93,9 @@ def _assert_cpp_node(out):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("shape", [(97, 40, 72, 4, 3), (1, 40, 48, 1, 1)], ids=["M97_S3", "M1_S1"])
-def test_cpp_route_scaled_lora_by_2x_rule(dtype, shape):
-    inputs64, inputs = lora_inputs(*shape, dtype=dtype)
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_cpp_route_scaled_lora_by_2x_rule(dtype, shape, granularity):
+    inputs64, inputs = lora_inputs(*shape, dtype=dtype, granularity=granularity)
     grad64 = torch.randn(shape[0], shape[2], dtype=torch.float64)
 
     def fused(*args):
@@ -103,8 +111,9 @@ def test_cpp_route_scaled_lora_by_2x_rule(dtype, shape):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("residual", [True, False], ids=["parallel", "sequential"])
-def test_cpp_route_adapter_by_2x_rule(dtype, residual):
-    inputs64, inputs = adapter_inputs(97, 40, 7, dtype, residual=residual)
+@pytest.mark.parametrize("channel", [False, True], ids=["scalar", "channel"])
+def test_cpp_route_adapter_by_2x_rule(dtype, residual, channel):
+    inputs64, inputs = adapter_inputs(97, 40, 7, dtype, residual=residual, channel=channel)
     grad64 = torch.randn(97, 40, dtype=torch.float64)
 
     def fused(*args, **kwargs):
@@ -130,6 +139,11 @@ def test_opcheck_cpp_ops():
     residual = torch.randn(5, 12, **f64, requires_grad=True)
     torch.library.opcheck(torch.ops.metapeft.adapter.default,
                           (x, residual, weights[0], None, weights[2], None, weights[4], "none", 1.0, "relu"))
+    per_channel = torch.randn(6, **f64, requires_grad=True)  # one modulator per output channel
+    torch.library.opcheck(torch.ops.metapeft.scaled_lora.default, (x, *lora[:4], per_channel, "softplus", 0.5))
+    adapter_channel = torch.randn(12, **f64, requires_grad=True)
+    torch.library.opcheck(torch.ops.metapeft.adapter.default, (x, residual, *weights[:4], adapter_channel, "exp",
+                                                               2.0, "gelu"))
 
 
 def test_python_routes_kept_under_func_dropout_and_compile_flags():
