@@ -22,7 +22,7 @@ LAYERS = {
     "metapeft.schema": 2,
     "metapeft.inject": 3, "metapeft.params": 3, "metapeft.adapter_files": 3, "metapeft.gamma": 3,
     "metapeft.backbones": 3, "metapeft.merging": 3, "metapeft.hf_peft": 3,
-    "metapeft.meta": 4, "metapeft.trainer": 4, "metapeft.runs": 4,
+    "metapeft.meta": 4, "metapeft.trainer": 4, "metapeft.runs": 4, "metapeft.hf_trainer": 4,
     "metapeft.reference": 4,
     "metapeft.cli": 5, "metapeft.demo": 5, "metapeft.sweep": 5, "metapeft.build_info": 5, "metapeft.__main__": 5,
     "metapeft.benchmark_scripts": 5,

@@ -1,0 +1,182 @@
+"""``metapeft.hf_trainer``: MetaPEFT inside ``transformers.Trainer`` on a tiny Llama built from a config (no
+download): the meta set carved from the train dataset, meta steps in every mode with K = 1 and 2 through the
+Trainer's own AdamW, gammas in the Trainer's logs; and the same run as metapeft's own trainer on the same data and
+schedule."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import metapeft
+from metapeft.meta.optim import inner_rule_for
+from metapeft.params import meta_parameters, trainable_phi
+
+transformers = pytest.importorskip("transformers")
+from metapeft.hf_trainer import HFMetaPEFTTrainer, MetaArguments, carve_meta_set, torch_optimizer  # noqa: E402
+
+VOCAB, LENGTH = 64, 12
+
+
+def tiny_llama() -> torch.nn.Module:
+    """LlamaForCausalLM (hidden 32, 2 layers, vocab 64) from a config, LoRA on q_proj and v_proj."""
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64)
+    model = transformers.LlamaForCausalLM(config)
+    metapeft.inject(model, target_modules=("q_proj", "v_proj"), rank=4)
+    return model
+
+
+def token_dataset(n: int) -> list[dict[str, torch.Tensor]]:
+    """n sequences of a repeating pattern (learnable) with a random offset."""
+    starts = torch.randint(0, VOCAB, (n, 1))
+    ids = (starts + torch.arange(LENGTH) * 3) % VOCAB
+    return [{"input_ids": row, "labels": row} for row in ids]
+
+
+def training_args(tmp_path, **kwargs) -> transformers.TrainingArguments:
+    defaults = {"output_dir": str(tmp_path), "per_device_train_batch_size": 4, "max_steps": 4, "learning_rate": 1e-2,
+                "logging_steps": 2, "report_to": "none", "use_cpu": True, "save_strategy": "no", "disable_tqdm": True,
+                "seed": 0}
+    return transformers.TrainingArguments(**{**defaults, **kwargs})
+
+
+def test_the_meta_set_is_a_seeded_carve_of_the_train_dataset():
+    data = token_dataset(50)
+    train, meta = carve_meta_set(data, 0.2, seed=3)
+    assert meta.numel() == 10 and train.numel() == 40
+    assert not set(train.tolist()) & set(meta.tolist())
+    again, other = carve_meta_set(data, 0.2, seed=3)[1], carve_meta_set(data, 0.2, seed=4)[1]
+    assert torch.equal(again, meta) and not torch.equal(other, meta)
+
+
+@pytest.mark.parametrize("steps", [1, 2], ids=lambda k: f"K{k}")
+@pytest.mark.parametrize("mode", ["exact", "finite_difference", "first_order"])
+def test_tiny_llama_learns_gammas_through_the_trainers_adamw(tmp_path, mode, steps):
+    model = tiny_llama()
+    start = [p.detach().clone() for p in meta_parameters(model)]
+    trainer = HFMetaPEFTTrainer(model, training_args(tmp_path), token_dataset(40),
+                                meta_args=MetaArguments(meta_interval=2, meta_mode=mode, meta_lookahead_steps=steps,
+                                                        meta_lr=0.05))
+    assert len(trainer.train_dataset) == 32 and len(trainer.meta_dataset) == 8
+    trainer.train()
+    optimizer = torch_optimizer(trainer.optimizer)
+    assert isinstance(optimizer, torch.optim.AdamW)  # the Trainer's default, which the look-ahead followed
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert not held & {id(p) for p in meta_parameters(model)}, "rho must stay out of the Trainer's optimizer"
+    assert trainer.outer_step == 2  # steps 0 and 2 of 4
+    assert all(not torch.equal(p, s) for p, s in zip(meta_parameters(model), start)), "every gamma must move"
+    records = [r for r in trainer.state.log_history if "loss" in r]
+    assert len(records) == 2
+    for record in records:
+        assert "meta_loss" in record
+        gammas = {k: v for k, v in record.items() if k.startswith("gamma/")}
+        assert sorted(gammas) == sorted(f"gamma/model.layers.{i}.self_attn.{p}_proj" for i in (0, 1) for p in "qv")
+    assert records[-1]["gamma/model.layers.0.self_attn.q_proj"] == pytest.approx(
+        model.model.layers[0].self_attn.q_proj.gamma.item())
+
+
+def test_the_lookahead_starts_from_the_trainers_optimizer_state(tmp_path):
+    """After training, the AdamW state the look-ahead reads is the Trainer's: exp_avg, exp_avg_sq and step of
+    every phi tensor."""
+    model = tiny_llama()
+    trainer = HFMetaPEFTTrainer(model, training_args(tmp_path, max_steps=3), token_dataset(20),
+                                meta_args=MetaArguments(meta_interval=1))
+    trainer.train()
+    optimizer = torch_optimizer(trainer.optimizer)
+    rule, state = inner_rule_for(optimizer, trainable_phi(model))
+    assert rule.lr == optimizer.param_groups[0]["lr"]
+    for p, s in zip(trainable_phi(model), state):
+        assert s.exp_avg is optimizer.state[p]["exp_avg"] and s.step == 3.0
+
+
+def test_a_model_without_modulators_is_refused(tmp_path):
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(hidden_size=32, intermediate_size=64,
+                                                                   num_hidden_layers=1, num_attention_heads=4,
+                                                                   vocab_size=VOCAB))
+    with pytest.raises(ValueError, match="no learnable modulators"):
+        HFMetaPEFTTrainer(model, training_args(tmp_path), token_dataset(10))
+    with pytest.raises(ValueError, match="meta_mode"):
+        MetaArguments(meta_mode="second")
+
+
+class TokenClassifier(torch.nn.Module):
+    """A tiny LlamaModel and a linear head on the last token: logits for metapeft's trainer (``model(x)``), a loss
+    for the HF Trainer (``model(input_ids=..., labels=...)``)."""
+
+    def __init__(self, classes: int) -> None:
+        super().__init__()
+        config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB)
+        self.backbone = transformers.LlamaModel(config)
+        self.head = torch.nn.Linear(32, classes)
+
+    def forward(self, input_ids, labels=None):
+        logits = self.head(self.backbone(input_ids=input_ids).last_hidden_state[:, -1])
+        if labels is None:
+            return logits
+        return {"loss": torch.nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+
+class Pairs(torch.utils.data.Dataset):
+    """(x, y) samples for metapeft's trainer, with the ``targets`` it reads labels from."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.targets = x, y
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        return self.x[i], self.targets[i]
+
+
+@pytest.mark.parametrize("mode", ["exact", "first_order"])
+def test_hf_trainer_equals_metapefts_own_trainer(tmp_path, mode):
+    """The same model, data, batch order, meta batches and cosine schedule through metapeft's trainer and through
+    the HF Trainer: the same phi and rho at the end (bit for bit today; checked to 1e-12). Both with SGD (momentum
+    0.9): metapeft's own trainer takes SGD only; the HF Trainer's AdamW look-ahead is checked against torch's AdamW,
+    TorchOpt and the brute force in tests/meta/test_adamw.py."""
+    from metapeft.data.sampling import epoch_batches
+    from metapeft.trainer import MetaPEFTTrainer, TrainerConfig
+
+    classes, batch, seed = 3, 4, 7
+    x, y = torch.randint(0, VOCAB, (16, LENGTH)), torch.randint(0, classes, (16,))
+    meta_x, meta_y = torch.randint(0, VOCAB, (8, LENGTH)), torch.randint(0, classes, (8,))
+    model = TokenClassifier(classes).double()
+    metapeft.inject(model, target_modules=("q_proj", "v_proj"), rank=2, modules_to_save=("head",))
+    hf_model = copy.deepcopy(model)
+    start = [p.detach().clone() for p in meta_parameters(model)]
+
+    config = TrainerConfig(epochs=1, batch_size=batch, lr=0.05, momentum=0.9, weight_decay=0.0, schedule="cosine",
+                           meta_lr=0.05, meta_interval=2, meta_mode=mode, meta_batch_size=batch,
+                           meta_reuse_lookahead=False, meta_warmup_steps=0, loss="ce", classifier="linear",
+                           head="head", amp="none", device="cpu", seed=seed, progress=False, num_classes=classes)
+    MetaPEFTTrainer(model, Pairs(x, y), Pairs(meta_x, meta_y), config=config).fit()
+
+    order = torch.cat(epoch_batches(torch.arange(16), batch, seed, 0))  # metapeft's batch order, fed in sequence
+    as_dicts = [{"input_ids": x[i], "labels": y[i]} for i in order]
+    meta_dicts = [{"input_ids": meta_x[i], "labels": meta_y[i]} for i in range(8)]
+    args = training_args(tmp_path, per_device_train_batch_size=batch, max_steps=-1, num_train_epochs=1,
+                         learning_rate=0.05, optim="sgd", optim_args="momentum=0.9", weight_decay=0.0,
+                         lr_scheduler_type="cosine", max_grad_norm=0.0, train_sampling_strategy="sequential",
+                         seed=seed)
+    trainer = HFMetaPEFTTrainer(hf_model, args, as_dicts, meta_dataset=meta_dicts,
+                                meta_args=MetaArguments(meta_interval=2, meta_mode=mode, meta_lr=0.05))
+    trainer.train()
+    assert trainer.outer_step == 2
+    for (name, p), q in zip(model.named_parameters(), hf_model.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-12, atol=1e-15, msg=lambda m, name=name: f"{name}: {m}")
+    assert all((p - s).abs().min() > 1e-4 for p, s in zip(meta_parameters(model), start)), "every gamma must move"
+
+
+def test_without_transformers_the_error_names_the_extra(monkeypatch):
+    import importlib
+    import sys
+
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    monkeypatch.delitem(sys.modules, "metapeft.hf_trainer")
+    with pytest.raises(ImportError, match=r'metapeft\[hf\]'):
+        importlib.import_module("metapeft.hf_trainer")
