@@ -145,16 +145,17 @@ def from_peft(model: nn.Module, adapter_dir: str | os.PathLike | None = None, *,
 # ----- export ---------------------------------------------------------------------------------------------------
 def peft_lora_factors(module: FusedMetaLoRA) -> tuple[torch.Tensor, torch.Tensor]:
     """One plain LoRA equal to ``module``'s scaled segments, scale folded into B: ``(A (S_a*r, K),
-    B (N, S_a*r))`` in float32 or wider, with ``B A = cat_j(scale_j * B_j A_j)`` (B block-diagonal over the
-    S_a active segments, zero rows for inactive segments); ``S_a * r`` is the PEFT rank."""
+    B (N, S_a*r))`` in float32 or wider, with ``B A = cat_j(diag(scale) B_j A_j)`` (B block-diagonal over the
+    S_a active segments, zero rows for inactive segments, each row times its output's scale: one per segment, or
+    one per output channel with ``gamma="channel"``); ``S_a * r`` is the PEFT rank."""
     compute = torch.promote_types(module.lora_A.dtype, torch.float32)
     lora_A, lora_B = module.lora_A.detach().to(compute), module.lora_B.detach().to(compute)
-    scale = module.scale().detach().to(compute)
+    scale = module.output_scale().detach().to(compute).unsqueeze(1)  # (N, 1)
     rank, per_segment = module.rank, module.out_features // module.segments
     folded = lora_B.new_zeros(module.out_features, lora_A.shape[0])
     for i, j in enumerate(module.active_segments):
         rows, columns = slice(j * per_segment, (j + 1) * per_segment), slice(i * rank, (i + 1) * rank)
-        folded[rows, columns] = scale[j] * lora_B[i * per_segment:(i + 1) * per_segment]
+        folded[rows, columns] = scale[rows] * lora_B[i * per_segment:(i + 1) * per_segment]
     return lora_A, folded
 
 
@@ -162,8 +163,9 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> str:
     """Write an HF PEFT LoRA directory (``adapter_config.json`` + ``adapter_model.safetensors``) that
     ``peft.PeftModel.from_pretrained(<the same base model>, directory)`` loads to reproduce ``model``'s outputs.
 
-    gamma * alpha / r is folded into B and each module's ``lora_alpha`` equals its rank (PEFT scaling 1); a fused
-    qkv with S_a LoRA segments becomes one PEFT LoRA of rank S_a * r (``rank_pattern``) with A stacked and B
+    gamma * alpha / r is folded into B's rows (per segment, or per output channel with ``gamma="channel"``: PEFT has
+    one scaling per module, B's rows carry the rest) and each module's ``lora_alpha`` equals its rank (PEFT scaling 1);
+    a fused qkv with S_a LoRA segments becomes one PEFT LoRA of rank S_a * r (``rank_pattern``) with A stacked and B
     block-diagonal. ``modules_to_save`` (the head) is exported too and loads into a base model whose head has the
     same type and size. Refused with a ``ValueError`` naming the part PEFT cannot represent: AdaptFormer and Houlsby
     adapters (PEFT has none of this form) and a :class:`~metapeft.heads.CosineClassifier` head (the trainer's

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from metapeft.layers import FusedMetaAdapter, FusedMetaLoRA, MetaPEFTModule, ParallelAdapter, SequentialAdapter
+from metapeft.layers.base import check_gamma_granularity
 from metapeft.params import mark_only_peft_trainable, meta_parameters, peft_parameters
 from metapeft.schema import option, options_text
 
@@ -91,6 +92,9 @@ class InjectionConfig:
     init_gamma: float = option(1.0, "gamma of every module at the start")
     constraint: str = option("softplus", "how gamma follows from the raw modulator (softplus keeps it positive)")
     activation: str = option("relu", "the adapters' bottleneck activation")
+    gamma: str = option("scalar", "gamma granularity: 'scalar' (one gamma per module, per q/k/v segment of a fused "
+                                  "qkv: the paper) or 'channel' (one per output channel: the authors' code's "
+                                  "modulator vector)")
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise lists from yaml or keywords into tuples
@@ -125,6 +129,7 @@ class InjectionConfig:
         for name in ("backend", "constraint", "activation"):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"{name} must be a string, got {getattr(self, name)!r}")
+        check_gamma_granularity(self.gamma)
         if self.target_modules is not None:
             if self.positions is not None or self.layers != "all":
                 raise ValueError("positions and layers select ViT blocks; with target_modules leave them unset")
@@ -180,9 +185,11 @@ class Injection(InjectionConfig):
     def from_dict(cls, data: dict) -> Injection:
         """Inverse of :meth:`to_dict` (lists back to tuples)."""
         names = {f.name for f in dataclasses.fields(cls)}
-        if set(data) != names:
-            raise ValueError(f"injection config fields {sorted(data)} do not match the expected {sorted(names)}")
         values = dict(data)
+        if "gamma" not in values and set(data) == names - {"gamma"}:
+            values["gamma"] = "scalar"  # files written before gamma granularity was an option
+        elif set(data) != names:
+            raise ValueError(f"injection config fields {sorted(data)} do not match the expected {sorted(names)}")
         if values["target_modules"] is not None and values["positions"] == [] and values["layers"] == []:
             values.update(positions=None, layers="all")  # files written before InjectionConfig checked its fields
         for key in ("rows", "columns"):
@@ -261,7 +268,7 @@ class ModuleFactory:
         c = self.config
         return FusedMetaLoRA(base, rank=c.rank, alpha=self.alpha, segments=segments, dropout=c.dropout,
                              init_gamma=c.init_gamma, constraint=c.constraint, backend=c.backend,
-                             active_segments=active, meta=c.meta)
+                             active_segments=active, meta=c.meta, gamma=c.gamma)
 
     def adapter(self, dim: int, like: torch.Tensor) -> FusedMetaAdapter:
         """An adapter on ``like``'s device with PEFT weights in ``like``'s dtype (the modulator stays float32,
@@ -270,7 +277,7 @@ class ModuleFactory:
         kind = "parallel" if c.method == "adaptformer" else "sequential"
         adapter = FusedMetaAdapter(dim, c.rank, alpha=self.alpha, kind=kind, activation=c.activation,
                                    dropout=c.dropout, init_gamma=c.init_gamma, constraint=c.constraint,
-                                   backend=c.backend, meta=c.meta).to(like.device)
+                                   backend=c.backend, meta=c.meta, gamma=c.gamma).to(like.device)
         for weight in adapter.peft_parameters():
             weight.data = weight.data.to(like.dtype)
         return adapter

@@ -103,6 +103,40 @@ def test_linear_head_is_rebuilt_to_the_file_size_and_peft_export_reproduces_logi
     torch.testing.assert_close(loaded(x), model(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["lora", "adaptformer"])
+def test_channel_gamma_file_records_its_granularity_and_loads_only_into_its_kind(tmp_path, method):
+    """gamma="channel": the file's injection says so, a fresh model loads it to the same outputs, a model injected
+    with one gamma per module is refused naming the field; the gamma metadata holds every channel's gamma."""
+    model = injected(method=method, gamma="channel", **({"positions": None} if method != "lora" else {}))
+    path = metapeft.save_adapter(model, tmp_path / "a.safetensors")
+    info = read_adapter_info(path)
+    assert info.config.gamma == "channel"
+    for name, module in peft_modules(model):
+        assert len(info.gamma[name]) == module.modulator.numel() > 1
+    fresh = tiny_vit()
+    metapeft.load_adapter(fresh, path)
+    x = images(2)
+    assert torch.equal(fresh.eval()(x), model.eval()(x))
+    scalar = injected(method=method, **({"positions": None} if method != "lora" else {}))
+    with pytest.raises(LoadError, match="gamma: 'scalar' != 'channel'"):
+        metapeft.load_adapter(scalar, path)
+
+
+def test_peft_export_folds_per_channel_gamma_into_b_and_reproduces_logits(tmp_path):
+    from peft import PeftModel
+
+    model = injected(gamma="channel", alpha=6.0)  # q, v of a fused qkv, out, mlp1: one gamma per output row
+    with torch.no_grad():
+        for _, module in peft_modules(model):
+            module.modulator.uniform_(-2.0, 2.0)
+    replace_head(model, "head", nn.Linear(48, 3))
+    base = tiny_vit()
+    replace_head(base, "head", nn.Linear(48, 3))
+    loaded = PeftModel.from_pretrained(base, metapeft.export_peft(model, tmp_path / "peft")).eval()
+    x = images(3)
+    torch.testing.assert_close(loaded(x), model.eval()(x), rtol=1e-5, atol=1e-5)
+
+
 def snapshot(model):
     return {k: v.clone() for k, v in model.state_dict().items()}, type(model.head)
 

@@ -256,6 +256,7 @@ def test_torch_compile_fullgraph_matches_eager(kwargs):
         ({"target_modules": ["nothing"]}, "matched no nn.Linear"),
         ({"target_modules": ["fc1"], "positions": ("q",)}, "target_modules"),
         ({"modules_to_save": ["nohead"]}, "modules_to_save"),
+        ({"gamma": "vector"}, "gamma must be one of"),
     ],
 )
 def test_bad_arguments_name_the_argument_and_change_nothing(kwargs, match):
@@ -355,3 +356,20 @@ def test_an_adapter_file_of_the_generic_path_written_before_the_config_checks_lo
     assert stored["positions"] is None and stored["layers"] == "all"
     older = {**stored, "positions": [], "layers": []}  # what metapeft-adapter/2 files of this path hold
     assert Injection.from_dict(older) == injection_config(model)
+
+
+def test_gamma_granularity_reaches_every_module_and_older_files_without_it_mean_scalar():
+    from metapeft.inject import Injection, injection_config
+
+    model = tiny_vit(depth=2)
+    summary = metapeft.inject(model, gamma="channel", rank=2)
+    qkv = model.blocks[0].attn.qkv
+    assert qkv.granularity == "channel" and qkv.modulator.shape == (qkv.out_features,)
+    assert summary.meta_parameters == sum(m.out_features for m in model.modules()
+                                          if isinstance(m, metapeft.FusedMetaLoRA))
+    stored = injection_config(model).to_dict()
+    older = {k: v for k, v in stored.items() if k != "gamma"}  # adapter files written before the option
+    assert Injection.from_dict(older).gamma == "scalar"
+    assert Injection.from_dict(stored) == injection_config(model)
+    with pytest.raises(ValueError, match="injection config fields"):
+        Injection.from_dict({**older, "unknown": 1})
