@@ -92,6 +92,15 @@ def test_the_lookahead_starts_from_the_trainers_optimizer_state(tmp_path):
         assert s.exp_avg is optimizer.state[p]["exp_avg"] and s.step == 3.0
 
 
+def test_one_meta_step_per_optimizer_step_under_gradient_accumulation(tmp_path):
+    model = tiny_llama()
+    trainer = HFMetaPEFTTrainer(model, training_args(tmp_path, max_steps=3, gradient_accumulation_steps=2,
+                                                     per_device_train_batch_size=2), token_dataset(20),
+                                meta_args=MetaArguments(meta_interval=1))
+    trainer.train()
+    assert trainer.state.global_step == 3 and trainer.outer_step == 3
+
+
 def test_a_model_without_modulators_is_refused(tmp_path):
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(hidden_size=32, intermediate_size=64,
                                                                    num_hidden_layers=1, num_attention_heads=4,
