@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import metapeft
+from metapeft.gamma import GammaTable, plot_gamma
 from tests.helpers.vit import tiny_vit
 
 
@@ -35,6 +36,34 @@ def test_table_has_gamma_at_placed_positions_and_nan_elsewhere():
     text = str(table)
     assert text.splitlines()[0].split() == ["layer", "q", "k", "v", "out", "mlp1", "mlp2"]
     assert text.splitlines()[3].split() == ["2", "-", "2.000", "0.125", "-", "-", "1.000"]
+
+
+def test_per_channel_gamma_is_summarised_by_mean_and_spread_per_cell(tmp_path):
+    """gamma="channel": each cell holds the mean of its output channels' gammas and the table their standard
+    deviation; a q, v fused qkv splits its (2*48,) gammas into the q and the v cell."""
+    model = tiny_vit()
+    metapeft.inject(model, positions=("q", "v", "mlp2"), layers=[1], rank=2, gamma="channel")
+    q = [0.5] * 24 + [1.5] * 24  # mean 1, standard deviation 0.5
+    v = [0.25 + 0.01 * i for i in range(48)]
+    set_gamma(model.blocks[1].attn.qkv, q + v)
+    set_gamma(model.blocks[1].mlp.fc2, [2.0] * 48)
+    table = metapeft.gamma_table(model)
+    v64 = torch.tensor(v, dtype=torch.float64)
+    torch.testing.assert_close(table.values[1, [0, 2, 5]], torch.tensor([1.0, v64.mean().item(), 2.0]))
+    torch.testing.assert_close(table.spread[1, [0, 2, 5]], torch.tensor([0.5, v64.std(correction=0).item(), 0.0]),
+                               atol=1e-6, rtol=1e-6)
+    assert torch.isnan(table.spread[0]).all() and torch.isnan(table.spread[1, 1])
+    assert "1.000+-0.500" in str(table).splitlines()[2]
+    again = GammaTable.mean([table.to_dict(), table.to_dict()])
+    torch.testing.assert_close(again.spread, table.spread, equal_nan=True)
+    assert metapeft.gamma_table(tiny_vit_injected_scalar()).spread is None
+    assert plot_gamma(table, tmp_path / "channel.png")
+
+
+def tiny_vit_injected_scalar():
+    model = tiny_vit()
+    metapeft.inject(model, positions=("q",), rank=2)
+    return model
 
 
 def test_fixed_scale_table_and_generic_rows():
