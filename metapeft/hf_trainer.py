@@ -17,7 +17,8 @@ language-model dataset has no classes to stratify), and held out of the Trainer'
 ``meta_dataset``. Every draw (meta set, meta batches, look-ahead batches) is a function of (seed, outer step)
 (:mod:`metapeft.data.sampling`). The modulators are kept out of the Trainer's optimizer, backward and gradient
 clipping (``requires_grad`` is off outside the meta step). Each record the Trainer logs gains ``gamma/<module>``
-(``gamma/<module>/<segment>`` for a module with several segments) and the last ``meta_loss``.
+(``gamma/<module>/<segment>`` for a module with several segments; mean and ``gamma_std/<module>`` for a per-channel
+gamma) and the last ``meta_loss``.
 
 Needs the optional ``transformers`` package (``pip install "metapeft[hf]"``); importing this module without it
 raises an ``ImportError`` naming that extra. One process only (no DDP / FSDP / DeepSpeed yet).
@@ -122,10 +123,17 @@ def torch_optimizer(optimizer) -> torch.optim.Optimizer:
 
 
 def gamma_logs(model: nn.Module) -> dict[str, float]:
-    """``{"gamma/<module>": gamma}`` for every metapeft module (``gamma/<module>/<j>`` per segment when S > 1)."""
+    """``{"gamma/<module>": gamma}`` for every metapeft module (``gamma/<module>/<j>`` per segment when S > 1); a
+    per-channel gamma (``gamma="channel"``) as its mean over the channels, its standard deviation as
+    ``gamma_std/<module>``."""
     logs = {}
     for name, module in peft_modules(model):
-        gammas = module.gamma.detach().float().cpu().tolist()
+        gamma = module.gamma.detach().float()
+        if getattr(module, "granularity", "scalar") == "channel":
+            logs[f"gamma/{name}"] = gamma.mean().item()
+            logs[f"gamma_std/{name}"] = gamma.std(correction=0).item()
+            continue
+        gammas = gamma.cpu().tolist()
         if len(gammas) == 1:
             logs[f"gamma/{name}"] = gammas[0]
         else:

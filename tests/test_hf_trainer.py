@@ -189,3 +189,18 @@ def test_without_transformers_the_error_names_the_extra(monkeypatch):
     monkeypatch.delitem(sys.modules, "metapeft.hf_trainer")
     with pytest.raises(ImportError, match=r'metapeft\[hf\]'):
         importlib.import_module("metapeft.hf_trainer")
+
+
+def test_gamma_logs_name_every_module_segment_and_channel_summary():
+    from metapeft.hf_trainer import gamma_logs
+
+    model = torch.nn.Sequential(metapeft.FusedMetaLoRA(torch.nn.Linear(6, 6), rank=2),
+                                metapeft.FusedMetaLoRA(torch.nn.Linear(6, 9), rank=2, segments=3),
+                                metapeft.FusedMetaLoRA(torch.nn.Linear(6, 4), rank=2, gamma="channel"))
+    with torch.no_grad():
+        model[2].modulator.copy_(torch.tensor([0.0, 1.0, 2.0, 3.0]))
+    logs = gamma_logs(model)
+    assert sorted(logs) == ["gamma/0", "gamma/1/0", "gamma/1/1", "gamma/1/2", "gamma/2", "gamma_std/2"]
+    channel = torch.nn.functional.softplus(torch.tensor([0.0, 1.0, 2.0, 3.0]))
+    assert logs["gamma/0"] == pytest.approx(1.0) and logs["gamma/2"] == pytest.approx(channel.mean().item())
+    assert logs["gamma_std/2"] == pytest.approx(channel.std(correction=0).item())
