@@ -171,7 +171,8 @@ def hypergradient(
     inner_rule: InnerRule | None = None,
     inner_state: Sequence[Any] | None = None,
 ) -> HypergradientResult:
-    """One meta step: d L_val(phi_K) / d rho through K SGD look-ahead steps (see the module docstring for the math).
+    """One meta step: d L_val(phi_K) / d rho through K look-ahead steps, SGD or ``inner_rule`` (AdamW), see the module
+    docstring for the math.
 
     Args:
         model: a model with metapeft modules; phi = :func:`~metapeft.params.trainable_phi`,
