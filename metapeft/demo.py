@@ -9,11 +9,13 @@ What it does (all data is scikit-learn's bundled handwritten digits, see :mod:`m
    the real :func:`metapeft.inject` and :class:`metapeft.MetaPEFTTrainer` (the paper's recipe: SGD with momentum 0.9
    and weight decay 5e-4, cosine schedule, logit-adjusted loss, cosine classifier; lr 0.05 instead of 0.01 because
    the demo trains for only about a hundred steps): LoRA on q, k, v, out, mlp1, mlp2 of every block with a fixed
-   scale (plain LoRA), and the same LoRA with learned modulators gamma (LoRA + MetaPEFT, the trainer's default meta
-   schedule), once per seed. The seeds vary the LoRA initialisation, the batch order and the meta batches; the data
-   split and the pre-trained backbone stay fixed, so each seed gives a paired comparison;
+   scale (plain LoRA), the same LoRA with learned modulators gamma (LoRA + MetaPEFT, the trainer's default meta
+   schedule) and with one learned gamma per output channel instead of per module (``gamma="channel"``, the
+   authors' code's modulator vector), once per seed. The seeds vary the LoRA initialisation, the batch order and
+   the meta batches; the data split and the pre-trained backbone stay fixed, so each seed gives a paired comparison;
 3. prints mean +- std over the seeds of the paper-style metrics (overall / class-mean / many / medium / few /
-   macro-F1) on the balanced target test set, the paired difference (MetaPEFT - LoRA) with its 95 % t-interval, and
+   macro-F1) on the balanced target test set, the paired differences (each MetaPEFT variant - LoRA) with their 95 %
+   t-intervals, and
    writes ``gamma_heatmap.png`` (the learned gamma averaged over seeds), ``training_curves.png``, ``results.json``
    and ``results.md``; ``readme`` rewrites a README's demo table from those results.
 
@@ -67,8 +69,12 @@ FULL = DemoSize(embed_dim=64, depth=4, num_heads=4, pretrain_epochs=40, finetune
 QUICK = DemoSize(embed_dim=32, depth=2, num_heads=2, pretrain_epochs=4, finetune_epochs=2, batch_size=32, rank=2,
                  lr=0.05, meta_lr=0.05)
 VARIANTS = (Cell("lora", {"method": "LoRA"}, peft=PLAIN, train=PLAIN),
-            Cell("lora_meta", {"method": "LoRA + MetaPEFT"}, peft=META, train=META))
-BASELINE, METHOD = (cell.point["method"] for cell in VARIANTS)
+            Cell("lora_meta", {"method": "LoRA + MetaPEFT"}, peft=META, train=META),
+            Cell("lora_meta_channel", {"method": "LoRA + MetaPEFT, per-channel gamma"},
+                 peft={**META, "gamma": "channel"}, train=META))
+BASELINE, METHOD, CHANNEL = (cell.point["method"] for cell in VARIANTS)
+# The table's difference row of each MetaPEFT variant (paired with LoRA per seed).
+DIFFERENCE_ROWS = {METHOD: "difference (95% CI)", CHANNEL: "difference, per-channel gamma (95% CI)"}
 DEFAULT_SEEDS = 10
 README_SECTION = "demo-table"
 SPLITS = ("test", "validation")
@@ -252,7 +258,7 @@ def plot_curves(logs: dict[str, list[dict]], path: Path, seeds: int) -> Path:
 
     figure = Figure(figsize=(11, 3.8))
     loss_axes, accuracy_axes = figure.subplots(1, 2)
-    for (name, records), color in zip(logs.items(), ("tab:blue", "tab:red")):
+    for (name, records), color in zip(logs.items(), ("tab:blue", "tab:red", "tab:green"), strict=True):
         loss_axes.plot(*_mean_by(records, "step", "global_step", "train_loss"), color=color, lw=1, label=name)
         for metric, style, marker in (("accuracy", "-", "o"), ("few_accuracy", "--", "x")):
             epochs, values = _mean_by(records, "eval", "epoch", metric)
@@ -273,34 +279,37 @@ def plot_curves(logs: dict[str, list[dict]], path: Path, seeds: int) -> Path:
 
 def seeds_table(runs: dict[str, list[dict]], seconds: dict[str, list[float]]) -> str:
     """The demo's Markdown table: per variant, mean +- std over seeds of every metric (%) and of the fine-tuning
-    time; then the paired difference MetaPEFT - LoRA with its 95 % t-interval, and the mean time ratio."""
+    time; then per MetaPEFT variant the paired difference variant - LoRA with its 95 % t-interval, and the mean
+    time ratio."""
     columns = metric_columns([m for values in runs.values() for m in values])
     names = {"accuracy": "overall", "class_mean_accuracy": "class-mean", "macro_f1": "macro-F1"}
     header = ["method", *(names.get(c, c.removesuffix("_accuracy")) for c in columns), "fine-tune time (s)"]
     body = [[name, *(format_summary(summarize([m[c] for m in values])) for c in columns),
              format_summary(summarize(seconds[name]), scale=1.0)] for name, values in runs.items()]
-    ratios = [b / a for a, b in zip(seconds[BASELINE], seconds[METHOD])]
-    body.append(["difference (95% CI)",
-                 *(format_difference(paired_difference([m[c] for m in runs[BASELINE]], [m[c] for m in runs[METHOD]]))
-                   for c in columns),
-                 f"{summarize(ratios).mean:.2f}x"])
+    for name, label in DIFFERENCE_ROWS.items():
+        ratios = [b / a for a, b in zip(seconds[BASELINE], seconds[name])]
+        body.append([label,
+                     *(format_difference(paired_difference([m[c] for m in runs[BASELINE]], [m[c] for m in runs[name]]))
+                       for c in columns),
+                     f"{summarize(ratios).mean:.2f}x"])
     lines = ["| " + " | ".join(header) + " |", "|---" + "|--:" * (len(header) - 1) + "|"]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in body])
 
 
-def verdict(difference: dict, what: str) -> str:
-    """One sentence on a paired difference (a :class:`metapeft.stats.PairedDifference` as a dict) of ``what``."""
+def verdict(difference: dict, what: str, method: str = "MetaPEFT") -> str:
+    """One sentence on a paired difference (a :class:`metapeft.stats.PairedDifference` as a dict) of ``what``,
+    ``method`` - LoRA."""
     interval = "" if difference["low"] is None else \
         f", 95 % interval [{100 * difference['low']:+.1f}, {100 * difference['high']:+.1f}]"
     if difference["low"] is None:
         reading = "one seed gives no interval"
     elif difference["low"] > 0:
-        reading = "MetaPEFT is better beyond the seeds' noise"
+        reading = f"{method} is better beyond the seeds' noise"
     elif difference["high"] < 0:
-        reading = "MetaPEFT is worse beyond the seeds' noise"
+        reading = f"{method} is worse beyond the seeds' noise"
     else:
         reading = "the interval covers 0: these seeds cannot tell the two apart"
-    return f"{what}: MetaPEFT - LoRA = {100 * difference['mean']:+.1f} points{interval}; {reading}."
+    return f"{what}: {method} - LoRA = {100 * difference['mean']:+.1f} points{interval}; {reading}."
 
 
 def readme_text(result: dict) -> str:
@@ -309,11 +318,13 @@ def readme_text(result: dict) -> str:
     options = (" --quick" if size != asdict(FULL) else "") + f" --seeds {len(seeds)}" + (
         f" --seed {seeds[0]}" if seeds[0] else "")
     return (f"`metapeft demo{options}` (seeds {seeds[0]}-{seeds[-1]}; target test set, "
-            f"accuracy in %, mean +- std over seeds; difference: MetaPEFT - LoRA per seed, mean and 95 % t-interval; "
-            f"time ratio: mean over seeds of MetaPEFT / LoRA fine-tuning time; generated from `results.json` by "
+            f"accuracy in %, mean +- std over seeds; difference: MetaPEFT - LoRA per seed, mean and 95 % t-interval "
+            f"(per-channel gamma: `gamma=\"channel\"`, one gamma per output channel); time ratio: mean over seeds of "
+            f"MetaPEFT / LoRA fine-tuning time; generated from `results.json` by "
             f"`metapeft demo --readme README.md`):\n\n{result['table']}\n\n"
             f"{verdict(result['difference']['accuracy'], 'Overall accuracy')} "
-            f"{verdict(result['difference']['few_accuracy'], 'Few-shot classes')}\n")
+            f"{verdict(result['difference']['few_accuracy'], 'Few-shot classes')} "
+            f"{verdict(result['difference_channel']['accuracy'], 'Per-channel gamma, overall', 'per-channel')}\n")
 
 
 def update_readme(result: dict, readme: str | os.PathLike) -> Path:
@@ -357,13 +368,15 @@ def run_demo(quick: bool = False, output_dir: str | os.PathLike = "metapeft-demo
     result = {"seeds": seed_list, "runs": runs, "seconds": seconds, "table": table,
               "summary": {name: {c: asdict(summarize([m[c] for m in values])) for c in columns}
                           for name, values in runs.items()},
-              "difference": {c: asdict(paired_difference([m[c] for m in runs[BASELINE]], [m[c] for m in runs[METHOD]]))
-                             for c in columns},
+              **{key: {c: asdict(paired_difference([m[c] for m in runs[BASELINE]], [m[c] for m in runs[name]]))
+                       for c in columns}
+                 for key, name in (("difference", METHOD), ("difference_channel", CHANNEL))},
               "gamma_mean": gamma.to_dict(), "files": files, "size": asdict(size), "threads": threads, "jobs": jobs,
               "target_counts": tasks.target_counts, "class_split": class_split,
               "wall_seconds": time.perf_counter() - start}
     print(f"\nTarget test set ({len(tasks.target_test)} images, balanced), accuracy in %, mean +- std over "
-          f"{seeds} seeds; difference = MetaPEFT - LoRA per seed (95% t-interval):\n{table}\n")
+          f"{seeds} seeds; difference = MetaPEFT (per module or per channel) - LoRA per seed (95% t-interval):\n"
+          f"{table}\n")
     print(f"learned gamma, mean over seeds (rows: block, columns: position; plain LoRA keeps gamma = 1):\n{gamma}\n")
     print(f"wrote {files['gamma_heatmap']} and {files['training_curves']}")
     print("This is a small-scale demonstration on toy data; the paper's settings are in configs/ "

@@ -32,19 +32,22 @@ def test_quick_demo_over_two_seeds(two_seeds):
     result, tmp_path = two_seeds
     report = (tmp_path / "results.md").read_text()
     assert "SMALL-SCALE DEMONSTRATION" in report and result["table"] in report
-    assert result["seeds"] == [3, 4] and set(result["runs"]) == {demo.BASELINE, demo.METHOD}
+    assert result["seeds"] == [3, 4] and set(result["runs"]) == {demo.BASELINE, demo.METHOD, demo.CHANNEL}
     for name in ("gamma_heatmap.png", "training_curves.png"):
         assert (tmp_path / name).read_bytes()[:4] == PNG, name
     assert json.loads((tmp_path / "results.json").read_text()) == json.loads(json.dumps(result))
-    plain, meta = result["runs"][demo.BASELINE], result["runs"][demo.METHOD]
-    for metric in ("accuracy", "few_accuracy", "macro_f1"):
-        a, b = [m[metric] for m in plain], [m[metric] for m in meta]
-        oracle = ttest_rel(b, a).confidence_interval(0.95)
-        difference = result["difference"][metric]
-        assert difference["mean"] == pytest.approx(sum(b) / 2 - sum(a) / 2, abs=1e-12)
-        assert (difference["low"], difference["high"]) == pytest.approx((oracle.low, oracle.high), rel=1e-9)
-        assert result["summary"][demo.METHOD][metric]["mean"] == pytest.approx(sum(b) / 2, abs=1e-12)
+    plain = result["runs"][demo.BASELINE]
+    for key, variant in (("difference", demo.METHOD), ("difference_channel", demo.CHANNEL)):
+        for metric in ("accuracy", "few_accuracy", "macro_f1"):
+            a, b = [m[metric] for m in plain], [m[metric] for m in result["runs"][variant]]
+            oracle = ttest_rel(b, a).confidence_interval(0.95)
+            difference = result[key][metric]
+            assert difference["mean"] == pytest.approx(sum(b) / 2 - sum(a) / 2, abs=1e-12)
+            assert (difference["low"], difference["high"]) == pytest.approx((oracle.low, oracle.high), rel=1e-9)
+            assert result["summary"][variant][metric]["mean"] == pytest.approx(sum(b) / 2, abs=1e-12)
     assert "| difference (95% CI) |" in result["table"] and " +- " in result["table"]
+    assert "| LoRA + MetaPEFT, per-channel gamma |" in result["table"]
+    assert "| difference, per-channel gamma (95% CI) |" in result["table"]
     # the heatmap's gamma is the mean of the seeds' learned gammas; plain LoRA learns none
     cells = [json.loads((tmp_path / name / f"seed_{s}" / "result.json").read_text())
              for name in ("lora", "lora_meta") for s in (3, 4)]
