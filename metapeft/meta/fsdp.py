@@ -11,19 +11,20 @@ by FSDP's own unsharded parameters in the pre-hook; and its double-differentiabl
 storage FSDP frees after the forward (a segmentation fault in the second backward).
 
 What this module does instead (:func:`gathered`): put every FSDP module of the model in its sharded state
-(``FSDPModule.reshard``), all-gather each one once (``FSDPModule.unshard``: FSDP's own batched all-gathers), switch
-FSDP's forward hooks off for the duration (the model is then a plain module over full parameters), run the meta step
-exactly as on a ``DistributedDataParallel`` model (every rank a shard of the batch, sums over ranks by all-reduce,
-:mod:`metapeft.meta.distributed`), then switch the hooks back on and reshard. :func:`sharded_hypergradient` wraps
-:func:`metapeft.meta.hypergradient` so: its results come back laid out like the parameters (``DTensor`` with the
-sharded parameter's mesh and placements, this rank's rows, cut locally without communication).
+(``FSDPModule.reshard``), all-gather each sharded parameter once into a new full ``Parameter`` registered in its
+place (``DTensor.full_tensor``), switch FSDP's forward hooks off for the duration (the model is then a plain module
+over full parameters, and FSDP's own state never changes), run the meta step exactly as on a
+``DistributedDataParallel`` model (every rank a shard of the batch, sums over ranks by all-reduce,
+:mod:`metapeft.meta.distributed`), then put the sharded parameters and the hooks back. :func:`sharded_hypergradient`
+wraps :func:`metapeft.meta.hypergradient` so: its results come back laid out like the parameters (``DTensor`` with
+the sharded parameter's mesh and placements, this rank's rows, cut locally without communication).
 
 What it costs: for the duration of a meta step every rank holds the whole unsharded model (frozen weights, phi, rho),
 as without FSDP, beside its shards, and the meta step's activations and graphs at its local batch; FSDP's
 one-block-at-a-time bound on parameter memory holds for the plain training steps only. The exact mode keeps every
 layer's weights in its double-differentiable graph until the reverse pass anyway, so a per-block gather would not
-lower its peak. Communication: one all-gather of the model per meta step, then all-reduces of phi-sized tensors (no
-larger than phi: LoRA weights, head) as on DDP.
+lower its peak. Communication: one all-gather per parameter (the whole model) per meta step, then all-reduces of
+phi-sized tensors (LoRA weights, head) as on DDP, where a plain FSDP step reduce-scatters them.
 
 Supported: ``fully_shard`` on a 1-D mesh (FSDP) or a 2-D (replicate, shard) mesh (HSDP), every FSDP module sharing
 one mesh whose ranks each hold a shard of the batch. Refused with an error before any gather: a
@@ -164,11 +165,13 @@ class Gathered:
 
 @contextlib.contextmanager
 def gathered(model: nn.Module, reduce: dist.ProcessGroup | Callable | None = None) -> Iterator[Gathered]:
-    """Inside the block, ``model`` (with FSDP2 modules) is a plain module over its full, unsharded parameters:
-    every FSDP module is resharded, all-gathered once (``FSDPModule.unshard``; a collective: every rank enters the
-    block together) and its FSDP forward hooks are switched off; on exit the hooks come back and every module is
-    resharded (the unsharded storage freed). Yields a :class:`Gathered`. Errors (module docstring) are raised before
-    anything is gathered."""
+    """Inside the block, ``model`` (with FSDP2 modules) is a plain module over its full parameters: every FSDP module
+    is put in its sharded state (``FSDPModule.reshard``), each sharded parameter is all-gathered once into a new
+    ``Parameter`` (``DTensor.full_tensor``, same dtype and ``requires_grad``; a collective: every rank enters the
+    block together) registered in its place, and FSDP's forward hooks are switched off; on exit the sharded
+    parameters and the hooks come back (FSDP's own state never left "sharded", so its state-dict hooks do nothing
+    inside and a ``state_dict()`` there holds the full tensors). What is written to the full parameters inside is
+    lost. Yields a :class:`Gathered`. Errors (module docstring) are raised before anything is gathered."""
     modules = fsdp_modules(model)
     hook_ids = _hook_ids(_check_policies(modules))
     for module in modules:
@@ -179,40 +182,33 @@ def gathered(model: nn.Module, reduce: dist.ProcessGroup | Callable | None = Non
     if not sharded:
         raise ValueError("the model's FSDP2 modules hold no sharded parameter")
     reduce = _default_reduce(_check_sharded(sharded), reduce)
+    full_of = {}  # one full Parameter per sharded one (a tied parameter stays tied)
+    for p in sharded:
+        if id(p) not in full_of:
+            full_of[id(p)] = nn.Parameter(p.detach().full_tensor(), requires_grad=p.requires_grad)
     try:
-        for module in modules:
-            module.unshard()
-        full = [module._parameters[name] for module, name in slots]
-        if any(isinstance(p, DTensor) for p in full):
-            raise ValueError("a parameter is still a DTensor after FSDP2's unshard (FSDP composed with tensor "
-                             "parallelism?); the meta step supports FSDP and HSDP only")
-        # FSDP2 fixes an unsharded parameter's requires_grad when it first builds it: phi and rho inside the block
-        # must be the ones outside
-        changed = [name for (_, name), f, s in zip(slots, full, sharded) if f.requires_grad != s.requires_grad]
-        if changed:
-            raise ValueError(f"requires_grad of {len(changed)} sharded parameters (e.g. {changed[0]!r}) changed after "
-                             f"FSDP2 first gathered them, which it does not follow: set requires_grad before the "
-                             f"first forward or gather")
+        for (module, name), p in zip(slots, sharded):
+            module._parameters[name] = full_of[id(p)]
         _GATHERED.update(id(m) for m in modules)
         with _forward_hooks_off(model, hook_ids):
-            yield Gathered({id(f): s for f, s in zip(full, sharded)}, reduce)
+            yield Gathered({id(full_of[id(p)]): p for p in sharded}, reduce)
     finally:
         _GATHERED.difference_update(id(m) for m in modules)
-        for module in modules:
-            module.reshard()
+        for (module, name), p in zip(slots, sharded):
+            module._parameters[name] = p
 
 
-def _full(state):
-    """``state`` (tensors, None, nested in lists, tuples and dicts) with each ``DTensor`` gathered to its full value
-    (a collective, in the same order on every rank); everything else as it is."""
+def gather_full(state):
+    """``state`` (tensors, None, nested in lists, tuples and dicts) with each ``DTensor`` gathered to its full value,
+    detached (a collective, in the same order on every rank); everything else as it is."""
     if isinstance(state, DTensor):
-        return state.full_tensor()
+        return state.detach().full_tensor()
     if isinstance(state, tuple) and hasattr(state, "_fields"):  # a NamedTuple, e.g. AdamWState
-        return type(state)(*(_full(s) for s in state))
+        return type(state)(*(gather_full(s) for s in state))
     if isinstance(state, (list, tuple)):
-        return type(state)(_full(s) for s in state)
+        return type(state)(gather_full(s) for s in state)
     if isinstance(state, dict):
-        return {k: _full(v) for k, v in state.items()}
+        return {k: gather_full(v) for k, v in state.items()}
     return state
 
 
@@ -233,7 +229,7 @@ def sharded_hypergradient(hypergradient: Callable[..., Any], arguments: dict[str
     model = arguments["model"]
     with gathered(model, arguments["reduce"]) as full:
         # optimizer state (SGD's momentum buffers, another inner rule's state) from the FSDP optimizer is sharded
-        states = {k: _full(v) for k, v in arguments.items() if k in ("momentum_buffers", "inner_state")}
+        states = {k: gather_full(v) for k, v in arguments.items() if k in ("momentum_buffers", "inner_state")}
         result = hypergradient(**{**arguments, **states, "reduce": full.reduce})
         phi, rho = trainable_phi(model), meta_parameters(model)
         return dataclasses.replace(result, meta_grads=full.sharded(result.meta_grads, rho),

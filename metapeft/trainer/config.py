@@ -17,7 +17,7 @@ AMP_MODES = ("auto", "bf16", "none")
 META_MODES = ("exact", "finite_difference", "first_order")
 # Fields a resumed run may change: they do not alter the training trajectory.
 RUN_CONTROL_FIELDS = ("resume", "overwrite", "progress", "num_workers", "log_every", "save_every_steps", "output_dir",
-                      "device")
+                      "device", "fsdp")
 # What each annotation admits: bools are not ints here (``batch_size: true`` is an error), floats are finite.
 _KINDS = {
     "int": ("an int", lambda v: isinstance(v, int) and not isinstance(v, bool)),
@@ -131,6 +131,9 @@ class TrainerConfig:
 
     amp: str = option("auto", "bf16 autocast: auto (on CUDA), bf16 (everywhere) or none")
     device: str = option("auto", "auto (CUDA when available, else CPU) or a torch device (cpu, cuda, cuda:1)")
+    fsdp: bool = option(False, "under torchrun, shard the parameters over the ranks with FSDP2 (fully_shard on every "
+                               "ViT block and the root): plain steps hold about 1/world of them, each meta step, "
+                               "evaluation and checkpoint gathers the whole model once; false: every rank holds it")
     seed: int = option(0, "seed of the batch order, dropout masks and meta batches")
     num_workers: int = option(0, "DataLoader worker processes")
     progress: bool = option(True, "show progress bars")

@@ -8,6 +8,7 @@ setup (:mod:`~metapeft.trainer.model_setup`), evaluation passes (:mod:`~metapeft
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -28,8 +29,9 @@ from metapeft.heads import CosineClassifier, find_head
 from metapeft.inject import unwrap_model
 from metapeft.layers.base import MetaPEFTModule
 from metapeft.losses import LogitAdjustedLoss
+from metapeft.meta.fsdp import fsdp_modules, gather_full, gathered
 from metapeft.metrics import class_split_from_counts, metrics_from_confusion
-from metapeft.params import trainable_phi
+from metapeft.params import meta_parameters, trainable_phi
 from metapeft.runs.lock import RunClaim, claim_run_directory
 from metapeft.trainer.callbacks import Callback
 from metapeft.trainer.config import RUN_CONTROL_FIELDS, TrainerConfig
@@ -42,9 +44,11 @@ from metapeft.trainer.distributed import (
     rank_and_world_size,
 )
 from metapeft.trainer.evaluation import class_feature_sums, confusion_counts
+from metapeft.trainer.fsdp import check_fsdp, shard_model, sharded_like, sharded_optimizer_state
 from metapeft.trainer.gamma_range import GammaRangeWatch
 from metapeft.trainer.model_setup import (
     autocast_context,
+    head_to_replace,
     install_head,
     parameter_dtype,
     resolve_device,
@@ -117,17 +121,29 @@ class MetaPEFTTrainer:
                              "(the training images under the test transform)")
         self.model, self.module = training_forward(model), unwrap_model(model)
         model = self.module
+        self.fsdp = check_fsdp(model, config.fsdp, self.world_size, self.device, config.meta_module_lr)
+        presharded = bool(fsdp_modules(model))
         self.param_dtype = parameter_dtype(model)
         self.num_classes = self._count_classes()
+        if presharded and (name := head_to_replace(model, config, self.num_classes)) is not None:
+            raise ValueError(f"the model is already sharded by fully_shard and the trainer would replace its head "
+                             f"{name!r} (classifier={config.classifier!r}, {self.num_classes} classes): pass the "
+                             f"unsharded model with fsdp=True (the trainer shards it after setting the head), or "
+                             f"shard a model that has the head the config asks for")
         self.head_name = install_head(model, config, self.num_classes)
         self.head = model.get_submodule(self.head_name)
-        model.to(self.device)
+        if not presharded:  # a sharded model lives on its mesh's device (check_fsdp)
+            model.to(self.device)
         self.rho = select_trainable(model, self.head, config)
         self.phi = trainable_phi(model)
         if not self.phi:
             raise ValueError("the model has no trainable PEFT weights or head parameters")
         check_ranks_agree(self._facts_every_rank_shares(), self.world_size)
-        broadcast_from_rank0(model, self.world_size)
+        if not presharded:  # a sharded model's ranks hold different rows
+            broadcast_from_rank0(model, self.world_size)
+        if self.fsdp and not presharded:
+            shard_model(model, self.device, self.world_size)
+            self.rho, self.phi = meta_parameters(model) if self.rho else [], trainable_phi(model)
 
         counts = torch.bincount(self.train_labels, minlength=self.num_classes)
         self.class_split = class_split_from_counts(counts) if config.class_split == "from_counts" \
@@ -146,7 +162,7 @@ class MetaPEFTTrainer:
             train_set, self.train_indices, train_set if val_set is None else val_set, self.meta_sampler, config.seed,
             config.batch_size)
         self.step = BilevelStep(self.model, self.phi, self.rho, self.loss_fn, config, samples, self.shards,
-                                self.total_steps)
+                                self.total_steps, fsdp=self.fsdp)
         self.epoch = self.step_in_epoch = self.global_step = 0
         self.output_dir = None if config.output_dir is None else Path(config.output_dir)
         self.files = RunFiles(self.output_dir, self.rank)
@@ -168,7 +184,7 @@ class MetaPEFTTrainer:
             "train_set length": len(self.train_set), "train_set labels": digest(self.train_labels.tolist()),
             "val_set length": None if self.val_set is None else len(self.val_set),
             "val_set labels": None if self.val_labels is None else digest(self.val_labels.tolist()),
-            "modulators": len(self.rho), "trainable parameters": len(self.phi),
+            "modulators": len(self.rho), "trainable parameters": len(self.phi), "fsdp": self.fsdp,
             "model tensors": digest([(name, tuple(t.shape), str(t.dtype))
                                      for name, t in self.module.state_dict().items()]),
         })
@@ -400,6 +416,8 @@ class MetaPEFTTrainer:
     def _watch_gammas(self, position: dict, gammas: dict[str, list[float]] | None = None) -> None:
         """Warn about and log (rank 0) modules whose gamma (default: read now) left the sane range
         (:mod:`~metapeft.trainer.gamma_range`)."""
+        if gammas is None and self.fsdp:  # reading them is a collective
+            gammas = self.gammas()
         if self.rank != 0:
             return
         record = self.gamma_watch.check(self.gammas() if gammas is None else gammas, position)
@@ -436,6 +454,12 @@ class MetaPEFTTrainer:
                                          "step_in_epoch": self.step_in_epoch, "global_step": self.global_step})
 
     # ----- evaluation, head initialisation, gammas --------------------------------------------------------
+    def full_model(self) -> contextlib.AbstractContextManager:
+        """Under FSDP2, a block in which the model holds its full parameters (:func:`metapeft.meta.fsdp.gathered`:
+        every rank enters it together; what is written to the parameters inside is lost on exit); otherwise a
+        no-op. Evaluation, the head's initialisation and what is saved run inside."""
+        return gathered(self.module) if self.fsdp else contextlib.nullcontext()
+
     def _checked_on_every_rank(self, run):
         """``run()``, a pass over this rank's shard; when its data checks fail (``ValueError``) on any rank, every
         rank raises (the failing one its own error), so no rank waits forever in the all-reduce that follows."""
@@ -453,11 +477,15 @@ class MetaPEFTTrainer:
         of ``head_init_set``. Each rank embeds a contiguous shard; sums and counts are all-reduced."""
         loader, first = self.shards.dataset_loader(self.head_init_set, self.config.batch_size)
         what = "train_set" if self.head_init_set is self.train_set else "head_init_set"
-        sums, counts = self._checked_on_every_rank(lambda: class_feature_sums(
-            self.module, self.head, loader, self.num_classes, self.device, self.param_dtype, self.autocast, what=what,
-            first_index=first))
-        sums, counts = all_reduce_sum([sums, counts], self.world_size)
-        self.head.init_from_class_means(sums, counts)
+        with self.full_model():
+            sums, counts = self._checked_on_every_rank(lambda: class_feature_sums(
+                self.module, self.head, loader, self.num_classes, self.device, self.param_dtype, self.autocast,
+                what=what, first_index=first))
+            sums, counts = all_reduce_sum([sums, counts], self.world_size)
+            self.head.init_from_class_means(sums, counts)
+            head = {name: t.clone() for name, t in self.head.state_dict().items()}
+        if self.fsdp:  # into the sharded head: the full one above is freed on leaving the block
+            copy_into(self.head.state_dict(), sharded_like(head, self.head.state_dict()))
 
     @torch.no_grad()
     def evaluate(self, dataset) -> dict:
@@ -466,9 +494,10 @@ class MetaPEFTTrainer:
         outside ``[0, num_classes)``, a non-finite image or non-finite logits raise a ``ValueError`` naming the
         sample's index in ``dataset``."""
         loader, first = self.shards.dataset_loader(dataset, self.config.batch_size)
-        cm = self._checked_on_every_rank(lambda: confusion_counts(
-            self.model, loader, self.num_classes, self.device, self.param_dtype, self.autocast, what="eval_set",
-            first_index=first))
+        with self.full_model():  # FSDP2: no collective per forward, so ranks may run different numbers of batches
+            cm = self._checked_on_every_rank(lambda: confusion_counts(
+                self.model, loader, self.num_classes, self.device, self.param_dtype, self.autocast, what="eval_set",
+                first_index=first))
         (cm,) = all_reduce_sum([cm], self.world_size)
         return metrics_from_confusion(cm.cpu(), self.class_split)
 
@@ -477,6 +506,7 @@ class MetaPEFTTrainer:
         modules = [(name, m.gamma.detach()) for name, m in self.module.named_modules() if isinstance(m, MetaPEFTModule)]
         if not modules:
             return {}
+        modules = gather_full(modules)  # FSDP2: sharded gammas gathered (a collective: every rank reads them)
         values = iter(torch.cat([gamma.double() for _, gamma in modules]).tolist())
         return {name: [next(values) for _ in range(gamma.numel())] for name, gamma in modules}
 
@@ -484,20 +514,24 @@ class MetaPEFTTrainer:
         """What this trainer's checkpoints continue (:func:`~metapeft.trainer.output_dir.run_fingerprint`),
         computed once: the frozen weights do not change and the datasets are fixed."""
         if self._fingerprint is None:
-            self._fingerprint = run_fingerprint(self.module, self.config.save_full_model,
-                                                (self.train_set, self.train_labels), (self.val_set, self.val_labels))
+            with self.full_model():
+                self._fingerprint = run_fingerprint(self.module, self.config.save_full_model,
+                                                    (self.train_set, self.train_labels),
+                                                    (self.val_set, self.val_labels))
         return self._fingerprint
 
     # ----- state, checkpoints, log --------------------------------------------------------------------------
     def model_state(self) -> dict[str, torch.Tensor]:
-        """The saved model tensors: trainable parameters + modulators (or everything, ``save_full_model``)."""
-        return trained_tensors(self.module, self.config.save_full_model)
+        """The saved model tensors: trainable parameters + modulators (or everything, ``save_full_model``); full
+        tensors under FSDP2 (gathered on every rank)."""
+        with self.full_model():
+            return trained_tensors(self.module, self.config.save_full_model)
 
     def state_dict(self) -> dict:
         """Everything an exact resume needs: model tensors, optimizers, scheduler, RNG, loop position."""
         return {
             "model": self.model_state(),
-            **self.step.state_dict(),
+            **gather_full(self.step.state_dict()),  # FSDP2: the optimizers' sharded buffers in full
             "rng": rng_state(),
             "position": {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
                          "global_step": self.global_step, "outer_step": self.outer_step,
@@ -519,7 +553,15 @@ class MetaPEFTTrainer:
             if optimizer is not None:
                 check_optimizer_state(optimizer, state.get(name), name, source)
         check_same_run(state.get("fingerprint"), self.fingerprint(), source)
-        copy_into(self.module.state_dict(), state["model"])
+        for module in fsdp_modules(self.module):  # FSDP2: the sharded parameters registered, not a forward's
+            module.reshard()
+        targets = self.module.state_dict()
+        if self.fsdp:  # full tensors into the sharded model and optimizers
+            state = {**state, "model": sharded_like(state["model"], targets),
+                     **{name: sharded_optimizer_state(state[name], optimizer)
+                        for name, optimizer in (("optimizer", self.optimizer), ("meta_optimizer", self.meta_optimizer))
+                        if optimizer is not None}}
+        copy_into(targets, state["model"])
         self.step.load_state_dict(state)
         set_rng_state(state["rng"])
         position = state["position"]

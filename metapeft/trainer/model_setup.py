@@ -49,19 +49,29 @@ def parameter_dtype(model: nn.Module) -> torch.dtype:
     return torch.float32 if reference is None else reference.dtype
 
 
+def head_to_replace(model: nn.Module, config: TrainerConfig, num_classes: int) -> str | None:
+    """The head's module name when :func:`install_head` would replace it (``classifier="cosine"`` without a
+    :class:`~metapeft.heads.CosineClassifier` of ``num_classes`` classes, or a head of another width), else None."""
+    name = find_head(model, config.head)
+    old = model.get_submodule(name)
+    if config.classifier == "cosine":
+        return None if isinstance(old, CosineClassifier) and old.num_classes == num_classes else name
+    return None if getattr(old, "out_features", None) == num_classes else name
+
+
 def install_head(model: nn.Module, config: TrainerConfig, num_classes: int) -> str:
     """Give ``model`` the configured classifier head for ``num_classes`` classes and return the head's module name:
     a :class:`~metapeft.heads.CosineClassifier` (``classifier="cosine"``, unless one of that size is already in
     place) or the existing head, replaced by a fresh ``nn.Linear`` when its width differs."""
     name = find_head(model, config.head)
-    old = model.get_submodule(name)
-    dtype = parameter_dtype(model)
+    if head_to_replace(model, config, num_classes) is None:
+        return name
+    old, dtype = model.get_submodule(name), parameter_dtype(model)
     if config.classifier == "cosine":
-        if not (isinstance(old, CosineClassifier) and old.num_classes == num_classes):
-            head = CosineClassifier(head_in_features(model, old), num_classes, config.cosine_scale)
-            replace_head(model, name, head.to(dtype=dtype))
-    elif getattr(old, "out_features", None) != num_classes:
-        replace_head(model, name, nn.Linear(head_in_features(model, old), num_classes).to(dtype=dtype))
+        head = CosineClassifier(head_in_features(model, old), num_classes, config.cosine_scale)
+    else:
+        head = nn.Linear(head_in_features(model, old), num_classes)
+    replace_head(model, name, head.to(dtype=dtype))
     return name
 
 

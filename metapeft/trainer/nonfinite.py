@@ -13,6 +13,8 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 from torch.nn.utils import get_total_norm
 
 CAUSES = ("input batch", "loss", "gradient", "hypergradient", "modulator")
@@ -37,9 +39,18 @@ class NonFiniteError(FloatingPointError):
 def all_finite(tensors) -> torch.Tensor | None:
     """0-dim bool tensor: every element of the floating-point tensors in ``tensors`` is finite, from one fused
     max-abs norm (NaN and inf propagate through it, and unlike a 2-norm it cannot overflow); no host sync. None
-    when no tensor is floating-point (integer images) or all are empty (a rank's empty shard)."""
+    when no tensor is floating-point (integer images) or all are empty (a rank's empty shard). ``DTensor`` (FSDP2's
+    sharded parameters and gradients) are checked on every rank's rows: a collective (a MIN over the ranks of the
+    local flags, so every rank agrees), which every rank must reach together."""
     floats = [t.detach() for t in tensors if t.is_floating_point() and t.numel()]
-    return torch.isfinite(get_total_norm(floats, norm_type=math.inf)) if floats else None
+    if not any(isinstance(t, DTensor) for t in floats):
+        return torch.isfinite(get_total_norm(floats, norm_type=math.inf)) if floats else None
+    local = [t.to_local() if isinstance(t, DTensor) else t for t in floats]
+    local = [t for t in local if t.numel()]
+    device = floats[0].device
+    flag = torch.isfinite(get_total_norm(local, norm_type=math.inf)).float() if local else torch.ones((), device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return flag > 0
 
 
 class NonFiniteMonitor:

@@ -48,10 +48,12 @@ from metapeft.data.sampling import MetaStepSamples
 from metapeft.data.shards import Shards
 from metapeft.inject import unwrap_model
 from metapeft.meta import hypergradient
+from metapeft.meta.fsdp import gather_full
 from metapeft.meta.optim import CommonScaleCalibration, ModuleLRSGD, meta_optimizer
 from metapeft.params import modulators_with_constraints, module_lr_scales
 from metapeft.trainer.config import TrainerConfig
 from metapeft.trainer.distributed import all_reduce_sum
+from metapeft.trainer.fsdp import copy_full_into
 from metapeft.trainer.nonfinite import NonFiniteMonitor, all_finite
 
 
@@ -93,11 +95,14 @@ class BilevelStep:
         samples: where a meta step's look-ahead and meta batches come from (None without meta-learning).
         shards: which slice of every batch this rank computes, and where it goes.
         total_steps: steps of the whole run (the cosine schedule's length).
+        fsdp: the model is sharded by FSDP2 (:mod:`metapeft.trainer.fsdp`): the inner gradient comes from FSDP's
+            backward (phi, rho and their optimizer states are ``DTensor``).
     """
 
     def __init__(self, model: nn.Module, phi: list[nn.Parameter], rho: list[nn.Parameter], loss_fn: TrainingLoss,
-                 config: TrainerConfig, samples: MetaStepSamples | None, shards: Shards, total_steps: int) -> None:
-        self.model, self.phi, self.rho, self.loss_fn, self.config = model, phi, rho, loss_fn, config
+                 config: TrainerConfig, samples: MetaStepSamples | None, shards: Shards, total_steps: int,
+                 fsdp: bool = False) -> None:
+        self.model, self.phi, self.rho, self.loss_fn, self.config, self.fsdp = model, phi, rho, loss_fn, config, fsdp
         self.samples, self.shards, self.world_size = samples, shards, shards.world_size
         self.optimizer = ModuleLRSGD(phi, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=total_steps) \
@@ -113,6 +118,8 @@ class BilevelStep:
         """grad_phi of the mean loss over a global batch of ``batch_size`` samples, of which (x, y) is this rank's
         shard: the shards' gradients summed weighted by shard size across ranks. Returns (gradients in phi order,
         loss)."""
+        if self.fsdp:
+            return self._sharded_inner_gradients(x, y, batch_size)
         if len(y):
             loss = self.loss_fn(self.model, (x, y)) * (len(y) / batch_size)
             grads = list(torch.autograd.grad(loss, self.phi, allow_unused=True))
@@ -122,6 +129,26 @@ class BilevelStep:
             grads = [torch.zeros_like(p) for p in self.phi]
             loss = torch.zeros((), device=self.shards.device)
         *grads, loss = all_reduce_sum(grads + [loss.to(grads[0].dtype).reshape(1)], self.world_size)
+        return grads, loss.reshape(())
+
+    def _sharded_inner_gradients(self, x: torch.Tensor, y: torch.Tensor,
+                                 batch_size: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """:meth:`inner_gradients` through FSDP2's backward: every rank runs one (an empty shard a zero loss over its
+        empty logits, so FSDP's collectives pair up), on its loss times ``world_size * shard / batch``, so FSDP's
+        mean over ranks of the reduce-scattered gradients is the global batch's. Returns ``DTensor`` gradients
+        sharded like phi; ``.grad`` is left empty."""
+        if len(y):
+            loss = self.loss_fn(self.model, (x, y)) * (len(y) / batch_size)
+            (loss * self.world_size).backward()
+            loss = loss.detach()
+        else:
+            with self.loss_fn.autocast():
+                (self.model(x).sum() * 0.0).backward()
+            loss = torch.zeros((), device=self.shards.device)
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in self.phi]
+        for p in self.phi + self.rho:
+            p.grad = None
+        (loss,) = all_reduce_sum([loss.to(self.phi[0].dtype).reshape(1)], self.world_size)
         return grads, loss.reshape(())
 
     def lr_scales(self) -> list[torch.Tensor | None] | None:
@@ -179,7 +206,9 @@ class BilevelStep:
         The warm-up draws its batches as outer steps :data:`WARMUP_OUTER_STEPS` onwards and then restores the outer-step
         count, so the meta batches of the training that follows are the same with or without it: a warm-up that does
         not move leaves the run exactly as without one."""
-        calibration = CommonScaleCalibration(modulators_with_constraints(unwrap_model(self.model)),
+        modulators = modulators_with_constraints(unwrap_model(self.model))
+        # FSDP2: the calibration's test reads every modulator, so it runs on full copies written back after each round
+        calibration = CommonScaleCalibration(gather_full(modulators) if self.fsdp else modulators,
                                              self.config.meta_warmup_lr)
         empty = (x[:0], y[:0])
         outer_step, self.outer_step = self.outer_step, WARMUP_OUTER_STEPS
@@ -188,7 +217,11 @@ class BilevelStep:
             for indices in self.samples.lookahead(batch_indices, WARMUP_DRAWS - 1, self.outer_step,
                                                   len(batch_indices)):
                 draws.append((*self.shards.collate(self.samples.train_set, indices, empty), indices))
-            if not calibration.step([self.hypergradient(bx, by, bi, 0).meta_grads for bx, by, bi in draws]):
+            moved = calibration.step([gather_full(self.hypergradient(bx, by, bi, 0).meta_grads)
+                                      for bx, by, bi in draws])
+            if self.fsdp:
+                copy_full_into([rho for rho, _ in modulators], [rho for rho, _ in calibration.modulators])
+            if not moved:
                 break
         self.outer_step = outer_step
         self.warmup_history = calibration.history
