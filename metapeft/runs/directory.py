@@ -137,9 +137,10 @@ def finish_run(run: PreparedRun, trainer: MetaPEFTTrainer) -> dict:
     from metapeft.adapter_files import save_adapter
 
     metrics = trainer.evaluate(run.data.test)
-    if trainer.rank == 0:
-        save_adapter(trainer.model, run.directory / ADAPTER_NAME, class_names=run.config["classes"])
-        (run.directory / EVAL_NAME).write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    with trainer.full_model():  # FSDP2: every rank gathers the model, rank 0 writes it
+        if trainer.rank == 0:
+            save_adapter(trainer.model, run.directory / ADAPTER_NAME, class_names=run.config["classes"])
+            (run.directory / EVAL_NAME).write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     return metrics
 
 
