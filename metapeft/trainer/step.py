@@ -256,7 +256,8 @@ class BilevelStep:
         for p, g in zip(self.phi, grads):
             p.grad = g.to(p.dtype)
         if self.config.max_grad_norm is not None:
-            logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.phi, self.config.max_grad_norm)
+            # FSDP2: the norm of DTensor gradients is a DTensor; its full value is the global norm
+            logs["grad_norm"] = gather_full(torch.nn.utils.clip_grad_norm_(self.phi, self.config.max_grad_norm))
         logs["lr"] = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step(lr_scales=lr_scales)
         self.optimizer.zero_grad(set_to_none=True)

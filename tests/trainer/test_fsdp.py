@@ -1,8 +1,8 @@
 """Training an FSDP2-sharded tiny timm ViT with metapeft LoRA under 2 gloo processes (float64) equals single-process
 training on the same global batches: the trainer shards it (``fsdp=True``, exact meta steps with the scale warm-up,
-finite differences at K = 2 with a checkpoint resumed midway) or takes a model the user sharded; uneven and empty
-shards, evaluation, the cosine head's class-mean init, checkpoints in the format of unsharded runs. What cannot work
-fails at construction with a clear error."""
+finite differences at K = 2 with gradient clipping and a checkpoint resumed midway) or takes a model the user
+sharded; uneven and empty shards, evaluation, the cosine head's class-mean init, checkpoints in the format of
+unsharded runs. What cannot work fails at construction with a clear error."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from tests.helpers.toy import LongTailedBlobs
 
 COUNTS = [20, 12, 8, 6]  # 46 samples: batches of 15, 15, 15 (shards 8/7) and 1 (an empty shard on rank 1)
 RUNS = {"exact_warmup": {"meta_mode": "exact", "meta_warmup_steps": 2},
-        "finite_difference_K2": {"meta_mode": "finite_difference", "meta_lookahead_steps": 2},
+        "finite_difference_K2": {"meta_mode": "finite_difference", "meta_lookahead_steps": 2, "max_grad_norm": 0.5},
         "user_sharded": {"classifier": "linear"}}
 RESUME_AT = 3
 
@@ -51,8 +51,9 @@ def vit() -> torch.nn.Module:
 
 
 def config(**kwargs) -> TrainerConfig:
+    # log_every=3: the log reads the clipped runs' gradient norms (a DTensor's under FSDP)
     return TrainerConfig(**{"epochs": 2, "batch_size": 15, "meta_batch_size": 9, "meta_interval": 2, "meta_lr": 0.05,
-                            "progress": False, "meta_warmup_steps": 0, **kwargs})
+                            "progress": False, "meta_warmup_steps": 0, "log_every": 3, **kwargs})
 
 
 def trainer_for(model=None, **kwargs) -> MetaPEFTTrainer:
