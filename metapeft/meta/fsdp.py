@@ -164,38 +164,56 @@ class Gathered:
 
 
 @contextlib.contextmanager
-def gathered(model: nn.Module, reduce: dist.ProcessGroup | Callable | None = None) -> Iterator[Gathered]:
-    """Inside the block, ``model`` (with FSDP2 modules) is a plain module over its full parameters: every FSDP module
-    is put in its sharded state (``FSDPModule.reshard``), each sharded parameter is all-gathered once into a new
-    ``Parameter`` (``DTensor.full_tensor``, same dtype and ``requires_grad``; a collective: every rank enters the
-    block together) registered in its place, and FSDP's forward hooks are switched off; on exit the sharded
-    parameters and the hooks come back (FSDP's own state never left "sharded", so its state-dict hooks do nothing
-    inside and a ``state_dict()`` there holds the full tensors). What is written to the full parameters inside is
-    lost. Yields a :class:`Gathered`. Errors (module docstring) are raised before anything is gathered."""
-    modules = fsdp_modules(model)
-    hook_ids = _hook_ids(_check_policies(modules))
-    for module in modules:
+def full_copies(model: nn.Module, only: list[nn.Parameter] | None = None) -> Iterator[dict[int, DTensor]]:
+    """Inside the block, each sharded (``DTensor``) parameter of ``model`` (of ``only``, when given: e.g. the
+    modulators) is replaced, in every module slot that holds it, by a new ``Parameter`` with its full value
+    (``DTensor.full_tensor``: a collective, every rank enters the block together; same dtype and ``requires_grad``;
+    a tied parameter stays tied); on exit the sharded ones come back and what was written to the copies is lost. Every
+    FSDP module is first put in its sharded state (``FSDPModule.reshard``). FSDP's hooks stay on: run no forward
+    inside (:func:`gathered` does). Yields ``{id(full copy): sharded parameter}``."""
+    for module in fsdp_modules(model):
         module.reshard()
-    slots = [(module, name) for module in model.modules() for name, p in module._parameters.items()
-             if isinstance(p, DTensor)]
-    sharded = [module._parameters[name] for module, name in slots]
-    if not sharded:
-        raise ValueError("the model's FSDP2 modules hold no sharded parameter")
-    reduce = _default_reduce(_check_sharded(sharded), reduce)
-    full_of = {}  # one full Parameter per sharded one (a tied parameter stays tied)
-    for p in sharded:
+    chosen = None if only is None else {id(p) for p in only}
+    slots = [(module, name, p) for module in model.modules() for name, p in module._parameters.items()
+             if isinstance(p, DTensor) and (chosen is None or id(p) in chosen)]
+    full_of = {}
+    for _, _, p in slots:
         if id(p) not in full_of:
             full_of[id(p)] = nn.Parameter(p.detach().full_tensor(), requires_grad=p.requires_grad)
     try:
-        for (module, name), p in zip(slots, sharded):
+        for module, name, p in slots:
             module._parameters[name] = full_of[id(p)]
-        _GATHERED.update(id(m) for m in modules)
-        with _forward_hooks_off(model, hook_ids):
-            yield Gathered({id(full_of[id(p)]): p for p in sharded}, reduce)
+        yield {id(full_of[id(p)]): p for _, _, p in slots}
     finally:
-        _GATHERED.difference_update(id(m) for m in modules)
-        for (module, name), p in zip(slots, sharded):
+        for module, name, p in slots:
             module._parameters[name] = p
+
+
+@contextlib.contextmanager
+def gathered(model: nn.Module, reduce: dist.ProcessGroup | Callable | None = None) -> Iterator[Gathered]:
+    """Inside the block, ``model`` (with FSDP2 modules) is a plain module over its full parameters: every sharded
+    parameter is all-gathered once into a full copy registered in its place (:func:`full_copies`) and FSDP's forward
+    hooks are switched off; on exit the sharded parameters and the hooks come back (FSDP's own state never leaves
+    "sharded", so its state-dict hooks do nothing inside and a ``state_dict()`` there holds the full tensors). What is
+    written to the full parameters inside is lost. Inside another such block of the same model it changes nothing.
+    Yields a :class:`Gathered`. Errors (module docstring) are raised before anything is gathered."""
+    modules = fsdp_modules(model)
+    if not is_fully_sharded(model):  # already gathered (or no FSDP at all): the parameters are full
+        yield Gathered({}, reduce)
+        return
+    hook_ids = _hook_ids(_check_policies(modules))
+    for module in modules:
+        module.reshard()
+    sharded = [p for p in model.parameters() if isinstance(p, DTensor)]
+    if not sharded:
+        raise ValueError("the model's FSDP2 modules hold no sharded parameter")
+    reduce = _default_reduce(_check_sharded(sharded), reduce)
+    with full_copies(model) as sharded_of, _forward_hooks_off(model, hook_ids):
+        _GATHERED.update(id(m) for m in modules)
+        try:
+            yield Gathered(sharded_of, reduce)
+        finally:
+            _GATHERED.difference_update(id(m) for m in modules)
 
 
 def gather_full(state):

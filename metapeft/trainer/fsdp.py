@@ -30,7 +30,7 @@ def shard_model(model: nn.Module, device: torch.device, world_size: int) -> None
     fully_shard(model, mesh=mesh)
 
 
-def check_fsdp(model: nn.Module, fsdp: bool, world_size: int, device: torch.device, meta_module_lr: bool) -> bool:
+def check_fsdp(model: nn.Module, fsdp: bool, world_size: int, device: torch.device) -> bool:
     """Whether the trainer runs ``model`` under FSDP2 (``fsdp`` asked for, or ``model`` already sharded); errors,
     before anything changes, for what it cannot run."""
     sharded = bool(fsdp_modules(model))
@@ -39,9 +39,6 @@ def check_fsdp(model: nn.Module, fsdp: bool, world_size: int, device: torch.devi
     if world_size == 1:
         raise ValueError("fsdp needs a process group of several ranks (torchrun --nproc_per_node N, N > 1); "
                          "on one process train without it")
-    if meta_module_lr:
-        raise ValueError("meta_module_lr is not supported with FSDP2: the real step's module-wise learning rates "
-                         "would need every module's gamma on every shard")
     meshes = {p.device_mesh.device_type for p in model.parameters() if isinstance(p, DTensor)}
     if sharded and meshes != {device.type}:
         raise ValueError(f"the model is sharded on {sorted(meshes)} but the trainer runs on {device.type} "

@@ -121,7 +121,7 @@ class MetaPEFTTrainer:
                              "(the training images under the test transform)")
         self.model, self.module = training_forward(model), unwrap_model(model)
         model = self.module
-        self.fsdp = check_fsdp(model, config.fsdp, self.world_size, self.device, config.meta_module_lr)
+        self.fsdp = check_fsdp(model, config.fsdp, self.world_size, self.device)
         presharded = bool(fsdp_modules(model))
         self.param_dtype = parameter_dtype(model)
         self.num_classes = self._count_classes()

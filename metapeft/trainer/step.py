@@ -48,12 +48,12 @@ from metapeft.data.sampling import MetaStepSamples
 from metapeft.data.shards import Shards
 from metapeft.inject import unwrap_model
 from metapeft.meta import hypergradient
-from metapeft.meta.fsdp import gather_full
+from metapeft.meta.fsdp import full_copies, gather_full
 from metapeft.meta.optim import CommonScaleCalibration, ModuleLRSGD, meta_optimizer
 from metapeft.params import modulators_with_constraints, module_lr_scales
 from metapeft.trainer.config import TrainerConfig
 from metapeft.trainer.distributed import all_reduce_sum
-from metapeft.trainer.fsdp import copy_full_into
+from metapeft.trainer.fsdp import copy_full_into, cut_like
 from metapeft.trainer.nonfinite import NonFiniteMonitor, all_finite
 
 
@@ -153,10 +153,16 @@ class BilevelStep:
 
     def lr_scales(self) -> list[torch.Tensor | None] | None:
         """With ``meta_module_lr``: each phi tensor's learning-rate multiplier (its module's gamma, differentiable in
-        rho; :func:`metapeft.params.module_lr_scales`); else None."""
+        rho; :func:`metapeft.params.module_lr_scales`); else None. Under FSDP2 the multipliers of the real step,
+        detached and laid out like phi's shards (computed from full copies of the modulators)."""
         if not (self.rho and self.config.meta_module_lr):
             return None
-        return module_lr_scales(unwrap_model(self.model), self.phi)
+        model = unwrap_model(self.model)
+        if not self.fsdp:
+            return module_lr_scales(model, self.phi)
+        with full_copies(model, self.rho):
+            scales = module_lr_scales(model, self.phi)
+        return [None if d is None else cut_like(d.detach().expand(p.shape), p) for d, p in zip(scales, self.phi)]
 
     def hypergradient(self, x: torch.Tensor, y: torch.Tensor, batch_indices: torch.Tensor, global_step: int):
         """The hypergradient of outer step :attr:`outer_step` on this rank's shards ((x, y): this rank's shard of the
@@ -179,7 +185,8 @@ class BilevelStep:
                                mode=config.meta_mode,
                                lookahead_batches=[shards.collate(samples.train_set, b, empty) for b in extra],
                                reduce=dist.group.WORLD if self.world_size > 1 else None,
-                               lr_scales=self.lr_scales())
+                               # computed inside, from the parameters the look-ahead differentiates (FSDP2: gathered)
+                               lr_scales=module_lr_scales if self.rho and config.meta_module_lr else None)
         self.outer_step += 1
         self.monitor.observe(global_step + 1, input_batch=all_finite([x, val_shard[0]]),
                              loss=all_finite([result.train_loss, result.val_loss]),
