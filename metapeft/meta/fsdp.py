@@ -27,9 +27,9 @@ lower its peak. Communication: one all-gather per parameter (the whole model) pe
 phi-sized tensors (LoRA weights, head) as on DDP, where a plain FSDP step reduce-scatters them.
 
 Supported: ``fully_shard`` on a 1-D mesh (FSDP) or a 2-D (replicate, shard) mesh (HSDP), every FSDP module sharing
-one mesh whose ranks each hold a shard of the batch. Refused with an error before any gather: a
-``MixedPrecisionPolicy`` with ``param_dtype`` or ``output_dtype`` (the meta step runs at the parameters' dtype; use
-autocast instead), CPU offload, other placements (FSDP composed with tensor parallelism), and ``lr_scales`` given
+one mesh whose ranks each hold a shard of the batch. A ``MixedPrecisionPolicy`` does not apply inside the meta step:
+it runs at the parameters' own dtype, as the unsharded model would (autocast lowers it). Refused with an error before
+any gather: CPU offload, other placements (FSDP composed with tensor parallelism), and ``lr_scales`` given
 as ``DTensor`` (computed from the sharded modulators; the meta step differentiates the gathered ones: pass a callable
 such as :func:`metapeft.params.module_lr_scales`, called inside).
 """
@@ -63,16 +63,11 @@ def is_fully_sharded(model: nn.Module) -> bool:
     return any(id(m) not in _GATHERED for m in fsdp_modules(model))
 
 
-def _check_policies(modules: list[nn.Module]) -> list:
-    """The handles of FSDP's forward hooks of ``modules``; errors for what the gathered meta step cannot run."""
+def _forward_hook_handles(modules: list[nn.Module]) -> list:
+    """The handles of FSDP's forward (pre-)hooks of ``modules``."""
     handles = []
     for module in modules:
         state = fully_shard.state(module)
-        policy = getattr(state, "_mp_policy", None)
-        if policy is not None and (policy.param_dtype is not None or policy.output_dtype is not None):
-            raise ValueError(f"FSDP2 module {type(module).__name__} has a MixedPrecisionPolicy with param_dtype="
-                             f"{policy.param_dtype} / output_dtype={policy.output_dtype}: the meta step runs at the "
-                             f"parameters' own dtype; shard without them and use autocast for lower precision")
         try:
             pair = (state._pre_forward_hook_handle, state._post_forward_hook_handle)
         except AttributeError:
@@ -201,7 +196,7 @@ def gathered(model: nn.Module, reduce: dist.ProcessGroup | Callable | None = Non
     if not is_fully_sharded(model):  # already gathered (or no FSDP at all): the parameters are full
         yield Gathered({}, reduce)
         return
-    hook_ids = _hook_ids(_check_policies(modules))
+    hook_ids = _hook_ids(_forward_hook_handles(modules))
     for module in modules:
         module.reshard()
     sharded = [p for p in model.parameters() if isinstance(p, DTensor)]
