@@ -10,6 +10,7 @@
 | :mod:`~metapeft.trainer.model_setup` | device, bf16 autocast, the classifier head, which parameters train |
 | :mod:`~metapeft.trainer.evaluation` | eval-mode passes: confusion counts, class-mean features |
 | :mod:`~metapeft.trainer.distributed` | torchrun's process group, sums over ranks |
+| :mod:`~metapeft.trainer.fsdp` | the trainer on an FSDP2 (``fully_shard``) model: sharding it, full tensors in, out |
 """
 
 from metapeft.trainer.callbacks import Callback

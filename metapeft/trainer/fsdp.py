@@ -6,7 +6,9 @@ optimizer states are sharded like them. Everything that reads or differentiates 
 model gathered once (:func:`metapeft.meta.fsdp.gathered`): the meta step (:func:`metapeft.meta.hypergradient` does
 this itself), evaluation and the cosine head's class means (so ranks may run different numbers of forward passes),
 and what is written to disk (checkpoints and weights hold full tensors, the same files as without FSDP, so a run
-resumes with or without FSDP on any world size).
+resumes with or without FSDP on any world size). What reads only the modulators (the scale warm-up's test, the
+module-wise learning rates of the real step, gamma logs) gathers just them (:func:`metapeft.meta.fsdp.full_copies`,
+:func:`metapeft.meta.fsdp.gather_full`).
 """
 
 from __future__ import annotations

@@ -99,7 +99,8 @@ class MetaPEFTTrainer:
     rank sees the same global batch order and splits each batch (:mod:`metapeft.trainer.step`); the result
     equals single-process training on the same global batch up to rounding (dropout 0). The ranks must agree on
     the config, the datasets and the model (checked at construction, an error names what differs); checkpoints
-    resume on any world size.
+    resume on any world size. With ``fsdp=True`` (or a model ``fully_shard`` was applied to) the parameters are
+    sharded by FSDP2 (:mod:`metapeft.trainer.fsdp`).
     """
 
     def __init__(self, model: nn.Module, train_set, val_set=None, config: TrainerConfig | None = None,
@@ -483,8 +484,8 @@ class MetaPEFTTrainer:
                 what=what, first_index=first))
             sums, counts = all_reduce_sum([sums, counts], self.world_size)
             self.head.init_from_class_means(sums, counts)
-            head = {name: t.clone() for name, t in self.head.state_dict().items()}
-        if self.fsdp:  # into the sharded head: the full one above is freed on leaving the block
+            head = {name: t.clone() for name, t in self.head.state_dict().items()} if self.fsdp else None
+        if head is not None:  # written to the gathered copy, which the block does not keep: into the head's shards
             copy_into(self.head.state_dict(), sharded_like(head, self.head.state_dict()))
 
     @torch.no_grad()
@@ -502,7 +503,7 @@ class MetaPEFTTrainer:
         return metrics_from_confusion(cm.cpu(), self.class_split)
 
     def gammas(self) -> dict[str, list[float]]:
-        """Every metapeft module's gamma, by module name (one host read for all of them)."""
+        """Every metapeft module's gamma, by module name (one host read for all of them; under FSDP2 a collective)."""
         modules = [(name, m.gamma.detach()) for name, m in self.module.named_modules() if isinstance(m, MetaPEFTModule)]
         if not modules:
             return {}
