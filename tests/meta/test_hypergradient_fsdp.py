@@ -1,10 +1,10 @@
 """The hypergradient of an FSDP2-sharded model (``fully_shard`` on every block and the root of a tiny timm ViT with
 metapeft LoRA, 2 gloo processes) equals the single-process hypergradient on the global batches, in float64: every
-mode, K = 1 and 3, momentum buffers given as the sharded optimizer's DTensors, weight decay, module-wise learning rates
-(a callable), the AdamW inner rule with a sharded state, a mixed-precision policy (not applied in the meta step),
-uneven shards of batches, of the head and of the (S,) modulators (one rank holds no row of a (1,) modulator); called
-on a fresh model, after a forward (FSDP's root stays unsharded) and after a forward/backward. The model comes back as
-it was, and plain FSDP training goes on. What cannot work fails with a clear error first."""
+mode, K = 1, 2 and 3, momentum buffers given as the sharded optimizer's DTensors, weight decay, module-wise learning
+rates (a callable), the AdamW inner rule with a sharded state, a mixed-precision policy (not applied in the meta
+step), HSDP meshes, uneven shards of batches, of the head and of the (S,) modulators (one rank holds no row of a (1,)
+modulator); called on a fresh model, after a forward (FSDP's root stays unsharded) and after a forward/backward. The
+model comes back as it was, and plain FSDP training goes on. What cannot work fails with a clear error first."""
 
 from __future__ import annotations
 
@@ -26,13 +26,14 @@ from tests.helpers.meta import relative_error
 
 LR, MOMENTUM, WEIGHT_DECAY = 0.2, 0.9, 0.05
 TRAIN_SIZES, VAL_SIZE = (5, 4, 3), 5  # shards 3/2, 2/2, 2/1 and 3/2 on 2 ranks
-# (mode, K, before): "fresh" (no forward yet), "forward" (the root left unsharded), "backward" (a training step)
-CASES = [("exact", 1, "fresh"), ("exact", 3, "forward"), ("finite_difference", 1, "backward"),
-         ("finite_difference", 3, "fresh"), ("first_order", 1, "forward"), ("first_order", 3, "backward")]
-LR_SCALED = {("exact", 3, "forward"), ("first_order", 1, "forward")}
-ADAMW = ("exact", 2, "adamw")  # AdamWRule with its state (exp_avg, exp_avg_sq) as the sharded optimizer's DTensors
-# float32 compute in FSDP's own passes; the meta step runs at the parameters' float64
-MIXED_PRECISION = ("first_order", 2, "mixed_precision")
+# (mode, K, setup). Setups: "fresh" (no forward yet), "forward" (the root left unsharded), "backward" (after a
+# training step), "lr_scaled" (after a forward, module-wise learning rates), "adamw" (AdamWRule, its state the sharded
+# optimizer's DTensors), "mixed_precision" (float32 compute in FSDP's own passes; the meta step runs at the parameters'
+# float64), "hsdp_2x1" / "hsdp_1x2" (HSDP's (replicate, shard) mesh, 2 replicas of 1 shard / 1 replica of 2 shards)
+CASES = [("exact", 1, "fresh"), ("exact", 3, "lr_scaled"), ("finite_difference", 1, "backward"),
+         ("finite_difference", 3, "fresh"), ("first_order", 1, "lr_scaled"), ("first_order", 3, "backward"),
+         ("exact", 2, "adamw"), ("first_order", 2, "mixed_precision"), ("exact", 1, "hsdp_2x1"),
+         ("finite_difference", 2, "hsdp_1x2")]
 
 
 def lora_vit() -> torch.nn.Module:
@@ -61,25 +62,31 @@ def loss_fn(model, batch):
     return F.cross_entropy(model(batch[0]), batch[1])
 
 
-def call(model, train, val, buffers, mode, steps, lr_scaled, reduce=None):
-    if lr_scaled == "adamw":  # buffers: (exp_avg, exp_avg_sq) per phi parameter
-        state = [AdamWState(m, v.abs(), 3.0) for m, v in buffers]
+def call(model, train, val, buffers, mode: str, steps: int, setup: str):
+    """The hypergradient of a case; ``buffers``: one momentum buffer per phi parameter (SGD)."""
+    if setup == "adamw":
+        state = [AdamWState(m, m.abs(), 3.0) for m in buffers]
         return metapeft.hypergradient(model, loss_fn, train[0], val, inner_rule=AdamWRule(LR, weight_decay=0.01),
                                       inner_state=state, mode=mode, lookahead_batches=train[1:steps])
     return metapeft.hypergradient(model, loss_fn, train[0], val, lr=LR, momentum=MOMENTUM, momentum_buffers=buffers,
                                   weight_decay=WEIGHT_DECAY, mode=mode, lookahead_batches=train[1:steps],
-                                  lr_scales=module_lr_scales if lr_scaled else None, reduce=reduce)
+                                  lr_scales=module_lr_scales if setup == "lr_scaled" else None)
 
 
-def single_process(mode: str, steps: int, lr_scaled) -> list:
+def single_process(mode: str, steps: int, setup: str) -> list:
     train, val, buffers = problem()
-    if lr_scaled == "adamw":
-        buffers = list(zip(buffers, buffers))
-    r = call(lora_vit(), train, val, buffers, mode, steps, lr_scaled)
+    r = call(lora_vit(), train, val, buffers, mode, steps, setup)
     return [r.meta_grads, r.lookahead, r.phi_grads, [r.train_loss], [r.val_loss]]
 
 
-def sharded_vit(mesh, **policy):
+def sharded_vit(world_size: int, setup: str = "fresh"):
+    """:func:`lora_vit` with ``fully_shard`` on every block and the root, on the mesh and policy of ``setup``."""
+    if setup.startswith("hsdp"):
+        shape = (world_size, 1) if setup == "hsdp_2x1" else (1, world_size)
+        mesh = init_device_mesh("cpu", shape, mesh_dim_names=("replicate", "shard"))
+    else:
+        mesh = init_device_mesh("cpu", (world_size,))
+    policy = {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.float32)} if setup == "mixed_precision" else {}
     model = lora_vit()
     for block in model.blocks:
         fully_shard(block, mesh=mesh, **policy)
@@ -104,35 +111,29 @@ def error_of(fn) -> str:
 
 
 def worker(rank: int, world_size: int, out_path: str) -> None:
-    mesh = init_device_mesh("cpu", (world_size,))
     train, val, buffers = problem()
     train, val = [shard(b, rank, world_size) for b in train], shard(val, rank, world_size)
     out = {"cases": {}}
-    for mode, steps, before in CASES + [ADAMW, MIXED_PRECISION]:
-        policy = MixedPrecisionPolicy(param_dtype=torch.float32) if before == "mixed_precision" else None
-        model = sharded_vit(mesh, **({} if policy is None else {"mp_policy": policy}))
-        phi = trainable_phi(model)
+    for mode, steps, setup in CASES:
+        model = sharded_vit(world_size, setup)
         sharded_buffers = [distribute_tensor(b, p.device_mesh, p.placements, src_data_rank=None)
-                           for b, p in zip(buffers, phi)]
-        if before == "adamw":
-            sharded_buffers = list(zip(sharded_buffers, sharded_buffers))
-        if before in ("forward", "backward"):
+                           for b, p in zip(buffers, trainable_phi(model))]
+        if setup in ("lr_scaled", "backward"):
             loss = loss_fn(model, train[0])
-            if before == "backward":
+            if setup == "backward":
                 loss.backward()
         state = {name: full([p])[0].detach().clone() for name, p in model.named_parameters()}
-        r = call(model, train, val, sharded_buffers, mode, steps,
-                 "adamw" if before == "adamw" else (mode, steps, before) in LR_SCALED)
+        r = call(model, train, val, sharded_buffers, mode, steps, setup)
         after = dict(model.named_parameters())
-        out["cases"][(mode, steps, before)] = {
+        out["cases"][(mode, steps, setup)] = {
             "results": [full(r.meta_grads), full(r.lookahead), full(r.phi_grads), [r.train_loss], [r.val_loss]],
             "sharded": all(isinstance(t, DTensor) for t in r.meta_grads + r.lookahead + r.phi_grads),
             "unchanged": after.keys() == state.keys() and all(
                 isinstance(p, DTensor) and torch.equal(p.full_tensor(), state[n]) for n, p in after.items())}
     # plain FSDP training goes on after a meta step: a forward/backward on even shards (2 + 2 rows) gives the
     # global mean's gradient, reduce-scattered by FSDP
-    model = sharded_vit(mesh)
-    call(model, train, val, None, "exact", 1, False)
+    model = sharded_vit(world_size)
+    call(model, train, val, None, "exact", 1, "fresh")
     loss_fn(model, shard(problem()[0][1], rank, world_size)).backward()
     out["training_grads"] = [p.grad.full_tensor() for p in trainable_phi(model)]
     out["errors"] = [error_of(lambda: metapeft.hypergradient(
@@ -151,11 +152,9 @@ def two_ranks(tmp_path_factory):
     return torch.load(out_path, weights_only=False)
 
 
-@pytest.mark.parametrize("case", CASES + [ADAMW, MIXED_PRECISION],
-                         ids=["-".join(map(str, c)) for c in CASES + [ADAMW, MIXED_PRECISION]])
+@pytest.mark.parametrize("case", CASES, ids=["-".join(map(str, c)) for c in CASES])
 def test_fsdp2_hypergradient_equals_single_process(two_ranks, case):
-    mode, steps, before = case
-    expected = single_process(mode, steps, "adamw" if before == "adamw" else case in LR_SCALED)
+    expected = single_process(*case)
     for rank, out in enumerate(two_ranks):
         got = out["cases"][case]
         assert got["sharded"] and got["unchanged"], (case, rank)
