@@ -139,3 +139,8 @@ def test_fsdp2_setups_that_cannot_work_fail_at_construction(two_process_run):
     for result in results:
         (replaced_head,) = result["errors"]
         assert "already sharded by fully_shard" in replaced_head and "fsdp=True" in replaced_head
+
+
+def test_fsdp_on_one_process_fails_at_construction():
+    with pytest.raises(ValueError, match="fsdp needs a process group of several ranks"):
+        trainer_for(fsdp=True)
