@@ -6,7 +6,8 @@ in which a GPU waits on the host (ViT-B with LoRA on six positions makes 48 such
 Cases (CPU tensors, fp32, training mode, parameters requiring grad, x requiring grad as inside a network):
 - ``lora S=1``: x (2, 8, 16) through ``nn.Linear(16, 16)`` with rank 4. Contenders: ``metapeft``
   (``FusedMetaLoRA``, learnable modulator), ``hf_peft`` (PEFT's ``lora.Linear``, fixed scale: no modulator
-  to differentiate), ``plain`` (``benchmarks.contenders.PlainMetaLoRA``, learnable modulator, autograd backward).
+  to differentiate), ``plain`` (``benchmarks.contenders.PlainMetaLoRA``, learnable modulator, autograd backward),
+  ``base`` (the frozen ``nn.Linear`` alone: the floor of any LoRA layer, one autograd node and x's gradient).
 - ``lora S=3``: the same into ``nn.Linear(16, 48)`` (a fused qkv) with one LoRA and gamma per segment;
   ``hf_peft`` there is one rank-4 LoRA over all 48 outputs (PEFT cannot split a fused qkv: less work).
 - ``adapter parallel`` / ``adapter sequential``: ``FusedMetaAdapter(16, 4)`` (AdaptFormer, with a residual /
@@ -56,8 +57,8 @@ def function_route():
 
 
 def lora_contenders(segments: int) -> dict[str, nn.Module]:
-    """The three LoRA contenders around identical frozen ``nn.Linear(16, 16 * segments)`` layers, nonzero B; the
-    plain one holds metapeft's weights (their outputs are checked equal)."""
+    """The three LoRA contenders around identical frozen ``nn.Linear(16, 16 * segments)`` layers, nonzero B (the
+    plain one holds metapeft's weights: their outputs are checked equal), and ``base``, the frozen Linear alone."""
     torch.manual_seed(0)
     fused = metapeft.FusedMetaLoRA(nn.Linear(DIM, DIM * segments), rank=RANK, segments=segments)
     with torch.no_grad():
@@ -66,7 +67,8 @@ def lora_contenders(segments: int) -> dict[str, nn.Module]:
     plain.load_state_dict(fused.state_dict())
     torch.manual_seed(0)
     return {"metapeft": fused, PYTHON_ROUTE: fused, FUNCTION_ROUTE: fused,
-            "hf_peft": hf_peft_lora_linear(nn.Linear(DIM, DIM * segments), RANK), "plain": plain}
+            "hf_peft": hf_peft_lora_linear(nn.Linear(DIM, DIM * segments), RANK), "plain": plain,
+            "base": nn.Linear(DIM, DIM * segments).requires_grad_(False)}
 
 
 def adapter_contenders(kind: str) -> dict[str, nn.Module]:
