@@ -142,12 +142,12 @@ class Pairs(torch.utils.data.Dataset):
         return self.x[i], self.targets[i]
 
 
-@pytest.mark.parametrize("mode", ["exact", "first_order"])
-def test_hf_trainer_equals_metapefts_own_trainer(tmp_path, mode):
+@pytest.mark.parametrize(("mode", "optimizer"), [("exact", "sgd"), ("first_order", "sgd"), ("exact", "adamw"),
+                                                 ("first_order", "adamw")])
+def test_hf_trainer_equals_metapefts_own_trainer(tmp_path, mode, optimizer):
     """The same model, data, batch order, meta batches and cosine schedule through metapeft's trainer and through
-    the HF Trainer: the same phi and rho at the end (bit for bit today; checked to 1e-12). Both with SGD (momentum
-    0.9): metapeft's own trainer takes SGD only; the HF Trainer's AdamW look-ahead is checked against torch's AdamW,
-    TorchOpt and the brute force in tests/meta/test_adamw.py."""
+    the HF Trainer: the same phi and rho at the end (checked to 1e-12), with SGD (momentum 0.9) and with AdamW
+    (metapeft's ``inner_optimizer="adamw"``, the HF Trainer's ``adamw_torch``) as the inner optimizer."""
     from metapeft.data.sampling import epoch_batches
     from metapeft.trainer import MetaPEFTTrainer, TrainerConfig
 
@@ -159,7 +159,9 @@ def test_hf_trainer_equals_metapefts_own_trainer(tmp_path, mode):
     hf_model = copy.deepcopy(model)
     start = [p.detach().clone() for p in meta_parameters(model)]
 
-    config = TrainerConfig(epochs=1, batch_size=batch, lr=0.05, momentum=0.9, weight_decay=0.0, schedule="cosine",
+    lr = 0.05 if optimizer == "sgd" else 0.01
+    config = TrainerConfig(epochs=1, batch_size=batch, lr=lr, momentum=0.9, weight_decay=0.0, schedule="cosine",
+                           inner_optimizer=optimizer,
                            meta_lr=0.05, meta_interval=2, meta_mode=mode, meta_batch_size=batch,
                            meta_reuse_lookahead=False, meta_warmup_steps=0, loss="ce", classifier="linear",
                            head="head", amp="none", device="cpu", seed=seed, progress=False, num_classes=classes)
@@ -169,7 +171,9 @@ def test_hf_trainer_equals_metapefts_own_trainer(tmp_path, mode):
     as_dicts = [{"input_ids": x[i], "labels": y[i]} for i in order]
     meta_dicts = [{"input_ids": meta_x[i], "labels": meta_y[i]} for i in range(8)]
     args = training_args(tmp_path, per_device_train_batch_size=batch, max_steps=-1, num_train_epochs=1,
-                         learning_rate=0.05, optim="sgd", optim_args="momentum=0.9", weight_decay=0.0,
+                         learning_rate=lr, weight_decay=0.0,
+                         **({"optim": "sgd", "optim_args": "momentum=0.9"} if optimizer == "sgd" else
+                            {"optim": "adamw_torch"}),
                          lr_scheduler_type="cosine", max_grad_norm=0.0, train_sampling_strategy="sequential",
                          seed=seed)
     trainer = HFMetaPEFTTrainer(hf_model, args, as_dicts, meta_dataset=meta_dicts,

@@ -15,6 +15,7 @@ CLASSIFIERS = ("cosine", "linear")
 SCHEDULES = ("cosine", "constant")
 AMP_MODES = ("auto", "bf16", "none")
 META_MODES = ("exact", "finite_difference", "first_order")
+INNER_OPTIMIZERS = ("sgd", "adamw")
 # Fields a resumed run may change: they do not alter the training trajectory.
 RUN_CONTROL_FIELDS = ("resume", "overwrite", "progress", "num_workers", "log_every", "save_every_steps", "output_dir",
                       "device", "fsdp")
@@ -43,7 +44,10 @@ class TrainerConfig:
     schedule (first-order every 5 steps instead of exact at every step; see the comment on ``meta_interval``).
 
     Inner loop (phi = trainable non-modulator parameters: PEFT weights + head): SGD with ``lr``,
-    ``momentum``, ``weight_decay``, a per-step ``schedule`` over ``epochs`` epochs of ``batch_size``.
+    ``momentum``, ``weight_decay`` (or, ``inner_optimizer="adamw"``, ``torch.optim.AdamW`` with ``lr``,
+    ``weight_decay`` and torch's betas and eps; the meta step's look-ahead then takes AdamW steps from the
+    optimizer's state, :class:`metapeft.meta.inner.AdamWRule`), a per-step ``schedule`` over ``epochs`` epochs of
+    ``batch_size``.
     Outer loop (rho = modulators): Adam with ``meta_lr`` every ``meta_interval`` inner steps (``"epoch"``: at
     the first step of every epoch, the authors' schedule), hypergradient mode ``meta_mode``, meta batches of
     ``meta_batch_size`` (default ``batch_size``) drawn from a stratified ``meta_ratio`` sample of the training
@@ -77,9 +81,12 @@ class TrainerConfig:
 
     epochs: int = option(10, "training epochs")
     batch_size: int = option(128, "images per inner step (global: split over the processes under torchrun)")
-    lr: float = option(0.01, "inner SGD learning rate of phi (PEFT weights and head); the schedule starts here")
-    momentum: float = option(0.9, "inner SGD momentum")
-    weight_decay: float = option(5e-4, "inner SGD weight decay")
+    inner_optimizer: str = option("sgd", "inner optimizer of phi: sgd (the paper's) or adamw (torch.optim.AdamW, "
+                                         "betas 0.9/0.999, eps 1e-8; momentum unused); the meta step's look-ahead "
+                                         "follows it")
+    lr: float = option(0.01, "inner learning rate of phi (PEFT weights and head); the schedule starts here")
+    momentum: float = option(0.9, "inner SGD momentum (sgd only)")
+    weight_decay: float = option(5e-4, "inner weight decay (sgd: L2 added to the gradient; adamw: decoupled)")
     schedule: str = option("cosine", "inner learning rate per step: cosine (to 0 over all steps) or constant")
     max_grad_norm: float | None = option(None, "clip the inner gradient's norm to this; null: no clipping")
 
@@ -183,9 +190,12 @@ class TrainerConfig:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers!r}")
         for name, allowed in (("loss", LOSSES), ("classifier", CLASSIFIERS), ("schedule", SCHEDULES),
                               ("amp", AMP_MODES), ("meta_mode", META_MODES), ("meta_sampling", META_SAMPLINGS),
-                              ("meta_optimizer", META_OPTIMIZERS)):
+                              ("meta_optimizer", META_OPTIMIZERS), ("inner_optimizer", INNER_OPTIMIZERS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.inner_optimizer == "adamw" and self.meta_module_lr:
+            raise ValueError("meta_module_lr needs inner_optimizer='sgd': torch's AdamW step takes no per-module "
+                             "learning rates")
         if isinstance(self.class_split, str) and self.class_split != "from_counts":
             raise ValueError(f"class_split must be a dict, 'from_counts' or None, got {self.class_split!r}")
         if (self.resume or self.overwrite) and self.output_dir is None:

@@ -13,7 +13,9 @@ At global step ``t`` on the global batch ``B_t`` (docs/method.md, "Bi-level opti
 - inner step: an SGD step (momentum, weight decay, cosine schedule) on phi; with ``meta_module_lr`` each PEFT
   module's step is multiplied by its gamma (the modulator as a module-wise learning rate), in the look-ahead and its
   hypergradient too. The optimizer, :class:`metapeft.meta.optim.ModuleLRSGD`, takes the same rule as the
-  look-ahead (:class:`metapeft.meta.inner.SGDRule`).
+  look-ahead (:class:`metapeft.meta.inner.SGDRule`). With ``inner_optimizer="adamw"`` the inner step is
+  ``torch.optim.AdamW``'s and the look-ahead takes AdamW steps from its state
+  (:func:`metapeft.meta.optim.inner_rule_for`, :class:`metapeft.meta.inner.AdamWRule`).
 
 When the meta step's first look-ahead step is the real inner step: it is exactly the update torch's SGD
 applies (``buf = mu * buf + g + wd * phi; phi -= lr * buf``) with ``g = grad_phi L_train(phi, rho_t; B_t)``.
@@ -49,7 +51,7 @@ from metapeft.data.shards import Shards
 from metapeft.inject import unwrap_model
 from metapeft.meta import hypergradient
 from metapeft.meta.fsdp import full_copies, gather_full
-from metapeft.meta.optim import CommonScaleCalibration, ModuleLRSGD, meta_optimizer
+from metapeft.meta.optim import CommonScaleCalibration, ModuleLRSGD, inner_rule_for, meta_optimizer
 from metapeft.params import modulators_with_constraints, module_lr_scales
 from metapeft.trainer.config import TrainerConfig
 from metapeft.trainer.distributed import all_reduce_sum
@@ -104,7 +106,9 @@ class BilevelStep:
                  fsdp: bool = False) -> None:
         self.model, self.phi, self.rho, self.loss_fn, self.config, self.fsdp = model, phi, rho, loss_fn, config, fsdp
         self.samples, self.shards, self.world_size = samples, shards, shards.world_size
-        self.optimizer = ModuleLRSGD(phi, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        self.optimizer = torch.optim.AdamW(phi, lr=config.lr, weight_decay=config.weight_decay) \
+            if config.inner_optimizer == "adamw" else \
+            ModuleLRSGD(phi, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=total_steps) \
             if config.schedule == "cosine" else None
         self.meta_optimizer = meta_optimizer(config.meta_optimizer, rho, config.meta_lr) if rho else None
@@ -176,12 +180,9 @@ class BilevelStep:
             raise ValueError(f"outer step {self.outer_step}: the meta batch has {meta_indices.numel()} samples, "
                              f"fewer than the {self.world_size} ranks")
         val_shard = shards.collate(samples.meta_source, meta_indices, empty)
-        momentum_buffers = [self.optimizer.state.get(p, {}).get("momentum_buffer") for p in self.phi]
-        if any(b is None for b in momentum_buffers):
-            momentum_buffers = None
+        rule, state = inner_rule_for(self.optimizer, self.phi)
         result = hypergradient(unwrap_model(self.model), self.loss_fn, train_shard, val_shard,
-                               lr=self.optimizer.param_groups[0]["lr"], momentum=config.momentum,
-                               momentum_buffers=momentum_buffers, weight_decay=config.weight_decay,
+                               inner_rule=rule, inner_state=None if any(s is None for s in state) else state,
                                mode=config.meta_mode,
                                lookahead_batches=[shards.collate(samples.train_set, b, empty) for b in extra],
                                reduce=dist.group.WORLD if self.world_size > 1 else None,
@@ -266,7 +267,10 @@ class BilevelStep:
             # FSDP2: the norm of DTensor gradients is a DTensor; its full value is the global norm
             logs["grad_norm"] = gather_full(torch.nn.utils.clip_grad_norm_(self.phi, self.config.max_grad_norm))
         logs["lr"] = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step(lr_scales=lr_scales)
+        if lr_scales is None:
+            self.optimizer.step()
+        else:
+            self.optimizer.step(lr_scales=lr_scales)
         self.optimizer.zero_grad(set_to_none=True)
         if self.scheduler is not None:
             self.scheduler.step()

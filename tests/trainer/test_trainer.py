@@ -32,7 +32,9 @@ def test_config_rejects_bad_values():
     for bad, match in (({"epochs": 0}, "epochs"), ({"meta_ratio": 1.0}, "meta_ratio"), ({"lr": 0.0}, "lr"),
                        ({"meta_mode": "second"}, "meta_mode"), ({"resume": True}, "output_dir"),
                        ({"max_grad_norm": -1.0}, "max_grad_norm"), ({"meta_batch_size": 0}, "meta_batch_size"),
-                       ({"meta_interval": 0}, "meta_interval"), ({"meta_interval": "weekly"}, "meta_interval")):
+                       ({"meta_interval": 0}, "meta_interval"), ({"meta_interval": "weekly"}, "meta_interval"),
+                       ({"inner_optimizer": "adam"}, "inner_optimizer"),
+                       ({"inner_optimizer": "adamw", "meta_module_lr": True}, "meta_module_lr needs")):
         with pytest.raises(ValueError, match=match):
             TrainerConfig(**bad)
 
@@ -52,17 +54,20 @@ def test_meta_steps_follow_the_meta_interval(interval):
     assert steps == [t for t in range(3 * per_epoch) if t % every == 0]
 
 
-def test_plain_peft_equals_a_hand_written_sgd_loop():
+@pytest.mark.parametrize("inner_optimizer", ["sgd", "adamw"])
+def test_plain_peft_equals_a_hand_written_loop(inner_optimizer):
     data = LongTailedBlobs(COUNTS)
     torch.manual_seed(0)
     model = TinyNet(meta=False)
     twin = copy.deepcopy(model)
-    trainer = MetaPEFTTrainer(model, data, config=quiet(epochs=2, batch_size=16, classifier="linear"))
+    trainer = MetaPEFTTrainer(model, data, config=quiet(epochs=2, batch_size=16, classifier="linear",
+                                                        inner_optimizer=inner_optimizer))
     trainer.fit()
     assert trainer.meta_optimizer is None and trainer.rho == []
 
     params = [twin.l1.lora_A, twin.l1.lora_B, twin.l2.lora_A, twin.l2.lora_B, *twin.head.parameters()]
-    optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4)
+    optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4) if inner_optimizer == "sgd" else \
+        torch.optim.AdamW(params, lr=0.01, weight_decay=5e-4)
     total = 2 * 3
     log_prior = torch.log(torch.tensor(COUNTS, dtype=torch.float32) / sum(COUNTS))
     step = 0
