@@ -8,7 +8,7 @@ import torch
 
 import metapeft
 from metapeft.ops import scaled_lora, select_backend
-from tests.helpers.scaled_lora import check_against_oracle, dropout_mask, kernels, make_inputs
+from tests.helpers.scaled_lora import GRANULARITIES, check_against_oracle, dropout_mask, kernels, make_inputs
 
 pytest.importorskip("triton")
 pytestmark = pytest.mark.gpu
@@ -29,8 +29,9 @@ DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "M{}_K{}_N{}_r{}_S{}".format(*s))
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
-def test_matches_float64_oracle_by_2x_rule(shape, dtype_name):
-    check_against_oracle(shape, DTYPES[dtype_name], bias=shape[0] % 2 == 1, device="cuda")
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_matches_float64_oracle_by_2x_rule(shape, dtype_name, granularity):
+    check_against_oracle(shape, DTYPES[dtype_name], bias=shape[0] % 2 == 1, device="cuda", granularity=granularity)
 
 
 @pytest.mark.parametrize("dtype_name", list(DTYPES))

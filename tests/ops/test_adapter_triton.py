@@ -233,8 +233,9 @@ GPU_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "M{}_D{}_b{}_{}_{}".format(*s))
 @pytest.mark.parametrize("dtype_name", list(GPU_DTYPES))
 @pytest.mark.parametrize("dropout_p", [0.0, 0.1], ids=["p0", "p0.1"])
-def test_gpu_matches_float64_oracle_by_2x_rule(shape, dtype_name, dropout_p):
-    check_against_oracle(*shape, GPU_DTYPES[dtype_name], dropout_p=dropout_p, seed=17, device="cuda")
+@pytest.mark.parametrize("channel", [False, True], ids=["scalar", "channel"])
+def test_gpu_matches_float64_oracle_by_2x_rule(shape, dtype_name, dropout_p, channel):
+    check_against_oracle(*shape, GPU_DTYPES[dtype_name], dropout_p=dropout_p, seed=17, device="cuda", channel=channel)
 
 
 @pytest.mark.gpu
