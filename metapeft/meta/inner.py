@@ -64,6 +64,18 @@ class InnerRule(Protocol):
         """The scalar whose gradient in rho, times ``-lr``, is step k's learning-rate term (``record``: step k's)."""
 
 
+def entries_per_phi(values, phi: Tensors, what: str) -> list | None:
+    """``values`` as a list of one entry per phi parameter (None stays None); a ``ValueError`` naming ``what``
+    otherwise."""
+    if values is None:
+        return None
+    values = list(values)
+    if len(values) != len(phi):
+        raise ValueError(f"{what} must have one entry (or None) per trainable_phi(model) parameter ({len(phi)}), "
+                         f"got {len(values)}")
+    return values
+
+
 def scaled(lr_scales: list[torch.Tensor | None] | None, tensors: Tensors) -> Tensors:
     """D * t per phi tensor, D detached (t itself where D is None or no scales are given)."""
     if lr_scales is None:
@@ -100,12 +112,9 @@ class SGDRule:
     def check_state(self, buffers, phi: Tensors) -> list[torch.Tensor | None]:
         """``buffers`` (``momentum_buffers``: one momentum buffer or None per parameter of ``phi``; None for all: no
         buffer yet) checked against the parameters' shapes and devices."""
+        buffers = entries_per_phi(buffers, phi, "momentum_buffers")
         if buffers is None:
             return [None] * len(phi)
-        buffers = list(buffers)
-        if len(buffers) != len(phi):
-            raise ValueError(f"momentum_buffers must have one entry (or None) per trainable_phi(model) parameter "
-                             f"({len(phi)}), got {len(buffers)}")
         for i, (m, p) in enumerate(zip(buffers, phi)):
             if m is not None and (not isinstance(m, torch.Tensor) or m.shape != p.shape or m.device != p.device):
                 got = f"{type(m).__name__}{tuple(m.shape) if isinstance(m, torch.Tensor) else ''}"
@@ -224,12 +233,9 @@ class AdamWRule:
     def check_state(self, state, phi: Tensors) -> list[AdamWState | None]:
         """``state`` (one :class:`AdamWState` or None per parameter of ``phi``; None for all: no step yet) checked
         against the parameters' shapes and devices."""
+        state = entries_per_phi(state, phi, "the AdamW state")
         if state is None:
             return [None] * len(phi)
-        state = list(state)
-        if len(state) != len(phi):
-            raise ValueError(f"the AdamW state must have one entry (or None) per phi parameter ({len(phi)}), "
-                             f"got {len(state)}")
         for i, (s, p) in enumerate(zip(state, phi)):
             if s is None:
                 continue

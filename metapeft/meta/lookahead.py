@@ -17,7 +17,7 @@ from torch import nn
 
 from metapeft.meta.attention import math_attention
 from metapeft.meta.distributed import Reduction
-from metapeft.meta.inner import InnerRule
+from metapeft.meta.inner import InnerRule, entries_per_phi
 from metapeft.ops import double_backward_ahead
 
 
@@ -92,12 +92,9 @@ def grads_or_zeros(outputs, inputs, **kwargs) -> list[torch.Tensor]:
 
 
 def check_lr_scales(scales, phi: list[nn.Parameter]) -> list[torch.Tensor | None] | None:
+    scales = entries_per_phi(scales, phi, "lr_scales")
     if scales is None:
         return None
-    scales = list(scales)
-    if len(scales) != len(phi):
-        raise ValueError(f"lr_scales must have one entry (or None) per trainable_phi(model) parameter ({len(phi)}), "
-                         f"got {len(scales)}")
     for i, (d, p) in enumerate(zip(scales, phi)):
         if d is None:
             continue

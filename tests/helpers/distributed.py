@@ -38,3 +38,17 @@ def run_gloo(fn: Callable, world_size: int, *args) -> None:
     initialised gloo default group; re-raises the first worker's exception. ``fn`` must be importable (a
     module-level function)."""
     mp.spawn(_entry, args=(world_size, free_port(), fn, args), nprocs=world_size, join=True)
+
+
+def gloo_results(fn: Callable, world_size: int, out_dir) -> list[dict]:
+    """Run ``fn(rank, world_size, str(out_dir))`` under :func:`run_gloo`; each rank saves its results to
+    ``out_dir/rank{rank}.pt``, returned in rank order (loaded with ``weights_only=True``)."""
+    run_gloo(fn, world_size, str(out_dir))
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(world_size)]
+
+
+def assert_states_equal(actual: dict, expected: dict, label) -> None:
+    """Two float64 state dicts equal up to the order of the ranks' sums (rtol 1e-10, atol 1e-12)."""
+    assert actual.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.allclose(actual[name], tensor, rtol=1e-10, atol=1e-12), (label, name)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from metapeft.trainer import Callback, MetaPEFTTrainer, TrainerConfig, setup_distributed
-from tests.helpers.distributed import run_gloo
+from tests.helpers.distributed import assert_states_equal, gloo_results, run_gloo
 from tests.helpers.toy import LongTailedBlobs, TinyNet
 
 COUNTS = [20, 12, 8, 6]  # 46 samples: batches of 15, 15, 15 and 1 (an empty shard on rank 1)
@@ -67,15 +67,7 @@ def two_process_run(tmp_path_factory):
     """The workers' results (one spawn for every check of this module) and the run directory."""
     out_dir = tmp_path_factory.mktemp("ddp")
     trainer_for(output_dir=str(out_dir / "one_to_two")).fit(max_steps=RESUME_AT)
-    run_gloo(worker, 2, str(out_dir))
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(2)], out_dir
-
-
-def assert_states_equal(actual: dict, expected: dict, label) -> None:
-    assert actual.keys() == expected.keys()
-    for name, tensor in expected.items():
-        # float64; the ranks' sums differ from the single process's only in their order
-        assert torch.allclose(actual[name], tensor, rtol=1e-10, atol=1e-12), (label, name)
+    return gloo_results(worker, 2, out_dir), out_dir
 
 
 @pytest.mark.parametrize("run", list(RUNS))

@@ -15,7 +15,7 @@ from torch.distributed.fsdp import fully_shard
 
 import metapeft
 from metapeft.trainer import MetaPEFTTrainer, TrainerConfig, setup_distributed
-from tests.helpers.distributed import run_gloo
+from tests.helpers.distributed import assert_states_equal, gloo_results
 from tests.helpers.toy import LongTailedBlobs
 
 COUNTS = [20, 12, 8, 6]  # 46 samples: batches of 15, 15, 15 (shards 8/7) and 1 (an empty shard on rank 1)
@@ -100,15 +100,7 @@ def worker(rank: int, world_size: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("fsdp")
-    run_gloo(worker, 2, str(out_dir))
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(2)], out_dir
-
-
-def assert_states_equal(actual: dict, expected: dict, label) -> None:
-    assert actual.keys() == expected.keys()
-    for name, tensor in expected.items():
-        # float64; the ranks' sums differ from the single process's only in their order
-        assert torch.allclose(actual[name], tensor, rtol=1e-10, atol=1e-12), (label, name)
+    return gloo_results(worker, 2, out_dir), out_dir
 
 
 @pytest.mark.parametrize("run", list(RUNS))
