@@ -20,6 +20,11 @@ clipping (``requires_grad`` is off outside the meta step). Each record the Train
 (``gamma/<module>/<segment>`` for a module with several segments; mean and ``gamma_std/<module>`` for a per-channel
 gamma) and the last ``meta_loss``.
 
+A checkpoint the Trainer writes also holds ``meta_state.pt`` (:data:`META_STATE_NAME`: the outer optimizer's state and
+the outer-step count, a :func:`metapeft.atomic_files.save_checkpoint` file), which ``train(resume_from_checkpoint=
+...)`` reads back, so a resumed run takes the meta steps an uninterrupted one would; a checkpoint without it (written
+by another Trainer) is refused, naming the file.
+
 Needs the optional ``transformers`` package (``pip install "metapeft[hf]"``); importing this module without it
 raises an ``ImportError`` naming that extra. One process only (no DDP / FSDP / DeepSpeed yet).
 """
@@ -29,11 +34,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.utils.data import Subset
 
+from metapeft.atomic_files import load_checkpoint, save_checkpoint
 from metapeft.data.sampling import META_BATCH, META_SET, generator_for, lookahead_batches, uniform_batch
 from metapeft.inject import peft_modules, unwrap_model
 from metapeft.meta import MODES, hypergradient
@@ -42,6 +49,7 @@ from metapeft.params import meta_parameters, trainable_phi
 from metapeft.schema import option
 
 HF_EXTRA = 'pip install "metapeft[hf]"'
+META_STATE_NAME = "meta_state.pt"
 
 try:
     import transformers
@@ -220,6 +228,28 @@ class HFMetaPEFTTrainer(transformers.Trainer):
             self._meta_done_at = step
             self.last_meta_loss = float(self.meta_step(model, inputs))
         return super().training_step(model, inputs, num_items_in_batch)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """The Trainer's optimizer and scheduler files, then :data:`META_STATE_NAME` beside them."""
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.args.should_save:
+            save_checkpoint({"meta_optimizer": self.meta_optimizer.state_dict(), "outer_step": self.outer_step},
+                            Path(output_dir) / META_STATE_NAME)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """The Trainer's optimizer and scheduler states, then the outer optimizer's and the outer-step count from
+        the checkpoint's :data:`META_STATE_NAME`."""
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        path = Path(checkpoint) / META_STATE_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"resume_from_checkpoint: {path} is missing: the checkpoint was not written by "
+                                    "HFMetaPEFTTrainer, so the outer optimizer's state and the meta-step count "
+                                    "cannot be restored")
+        state = load_checkpoint(path)
+        self.meta_optimizer.load_state_dict(state["meta_optimizer"])
+        self.outer_step = int(state["outer_step"])
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         """The Trainer's log, each record with every ``gamma/<module>`` and the last ``meta_loss``."""

@@ -208,3 +208,33 @@ def test_gamma_logs_name_every_module_segment_and_channel_summary():
     channel = torch.nn.functional.softplus(torch.tensor([0.0, 1.0, 2.0, 3.0]))
     assert logs["gamma/0"] == pytest.approx(1.0) and logs["gamma/2"] == pytest.approx(channel.mean().item())
     assert logs["gamma_std/2"] == pytest.approx(channel.std(correction=0).item())
+
+
+def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path):
+    """Stopped after step 3 and resumed from its checkpoint, a run ends with the weights, gammas, outer-step count
+    and outer optimizer state of one that ran through (float64, meta step every step); a checkpoint without the meta
+    state is refused, naming the file."""
+    data = token_dataset(24)
+
+    def trainer(output_dir, model=None, **kwargs):
+        torch.manual_seed(0)
+        model = tiny_llama().double() if model is None else model
+        args = training_args(output_dir, max_steps=6, save_strategy="steps", save_steps=3, **kwargs)
+        return HFMetaPEFTTrainer(model, args, data, meta_args=MetaArguments(meta_interval=1, meta_mode="exact"))
+
+    through = trainer(tmp_path / "through")
+    through.train()
+    first = trainer(tmp_path / "resumed")
+    first.train()  # the same run; its checkpoint-3 is where the second trainer starts
+    resumed = trainer(tmp_path / "resumed")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "resumed" / "checkpoint-3"))
+    assert resumed.outer_step == through.outer_step == 6
+    for (name, p), q in zip(through.model.named_parameters(), resumed.model.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-12, atol=1e-15, msg=lambda m, name=name: f"{name}: {m}")
+    exp_avg = [s["exp_avg"] for s in resumed.meta_optimizer.state_dict()["state"].values()]
+    assert all(torch.equal(a, b["exp_avg"]) for a, b in zip(exp_avg, through.meta_optimizer.state_dict()["state"]
+                                                            .values()))
+
+    (tmp_path / "resumed" / "checkpoint-3" / "meta_state.pt").unlink()
+    with pytest.raises(FileNotFoundError, match=r"checkpoint-3/meta_state.pt is missing"):
+        trainer(tmp_path / "resumed").train(resume_from_checkpoint=str(tmp_path / "resumed" / "checkpoint-3"))
