@@ -3,7 +3,7 @@ metapeft LoRA, 2 gloo processes) equals the single-process hypergradient on the 
 mode, K = 1, 2 and 3, momentum buffers given as the sharded optimizer's DTensors, weight decay, module-wise learning
 rates (a callable), the AdamW inner rule with a sharded state, a mixed-precision policy (not applied in the meta
 step), HSDP meshes, uneven shards of batches, of the head and of the (S,) modulators (one rank holds no row of a (1,)
-modulator); called on a fresh model, after a forward (FSDP's root stays unsharded) and after a forward/backward. The
+modulator), per-channel (N,) modulators; called on a fresh model, after a forward (FSDP's root stays unsharded) and after a forward/backward. The
 model comes back as it was, and plain FSDP training goes on. What cannot work fails with a clear error first."""
 
 from __future__ import annotations
@@ -29,22 +29,25 @@ TRAIN_SIZES, VAL_SIZE = (5, 4, 3), 5  # shards 3/2, 2/2, 2/1 and 3/2 on 2 ranks
 # (mode, K, setup). Setups: "fresh" (no forward yet), "forward" (the root left unsharded), "backward" (after a
 # training step), "lr_scaled" (after a forward, module-wise learning rates), "adamw" (AdamWRule, its state the sharded
 # optimizer's DTensors), "mixed_precision" (float32 compute in FSDP's own passes; the meta step runs at the parameters'
-# float64), "hsdp_2x1" / "hsdp_1x2" (HSDP's (replicate, shard) mesh, 2 replicas of 1 shard / 1 replica of 2 shards)
+# float64), "hsdp_2x1" / "hsdp_1x2" (HSDP's (replicate, shard) mesh, 2 replicas of 1 shard / 1 replica of 2 shards),
+# "channel" (per-channel gamma: (N,) modulators sharded by rows)
 CASES = [("exact", 1, "fresh"), ("exact", 3, "lr_scaled"), ("finite_difference", 1, "backward"),
          ("finite_difference", 3, "fresh"), ("first_order", 1, "lr_scaled"), ("first_order", 3, "backward"),
          ("exact", 2, "adamw"), ("first_order", 2, "mixed_precision"), ("exact", 1, "hsdp_2x1"),
-         ("finite_difference", 2, "hsdp_1x2")]
+         ("finite_difference", 2, "hsdp_1x2"), ("exact", 2, "channel")]
 
 
-def lora_vit() -> torch.nn.Module:
-    """A tiny timm ViT (2 blocks, dim 48, 5 classes) in float64 with LoRA on every position (q, k, v: S = 3) and
-    random LoRA B, modulators and head; the same on every rank."""
+def lora_vit(setup: str = "fresh") -> torch.nn.Module:
+    """A tiny timm ViT (2 blocks, dim 48, 5 classes) in float64 with LoRA on every position (q, k, v: S = 3; with
+    ``setup="channel"`` a gamma per output channel) and random LoRA B, modulators and head; the same on every
+    rank."""
     import timm  # imported by the workers and the test only
 
     torch.manual_seed(7)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, depth=2,
                               num_classes=5, embed_dim=48, num_heads=3).double()
-    metapeft.inject(model, method="lora", rank=2, positions=("q", "v", "out", "mlp1", "mlp2"))
+    metapeft.inject(model, method="lora", rank=2, positions=("q", "v", "out", "mlp1", "mlp2"),
+                    gamma="channel" if setup == "channel" else "scalar")
     with torch.no_grad():
         for p in metapeft.peft_parameters(model) + meta_parameters(model) + list(model.head.parameters()):
             p.normal_(0, 0.3)
@@ -75,7 +78,7 @@ def call(model, train, val, buffers, mode: str, steps: int, setup: str):
 
 def single_process(mode: str, steps: int, setup: str) -> list:
     train, val, buffers = problem()
-    r = call(lora_vit(), train, val, buffers, mode, steps, setup)
+    r = call(lora_vit(setup), train, val, buffers, mode, steps, setup)
     return [r.meta_grads, r.lookahead, r.phi_grads, [r.train_loss], [r.val_loss]]
 
 
@@ -87,7 +90,7 @@ def sharded_vit(world_size: int, setup: str = "fresh"):
     else:
         mesh = init_device_mesh("cpu", (world_size,))
     policy = {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.float32)} if setup == "mixed_precision" else {}
-    model = lora_vit()
+    model = lora_vit(setup)
     for block in model.blocks:
         fully_shard(block, mesh=mesh, **policy)
     return fully_shard(model, mesh=mesh, **policy)
