@@ -3,8 +3,9 @@ metapeft LoRA, 2 gloo processes) equals the single-process hypergradient on the 
 mode, K = 1, 2 and 3, momentum buffers given as the sharded optimizer's DTensors, weight decay, module-wise learning
 rates (a callable), the AdamW inner rule with a sharded state, a mixed-precision policy (not applied in the meta
 step), HSDP meshes, uneven shards of batches, of the head and of the (S,) modulators (one rank holds no row of a (1,)
-modulator), per-channel (N,) modulators; called on a fresh model, after a forward (FSDP's root stays unsharded) and after a forward/backward. The
-model comes back as it was, and plain FSDP training goes on. What cannot work fails with a clear error first."""
+modulator), per-channel (N,) modulators; called on a fresh model, after a forward (FSDP's root stays unsharded) and
+after a forward/backward. The model comes back as it was, and plain FSDP training goes on. What cannot work fails
+with a clear error first."""
 
 from __future__ import annotations
 
