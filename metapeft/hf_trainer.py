@@ -7,7 +7,8 @@ meta_interval == 0``):
 - meta step: the hypergradient of the meta loss L_val(phi_K) (:func:`metapeft.meta.hypergradient`) through K =
   ``meta_lookahead_steps`` look-ahead steps of the optimizer the Trainer really uses (:func:`metapeft.meta.optim.
   inner_rule_for`: torch's AdamW, the Trainer's default, or SGD; its live state, learning rate and per-group weight
-  decay), the first on the step's own batch, the others on batches drawn from the training part; L_val on a meta
+  decay; gradients clipped to ``max_grad_norm`` as the Trainer clips them, :class:`metapeft.meta.inner.ClippedRule`),
+  the first on the step's own batch, the others on batches drawn from the training part; L_val on a meta
   batch drawn from the meta set; then one step of the outer optimizer (Adam) on rho;
 - inner step: the Trainer's own ``training_step`` (forward, backward, clipping, optimizer and scheduler step) with
   the new rho (DARTS' alternating order; metapeft's trainer with ``meta_reuse_lookahead=False``).
@@ -44,6 +45,7 @@ from metapeft.atomic_files import load_checkpoint, save_checkpoint
 from metapeft.data.sampling import META_BATCH, META_SET, generator_for, lookahead_batches, uniform_batch
 from metapeft.inject import peft_modules, unwrap_model
 from metapeft.meta import MODES, hypergradient
+from metapeft.meta.inner import ClippedRule
 from metapeft.meta.optim import META_OPTIMIZERS, inner_rule_for, meta_optimizer
 from metapeft.params import meta_parameters, trainable_phi
 from metapeft.schema import option
@@ -206,6 +208,8 @@ class HFMetaPEFTTrainer(transformers.Trainer):
                                   self.meta_seed, self.outer_step) if meta.meta_lookahead_steps > 1 else []
         phi = trainable_phi(model)
         rule, state = inner_rule_for(torch_optimizer(self.optimizer), phi)
+        if self.args.max_grad_norm:  # the Trainer clips before its step: so does the look-ahead
+            rule = ClippedRule(rule, self.args.max_grad_norm)
         model.train()
         with modulators_trainable(self.rho), self.compute_loss_context_manager():
             result = hypergradient(model, lambda m, batch: self.compute_loss(m, dict(batch)),

@@ -192,6 +192,7 @@ def brute_force_hypergradient(
     twin: nn.Module | None = None,
     lr_scales: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
     adamw: dict[str, Any] | None = None,
+    max_grad_norm: float | None = None,
 ) -> BruteForceHypergradient:
     """``d/d rho L_val(phi_K(rho), rho)`` by ``torch.func``, unrolling K = 1 + len(lookahead_batches) SGD steps as
     ``torch.optim.SGD`` takes them (dampening 0): ``m_k = g_k + wd * phi_k + mu * m_{k-1}``,
@@ -210,6 +211,9 @@ def brute_force_hypergradient(
     ``{"betas": (b1, b2), "eps": eps, "state": [(exp_avg, exp_avg_sq, steps taken) or None per phi tensor]}``
     (state optional): ``t += 1; m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2;
     phi = phi - lr * D * (wd * phi + (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps))``.
+
+    ``max_grad_norm``: each g_k is first clipped as ``torch.nn.utils.clip_grad_norm_`` clips it,
+    ``g * min(1, max_grad_norm / (||g|| + 1e-6))`` with ||g|| the 2-norm over every phi tensor (differentiated too).
     """
     twin = reference_twin(model) if twin is None else twin
     phi_ids = {id(p) for p in trainable_phi(model)}
@@ -234,6 +238,9 @@ def brute_force_hypergradient(
             if first_order:
                 g = {n: t.detach() for n, t in g.items()}
             first_grad = g if first_grad is None else first_grad
+            if max_grad_norm is not None:
+                norm = torch.sqrt(sum((t * t).sum() for t in g.values()))
+                g = {n: t * torch.clamp(max_grad_norm / (norm + 1e-6), max=1.0) for n, t in g.items()}
             if adamw is None:
                 m = {n: g[n] + weight_decay * phi_k[n] + momentum * m[n] for n in phi}
                 phi_k = {n: phi_k[n] - lr * scales.get(n, 1.0) * m[n] for n in phi}

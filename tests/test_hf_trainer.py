@@ -142,12 +142,14 @@ class Pairs(torch.utils.data.Dataset):
         return self.x[i], self.targets[i]
 
 
-@pytest.mark.parametrize(("mode", "optimizer"), [("exact", "sgd"), ("first_order", "sgd"), ("exact", "adamw"),
-                                                 ("first_order", "adamw")])
-def test_hf_trainer_equals_metapefts_own_trainer(tmp_path, mode, optimizer):
+@pytest.mark.parametrize(("mode", "optimizer", "clip"), [("exact", "sgd", None), ("first_order", "sgd", None),
+                                                         ("exact", "adamw", None), ("first_order", "adamw", None),
+                                                         ("exact", "adamw", 0.05)])
+def test_hf_trainer_equals_metapefts_own_trainer(tmp_path, mode, optimizer, clip):
     """The same model, data, batch order, meta batches and cosine schedule through metapeft's trainer and through
     the HF Trainer: the same phi and rho at the end (checked to 1e-12), with SGD (momentum 0.9) and with AdamW
-    (metapeft's ``inner_optimizer="adamw"``, the HF Trainer's ``adamw_torch``) as the inner optimizer."""
+    (metapeft's ``inner_optimizer="adamw"``, the HF Trainer's ``adamw_torch``) as the inner optimizer; and with
+    gradients clipped (both clip the real step and the look-ahead)."""
     from metapeft.data.sampling import epoch_batches
     from metapeft.trainer import MetaPEFTTrainer, TrainerConfig
 
@@ -161,7 +163,7 @@ def test_hf_trainer_equals_metapefts_own_trainer(tmp_path, mode, optimizer):
 
     lr = 0.05 if optimizer == "sgd" else 0.01
     config = TrainerConfig(epochs=1, batch_size=batch, lr=lr, momentum=0.9, weight_decay=0.0, schedule="cosine",
-                           inner_optimizer=optimizer,
+                           inner_optimizer=optimizer, max_grad_norm=clip,
                            meta_lr=0.05, meta_interval=2, meta_mode=mode, meta_batch_size=batch,
                            meta_reuse_lookahead=False, meta_warmup_steps=0, loss="ce", classifier="linear",
                            head="head", amp="none", device="cpu", seed=seed, progress=False, num_classes=classes)
@@ -174,7 +176,7 @@ def test_hf_trainer_equals_metapefts_own_trainer(tmp_path, mode, optimizer):
                          learning_rate=lr, weight_decay=0.0,
                          **({"optim": "sgd", "optim_args": "momentum=0.9"} if optimizer == "sgd" else
                             {"optim": "adamw_torch"}),
-                         lr_scheduler_type="cosine", max_grad_norm=0.0, train_sampling_strategy="sequential",
+                         lr_scheduler_type="cosine", max_grad_norm=clip or 0.0, train_sampling_strategy="sequential",
                          seed=seed)
     trainer = HFMetaPEFTTrainer(hf_model, args, as_dicts, meta_dataset=meta_dicts,
                                 meta_args=MetaArguments(meta_interval=2, meta_mode=mode, meta_lr=0.05))

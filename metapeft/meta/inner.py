@@ -330,3 +330,84 @@ class AdamWRule:
                 direction = (wd * p.detach() + s.exp_avg / bias_correction1 / denom)
                 terms.append((d * (direction * a).detach()).sum())
         return sum(terms)
+
+
+# torch.nn.utils.clip_grad_norm_'s guard in its coefficient max_norm / (total_norm + eps)
+CLIP_EPS = 1e-6
+
+
+class ClippedRecord(NamedTuple):
+    """A :class:`StepRecord` whose ``grads`` are the clipped gradients the inner rule stepped with."""
+
+    values: Tensors
+    grads: Tensors
+    updates: list
+
+
+class ClippedRule:
+    """``inner``'s step on the gradient clipped to a global norm of at most ``max_norm``, as
+    ``torch.nn.utils.clip_grad_norm_`` clips it before the optimizer's step:
+
+        g~ = s g,   s = min(1, max_norm / (||g|| + eps)),   ||g|| the 2-norm over every phi tensor (eps 1e-6).
+
+    Its adjoint maps the inner rule's c~_k = -(1 / lr) dL_val / dg~_k to the c_k of the unclipped gradient by the
+    clip's Jacobian (symmetric), J c~ = s c~ - max_norm (g . c~) g / (||g|| (||g|| + eps)^2) where it clips and c~
+    where it does not; the modes' products H_k c_k and R_k c_k are then those of the model's gradient, and the inner
+    rule's adjoint runs on the clipped records (the gradients it stepped with). The carry is (inner carry, c~_k)."""
+
+    def __init__(self, inner: InnerRule, max_norm: float) -> None:
+        if not max_norm > 0:
+            raise ValueError(f"max_norm must be > 0, got {max_norm!r}")
+        self.inner, self.max_norm, self.lr = inner, float(max_norm), inner.lr
+
+    def __repr__(self) -> str:
+        return f"ClippedRule({self.inner!r}, max_norm={self.max_norm!r})"
+
+    def _norm(self, grads: Tensors) -> torch.Tensor:
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+
+    def clipped(self, grads: Tensors) -> Tensors:
+        """The gradients (one per phi tensor) as ``clip_grad_norm_(max_norm)`` leaves them; new tensors."""
+        coefficient = torch.clamp(self.max_norm / (self._norm(grads) + CLIP_EPS), max=1.0)
+        return [g * coefficient.to(g.dtype) for g in grads]
+
+    @torch.no_grad()
+    def _transpose(self, grads: Tensors, c: Tensors) -> Tensors:
+        """J^T c at the (unclipped) gradients ``grads``."""
+        norm = self._norm(grads)
+        if float(self.max_norm / (norm + CLIP_EPS)) >= 1.0:
+            return list(c)
+        s = self.max_norm / (norm + CLIP_EPS)
+        along = sum((g * t).sum() for g, t in zip(grads, c)) * self.max_norm / (norm * (norm + CLIP_EPS) ** 2)
+        return [s * t - along * g for g, t in zip(grads, c)]
+
+    def _record(self, record: StepRecord) -> ClippedRecord:
+        return ClippedRecord(record.values, self.clipped(record.grads), record.updates)
+
+    def update(self, params: Tensors, grads: Tensors, state: list,
+               lr_scales: list[torch.Tensor | None] | None = None) -> tuple[Tensors, list]:
+        """``inner.update`` with the clipped gradients."""
+        return self.inner.update(params, self.clipped(grads), state, lr_scales)
+
+    def check_state(self, state, phi: Tensors) -> list:
+        """``inner.check_state``."""
+        return self.inner.check_state(state, phi)
+
+    def adjoint_seed(self, v: Tensors, lr_scales: list[torch.Tensor | None] | None,
+                     last: StepRecord) -> tuple[tuple, Tensors]:
+        """The inner seed on the clipped record; c_{K-1} = J^T c~_{K-1}."""
+        carry, c_inner = self.inner.adjoint_seed(v, lr_scales, self._record(last))
+        return (carry, c_inner), self._transpose(last.grads, c_inner)
+
+    def adjoint_step(self, carry: tuple, c: Tensors, hessian_c: Tensors, lr_scales: list[torch.Tensor | None] | None,
+                     previous: StepRecord) -> tuple[tuple, Tensors]:
+        """The inner adjoint step with its own c~_k (``hessian_c`` = H_k J^T c~_k, the inner rule's H c through the
+        clip); c_{k-1} = J^T c~_{k-1}."""
+        inner_carry, c_inner = carry
+        inner_carry, c_previous = self.inner.adjoint_step(inner_carry, c_inner, hessian_c, lr_scales,
+                                                          self._record(previous))
+        return (inner_carry, c_previous), self._transpose(previous.grads, c_previous)
+
+    def lr_scale_term(self, lr_scales: list[torch.Tensor | None], record: StepRecord, carry: tuple) -> torch.Tensor:
+        """``inner.lr_scale_term`` on the clipped record."""
+        return self.inner.lr_scale_term(lr_scales, self._record(record), carry[0])

@@ -88,7 +88,8 @@ class TrainerConfig:
     momentum: float = option(0.9, "inner SGD momentum (sgd only)")
     weight_decay: float = option(5e-4, "inner weight decay (sgd: L2 added to the gradient; adamw: decoupled)")
     schedule: str = option("cosine", "inner learning rate per step: cosine (to 0 over all steps) or constant")
-    max_grad_norm: float | None = option(None, "clip the inner gradient's norm to this; null: no clipping")
+    max_grad_norm: float | None = option(None, "clip the inner gradient's norm to this (the meta step's look-ahead "
+                                               "clips as well); null: no clipping")
 
     meta: bool = option(True, "learn the modulators gamma by meta steps (MetaPEFT); false: plain PEFT (gamma stays "
                               "fixed)")

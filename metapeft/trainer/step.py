@@ -20,8 +20,9 @@ At global step ``t`` on the global batch ``B_t`` (docs/method.md, "Bi-level opti
 When the meta step's first look-ahead step is the real inner step: it is exactly the update torch's SGD
 applies (``buf = mu * buf + g + wd * phi; phi -= lr * buf``) with ``g = grad_phi L_train(phi, rho_t; B_t)``.
 The step therefore feeds the hypergradient's ``phi_grads`` to the SGD optimizer instead of running a
-second forward/backward; the result equals the look-ahead ``phi_1`` (the same rule on the same tensors: bit for
-bit) whenever no gradient clipping changes ``g`` (``max_grad_norm`` unset or not reached). The inner step thus
+second forward/backward; the result equals the look-ahead ``phi_1`` (the same rule on the same tensors). With
+``max_grad_norm`` the look-ahead clips each step's gradient as the real step does
+(:class:`metapeft.meta.inner.ClippedRule`, whose adjoint runs through the clip). The inner step thus
 uses the modulators rho_t from before the outer update (a simultaneous update of phi and rho).
 ``meta_reuse_lookahead=False`` instead recomputes the inner gradient after the outer step, with rho_{t+1} (DARTS'
 alternating order), at the cost of one more forward/backward.
@@ -51,6 +52,7 @@ from metapeft.data.shards import Shards
 from metapeft.inject import unwrap_model
 from metapeft.meta import hypergradient
 from metapeft.meta.fsdp import full_copies, gather_full
+from metapeft.meta.inner import ClippedRule
 from metapeft.meta.optim import CommonScaleCalibration, ModuleLRSGD, inner_rule_for, meta_optimizer
 from metapeft.params import modulators_with_constraints, module_lr_scales
 from metapeft.trainer.config import TrainerConfig
@@ -181,6 +183,8 @@ class BilevelStep:
                              f"fewer than the {self.world_size} ranks")
         val_shard = shards.collate(samples.meta_source, meta_indices, empty)
         rule, state = inner_rule_for(self.optimizer, self.phi)
+        if config.max_grad_norm is not None:  # the real step clips: so does the look-ahead
+            rule = ClippedRule(rule, config.max_grad_norm)
         result = hypergradient(unwrap_model(self.model), self.loss_fn, train_shard, val_shard,
                                inner_rule=rule, inner_state=None if any(s is None for s in state) else state,
                                mode=config.meta_mode,

@@ -14,6 +14,7 @@ import metapeft
 from metapeft.data.sampling import epoch_batches
 from metapeft.heads import CosineClassifier
 from metapeft.meta import hypergradient
+from metapeft.meta.inner import ClippedRule, SGDRule
 from metapeft.trainer import MetaPEFTTrainer, TrainerConfig
 from tests.helpers.toy import LongTailedBlobs, TinyNet, first_meta_step_inputs, tiny_net_with_random_lora
 
@@ -119,6 +120,30 @@ def test_meta_step_applies_the_hypergradient_and_the_lookahead(reuse):
     for p, q in zip(metapeft.meta.trainable_phi(model), lookahead):
         assert torch.allclose(p, q, rtol=1e-12, atol=1e-12)
     assert not torch.allclose(expected.lookahead[0], lookahead[0]) or reuse
+
+
+def test_a_clipped_inner_step_lands_on_the_clipped_lookahead():
+    """With max_grad_norm the meta step's look-ahead clips as the real step does (ClippedRule): the modulators take
+    the hypergradient through the clipped step, and the real step lands on its phi_1."""
+    data = LongTailedBlobs(COUNTS)
+    model = tiny_net_with_random_lora()
+    trainer = MetaPEFTTrainer(model, data, config=quiet(batch_size=16, meta_lr=0.05, classifier="linear",
+                                                        max_grad_norm=0.05))
+    twin = copy.deepcopy(model)
+    batch_indices, (x, y), val, loss_fn = first_meta_step_inputs(trainer, data, COUNTS)
+    clipped = ClippedRule(SGDRule(0.01, 0.9, 5e-4), 0.05)
+    expected = hypergradient(twin, loss_fn, (x, y), val, inner_rule=clipped, mode="exact")
+    unclipped = hypergradient(twin, loss_fn, (x, y), val, lr=0.01, weight_decay=5e-4, mode="exact")
+    assert torch.linalg.vector_norm(torch.cat([g.flatten() for g in expected.phi_grads])) > 0.05
+    results = []
+    trainer.step.hypergradient = lambda *args, run=trainer.step.hypergradient: results.append(run(*args)) or results[-1]
+    trainer.train_step(x, y, batch_indices)
+    for got, want, other in zip(results[0].meta_grads, expected.meta_grads, unclipped.meta_grads):
+        assert torch.allclose(got, want, rtol=1e-6, atol=1e-9) and not torch.allclose(got, other, rtol=1e-2)
+    for rho, rho0, g in zip(metapeft.meta_parameters(model), metapeft.meta_parameters(twin), expected.meta_grads):
+        assert torch.allclose(rho, rho0 - 0.05 * g.sign(), rtol=0, atol=1e-7)
+    for p, q, r in zip(metapeft.meta.trainable_phi(model), expected.lookahead, unclipped.lookahead):
+        assert torch.allclose(p, q, rtol=1e-6, atol=1e-7) and not torch.allclose(p, r, rtol=1e-3, atol=1e-5)
 
 
 def test_gradient_clipping_bounds_the_step():
