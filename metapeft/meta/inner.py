@@ -373,13 +373,15 @@ class ClippedRule:
 
     @torch.no_grad()
     def _transpose(self, grads: Tensors, c: Tensors) -> Tensors:
-        """J^T c at the (unclipped) gradients ``grads``."""
+        """J^T c at the (unclipped) gradients ``grads`` (no host sync: where the clip is inactive s = 1 and the
+        second term is 0)."""
         norm = self._norm(grads)
-        if float(self.max_norm / (norm + CLIP_EPS)) >= 1.0:
-            return list(c)
-        s = self.max_norm / (norm + CLIP_EPS)
-        along = sum((g * t).sum() for g, t in zip(grads, c)) * self.max_norm / (norm * (norm + CLIP_EPS) ** 2)
-        return [s * t - along * g for g, t in zip(grads, c)]
+        coefficient = self.max_norm / (norm + CLIP_EPS)
+        s = torch.clamp(coefficient, max=1.0)
+        dot = sum((g * t).sum() for g, t in zip(grads, c))
+        along = torch.where(coefficient < 1.0, dot * self.max_norm / (norm * (norm + CLIP_EPS) ** 2),
+                            torch.zeros_like(dot))
+        return [s.to(t.dtype) * t - along.to(g.dtype) * g for g, t in zip(grads, c)]
 
     def _record(self, record: StepRecord) -> ClippedRecord:
         return ClippedRecord(record.values, self.clipped(record.grads), record.updates)

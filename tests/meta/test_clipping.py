@@ -30,6 +30,8 @@ def test_the_clipped_step_is_clip_grad_norm_then_the_rule():
         optimizer.step()
         stepped, _ = rule.update(params, grads, [None, None])
         assert all(torch.equal(a, b.detach()) for a, b in zip(stepped, leaves)), max_norm
+    zeros = [torch.zeros_like(p) for p in params]  # a zero gradient: nothing to clip, no 0/0 in the adjoint
+    assert all(torch.equal(a, b) for a, b in zip(ClippedRule(SGDRule(LR), 0.5)._transpose(zeros, grads), grads))
     with pytest.raises(ValueError, match="max_norm must be > 0"):
         ClippedRule(SGDRule(LR), 0.0)
 
