@@ -1,15 +1,16 @@
 """MetaPEFT inside the Hugging Face ``transformers.Trainer``: :class:`HFMetaPEFTTrainer`, a ``Trainer`` whose steps
 carry meta steps on the modulators, and :class:`MetaArguments`, their settings.
 
-Per optimizer step t of the Trainer (the meta step on the first micro-batch of the step, when ``t %
-meta_interval == 0``):
+Per optimizer step t of the Trainer (the meta step before its first micro-batch, when ``t % meta_interval == 0``):
 
 - meta step: the hypergradient of the meta loss L_val(phi_K) (:func:`metapeft.meta.hypergradient`) through K =
   ``meta_lookahead_steps`` look-ahead steps of the optimizer the Trainer really uses (:func:`metapeft.meta.optim.
   inner_rule_for`: torch's AdamW, the Trainer's default, or SGD; its live state, learning rate and per-group weight
   decay; gradients clipped to ``max_grad_norm`` as the Trainer clips them, :class:`metapeft.meta.inner.ClippedRule`),
-  the first on the step's own batch, the others on batches drawn from the training part; L_val on a meta
-  batch drawn from the meta set; then one step of the outer optimizer (Adam) on rho;
+  the first on the step's own batch (with gradient accumulation all its micro-batches, each loss scaled as the
+  Trainer scales it, so the look-ahead's gradient is the one the Trainer accumulates), the others on batches of the
+  step's size drawn from the training part; L_val on a meta batch drawn from the meta set; then one step of the
+  outer optimizer (Adam) on rho;
 - inner step: the Trainer's own ``training_step`` (forward, backward, clipping, optimizer and scheduler step) with
   the new rho (DARTS' alternating order; metapeft's trainer with ``meta_reuse_lookahead=False``).
 
@@ -36,6 +37,7 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -151,6 +153,13 @@ def gamma_logs(model: nn.Module) -> dict[str, float]:
     return logs
 
 
+class StepBatch(NamedTuple):
+    """An optimizer step's micro-batches (prepared input dicts) and the Trainer's ``num_items_in_batch`` over them."""
+
+    micro_batches: list
+    num_items: torch.Tensor | int | None
+
+
 class HFMetaPEFTTrainer(transformers.Trainer):
     """``transformers.Trainer`` with MetaPEFT's meta steps (module docstring).
 
@@ -188,6 +197,7 @@ class HFMetaPEFTTrainer(transformers.Trainer):
         self.last_meta_loss: float | None = None
         self._meta_done_at: int | None = None
         self._meta_collator = None
+        self._step_batch: StepBatch | None = None
 
     def _collate(self, dataset, indices: torch.Tensor) -> dict:
         """The samples ``dataset[indices]`` collated as the Trainer collates a training batch, on its device."""
@@ -195,25 +205,47 @@ class HFMetaPEFTTrainer(transformers.Trainer):
             self._meta_collator = self._get_collator_with_removed_columns(self.data_collator, "meta")
         return self._prepare_inputs(self._meta_collator([dataset[int(i)] for i in indices]))
 
-    def meta_step(self, model: nn.Module, inputs: dict) -> torch.Tensor:
-        """One meta step with ``inputs`` (the step's batch) as look-ahead step 1: the hypergradient through the
-        Trainer's optimizer, then the outer optimizer's step on rho. Returns the meta loss (0-d, detached)."""
+    def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device) -> tuple[list, Any]:
+        """The Trainer's micro-batches of the next optimizer step, also kept for its meta step."""
+        batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        self._step_batch = StepBatch(batch_samples, num_items)
+        return batch_samples, num_items
+
+    def _step_loss(self, model: nn.Module, batch) -> torch.Tensor:
+        """The loss whose gradient the Trainer accumulates over a :class:`StepBatch` (each micro-batch's loss scaled
+        as ``Trainer.training_step`` scales it), or ``compute_loss`` of one input dict."""
+        if not isinstance(batch, StepBatch):
+            return self.compute_loss(model, dict(batch))
+        scaled = getattr(self, "loss_is_scaled_for_ga", None)
+        if scaled is None:
+            scaled = (self.model_accepts_loss_kwargs and batch.num_items is not None) or \
+                self.compute_loss_func is not None
+        losses = [self.compute_loss(model, dict(micro), num_items_in_batch=batch.num_items)
+                  for micro in batch.micro_batches]
+        total = sum(losses)
+        return total if scaled else total / len(losses)
+
+    def meta_step(self, model: nn.Module, step_batch: StepBatch) -> torch.Tensor:
+        """One meta step with ``step_batch`` (the optimizer step's micro-batches) as look-ahead step 1: the
+        hypergradient through the Trainer's optimizer, then the outer optimizer's step on rho. Returns the meta loss
+        (0-d, detached)."""
         meta = self.meta_args
         model = unwrap_model(model)
+        step_size = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
         size = meta.meta_batch_size or self.args.per_device_train_batch_size
         meta_indices = uniform_batch(torch.arange(len(self.meta_dataset)), size,
                                      generator_for(self.meta_seed, META_BATCH, self.outer_step))
         extra = lookahead_batches(torch.arange(len(self.train_dataset)), torch.empty(0, dtype=torch.long),
-                                  meta.meta_lookahead_steps - 1, self.args.per_device_train_batch_size,
-                                  self.meta_seed, self.outer_step) if meta.meta_lookahead_steps > 1 else []
+                                  meta.meta_lookahead_steps - 1, step_size, self.meta_seed,
+                                  self.outer_step) if meta.meta_lookahead_steps > 1 else []
         phi = trainable_phi(model)
         rule, state = inner_rule_for(torch_optimizer(self.optimizer), phi)
         if self.args.max_grad_norm:  # the Trainer clips before its step: so does the look-ahead
             rule = ClippedRule(rule, self.args.max_grad_norm)
         model.train()
         with modulators_trainable(self.rho), self.compute_loss_context_manager():
-            result = hypergradient(model, lambda m, batch: self.compute_loss(m, dict(batch)),
-                                   self._prepare_inputs(inputs), self._collate(self.meta_dataset, meta_indices),
+            train = StepBatch([self._prepare_inputs(micro) for micro in step_batch.micro_batches], step_batch.num_items)
+            result = hypergradient(model, self._step_loss, train, self._collate(self.meta_dataset, meta_indices),
                                    mode=meta.meta_mode, fd_epsilon=meta.fd_epsilon, inner_rule=rule,
                                    inner_state=state,
                                    lookahead_batches=[self._collate(self.train_dataset, b) for b in extra])
@@ -225,12 +257,15 @@ class HFMetaPEFTTrainer(transformers.Trainer):
         return result.val_loss
 
     def training_step(self, model: nn.Module, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
-        """The Trainer's step, after a meta step on the first micro-batch of every ``meta_interval``-th optimizer
-        step."""
+        """The Trainer's step on a micro-batch, after a meta step on the whole optimizer step's batch before the first
+        micro-batch of every ``meta_interval``-th optimizer step."""
         step = self.state.global_step
         if step % self.meta_args.meta_interval == 0 and self._meta_done_at != step:
             self._meta_done_at = step
-            self.last_meta_loss = float(self.meta_step(model, inputs))
+            step_batch = self._step_batch
+            if step_batch is None or step_batch.micro_batches[0] is not inputs:  # called outside the Trainer's loop
+                step_batch = StepBatch([inputs], num_items_in_batch)
+            self.last_meta_loss = float(self.meta_step(model, step_batch))
         return super().training_step(model, inputs, num_items_in_batch)
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:

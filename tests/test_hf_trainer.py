@@ -240,3 +240,35 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path):
     (tmp_path / "resumed" / "checkpoint-3" / "meta_state.pt").unlink()
     with pytest.raises(FileNotFoundError, match=r"checkpoint-3/meta_state.pt is missing"):
         trainer(tmp_path / "resumed").train(resume_from_checkpoint=str(tmp_path / "resumed" / "checkpoint-3"))
+
+
+@pytest.mark.parametrize(("mode", "kind"), [("exact", "classifier"), ("first_order", "classifier"),
+                                            ("exact", "causal_lm")])
+def test_an_accumulated_step_meta_learns_as_one_batch(tmp_path, mode, kind):
+    """Two micro-batches of 4 accumulated into each optimizer step give the same weights and gammas as batches of 8
+    (float64, to 1e-12): the meta step's look-ahead takes the whole step's gradient, not the first micro-batch's;
+    for a loss the Trainer divides by the accumulation steps (a classifier) and for one the model normalises by the
+    step's token count (a causal LM, ``num_items_in_batch``)."""
+    torch.manual_seed(0)
+    if kind == "classifier":
+        classes = 3
+        x, y = torch.randint(0, VOCAB, (16, LENGTH)), torch.randint(0, classes, (16,))
+        data = [{"input_ids": x[i], "labels": y[i]} for i in range(16)]
+        meta = [{"input_ids": i, "labels": j} for i, j in zip(torch.randint(0, VOCAB, (8, LENGTH)),
+                                                              torch.randint(0, classes, (8,)))]
+        model = TokenClassifier(classes).double()
+        metapeft.inject(model, target_modules=("q_proj", "v_proj"), rank=2, modules_to_save=("head",))
+    else:
+        data, meta, model = token_dataset(16), token_dataset(8), tiny_llama().double()
+    runs = []
+    for micro, accumulation in ((8, 1), (4, 2)):
+        run = copy.deepcopy(model)
+        args = training_args(tmp_path / f"{micro}x{accumulation}", per_device_train_batch_size=micro,
+                             gradient_accumulation_steps=accumulation, max_steps=2, learning_rate=0.01,
+                             train_sampling_strategy="sequential", max_grad_norm=0.0)
+        HFMetaPEFTTrainer(run, args, data, meta_dataset=meta,
+                          meta_args=MetaArguments(meta_interval=1, meta_mode=mode, meta_lr=0.05,
+                                                  meta_batch_size=4)).train()
+        runs.append(run)
+    for (name, p), q in zip(runs[0].named_parameters(), runs[1].parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-12, atol=1e-15, msg=lambda m, name=name: f"{name}: {m}")
