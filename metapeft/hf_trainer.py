@@ -47,7 +47,6 @@ from metapeft.atomic_files import load_checkpoint, save_checkpoint
 from metapeft.data.sampling import META_BATCH, META_SET, generator_for, lookahead_batches, uniform_batch
 from metapeft.inject import peft_modules, unwrap_model
 from metapeft.meta import MODES, hypergradient
-from metapeft.meta.inner import ClippedRule
 from metapeft.meta.optim import META_OPTIMIZERS, inner_rule_for, meta_optimizer
 from metapeft.params import meta_parameters, trainable_phi
 from metapeft.schema import option
@@ -239,9 +238,8 @@ class HFMetaPEFTTrainer(transformers.Trainer):
                                   meta.meta_lookahead_steps - 1, step_size, self.meta_seed,
                                   self.outer_step) if meta.meta_lookahead_steps > 1 else []
         phi = trainable_phi(model)
-        rule, state = inner_rule_for(torch_optimizer(self.optimizer), phi)
-        if self.args.max_grad_norm:  # the Trainer clips before its step: so does the look-ahead
-            rule = ClippedRule(rule, self.args.max_grad_norm)
+        # the Trainer clips before its step: so does the look-ahead
+        rule, state = inner_rule_for(torch_optimizer(self.optimizer), phi, self.args.max_grad_norm)
         model.train()
         with modulators_trainable(self.rho), self.compute_loss_context_manager():
             train = StepBatch([self._prepare_inputs(micro) for micro in step_batch.micro_batches], step_batch.num_items)

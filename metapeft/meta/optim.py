@@ -22,7 +22,7 @@ from collections.abc import Iterable
 
 import torch
 
-from metapeft.meta.inner import AdamWRule, AdamWState, InnerRule, SGDRule
+from metapeft.meta.inner import AdamWRule, AdamWState, ClippedRule, InnerRule, SGDRule
 from metapeft.modulator import gamma_from_modulator, log_gamma_gradient, modulator_from_gamma
 
 META_OPTIMIZERS = ("adam", "shared_adam", "sgd")
@@ -146,10 +146,13 @@ def _one(groups: list[dict], key: str, optimizer) -> object:
     return groups[0][key]
 
 
-def inner_rule_for(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> tuple[InnerRule, list]:
+def inner_rule_for(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter],
+                   max_grad_norm: float | None = None) -> tuple[InnerRule, list]:
     """(rule, state): the inner rule (:mod:`metapeft.meta.inner`) that takes ``optimizer``'s next step of ``params``
     (phi, e.g. :func:`metapeft.params.trainable_phi`), with its current learning rate, and the state it starts from
-    (one entry per parameter, for :func:`metapeft.meta.hypergradient`'s ``inner_state``).
+    (one entry per parameter, for :func:`metapeft.meta.hypergradient`'s ``inner_state``). ``max_grad_norm``: the
+    caller clips the gradient to this norm before the optimizer's step (``clip_grad_norm_``), so the rule does too
+    (:class:`~metapeft.meta.inner.ClippedRule`); None or 0: no clipping.
 
     - ``torch.optim.AdamW`` (also ``Adam(decoupled_weight_decay=True)``, and ``Adam`` without weight decay; fused,
       foreach or single-tensor): :class:`~metapeft.meta.inner.AdamWRule` with each parameter's group weight decay;
@@ -160,6 +163,12 @@ def inner_rule_for(optimizer: torch.optim.Optimizer, params: list[torch.nn.Param
 
     Every group must share one learning rate (and for SGD one momentum and weight decay); amsgrad, maximize,
     Nesterov, dampening and other optimizers are refused with a clear error."""
+    rule, state = _rule_and_state(optimizer, params)
+    return (ClippedRule(rule, max_grad_norm) if max_grad_norm else rule), state
+
+
+def _rule_and_state(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> tuple[InnerRule, list]:
+    """:func:`inner_rule_for` without clipping."""
     groups = _groups_of(optimizer, params)
     name = type(optimizer).__name__
     if any(g.get("maximize") for g in groups):

@@ -52,7 +52,6 @@ from metapeft.data.shards import Shards
 from metapeft.inject import unwrap_model
 from metapeft.meta import hypergradient
 from metapeft.meta.fsdp import full_copies, gather_full
-from metapeft.meta.inner import ClippedRule
 from metapeft.meta.optim import CommonScaleCalibration, ModuleLRSGD, inner_rule_for, meta_optimizer
 from metapeft.params import modulators_with_constraints, module_lr_scales
 from metapeft.trainer.config import TrainerConfig
@@ -182,11 +181,9 @@ class BilevelStep:
             raise ValueError(f"outer step {self.outer_step}: the meta batch has {meta_indices.numel()} samples, "
                              f"fewer than the {self.world_size} ranks")
         val_shard = shards.collate(samples.meta_source, meta_indices, empty)
-        rule, state = inner_rule_for(self.optimizer, self.phi)
-        if config.max_grad_norm is not None:  # the real step clips: so does the look-ahead
-            rule = ClippedRule(rule, config.max_grad_norm)
+        rule, state = inner_rule_for(self.optimizer, self.phi, config.max_grad_norm)  # clips as the real step does
         result = hypergradient(unwrap_model(self.model), self.loss_fn, train_shard, val_shard,
-                               inner_rule=rule, inner_state=None if any(s is None for s in state) else state,
+                               inner_rule=rule, inner_state=state,
                                mode=config.meta_mode,
                                lookahead_batches=[shards.collate(samples.train_set, b, empty) for b in extra],
                                reduce=dist.group.WORLD if self.world_size > 1 else None,

@@ -9,6 +9,7 @@ import torch
 
 from metapeft.meta import hypergradient, trainable_phi
 from metapeft.meta.inner import AdamWRule, AdamWState, ClippedRule, SGDRule
+from metapeft.meta.optim import inner_rule_for
 from metapeft.reference import brute_force_hypergradient
 from tests.helpers.meta import batches, classification_loss, lora_mlp, more_train_batches, relative_error
 
@@ -34,6 +35,11 @@ def test_the_clipped_step_is_clip_grad_norm_then_the_rule():
     assert all(torch.equal(a, b) for a, b in zip(ClippedRule(SGDRule(LR), 0.5)._transpose(zeros, grads), grads))
     with pytest.raises(ValueError, match="max_norm must be > 0"):
         ClippedRule(SGDRule(LR), 0.0)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(p) for p in params], lr=LR)
+    clipped, _ = inner_rule_for(optimizer, optimizer.param_groups[0]["params"], max_grad_norm=0.5)
+    assert isinstance(clipped, ClippedRule) and isinstance(clipped.inner, SGDRule) and clipped.max_norm == 0.5
+    for off in (None, 0.0):  # the trainer's and the HF Trainer's "no clipping"
+        assert isinstance(inner_rule_for(optimizer, optimizer.param_groups[0]["params"], off)[0], SGDRule)
 
 
 def _warm_state(model) -> list[AdamWState]:
