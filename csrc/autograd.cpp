@@ -4,56 +4,106 @@
 //   metapeft::adapter(x, residual, down_weight, down_bias, up_weight, up_bias, modulator, constraint, factor,
 //                     activation) -> out
 //
-// Each is one dispatcher call from Python: the forward computes scale = factor * gamma(modulator) and the fused
-// math of the family's torch backend (metapeft/ops/scaled_lora_torch.py, metapeft/ops/adapter_torch.py; no
-// dropout: the Python routes keep every backend's mask), and one autograd node runs the backward without Python.
-// The backward is built from differentiable ATen ops: with grad mode on (create_graph=True) it recomputes the kept
-// activation and the scale from the saved inputs, so a double backward gives exact second derivatives.
+// Each is one dispatcher call from Python: the Autograd kernel computes the forward below autograd (scale = factor *
+// gamma(modulator), the math of the family's torch backend: metapeft/ops/scaled_lora_torch.py,
+// metapeft/ops/adapter_torch.py; no dropout: the Python routes keep every backend's mask), and where an input
+// requires grad it attaches one hand-written autograd node whose backward runs without Python and computes only the
+// gradients the engine asks for. The backward is built from differentiable ATen ops: with grad mode on
+// (create_graph=True) it recomputes what the forward kept from the saved inputs, so a double backward gives exact
+// second derivatives. Saved tensors are torch's SavedVariables (version checks, saved-tensor hooks, freed after a
+// backward without retain_graph).
 // Shapes: as the Python ops (x (..., K); modulator (S,) or (N,) for scaled LoRA, (1,) or (D,) for the adapter: one
-// gamma per segment / adapter or one per output channel, told apart by length); the Python layer
-// checks every argument before the call (parameters once, x per call), so this file only checks what it relies on.
-// The Python fake kernels of both ops are in metapeft/ops/cpp_autograd.py.
+// gamma per segment / adapter or one per output channel, told apart by length); the Python layer checks every
+// argument before the call (parameters once, x per call), so this file only checks what it relies on. The Python
+// fake kernels of both ops are in metapeft/ops/cpp_autograd.py.
 #include <ATen/ATen.h>
-#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
 
+#include <memory>
 #include <string>
+#include <type_traits>
+#include <vector>
 
 namespace metapeft {
 namespace {
 
-using torch::autograd::AutogradContext;
+using torch::autograd::Node;
+using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
 
-// gamma(modulator): "softplus" (the paper), "exp" or "none" (metapeft/modulator.py).
-at::Tensor gamma_of(const at::Tensor& modulator, const std::string& constraint) {
-  if (constraint == "softplus") {
-    return at::softplus(modulator);
+// The graph's owning pointer to a node: std::shared_ptr up to torch 2.11, c10::intrusive_ptr in newer releases.
+using NodePtr = decltype(torch::autograd::Edge::function);
+
+template <class T>
+NodePtr make_node() {
+  if constexpr (std::is_same_v<NodePtr, std::shared_ptr<Node>>) {
+    return std::make_shared<T>();
+  } else {
+    return c10::make_intrusive<T>();
   }
-  if (constraint == "exp") {
-    return modulator.exp();
-  }
-  TORCH_CHECK(constraint == "none", "constraint must be 'softplus', 'exp' or 'none', got '", constraint, "'");
-  return modulator;
 }
 
-at::Tensor scale_of(const at::Tensor& modulator, const std::string& constraint, double factor) {
-  const at::Tensor gamma = gamma_of(modulator, constraint);
-  return factor == 1.0 ? gamma : gamma * factor;
+// gamma(modulator) (metapeft/modulator.py): softplus (the paper), exp, or the modulator itself.
+enum class Constraint { kSoftplus, kExp, kNone };
+
+Constraint parse_constraint(c10::string_view name) {
+  if (name == "softplus") {
+    return Constraint::kSoftplus;
+  }
+  if (name == "exp") {
+    return Constraint::kExp;
+  }
+  TORCH_CHECK(name == "none", "constraint must be 'softplus', 'exp' or 'none', got '", name, "'");
+  return Constraint::kNone;
 }
 
-// d loss / d modulator from d loss / d scale for scale = factor * gamma(modulator).
-at::Tensor modulator_grad(const at::Tensor& dscale, const at::Tensor& modulator, const std::string& constraint,
-                          double factor) {
-  const at::Tensor dgamma = factor == 1.0 ? dscale : dscale * factor;
-  if (constraint == "softplus") {
-    return dgamma * at::sigmoid(modulator);
-  }
-  return constraint == "exp" ? dgamma * modulator.exp() : dgamma;
+bool parse_relu(c10::string_view activation) {
+  TORCH_CHECK(activation == "relu" || activation == "gelu", "activation must be 'relu' or 'gelu', got '", activation,
+              "'");
+  return activation == "relu";
 }
 
 at::Tensor as_dtype(const at::Tensor& t, at::ScalarType dtype) {
   return t.scalar_type() == dtype ? t : t.to(dtype);
+}
+
+at::Tensor gamma_of(const at::Tensor& modulator, Constraint constraint) {
+  switch (constraint) {
+    case Constraint::kSoftplus:
+      return at::softplus(modulator);
+    case Constraint::kExp:
+      return modulator.exp();
+    default:
+      return modulator;
+  }
+}
+
+// scale = factor * gamma(modulator), in the modulator's dtype.
+at::Tensor scale_of(const at::Tensor& modulator, Constraint constraint, double factor) {
+  const at::Tensor gamma = gamma_of(modulator, constraint);
+  return factor == 1.0 ? gamma : gamma * factor;
+}
+
+// d loss / d modulator from d loss / d scale (both of the modulator's shape); `scale` is factor * gamma(modulator).
+at::Tensor modulator_grad(const at::Tensor& dscale, const at::Tensor& modulator, const at::Tensor& scale,
+                          Constraint constraint, double factor) {
+  switch (constraint) {
+    case Constraint::kSoftplus: {  // d softplus = sigmoid, with softplus's own threshold
+      const at::Tensor dgamma = at::softplus_backward(dscale, modulator, 1.0, 20.0);
+      return factor == 1.0 ? dgamma : dgamma * factor;
+    }
+    case Constraint::kExp:  // d (factor exp(m)) / dm = scale
+      return dscale * as_dtype(scale, dscale.scalar_type());
+    default:
+      return factor == 1.0 ? dscale : dscale * factor;
+  }
+}
+
+at::Tensor rows(const at::Tensor& t) {  // (..., K) -> (M, K)
+  return t.dim() == 2 ? t : t.reshape({-1, t.size(-1)});
 }
 
 // (M, S*w) -> (S, M, w) view.
@@ -61,279 +111,184 @@ at::Tensor segment_view(const at::Tensor& t, int64_t segments) {
   return t.unflatten(1, {segments, t.size(1) / segments}).transpose(0, 1);
 }
 
-// (N, r) B rows -> the (N, S*r) block-diagonal B whose block (j, j) is segment j's rows times blocks[j, j].
-at::Tensor block_diagonal(const at::Tensor& rows, const at::Tensor& blocks) {
-  const int64_t segments = blocks.size(0), rank = rows.size(1);
-  return (rows.reshape({segments, -1, 1, rank}) * blocks.view({segments, 1, segments, 1}))
-      .reshape({rows.size(0), segments * rank});
-}
-
-// y (M, N) from 2-D x, h = x A^T and the scale: the base GEMM, then one rank-space GEMM accumulated onto it (at
-// S > 1 on a block-diagonal (N, S*r) B scaled by diag(scale); a per-channel scale (N,) scales B's rows), as
-// scaled_lora_fwd_torch.
-at::Tensor lora_forward(const at::Tensor& x2d, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                        const at::Tensor& lora_B, const at::Tensor& scale, const at::Tensor& h) {
-  const int64_t segments = h.size(1) / lora_B.size(1);
-  const at::Tensor c = as_dtype(scale, h.scalar_type());
-  at::Tensor scaled_B;
+// B with each row scaled by its gamma: (N, r) at S = 1; at S > 1 the block-diagonal (N, S*r) whose block (j, j) is
+// segment j's rows scaled. `c` (S,) per segment or (N,) per output channel, in B's dtype.
+at::Tensor scaled_B_of(const at::Tensor& lora_B, const at::Tensor& c, int64_t segments) {
+  const int64_t rank = lora_B.size(1);
   if (c.size(0) != segments) {  // per channel
-    scaled_B = lora_B * c.unsqueeze(1);
-    if (segments > 1) {
-      scaled_B = block_diagonal(scaled_B, at::eye(segments, c.options()));
+    const at::Tensor scaled = lora_B * c.unsqueeze(1);
+    if (segments == 1) {
+      return scaled;
     }
-  } else if (segments == 1) {
-    scaled_B = lora_B * c;
-  } else {
-    scaled_B = block_diagonal(lora_B, at::diag_embed(c));
+    return (scaled.view({segments, -1, 1, rank}) * at::eye(segments, c.options()).view({segments, 1, segments, 1}))
+        .reshape({lora_B.size(0), segments * rank});
   }
-  at::Tensor y = bias.has_value() ? at::addmm(*bias, x2d, weight.t()) : at::mm(x2d, weight.t());
-  return y.addmm_(h, scaled_B.t());
+  if (segments == 1) {
+    return lora_B * c;
+  }
+  return (lora_B.view({segments, -1, 1, rank}) * at::diag_embed(c).view({segments, 1, segments, 1}))
+      .reshape({lora_B.size(0), segments * rank});
 }
 
-class ScaledLoRAFunction : public torch::autograd::Function<ScaledLoRAFunction> {
- public:
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
-                            const std::optional<at::Tensor>& bias, const at::Tensor& lora_A, const at::Tensor& lora_B,
-                            const at::Tensor& modulator, c10::string_view constraint, double factor) {
-    const at::Tensor x2d = x.reshape({-1, x.size(-1)});
-    const at::Tensor h = at::linear(x2d, lora_A);
-    const std::string name(constraint);
-    const at::Tensor scale = scale_of(modulator, name, factor);
-    at::Tensor y = lora_forward(x2d, weight, bias, lora_B, scale, h);
-    ctx->save_for_backward({x, weight, lora_A, lora_B, modulator, h, scale});
-    ctx->saved_data["constraint"] = name;
-    ctx->saved_data["factor"] = factor;
-    ctx->saved_data["needs"] = c10::List<bool>({x.requires_grad(), weight.requires_grad(),
-                                                 bias.has_value() && bias->requires_grad(), lora_A.requires_grad(),
-                                                 lora_B.requires_grad(), modulator.requires_grad()});
-    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-    shape.back() = y.size(1);
-    return y.view(shape);
-  }
+// ---------------------------------------------------------------------------------------------------------------
+// Scaled LoRA: y = x W^T + bias + sum_j c_j h_j B_j^T over segments j, h = x A^T (M, S*r), c = factor gamma.
 
-  // As scaled_lora_bwd_torch: T_j = dY_j B_j; d scale_j = sum(T_j * h_j); dB_j = scale_j dY_j^T h_j;
-  // dA = (scale T)^T x; dx = dY W + (scale T) A; dW = dY^T x; dbias = sum_m dY_m. Per channel (scale c (N,)):
-  // scale T = dY (c B); P_j = dY_j^T h_j; dB = c P; d c = rowsum(P * B), P in fp32 for fp16/bf16 when d c is needed.
-  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor& x = saved[0];
-    const at::Tensor &weight = saved[1], &lora_A = saved[2], &lora_B = saved[3], &modulator = saved[4];
-    const std::string constraint = ctx->saved_data["constraint"].toStringRef();
-    const double factor = ctx->saved_data["factor"].toDouble();
-    const c10::List<bool> needs = ctx->saved_data["needs"].toBoolList();
-    const at::Tensor x2d = x.reshape({-1, x.size(-1)});
-    const at::Tensor grad_y = grad_outputs[0].reshape({-1, weight.size(0)});
-    // grad mode on: a double backward; the kept h and the scale become differentiable functions of the inputs
-    const bool differentiable = at::GradMode::is_enabled();
-    const at::Tensor h = differentiable ? at::linear(x2d, lora_A) : saved[5];
-    const at::Tensor scale = differentiable ? scale_of(modulator, constraint, factor) : saved[6];
-    const int64_t segments = lora_A.size(0) / lora_B.size(1);
-    const at::Tensor c = as_dtype(scale, grad_y.scalar_type());
-    const bool per_channel = c.size(0) != segments;
-
-    at::Tensor T, scaled_T, grad_segments;
-    if (per_channel) {
-      const at::Tensor scaled_B = lora_B * c.unsqueeze(1);
-      if (segments == 1) {
-        scaled_T = at::mm(grad_y, scaled_B);
-      } else {
-        scaled_T = at::bmm(segment_view(grad_y, segments), scaled_B.unflatten(0, {segments, -1}))
-                       .transpose(0, 1)
-                       .reshape({grad_y.size(0), h.size(1)});
-      }
-    } else if (segments == 1) {
-      T = at::mm(grad_y, lora_B);
-      scaled_T = T * c;
-    } else {
-      grad_segments = segment_view(grad_y, segments);
-      T = at::bmm(grad_segments, lora_B.unflatten(0, {segments, -1}));
-      scaled_T = (T * c.view({segments, 1, 1})).transpose(0, 1).reshape({grad_y.size(0), h.size(1)});
-    }
-    at::Tensor dx, dweight, dbias, dA, dB, dmodulator;
-    if (per_channel && (needs[4] || needs[5])) {
-      const at::ScalarType acc = needs[5] ? at::promote_types(grad_y.scalar_type(), at::kFloat) : grad_y.scalar_type();
-      const at::Tensor grad_acc = as_dtype(grad_y, acc), h_acc = as_dtype(h, acc);
-      const at::Tensor P = segments == 1 ? at::mm(grad_acc.t(), h_acc)
-                                         : at::bmm(segment_view(grad_acc, segments).transpose(1, 2),
-                                                   segment_view(h_acc, segments)).reshape(lora_B.sizes());
-      if (needs[4]) {
-        dB = as_dtype(P * as_dtype(c, acc).unsqueeze(1), lora_B.scalar_type());
-      }
-      if (needs[5]) {
-        const at::Tensor dscale = as_dtype((P * as_dtype(lora_B, acc)).sum(1), scale.scalar_type());
-        dmodulator = modulator_grad(dscale, modulator, constraint, factor);
-      }
-    }
-    if (needs[5] && !per_channel) {
-      at::Tensor dscale;
-      if (segments == 1 && (T.scalar_type() == at::kFloat || T.scalar_type() == at::kDouble)) {
-        dscale = at::dot(T.reshape(-1), h.reshape(-1)).reshape({1});
-      } else {  // fp16/bf16: the products and the sum in fp32
-        const at::ScalarType acc = at::promote_types(T.scalar_type(), at::kFloat);
-        const at::Tensor hs = segments == 1 ? h : segment_view(h, segments);
-        dscale = (as_dtype(T, acc) * as_dtype(hs, acc)).sum({-2, -1}).reshape({segments});
-      }
-      dmodulator = modulator_grad(as_dtype(dscale, scale.scalar_type()), modulator, constraint, factor);
-    }
-    if (needs[4] && !per_channel) {
-      if (segments == 1) {
-        dB = at::mm(grad_y.t(), h * c);
-      } else {
-        dB = at::bmm(grad_segments.transpose(1, 2), segment_view(h, segments) * c.view({segments, 1, 1}));
-        dB = dB.reshape(lora_B.sizes());
-      }
-    }
-    if (needs[3]) {
-      dA = at::mm(scaled_T.t(), x2d);
-    }
-    if (needs[0]) {
-      dx = at::mm(grad_y, weight).addmm_(scaled_T, lora_A).view(x.sizes());
-    }
-    if (needs[1]) {
-      dweight = at::mm(grad_y.t(), x2d);
-    }
-    if (needs[2]) {
-      dbias = grad_y.sum(0);
-    }
-    return {dx, dweight, dbias, dA, dB, dmodulator, at::Tensor(), at::Tensor()};
-  }
+struct LoRAForward {
+  at::Tensor y;         // (M, N)
+  at::Tensor h;         // (M, S*r)
+  at::Tensor scale;     // (S,) or (N,), the modulator's dtype
+  at::Tensor scaled_B;  // scaled_B_of(B, scale): (N, r) or block-diagonal (N, S*r), x's dtype
 };
 
-at::Tensor activation(const at::Tensor& z, bool relu) {
-  return relu ? at::relu(z) : at::gelu(z);
+LoRAForward lora_forward(const at::Tensor& x2d, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                         const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& modulator,
+                         Constraint constraint, double factor) {
+  LoRAForward f;
+  f.h = at::mm(x2d, lora_A.t());
+  f.scale = scale_of(modulator, constraint, factor);
+  f.scaled_B = scaled_B_of(lora_B, as_dtype(f.scale, x2d.scalar_type()), lora_A.size(0) / lora_B.size(1));
+  f.y = bias.has_value() ? at::addmm(*bias, x2d, weight.t()) : at::mm(x2d, weight.t());
+  f.y.addmm_(f.h, f.scaled_B.t());
+  return f;
 }
 
-// out = base + up(act(down(x)) * c) with the scale applied in bottleneck space, as adapter_fwd_torch; a per-channel
-// scale (D,) scales up's rows instead.
-at::Tensor adapter_forward(const at::Tensor& x, const std::optional<at::Tensor>& residual, const at::Tensor& z,
-                           const at::Tensor& up_weight, const std::optional<at::Tensor>& up_bias,
-                           const at::Tensor& scale, bool relu) {
-  const at::Tensor a = activation(z, relu);
-  const at::Tensor c = as_dtype(scale, a.scalar_type());
-  const std::optional<at::Tensor> scaled_up_bias =
-      up_bias.has_value() ? std::optional<at::Tensor>(*up_bias * c) : std::nullopt;
-  const at::Tensor base = residual.has_value() ? *residual : x;
-  if (c.size(0) != 1) {
-    return base + at::linear(a, up_weight * c.unsqueeze(1), scaled_up_bias);
+at::Tensor with_leading_shape(const at::Tensor& y2d, const at::Tensor& x) {  // (M, N) -> (..., N) as x (..., K)
+  if (x.dim() == 2) {
+    return y2d;
   }
-  return base + at::linear(a * c, up_weight, scaled_up_bias);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = y2d.size(1);
+  return y2d.view(shape);
 }
 
-class AdapterFunction : public torch::autograd::Function<AdapterFunction> {
- public:
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const std::optional<at::Tensor>& residual,
-                            const at::Tensor& down_weight, const std::optional<at::Tensor>& down_bias,
-                            const at::Tensor& up_weight, const std::optional<at::Tensor>& up_bias,
-                            const at::Tensor& modulator, c10::string_view constraint, double factor,
-                            c10::string_view activation_name) {
-    const std::string name(constraint);
-    const bool relu = activation_name == "relu";
-    TORCH_CHECK(relu || activation_name == "gelu", "activation must be 'relu' or 'gelu', got '", activation_name,
-                "'");
-    const at::Tensor z = at::linear(x, down_weight, down_bias);
-    const at::Tensor scale = scale_of(modulator, name, factor);
-    at::Tensor out = adapter_forward(x, residual, z, up_weight, up_bias, scale, relu);
-    const at::Tensor undefined;
-    ctx->save_for_backward({x, down_weight, down_bias.value_or(undefined), up_weight, up_bias.value_or(undefined),
-                            modulator, z, scale});
-    ctx->saved_data["constraint"] = name;
-    ctx->saved_data["factor"] = factor;
-    ctx->saved_data["relu"] = relu;
-    ctx->saved_data["residual_is_x"] = !residual.has_value();
-    ctx->saved_data["needs"] = c10::List<bool>(
-        {x.requires_grad(), residual.has_value() && residual->requires_grad(), down_weight.requires_grad(),
-         down_bias.has_value() && down_bias->requires_grad(), up_weight.requires_grad(),
-         up_bias.has_value() && up_bias->requires_grad(), modulator.requires_grad()});
+// The backward of scaled LoRA. With cB = scaled_B and cT = dY cB (M, S*r) (segment j: c_j dY_j B_j, or dY_j diag(c_j)
+// B_j per channel): dx = dY W + cT A; dA = cT^T x; dW = dY^T x; dbias = sum_m dY_m; P_j = dY_j^T h_j (N/S, r), fp32
+// for fp16/bf16 when d scale is needed; dB = c P (per row); d scale = sum(P_j * B_j) per segment, rowsum(P * B) per
+// channel.
+struct ScaledLoRABackward : public Node {
+  SavedVariable x_, weight_, lora_A_, lora_B_, modulator_, h_, scale_, scaled_B_;
+  Constraint constraint_ = Constraint::kSoftplus;
+  double factor_ = 1.0;
+
+  std::string name() const override {
+    return "metapeft::ScaledLoRABackward";
+  }
+
+  void release_variables() override {
+    for (SavedVariable* saved : {&x_, &weight_, &lora_A_, &lora_B_, &modulator_, &h_, &scale_, &scaled_B_}) {
+      saved->reset_data();
+    }
+  }
+
+  variable_list apply(variable_list&& grads) override {
+    variable_list out(6);  // x, weight, bias, lora_A, lora_B, modulator
+    if (!grads[0].defined()) {
+      return out;
+    }
+    const at::Tensor x = x_.unpack(), weight = weight_.unpack(), lora_A = lora_A_.unpack();
+    const at::Tensor lora_B = lora_B_.unpack(), modulator = modulator_.unpack();
+    const bool differentiable = at::GradMode::is_enabled();  // a double backward records what it computes
+    std::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd;
+    if (!differentiable) {  // nothing to record: the ops run below autograd
+      below_autograd.emplace();
+    }
+    const at::Tensor x2d = rows(x), grad_y = grads[0].reshape({-1, weight.size(0)});
+    const int64_t segments = lora_A.size(0) / lora_B.size(1);
+    at::Tensor h, scale, scale_x, scaled_B;
+    if (differentiable) {  // what the forward kept, as functions of the inputs
+      h = at::mm(x2d, lora_A.t());
+      scale = scale_of(modulator, constraint_, factor_);
+      scale_x = as_dtype(scale, x2d.scalar_type());  // cast once: one rounding of the scale's second derivative
+      scaled_B = scaled_B_of(lora_B, scale_x, segments);
+    } else {
+      h = h_.unpack();
+      scale = scale_.unpack();
+      scaled_B = scaled_B_.unpack();
+    }
+    if (task_should_compute_output(0) || task_should_compute_output(3)) {
+      const at::Tensor scaled_T = at::mm(grad_y, scaled_B);
+      if (task_should_compute_output(0)) {
+        out[0] = at::mm(grad_y, weight).addmm_(scaled_T, lora_A).view(x.sizes());
+      }
+      if (task_should_compute_output(3)) {
+        out[3] = at::mm(scaled_T.t(), x2d);
+      }
+    }
+    if (task_should_compute_output(1)) {
+      out[1] = at::mm(grad_y.t(), x2d);
+    }
+    if (task_should_compute_output(2)) {
+      out[2] = grad_y.sum(0);
+    }
+    const bool need_B = task_should_compute_output(4), need_modulator = task_should_compute_output(5);
+    if (need_B || need_modulator) {
+      const at::ScalarType acc =
+          need_modulator ? at::promote_types(grad_y.scalar_type(), at::kFloat) : grad_y.scalar_type();
+      const at::Tensor grad_acc = as_dtype(grad_y, acc), h_acc = as_dtype(h, acc);
+      const at::Tensor c = scale_x.defined() && acc == scale_x.scalar_type() ? scale_x : as_dtype(scale, acc);
+      const bool per_channel = c.size(0) != segments;
+      // P (N, r): row n of segment j is dY[:, n]^T h_j
+      const at::Tensor P = segments == 1 ? at::mm(grad_acc.t(), h_acc)
+                                         : at::bmm(segment_view(grad_acc, segments).transpose(1, 2),
+                                                   segment_view(h_acc, segments)).view(lora_B.sizes());
+      const int64_t rank = lora_B.size(1);
+      if (need_B) {
+        at::Tensor dB;
+        if (per_channel) {
+          dB = P * c.unsqueeze(1);
+        } else if (segments == 1) {
+          dB = P * c;
+        } else {
+          dB = (P.view({segments, -1, rank}) * c.view({segments, 1, 1})).view(lora_B.sizes());
+        }
+        out[4] = as_dtype(dB, lora_B.scalar_type());
+      }
+      if (need_modulator) {
+        const at::Tensor B_acc = as_dtype(lora_B, acc);
+        at::Tensor dscale;
+        if (per_channel) {
+          dscale = (P * B_acc).sum(1);
+        } else if (segments == 1) {
+          dscale = at::dot(P.view(-1), B_acc.view(-1)).view({1});
+        } else {
+          dscale = (P.view({segments, -1, rank}) * B_acc.view({segments, -1, rank})).sum({1, 2});
+        }
+        out[5] = modulator_grad(as_dtype(dscale, scale.scalar_type()), modulator, scale, constraint_, factor_);
+      }
+    }
     return out;
-  }
-
-  // As adapter_bwd_torch: P = dOut^T a (D, b); d up = c P; d up_b = c sum_m dOut_m;
-  // d scale = sum(P * up) + (sum_m dOut_m) . up_b; dz = c (dOut up) * act'(z); d down = dz^T x; d down_b = sum_m dz_m;
-  // dx = [dOut if the residual is x] + dz down; d residual = dOut. P and sum_m dOut_m in fp32 for fp16/bf16.
-  // Per channel (scale c (D,)): d up = c[:, None] P; d c = rowsum(P * up) + (sum_m dOut_m) * up_b;
-  // dz = (dOut (c[:, None] up)) * act'(z).
-  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor &x = saved[0], &down_weight = saved[1], &down_bias = saved[2], &up_weight = saved[3];
-    const at::Tensor &up_bias = saved[4], &modulator = saved[5];
-    const std::string constraint = ctx->saved_data["constraint"].toStringRef();
-    const double factor = ctx->saved_data["factor"].toDouble();
-    const bool relu = ctx->saved_data["relu"].toBool(), residual_is_x = ctx->saved_data["residual_is_x"].toBool();
-    const c10::List<bool> needs = ctx->saved_data["needs"].toBoolList();
-    const int64_t dim = x.size(-1), bottleneck = down_weight.size(0);
-    const at::Tensor x2d = x.reshape({-1, dim});
-    const at::Tensor grad_out = grad_outputs[0].reshape({-1, dim});
-    const bool differentiable = at::GradMode::is_enabled();  // a double backward: recompute z differentiably
-    const std::optional<at::Tensor> down_b = down_bias.defined() ? std::optional<at::Tensor>(down_bias) : std::nullopt;
-    const at::Tensor z = (differentiable ? at::linear(x2d, down_weight, down_b) : saved[6]).reshape({-1, bottleneck});
-    const at::Tensor scale = differentiable ? scale_of(modulator, constraint, factor) : saved[7];
-    const at::Tensor c = as_dtype(scale, grad_out.scalar_type());
-    const bool per_channel = c.size(0) != 1;
-    const at::Tensor a = activation(z, relu);
-
-    at::Tensor dx, dresidual, ddown_w, ddown_b, dup_w, dup_b, dmodulator;
-    if (needs[6] || needs[4] || needs[5]) {
-      const at::ScalarType acc = at::promote_types(grad_out.scalar_type(), at::kFloat);
-      const at::Tensor grad_acc = as_dtype(grad_out, acc), c_acc = as_dtype(scale, acc);
-      const at::Tensor P = at::mm(grad_acc.t(), as_dtype(a, acc));  // (D, b)
-      at::Tensor grad_sum;
-      if (up_bias.defined() && (needs[6] || needs[5])) {
-        grad_sum = grad_acc.sum(0);
-      }
-      if (needs[4]) {
-        dup_w = as_dtype(P * c_acc.unsqueeze(1), up_weight.scalar_type());
-      }
-      if (needs[5]) {
-        dup_b = as_dtype(grad_sum * c_acc, up_weight.scalar_type());
-      }
-      if (needs[6] && per_channel) {
-        at::Tensor dscale = (P * as_dtype(up_weight, acc)).sum(1);
-        if (up_bias.defined()) {
-          dscale = dscale + grad_sum * as_dtype(up_bias, acc);
-        }
-        dmodulator = modulator_grad(as_dtype(dscale, scale.scalar_type()), modulator, constraint, factor);
-      } else if (needs[6]) {
-        at::Tensor dscale = (P * as_dtype(up_weight, acc)).sum();
-        if (up_bias.defined()) {
-          dscale = dscale + at::dot(grad_sum, as_dtype(up_bias, acc));
-        }
-        dmodulator = modulator_grad(as_dtype(dscale.reshape({1}), scale.scalar_type()), modulator, constraint, factor);
-      }
-    }
-    if (needs[0] || needs[2] || needs[3]) {
-      const at::Tensor grad_z =
-          per_channel ? at::mm(grad_out, up_weight * c.unsqueeze(1)) : at::mm(grad_out, up_weight) * c;
-      const at::Tensor dz = relu ? at::threshold_backward(grad_z, z, 0) : at::gelu_backward(grad_z, z);
-      if (needs[2]) {
-        ddown_w = at::mm(dz.t(), x2d);
-      }
-      if (needs[3]) {
-        ddown_b = dz.sum(0);
-      }
-      if (needs[0]) {
-        dx = (residual_is_x ? at::addmm(grad_out, dz, down_weight) : at::mm(dz, down_weight)).view(x.sizes());
-      }
-    }
-    if (needs[1]) {
-      dresidual = grad_outputs[0];
-    }
-    return {dx, dresidual, ddown_w, ddown_b, dup_w, dup_b, dmodulator, at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
 at::Tensor scaled_lora_autograd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                 const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& modulator,
-                                c10::string_view constraint, double factor) {
-  return ScaledLoRAFunction::apply(x, weight, bias, lora_A, lora_B, modulator, constraint, factor);
-}
-
-at::Tensor adapter_autograd(const at::Tensor& x, const std::optional<at::Tensor>& residual,
-                            const at::Tensor& down_weight, const std::optional<at::Tensor>& down_bias,
-                            const at::Tensor& up_weight, const std::optional<at::Tensor>& up_bias,
-                            const at::Tensor& modulator, c10::string_view constraint, double factor,
-                            c10::string_view activation_name) {
-  return AdapterFunction::apply(x, residual, down_weight, down_bias, up_weight, up_bias, modulator, constraint, factor,
-                                activation_name);
+                                c10::string_view constraint_name, double factor) {
+  const Constraint constraint = parse_constraint(constraint_name);
+  const bool record = torch::autograd::compute_requires_grad(x, weight, bias, lora_A, lora_B, modulator);
+  LoRAForward f;
+  at::Tensor y;
+  {  // below autograd: y is no tracked view of the (M, N) result
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    f = lora_forward(rows(x), weight, bias, lora_A, lora_B, modulator, constraint, factor);
+    y = with_leading_shape(f.y, x);
+  }
+  if (record) {
+    NodePtr node = make_node<ScaledLoRABackward>();
+    auto* backward = static_cast<ScaledLoRABackward*>(node.get());
+    backward->set_next_edges(torch::autograd::collect_next_edges(x, weight, bias, lora_A, lora_B, modulator));
+    backward->x_ = SavedVariable(x, false);
+    backward->weight_ = SavedVariable(weight, false);
+    backward->lora_A_ = SavedVariable(lora_A, false);
+    backward->lora_B_ = SavedVariable(lora_B, false);
+    backward->modulator_ = SavedVariable(modulator, false);
+    backward->h_ = SavedVariable(f.h, false);
+    backward->scale_ = SavedVariable(f.scale, false);
+    backward->scaled_B_ = SavedVariable(f.scaled_B, false);
+    backward->constraint_ = constraint;
+    backward->factor_ = factor;
+    torch::autograd::set_history(y, node);
+  }
+  return y;
 }
 
 // Below autograd (inference mode, no input requiring grad, fake/meta tensors): the forward alone.
@@ -341,13 +296,181 @@ at::Tensor scaled_lora_forward_only(const at::Tensor& x, const at::Tensor& weigh
                                     const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
                                     const at::Tensor& lora_B, const at::Tensor& modulator,
                                     c10::string_view constraint, double factor) {
-  const at::Tensor x2d = x.reshape({-1, x.size(-1)});
-  const at::Tensor y =
-      lora_forward(x2d, weight, bias, lora_B, scale_of(modulator, std::string(constraint), factor),
-                   at::linear(x2d, lora_A));
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = y.size(1);
-  return y.view(shape);
+  return with_leading_shape(
+      lora_forward(rows(x), weight, bias, lora_A, lora_B, modulator, parse_constraint(constraint), factor).y, x);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Adapter: out = base + c * (act(x Wd^T + bd) Wu^T + bu), base the residual (AdaptFormer) or x (Houlsby); c =
+// factor gamma, one per adapter or one per output channel (broadcast over the rows).
+
+at::Tensor activation(const at::Tensor& z, bool relu) {
+  return relu ? at::relu(z) : at::gelu(z);
+}
+
+at::Tensor linear_2d(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  return bias.has_value() ? at::addmm(*bias, input, weight.t()) : at::mm(input, weight.t());
+}
+
+struct AdapterForward {
+  at::Tensor out;  // (M, D)
+  at::Tensor z;    // the bottleneck before the activation (M, b)
+  at::Tensor gamma;
+};
+
+AdapterForward adapter_forward(const at::Tensor& x2d, const at::Tensor& base2d, const at::Tensor& down_weight,
+                               const std::optional<at::Tensor>& down_bias, const at::Tensor& up_weight,
+                               const std::optional<at::Tensor>& up_bias, const at::Tensor& modulator,
+                               Constraint constraint, double factor, bool relu) {
+  AdapterForward f;
+  f.z = linear_2d(x2d, down_weight, down_bias);
+  f.gamma = gamma_of(modulator, constraint);
+  const at::Tensor up = linear_2d(activation(f.z, relu), up_weight, up_bias);
+  f.out = at::addcmul(base2d, up, as_dtype(f.gamma, up.scalar_type()), factor);
+  return f;
+}
+
+// The backward of the adapter. With a = act(z), P = dOut^T a (D, b) and g = sum_m dOut_m, both fp32 for fp16/bf16:
+// d up = c P (per row), d up_b = c g; d scale = sum(P * up) + g . up_b per adapter, rowsum(P * up) + g * up_b per
+// channel; dz = (dOut (c up)) * act'(z); d down = dz^T x; d down_b = sum_m dz_m; dx = [dOut if the residual is x] +
+// dz down; d residual = dOut.
+struct AdapterBackward : public Node {
+  SavedVariable x_, down_weight_, down_bias_, up_weight_, up_bias_, modulator_, z_, gamma_;
+  Constraint constraint_ = Constraint::kSoftplus;
+  double factor_ = 1.0;
+  bool relu_ = false, residual_is_x_ = true;
+
+  std::string name() const override {
+    return "metapeft::AdapterBackward";
+  }
+
+  void release_variables() override {
+    for (SavedVariable* saved : {&x_, &down_weight_, &down_bias_, &up_weight_, &up_bias_, &modulator_, &z_, &gamma_}) {
+      saved->reset_data();
+    }
+  }
+
+  variable_list apply(variable_list&& grads) override {
+    variable_list out(7);  // x, residual, down_weight, down_bias, up_weight, up_bias, modulator
+    if (!grads[0].defined()) {
+      return out;
+    }
+    const at::Tensor x = x_.unpack(), down_weight = down_weight_.unpack(), down_bias = down_bias_.unpack();
+    const at::Tensor up_weight = up_weight_.unpack(), up_bias = up_bias_.unpack(), modulator = modulator_.unpack();
+    const bool differentiable = at::GradMode::is_enabled();  // a double backward records what it computes
+    std::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd;
+    if (!differentiable) {  // nothing to record: the ops run below autograd
+      below_autograd.emplace();
+    }
+    const at::Tensor x2d = rows(x), grad_out = rows(grads[0]);
+    at::Tensor z, gamma;
+    if (differentiable) {  // z and gamma as functions of the inputs
+      z = linear_2d(x2d, down_weight, down_bias.defined() ? std::optional<at::Tensor>(down_bias) : std::nullopt);
+      gamma = gamma_of(modulator, constraint_);
+    } else {
+      z = z_.unpack();
+      gamma = gamma_.unpack();
+    }
+    const bool per_channel = gamma.size(0) != 1;
+    const bool need_up = task_should_compute_output(4), need_up_bias = task_should_compute_output(5);
+    const bool need_modulator = task_should_compute_output(6), need_x = task_should_compute_output(0);
+    const bool need_down = task_should_compute_output(2), need_down_bias = task_should_compute_output(3);
+    const at::ScalarType acc = at::promote_types(grad_out.scalar_type(), at::kFloat);
+    const at::Tensor gamma_acc = as_dtype(gamma, acc);
+    const at::Tensor scale = factor_ == 1.0 ? gamma_acc : gamma_acc * factor_;  // c, in the accumulation dtype
+    if (need_up || need_up_bias || need_modulator) {
+      const at::Tensor grad_acc = as_dtype(grad_out, acc);
+      at::Tensor P, grad_sum;
+      if (need_up || need_modulator) {
+        P = at::mm(grad_acc.t(), as_dtype(activation(z, relu_), acc));  // (D, b)
+      }
+      if (up_bias.defined() && (need_up_bias || need_modulator)) {
+        grad_sum = grad_acc.sum(0);
+      }
+      if (need_up) {
+        out[4] = as_dtype(P * scale.unsqueeze(1), up_weight.scalar_type());
+      }
+      if (need_up_bias) {
+        out[5] = as_dtype(grad_sum * scale, up_bias.scalar_type());
+      }
+      if (need_modulator) {
+        const at::Tensor up_acc = as_dtype(up_weight, acc);
+        at::Tensor dscale;
+        if (per_channel) {
+          dscale = (P * up_acc).sum(1);
+          if (up_bias.defined()) {
+            dscale = dscale + grad_sum * as_dtype(up_bias, acc);
+          }
+        } else {
+          dscale = at::dot(P.view(-1), up_acc.view(-1));
+          if (up_bias.defined()) {
+            dscale = dscale + at::dot(grad_sum, as_dtype(up_bias, acc));
+          }
+          dscale = dscale.view({1});
+        }
+        out[6] = modulator_grad(as_dtype(dscale, modulator.scalar_type()), modulator, scale, constraint_, factor_);
+      }
+    }
+    if (need_x || need_down || need_down_bias) {
+      const at::Tensor c = as_dtype(scale, grad_out.scalar_type());
+      const at::Tensor grad_a =
+          per_channel ? at::mm(grad_out, up_weight * c.unsqueeze(1)) : at::mm(grad_out, up_weight) * c;
+      const at::Tensor dz = relu_ ? at::threshold_backward(grad_a, z, 0) : at::gelu_backward(grad_a, z);
+      if (need_down) {
+        out[2] = at::mm(dz.t(), x2d);
+      }
+      if (need_down_bias) {
+        out[3] = dz.sum(0);
+      }
+      if (need_x) {
+        out[0] = (residual_is_x_ ? at::addmm(grad_out, dz, down_weight) : at::mm(dz, down_weight)).view(x.sizes());
+      }
+    }
+    if (task_should_compute_output(1)) {
+      out[1] = grads[0];
+    }
+    return out;
+  }
+};
+
+at::Tensor adapter_autograd(const at::Tensor& x, const std::optional<at::Tensor>& residual,
+                            const at::Tensor& down_weight, const std::optional<at::Tensor>& down_bias,
+                            const at::Tensor& up_weight, const std::optional<at::Tensor>& up_bias,
+                            const at::Tensor& modulator, c10::string_view constraint_name, double factor,
+                            c10::string_view activation_name) {
+  const Constraint constraint = parse_constraint(constraint_name);
+  const bool relu = parse_relu(activation_name);
+  const bool record =
+      torch::autograd::compute_requires_grad(x, residual, down_weight, down_bias, up_weight, up_bias, modulator);
+  AdapterForward f;
+  at::Tensor out;
+  {  // below autograd: out is no tracked view of the (M, D) result
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const at::Tensor x2d = rows(x);
+    f = adapter_forward(x2d, residual.has_value() ? rows(*residual) : x2d, down_weight, down_bias, up_weight,
+                        up_bias, modulator, constraint, factor, relu);
+    out = x.dim() == 2 ? f.out : f.out.view(x.sizes());
+  }
+  if (record) {
+    NodePtr node = make_node<AdapterBackward>();
+    auto* backward = static_cast<AdapterBackward*>(node.get());
+    backward->set_next_edges(
+        torch::autograd::collect_next_edges(x, residual, down_weight, down_bias, up_weight, up_bias, modulator));
+    backward->x_ = SavedVariable(x, false);
+    backward->down_weight_ = SavedVariable(down_weight, false);
+    backward->down_bias_ = SavedVariable(down_bias, false);
+    backward->up_weight_ = SavedVariable(up_weight, false);
+    backward->up_bias_ = SavedVariable(up_bias, false);
+    backward->modulator_ = SavedVariable(modulator, false);
+    backward->z_ = SavedVariable(f.z, false);
+    backward->gamma_ = SavedVariable(f.gamma, false);
+    backward->constraint_ = constraint;
+    backward->factor_ = factor;
+    backward->relu_ = relu;
+    backward->residual_is_x_ = !residual.has_value();
+    torch::autograd::set_history(out, node);
+  }
+  return out;
 }
 
 at::Tensor adapter_forward_only(const at::Tensor& x, const std::optional<at::Tensor>& residual,
@@ -355,10 +478,11 @@ at::Tensor adapter_forward_only(const at::Tensor& x, const std::optional<at::Ten
                                 const at::Tensor& up_weight, const std::optional<at::Tensor>& up_bias,
                                 const at::Tensor& modulator, c10::string_view constraint, double factor,
                                 c10::string_view activation_name) {
-  const bool relu = activation_name == "relu";
-  TORCH_CHECK(relu || activation_name == "gelu", "activation must be 'relu' or 'gelu', got '", activation_name, "'");
-  return adapter_forward(x, residual, at::linear(x, down_weight, down_bias), up_weight, up_bias,
-                         scale_of(modulator, std::string(constraint), factor), relu);
+  const at::Tensor x2d = rows(x);
+  const at::Tensor out = adapter_forward(x2d, residual.has_value() ? rows(*residual) : x2d, down_weight, down_bias,
+                                         up_weight, up_bias, modulator, parse_constraint(constraint), factor,
+                                         parse_relu(activation_name)).out;
+  return x.dim() == 2 ? out : out.view(x.sizes());
 }
 
 }  // namespace
