@@ -20,8 +20,11 @@
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/saved_variable.h>
+#include <torch/csrc/dynamo/compiled_autograd.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <array>
 #include <memory>
 #include <string>
 #include <type_traits>
@@ -131,6 +134,91 @@ at::Tensor scaled_B_of(const at::Tensor& lora_B, const at::Tensor& c, int64_t se
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// Compiled autograd (torch._dynamo.compiled_autograd): a node enters the compiled backward graph as one call of its
+// functional backward on its packed saved tensors, constants and the gradients it must compute. The saved tensors
+// (lifted to graph inputs) and the constants (specialised on) form the node's part of the cache key.
+
+namespace compiled = torch::dynamo::autograd;
+
+// The values a node passes to its functional backward: saved tensors (None when undefined), then constants.
+struct LiftedArgs {
+  std::vector<SavedVariable*> saved;
+  std::vector<at::IValue> constants;
+};
+
+void collect_lifted(compiled::CompiledNodeArgs& args, const LiftedArgs& lifted) {
+  for (const SavedVariable* saved : lifted.saved) {
+    args.collect(*saved, false);
+  }
+  for (const at::IValue& constant : lifted.constants) {  // specialised on (by value, not lifted to inputs)
+    if (constant.isInt()) {
+      args.collect(constant.toInt());
+    } else if (constant.isDouble()) {
+      args.collect(constant.toDouble());
+    } else {
+      args.collect(constant.toBool());
+    }
+  }
+}
+
+variable_list call_lifted(Node& node, const variable_list& grads, compiled::SwapSavedVariables& swap,
+                          const LiftedArgs& lifted, const torch::autograd::functional_apply_t& backward) {
+  for (SavedVariable* saved : lifted.saved) {
+    swap.before(*saved);
+  }
+  compiled::PackedArgs packed;
+  for (SavedVariable* saved : lifted.saved) {
+    const at::Tensor tensor = saved->unpack();
+    packed.pack(tensor.defined() ? std::optional<at::Tensor>(tensor) : std::nullopt);
+  }
+  for (const at::IValue& constant : lifted.constants) {
+    packed.pack(constant);
+  }
+  std::vector<bool> needs;
+  for (size_t i = 0; i < node.num_outputs(); ++i) {
+    needs.push_back(node.task_should_compute_output(i));
+  }
+  packed.pack(needs);
+  const std::vector<at::IValue> args = std::move(packed).vec();
+  std::vector<at::TypePtr> schema;
+  for (const at::IValue& arg : args) {
+    schema.emplace_back(arg.isTensor() ? at::TensorType::get() : arg.type());
+  }
+  const auto& python = compiled::getPyCompilerInterface();
+  // bound afresh on every cache miss (as torch binds C++ autograd Functions: a fresh name each time), traceable
+  const std::string function = python->bind_function(swap.get_py_compiler(), node.name(), backward, schema,
+                                                      /*is_custom_function=*/true, /*is_traceable=*/true);
+  const auto output_metadata = compiled::IValuePacker<std::vector<std::optional<torch::autograd::InputMetadata>>>::pack(
+      compiled::get_input_metadata(node.next_edges()));
+  variable_list out =
+      python->call_function(swap.get_py_compiler(), "apply_functional", function, grads, args, output_metadata);
+  for (SavedVariable* saved : lifted.saved) {
+    swap.after(*saved);
+  }
+  return out;
+}
+
+// The functional backward's view of the packed values, in packing order.
+struct LiftedReader {
+  compiled::PackedArgs packed;
+
+  explicit LiftedReader(const std::vector<at::IValue>& args) : packed(args) {}
+
+  at::Tensor tensor() {
+    return packed.unpack<std::optional<at::Tensor>>().value_or(at::Tensor());
+  }
+
+  template <size_t N>
+  std::array<bool, N> needs() {
+    const std::vector<bool> flags = packed.unpack<std::vector<bool>>();
+    TORCH_CHECK(flags.size() == N, "expected ", N, " gradient flags, got ", flags.size());
+    std::array<bool, N> out;
+    std::copy(flags.begin(), flags.end(), out.begin());
+    return out;
+  }
+};
+
+// ---------------------------------------------------------------------------------------------------------------
 // Scaled LoRA: y = x W^T + bias + sum_j c_j h_j B_j^T over segments j, h = x A^T (M, S*r), c = factor gamma.
 
 struct LoRAForward {
@@ -164,7 +252,88 @@ at::Tensor with_leading_shape(const at::Tensor& y2d, const at::Tensor& x) {  // 
 // The backward of scaled LoRA. With cB = scaled_B and cT = dY cB (M, S*r) (segment j: c_j dY_j B_j, or dY_j diag(c_j)
 // B_j per channel): dx = dY W + cT A; dA = cT^T x; dW = dY^T x; dbias = sum_m dY_m; P_j = dY_j^T h_j (N/S, r), fp32
 // for fp16/bf16 when d scale is needed; dB = c P (per row); d scale = sum(P_j * B_j) per segment, rowsum(P * B) per
-// channel.
+// channel. `needs[i]`: whether input i (x, weight, bias, lora_A, lora_B, modulator) gets a gradient; with grad mode
+// on (a double backward) h, the scale and scaled B are recomputed from the inputs and the ops are recorded.
+struct LoRASaved {
+  at::Tensor x, weight, lora_A, lora_B, modulator, h, scale, scaled_B;
+};
+
+variable_list scaled_lora_backward(const at::Tensor& grad, const LoRASaved& saved, Constraint constraint,
+                                   double factor, const std::array<bool, 6>& needs) {
+  variable_list out(6);
+  if (!grad.defined()) {
+    return out;
+  }
+  const at::Tensor &x = saved.x, &weight = saved.weight, &lora_A = saved.lora_A, &lora_B = saved.lora_B;
+  const at::Tensor& modulator = saved.modulator;
+  const bool differentiable = at::GradMode::is_enabled();
+  std::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd;
+  if (!differentiable) {  // nothing to record: the ops run below autograd
+    below_autograd.emplace();
+  }
+  const at::Tensor x2d = rows(x), grad_y = grad.reshape({-1, weight.size(0)});
+  const int64_t segments = lora_A.size(0) / lora_B.size(1);
+  at::Tensor h = saved.h, scale = saved.scale, scale_x, scaled_B = saved.scaled_B;
+  if (differentiable) {
+    h = at::mm(x2d, lora_A.t());
+    scale = scale_of(modulator, constraint, factor);
+    scale_x = as_dtype(scale, x2d.scalar_type());  // cast once: one rounding of the scale's second derivative
+    scaled_B = scaled_B_of(lora_B, scale_x, segments);
+  }
+  if (needs[0] || needs[3]) {
+    const at::Tensor scaled_T = at::mm(grad_y, scaled_B);
+    if (needs[0]) {
+      out[0] = at::mm(grad_y, weight).addmm_(scaled_T, lora_A).view(x.sizes());
+    }
+    if (needs[3]) {
+      out[3] = at::mm(scaled_T.t(), x2d);
+    }
+  }
+  if (needs[1]) {
+    out[1] = at::mm(grad_y.t(), x2d);
+  }
+  if (needs[2]) {
+    out[2] = grad_y.sum(0);
+  }
+  const bool need_B = needs[4], need_modulator = needs[5];
+  if (need_B || need_modulator) {
+    const at::ScalarType acc =
+        need_modulator ? at::promote_types(grad_y.scalar_type(), at::kFloat) : grad_y.scalar_type();
+    const at::Tensor grad_acc = as_dtype(grad_y, acc), h_acc = as_dtype(h, acc);
+    const at::Tensor c = scale_x.defined() && acc == scale_x.scalar_type() ? scale_x : as_dtype(scale, acc);
+    const bool per_channel = c.size(0) != segments;
+    // P (N, r): row n of segment j is dY[:, n]^T h_j
+    const at::Tensor P = segments == 1 ? at::mm(grad_acc.t(), h_acc)
+                                       : at::bmm(segment_view(grad_acc, segments).transpose(1, 2),
+                                                 segment_view(h_acc, segments)).view(lora_B.sizes());
+    const int64_t rank = lora_B.size(1);
+    if (need_B) {
+      at::Tensor dB;
+      if (per_channel) {
+        dB = P * c.unsqueeze(1);
+      } else if (segments == 1) {
+        dB = P * c;
+      } else {
+        dB = (P.view({segments, -1, rank}) * c.view({segments, 1, 1})).view(lora_B.sizes());
+      }
+      out[4] = as_dtype(dB, lora_B.scalar_type());
+    }
+    if (need_modulator) {
+      const at::Tensor B_acc = as_dtype(lora_B, acc);
+      at::Tensor dscale;
+      if (per_channel) {
+        dscale = (P * B_acc).sum(1);
+      } else if (segments == 1) {
+        dscale = at::dot(P.view(-1), B_acc.view(-1)).view({1});
+      } else {
+        dscale = (P.view({segments, -1, rank}) * B_acc.view({segments, -1, rank})).sum({1, 2});
+      }
+      out[5] = modulator_grad(as_dtype(dscale, scale.scalar_type()), modulator, scale, constraint, factor);
+    }
+  }
+  return out;
+}
+
 struct ScaledLoRABackward : public Node {
   SavedVariable x_, weight_, lora_A_, lora_B_, modulator_, h_, scale_, scaled_B_;
   Constraint constraint_ = Constraint::kSoftplus;
@@ -181,82 +350,36 @@ struct ScaledLoRABackward : public Node {
   }
 
   variable_list apply(variable_list&& grads) override {
-    variable_list out(6);  // x, weight, bias, lora_A, lora_B, modulator
-    if (!grads[0].defined()) {
-      return out;
+    const LoRASaved saved{x_.unpack(),         weight_.unpack(), lora_A_.unpack(), lora_B_.unpack(),
+                          modulator_.unpack(), h_.unpack(),      scale_.unpack(),  scaled_B_.unpack()};
+    std::array<bool, 6> needs;
+    for (size_t i = 0; i < needs.size(); ++i) {
+      needs[i] = task_should_compute_output(i);
     }
-    const at::Tensor x = x_.unpack(), weight = weight_.unpack(), lora_A = lora_A_.unpack();
-    const at::Tensor lora_B = lora_B_.unpack(), modulator = modulator_.unpack();
-    const bool differentiable = at::GradMode::is_enabled();  // a double backward records what it computes
-    std::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd;
-    if (!differentiable) {  // nothing to record: the ops run below autograd
-      below_autograd.emplace();
-    }
-    const at::Tensor x2d = rows(x), grad_y = grads[0].reshape({-1, weight.size(0)});
-    const int64_t segments = lora_A.size(0) / lora_B.size(1);
-    at::Tensor h, scale, scale_x, scaled_B;
-    if (differentiable) {  // what the forward kept, as functions of the inputs
-      h = at::mm(x2d, lora_A.t());
-      scale = scale_of(modulator, constraint_, factor_);
-      scale_x = as_dtype(scale, x2d.scalar_type());  // cast once: one rounding of the scale's second derivative
-      scaled_B = scaled_B_of(lora_B, scale_x, segments);
-    } else {
-      h = h_.unpack();
-      scale = scale_.unpack();
-      scaled_B = scaled_B_.unpack();
-    }
-    if (task_should_compute_output(0) || task_should_compute_output(3)) {
-      const at::Tensor scaled_T = at::mm(grad_y, scaled_B);
-      if (task_should_compute_output(0)) {
-        out[0] = at::mm(grad_y, weight).addmm_(scaled_T, lora_A).view(x.sizes());
+    return scaled_lora_backward(grads[0], saved, constraint_, factor_, needs);
+  }
+
+  LiftedArgs lifted() {
+    return {{&x_, &weight_, &lora_A_, &lora_B_, &modulator_, &h_, &scale_, &scaled_B_},
+            {static_cast<int64_t>(constraint_), factor_}};
+  }
+
+  void compiled_args(compiled::CompiledNodeArgs& args) const override {
+    collect_lifted(args, const_cast<ScaledLoRABackward*>(this)->lifted());
+  }
+
+  variable_list apply_with_saved(const variable_list& grads, compiled::SwapSavedVariables& swap) override {
+    return call_lifted(*this, grads, swap, lifted(), [](const variable_list& grads, const std::vector<at::IValue>& args) {
+      LiftedReader read(args);
+      LoRASaved saved;
+      for (at::Tensor* t : {&saved.x, &saved.weight, &saved.lora_A, &saved.lora_B, &saved.modulator, &saved.h,
+                            &saved.scale, &saved.scaled_B}) {
+        *t = read.tensor();
       }
-      if (task_should_compute_output(3)) {
-        out[3] = at::mm(scaled_T.t(), x2d);
-      }
-    }
-    if (task_should_compute_output(1)) {
-      out[1] = at::mm(grad_y.t(), x2d);
-    }
-    if (task_should_compute_output(2)) {
-      out[2] = grad_y.sum(0);
-    }
-    const bool need_B = task_should_compute_output(4), need_modulator = task_should_compute_output(5);
-    if (need_B || need_modulator) {
-      const at::ScalarType acc =
-          need_modulator ? at::promote_types(grad_y.scalar_type(), at::kFloat) : grad_y.scalar_type();
-      const at::Tensor grad_acc = as_dtype(grad_y, acc), h_acc = as_dtype(h, acc);
-      const at::Tensor c = scale_x.defined() && acc == scale_x.scalar_type() ? scale_x : as_dtype(scale, acc);
-      const bool per_channel = c.size(0) != segments;
-      // P (N, r): row n of segment j is dY[:, n]^T h_j
-      const at::Tensor P = segments == 1 ? at::mm(grad_acc.t(), h_acc)
-                                         : at::bmm(segment_view(grad_acc, segments).transpose(1, 2),
-                                                   segment_view(h_acc, segments)).view(lora_B.sizes());
-      const int64_t rank = lora_B.size(1);
-      if (need_B) {
-        at::Tensor dB;
-        if (per_channel) {
-          dB = P * c.unsqueeze(1);
-        } else if (segments == 1) {
-          dB = P * c;
-        } else {
-          dB = (P.view({segments, -1, rank}) * c.view({segments, 1, 1})).view(lora_B.sizes());
-        }
-        out[4] = as_dtype(dB, lora_B.scalar_type());
-      }
-      if (need_modulator) {
-        const at::Tensor B_acc = as_dtype(lora_B, acc);
-        at::Tensor dscale;
-        if (per_channel) {
-          dscale = (P * B_acc).sum(1);
-        } else if (segments == 1) {
-          dscale = at::dot(P.view(-1), B_acc.view(-1)).view({1});
-        } else {
-          dscale = (P.view({segments, -1, rank}) * B_acc.view({segments, -1, rank})).sum({1, 2});
-        }
-        out[5] = modulator_grad(as_dtype(dscale, scale.scalar_type()), modulator, scale, constraint_, factor_);
-      }
-    }
-    return out;
+      const auto constraint = static_cast<Constraint>(read.packed.unpack<int64_t>());
+      const double factor = read.packed.unpack<double>();
+      return scaled_lora_backward(grads[0], saved, constraint, factor, read.needs<6>());
+    });
   }
 };
 
@@ -333,7 +456,92 @@ AdapterForward adapter_forward(const at::Tensor& x2d, const at::Tensor& base2d, 
 // The backward of the adapter. With a = act(z), P = dOut^T a (D, b) and g = sum_m dOut_m, both fp32 for fp16/bf16:
 // d up = c P (per row), d up_b = c g; d scale = sum(P * up) + g . up_b per adapter, rowsum(P * up) + g * up_b per
 // channel; dz = (dOut (c up)) * act'(z); d down = dz^T x; d down_b = sum_m dz_m; dx = [dOut if the residual is x] +
-// dz down; d residual = dOut.
+// dz down; d residual = dOut. `needs[i]`: whether input i (x, residual, down_weight, down_bias,
+// up_weight, up_bias, modulator) gets a gradient; with grad mode on (a double backward) z and gamma are recomputed.
+struct AdapterSaved {
+  at::Tensor x, down_weight, down_bias, up_weight, up_bias, modulator, z, gamma;
+};
+
+variable_list adapter_backward(const at::Tensor& grad, const AdapterSaved& saved, Constraint constraint, double factor,
+                               bool relu, bool residual_is_x, const std::array<bool, 7>& needs) {
+  variable_list out(7);
+  if (!grad.defined()) {
+    return out;
+  }
+  const at::Tensor &x = saved.x, &down_weight = saved.down_weight, &down_bias = saved.down_bias;
+  const at::Tensor &up_weight = saved.up_weight, &up_bias = saved.up_bias, &modulator = saved.modulator;
+  const bool differentiable = at::GradMode::is_enabled();
+  std::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd;
+  if (!differentiable) {  // nothing to record: the ops run below autograd
+    below_autograd.emplace();
+  }
+  const at::Tensor x2d = rows(x), grad_out = rows(grad);
+  at::Tensor z = saved.z, gamma = saved.gamma;
+  if (differentiable) {
+    z = linear_2d(x2d, down_weight, down_bias.defined() ? std::optional<at::Tensor>(down_bias) : std::nullopt);
+    gamma = gamma_of(modulator, constraint);
+  }
+  const bool per_channel = gamma.size(0) != 1;
+  const bool need_up = needs[4], need_up_bias = needs[5];
+  const bool need_modulator = needs[6], need_x = needs[0];
+  const bool need_down = needs[2], need_down_bias = needs[3];
+  const at::ScalarType acc = at::promote_types(grad_out.scalar_type(), at::kFloat);
+  const at::Tensor gamma_acc = as_dtype(gamma, acc);
+  const at::Tensor scale = factor == 1.0 ? gamma_acc : gamma_acc * factor;  // c, in the accumulation dtype
+  if (need_up || need_up_bias || need_modulator) {
+    const at::Tensor grad_acc = as_dtype(grad_out, acc);
+    at::Tensor P, grad_sum;
+    if (need_up || need_modulator) {
+      P = at::mm(grad_acc.t(), as_dtype(activation(z, relu), acc));  // (D, b)
+    }
+    if (up_bias.defined() && (need_up_bias || need_modulator)) {
+      grad_sum = grad_acc.sum(0);
+    }
+    if (need_up) {
+      out[4] = as_dtype(P * scale.unsqueeze(1), up_weight.scalar_type());
+    }
+    if (need_up_bias) {
+      out[5] = as_dtype(grad_sum * scale, up_bias.scalar_type());
+    }
+    if (need_modulator) {
+      const at::Tensor up_acc = as_dtype(up_weight, acc);
+      at::Tensor dscale;
+      if (per_channel) {
+        dscale = (P * up_acc).sum(1);
+        if (up_bias.defined()) {
+          dscale = dscale + grad_sum * as_dtype(up_bias, acc);
+        }
+      } else {
+        dscale = at::dot(P.view(-1), up_acc.view(-1));
+        if (up_bias.defined()) {
+          dscale = dscale + at::dot(grad_sum, as_dtype(up_bias, acc));
+        }
+        dscale = dscale.view({1});
+      }
+      out[6] = modulator_grad(as_dtype(dscale, modulator.scalar_type()), modulator, scale, constraint, factor);
+    }
+  }
+  if (need_x || need_down || need_down_bias) {
+    const at::Tensor c = as_dtype(scale, grad_out.scalar_type());
+    const at::Tensor grad_a =
+        per_channel ? at::mm(grad_out, up_weight * c.unsqueeze(1)) : at::mm(grad_out, up_weight) * c;
+    const at::Tensor dz = relu ? at::threshold_backward(grad_a, z, 0) : at::gelu_backward(grad_a, z);
+    if (need_down) {
+      out[2] = at::mm(dz.t(), x2d);
+    }
+    if (need_down_bias) {
+      out[3] = dz.sum(0);
+    }
+    if (need_x) {
+      out[0] = (residual_is_x ? at::addmm(grad_out, dz, down_weight) : at::mm(dz, down_weight)).view(x.sizes());
+    }
+  }
+  if (needs[1]) {
+    out[1] = grad;
+  }
+  return out;
+}
+
 struct AdapterBackward : public Node {
   SavedVariable x_, down_weight_, down_bias_, up_weight_, up_bias_, modulator_, z_, gamma_;
   Constraint constraint_ = Constraint::kSoftplus;
@@ -351,85 +559,37 @@ struct AdapterBackward : public Node {
   }
 
   variable_list apply(variable_list&& grads) override {
-    variable_list out(7);  // x, residual, down_weight, down_bias, up_weight, up_bias, modulator
-    if (!grads[0].defined()) {
-      return out;
+    const AdapterSaved saved{x_.unpack(),        down_weight_.unpack(), down_bias_.unpack(), up_weight_.unpack(),
+                             up_bias_.unpack(),  modulator_.unpack(),   z_.unpack(),         gamma_.unpack()};
+    std::array<bool, 7> needs;
+    for (size_t i = 0; i < needs.size(); ++i) {
+      needs[i] = task_should_compute_output(i);
     }
-    const at::Tensor x = x_.unpack(), down_weight = down_weight_.unpack(), down_bias = down_bias_.unpack();
-    const at::Tensor up_weight = up_weight_.unpack(), up_bias = up_bias_.unpack(), modulator = modulator_.unpack();
-    const bool differentiable = at::GradMode::is_enabled();  // a double backward records what it computes
-    std::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd;
-    if (!differentiable) {  // nothing to record: the ops run below autograd
-      below_autograd.emplace();
-    }
-    const at::Tensor x2d = rows(x), grad_out = rows(grads[0]);
-    at::Tensor z, gamma;
-    if (differentiable) {  // z and gamma as functions of the inputs
-      z = linear_2d(x2d, down_weight, down_bias.defined() ? std::optional<at::Tensor>(down_bias) : std::nullopt);
-      gamma = gamma_of(modulator, constraint_);
-    } else {
-      z = z_.unpack();
-      gamma = gamma_.unpack();
-    }
-    const bool per_channel = gamma.size(0) != 1;
-    const bool need_up = task_should_compute_output(4), need_up_bias = task_should_compute_output(5);
-    const bool need_modulator = task_should_compute_output(6), need_x = task_should_compute_output(0);
-    const bool need_down = task_should_compute_output(2), need_down_bias = task_should_compute_output(3);
-    const at::ScalarType acc = at::promote_types(grad_out.scalar_type(), at::kFloat);
-    const at::Tensor gamma_acc = as_dtype(gamma, acc);
-    const at::Tensor scale = factor_ == 1.0 ? gamma_acc : gamma_acc * factor_;  // c, in the accumulation dtype
-    if (need_up || need_up_bias || need_modulator) {
-      const at::Tensor grad_acc = as_dtype(grad_out, acc);
-      at::Tensor P, grad_sum;
-      if (need_up || need_modulator) {
-        P = at::mm(grad_acc.t(), as_dtype(activation(z, relu_), acc));  // (D, b)
+    return adapter_backward(grads[0], saved, constraint_, factor_, relu_, residual_is_x_, needs);
+  }
+
+  LiftedArgs lifted() {
+    return {{&x_, &down_weight_, &down_bias_, &up_weight_, &up_bias_, &modulator_, &z_, &gamma_},
+            {static_cast<int64_t>(constraint_), factor_, relu_, residual_is_x_}};
+  }
+
+  void compiled_args(compiled::CompiledNodeArgs& args) const override {
+    collect_lifted(args, const_cast<AdapterBackward*>(this)->lifted());
+  }
+
+  variable_list apply_with_saved(const variable_list& grads, compiled::SwapSavedVariables& swap) override {
+    return call_lifted(*this, grads, swap, lifted(), [](const variable_list& grads, const std::vector<at::IValue>& args) {
+      LiftedReader read(args);
+      AdapterSaved saved;
+      for (at::Tensor* t : {&saved.x, &saved.down_weight, &saved.down_bias, &saved.up_weight, &saved.up_bias,
+                            &saved.modulator, &saved.z, &saved.gamma}) {
+        *t = read.tensor();
       }
-      if (up_bias.defined() && (need_up_bias || need_modulator)) {
-        grad_sum = grad_acc.sum(0);
-      }
-      if (need_up) {
-        out[4] = as_dtype(P * scale.unsqueeze(1), up_weight.scalar_type());
-      }
-      if (need_up_bias) {
-        out[5] = as_dtype(grad_sum * scale, up_bias.scalar_type());
-      }
-      if (need_modulator) {
-        const at::Tensor up_acc = as_dtype(up_weight, acc);
-        at::Tensor dscale;
-        if (per_channel) {
-          dscale = (P * up_acc).sum(1);
-          if (up_bias.defined()) {
-            dscale = dscale + grad_sum * as_dtype(up_bias, acc);
-          }
-        } else {
-          dscale = at::dot(P.view(-1), up_acc.view(-1));
-          if (up_bias.defined()) {
-            dscale = dscale + at::dot(grad_sum, as_dtype(up_bias, acc));
-          }
-          dscale = dscale.view({1});
-        }
-        out[6] = modulator_grad(as_dtype(dscale, modulator.scalar_type()), modulator, scale, constraint_, factor_);
-      }
-    }
-    if (need_x || need_down || need_down_bias) {
-      const at::Tensor c = as_dtype(scale, grad_out.scalar_type());
-      const at::Tensor grad_a =
-          per_channel ? at::mm(grad_out, up_weight * c.unsqueeze(1)) : at::mm(grad_out, up_weight) * c;
-      const at::Tensor dz = relu_ ? at::threshold_backward(grad_a, z, 0) : at::gelu_backward(grad_a, z);
-      if (need_down) {
-        out[2] = at::mm(dz.t(), x2d);
-      }
-      if (need_down_bias) {
-        out[3] = dz.sum(0);
-      }
-      if (need_x) {
-        out[0] = (residual_is_x_ ? at::addmm(grad_out, dz, down_weight) : at::mm(dz, down_weight)).view(x.sizes());
-      }
-    }
-    if (task_should_compute_output(1)) {
-      out[1] = grads[0];
-    }
-    return out;
+      const auto constraint = static_cast<Constraint>(read.packed.unpack<int64_t>());
+      const double factor = read.packed.unpack<double>();
+      const bool relu = read.packed.unpack<bool>(), residual_is_x = read.packed.unpack<bool>();
+      return adapter_backward(grads[0], saved, constraint, factor, relu, residual_is_x, read.needs<7>());
+    });
   }
 };
 

@@ -167,3 +167,90 @@ def test_cpp_route_under_inference_mode_and_no_grad():
         torch.testing.assert_close(layer(x), want, rtol=0, atol=0)
     with torch.no_grad():
         assert layer(x).grad_fn is None
+
+
+def _node_case(kind):
+    """A float64 layer on the C++ route, its inputs (x and, for the parallel adapter, a residual) and its leaves."""
+    if kind == "lora":
+        layer, with_residual = _lora(), False
+    else:
+        layer, with_residual = _adapter(gamma="channel"), True
+    x = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
+    residual = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True) if with_residual else None
+    leaves = [x, *([] if residual is None else [residual]), *layer.peft_parameters(), layer.modulator]
+    return layer, x, residual, leaves
+
+
+@pytest.mark.parametrize("kind", ["lora", "adapter"])
+def test_cpp_node_computes_each_requested_gradient_alone(kind):
+    layer, x, residual, leaves = _node_case(kind)
+    y = _call(layer, x, residual)
+    assert "metapeft" in y.grad_fn.name()
+    grad_y = torch.randn_like(y)
+    with python_routes():
+        want = torch.autograd.grad(_call(layer, x, residual), leaves, grad_y)
+    for leaf, expected in zip(leaves, want):
+        (got,) = torch.autograd.grad(y, [leaf], grad_y, retain_graph=True)
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["lora", "adapter"])
+def test_cpp_node_frees_its_saved_tensors_and_checks_their_versions(kind):
+    layer, x, residual, leaves = _node_case(kind)
+    y = _call(layer, x, residual)
+    first = torch.autograd.grad(y.sum(), leaves, retain_graph=True)
+    again = torch.autograd.grad(y.sum(), leaves)  # retained once: the same gradients
+    for a, b in zip(first, again):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        y.sum().backward()
+    y = _call(layer, x, residual)
+    with torch.no_grad():
+        layer.modulator.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+@pytest.mark.parametrize("kind", ["lora", "adapter"])
+def test_cpp_node_honours_saved_tensor_hooks_and_checkpointing(kind):
+    layer, x, residual, leaves = _node_case(kind)
+    grad_y = torch.randn(2, 5, 12 if kind == "adapter" else 18, dtype=torch.float64)
+    want = torch.autograd.grad(_call(layer, x, residual), leaves, grad_y)
+    packed, unpacked = [], []
+
+    def pack(t):
+        packed.append(t)
+        return ("packed", t.clone())
+
+    def unpack(saved):
+        unpacked.append(saved)
+        return saved[1]
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        y = _call(layer, x, residual)
+    assert "metapeft" in y.grad_fn.name() and packed
+    got = torch.autograd.grad(y, leaves, grad_y)
+    assert len(unpacked) == len(packed)
+    checkpointed = torch.utils.checkpoint.checkpoint(_call, layer, x, residual, use_reentrant=False)
+    got_checkpointed = torch.autograd.grad(checkpointed, leaves, grad_y)
+    for a, b, expected in zip(got, got_checkpointed, want):
+        torch.testing.assert_close(a, expected, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(b, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["lora", "adapter"])
+def test_cpp_node_runs_under_compiled_autograd(kind):
+    from torch._dynamo import compiled_autograd
+
+    layer, x, residual, leaves = _node_case(kind)
+    with python_routes():
+        want = torch.autograd.grad(_call(layer, x, residual).sin().sum(), leaves)
+    torch._dynamo.reset()
+    for _ in range(2):  # a compile, then a cache hit
+        y = _call(layer, x, residual)
+        assert "metapeft" in y.grad_fn.name()
+        with compiled_autograd._enable(torch.compile(backend="eager", fullgraph=True)):
+            y.sin().sum().backward()
+        for leaf, expected in zip(leaves, want):
+            torch.testing.assert_close(leaf.grad, expected, rtol=1e-10, atol=1e-12)
+            leaf.grad = None
