@@ -90,7 +90,8 @@ at::Tensor scale_of(const at::Tensor& modulator, Constraint constraint, double f
   return factor == 1.0 ? gamma : gamma * factor;
 }
 
-// d loss / d modulator from d loss / d scale (both of the modulator's shape); `scale` is factor * gamma(modulator).
+// d loss / d modulator (the modulator's shape) from d loss / d scale (that shape, or a 0-dim total for one gamma);
+// `scale` is factor * gamma(modulator).
 at::Tensor modulator_grad(const at::Tensor& dscale, const at::Tensor& modulator, const at::Tensor& scale,
                           Constraint constraint, double factor) {
   switch (constraint) {
@@ -100,13 +101,22 @@ at::Tensor modulator_grad(const at::Tensor& dscale, const at::Tensor& modulator,
     }
     case Constraint::kExp:  // d (factor exp(m)) / dm = scale
       return dscale * as_dtype(scale, dscale.scalar_type());
-    default:
-      return factor == 1.0 ? dscale : dscale * factor;
+    default: {
+      const at::Tensor dgamma = factor == 1.0 ? dscale : dscale * factor;
+      return dgamma.sizes() == modulator.sizes() ? dgamma : dgamma.view(modulator.sizes());
+    }
   }
 }
 
-at::Tensor rows(const at::Tensor& t) {  // (..., K) -> (M, K)
-  return t.dim() == 2 ? t : t.reshape({-1, t.size(-1)});
+at::Tensor rows(const at::Tensor& t) {  // (..., K) -> (M, K); a view where t is contiguous (one dispatch)
+  if (t.dim() == 2) {
+    return t;
+  }
+  return t.is_contiguous() ? t.view({-1, t.size(-1)}) : t.reshape({-1, t.size(-1)});
+}
+
+at::Tensor transposed(const at::Tensor& t) {  // a 2-D t's transpose (one dispatch; Tensor::t() takes two)
+  return t.transpose(0, 1);
 }
 
 // (M, S*w) -> (S, M, w) view.
@@ -114,23 +124,32 @@ at::Tensor segment_view(const at::Tensor& t, int64_t segments) {
   return t.unflatten(1, {segments, t.size(1) / segments}).transpose(0, 1);
 }
 
-// B with each row scaled by its gamma: (N, r) at S = 1; at S > 1 the block-diagonal (N, S*r) whose block (j, j) is
-// segment j's rows scaled. `c` (S,) per segment or (N,) per output channel, in B's dtype.
-at::Tensor scaled_B_of(const at::Tensor& lora_B, const at::Tensor& c, int64_t segments) {
+// At S > 1 the rank-space products with B run per segment (bmm) where they are large (M N r at least
+// kSegmentwiseWork) and on one block-diagonal B (one GEMM, fewer calls, S times the rank-space flops) where they are
+// small: at ViT-B's qkv (M 1576, N 2304, S 3, r 8 / 16, CPU) per segment saves 1.2 / 4.9 ms a forward+backward, at
+// tiny shapes the block-diagonal form saves the calls (docs/design.md, "Where the floors are").
+constexpr int64_t kSegmentwiseWork = int64_t{1} << 22;
+
+bool segmentwise(int64_t rows, const at::Tensor& lora_B, int64_t segments) {
+  return segments > 1 && rows * lora_B.size(0) * lora_B.size(1) >= kSegmentwiseWork;
+}
+
+// B with each row scaled by its gamma, `c` (S,) per segment or (N,) per output channel, in B's dtype: (N, r) at
+// S = 1; at S > 1 per segment (S, N/S, r), or block-diagonal (N, S*r) with block (j, j) segment j's scaled rows.
+at::Tensor scaled_B_of(const at::Tensor& lora_B, const at::Tensor& c, int64_t segments, bool per_segment) {
   const int64_t rank = lora_B.size(1);
-  if (c.size(0) != segments) {  // per channel
-    const at::Tensor scaled = lora_B * c.unsqueeze(1);
-    if (segments == 1) {
-      return scaled;
-    }
-    return (scaled.view({segments, -1, 1, rank}) * at::eye(segments, c.options()).view({segments, 1, segments, 1}))
-        .reshape({lora_B.size(0), segments * rank});
-  }
+  const bool per_channel = c.size(0) != segments;
   if (segments == 1) {
-    return lora_B * c;
+    return lora_B * (per_channel ? c.unsqueeze(1) : c);
   }
-  return (lora_B.view({segments, -1, 1, rank}) * at::diag_embed(c).view({segments, 1, segments, 1}))
-      .reshape({lora_B.size(0), segments * rank});
+  const at::Tensor blocks = lora_B.view({segments, -1, rank});
+  if (per_segment) {
+    return blocks * (per_channel ? c.view({segments, -1, 1}) : c.view({segments, 1, 1}));
+  }
+  const at::Tensor diagonal = per_channel ? at::eye(segments, c.options()) : at::diag_embed(c);
+  const at::Tensor rows = per_channel ? (lora_B * c.unsqueeze(1)).view({segments, -1, 1, rank})
+                                      : blocks.unsqueeze(2);
+  return (rows * diagonal.view({segments, 1, segments, 1})).reshape({lora_B.size(0), segments * rank});
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -225,18 +244,24 @@ struct LoRAForward {
   at::Tensor y;         // (M, N)
   at::Tensor h;         // (M, S*r)
   at::Tensor scale;     // (S,) or (N,), the modulator's dtype
-  at::Tensor scaled_B;  // scaled_B_of(B, scale): (N, r) or block-diagonal (N, S*r), x's dtype
+  at::Tensor scaled_B;  // scaled_B_of(B, scale): (N, r), (S, N/S, r) or block-diagonal (N, S*r), x's dtype
 };
 
 LoRAForward lora_forward(const at::Tensor& x2d, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                          const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& modulator,
                          Constraint constraint, double factor) {
   LoRAForward f;
-  f.h = at::mm(x2d, lora_A.t());
+  f.h = at::mm(x2d, transposed(lora_A));
   f.scale = scale_of(modulator, constraint, factor);
-  f.scaled_B = scaled_B_of(lora_B, as_dtype(f.scale, x2d.scalar_type()), lora_A.size(0) / lora_B.size(1));
-  f.y = bias.has_value() ? at::addmm(*bias, x2d, weight.t()) : at::mm(x2d, weight.t());
-  f.y.addmm_(f.h, f.scaled_B.t());
+  const int64_t segments = lora_A.size(0) / lora_B.size(1);
+  const bool per_segment = segmentwise(x2d.size(0), lora_B, segments);
+  f.scaled_B = scaled_B_of(lora_B, as_dtype(f.scale, x2d.scalar_type()), segments, per_segment);
+  f.y = bias.has_value() ? at::addmm(*bias, x2d, transposed(weight)) : at::mm(x2d, transposed(weight));
+  if (per_segment) {  // y_j += h_j (c_j B_j)^T
+    segment_view(f.y, segments).baddbmm_(segment_view(f.h, segments), f.scaled_B.transpose(1, 2));
+  } else {
+    f.y.addmm_(f.h, transposed(f.scaled_B));
+  }
   return f;
 }
 
@@ -271,26 +296,28 @@ variable_list scaled_lora_backward(const at::Tensor& grad, const LoRASaved& save
   if (!differentiable) {  // nothing to record: the ops run below autograd
     below_autograd.emplace();
   }
-  const at::Tensor x2d = rows(x), grad_y = grad.reshape({-1, weight.size(0)});
+  const at::Tensor x2d = rows(x), grad_y = rows(grad);
   const int64_t segments = lora_A.size(0) / lora_B.size(1);
   at::Tensor h = saved.h, scale = saved.scale, scale_x, scaled_B = saved.scaled_B;
   if (differentiable) {
-    h = at::mm(x2d, lora_A.t());
+    h = at::mm(x2d, transposed(lora_A));
     scale = scale_of(modulator, constraint, factor);
     scale_x = as_dtype(scale, x2d.scalar_type());  // cast once: one rounding of the scale's second derivative
-    scaled_B = scaled_B_of(lora_B, scale_x, segments);
+    scaled_B = scaled_B_of(lora_B, scale_x, segments, saved.scaled_B.dim() == 3);
   }
   if (needs[0] || needs[3]) {
-    const at::Tensor scaled_T = at::mm(grad_y, scaled_B);
+    const at::Tensor scaled_T =
+        scaled_B.dim() == 3 ? at::bmm(segment_view(grad_y, segments), scaled_B).transpose(0, 1).reshape(h.sizes())
+                            : at::mm(grad_y, scaled_B);
     if (needs[0]) {
       out[0] = at::mm(grad_y, weight).addmm_(scaled_T, lora_A).view(x.sizes());
     }
     if (needs[3]) {
-      out[3] = at::mm(scaled_T.t(), x2d);
+      out[3] = at::mm(transposed(scaled_T), x2d);
     }
   }
   if (needs[1]) {
-    out[1] = at::mm(grad_y.t(), x2d);
+    out[1] = at::mm(transposed(grad_y), x2d);
   }
   if (needs[2]) {
     out[2] = grad_y.sum(0);
@@ -303,7 +330,7 @@ variable_list scaled_lora_backward(const at::Tensor& grad, const LoRASaved& save
     const at::Tensor c = scale_x.defined() && acc == scale_x.scalar_type() ? scale_x : as_dtype(scale, acc);
     const bool per_channel = c.size(0) != segments;
     // P (N, r): row n of segment j is dY[:, n]^T h_j
-    const at::Tensor P = segments == 1 ? at::mm(grad_acc.t(), h_acc)
+    const at::Tensor P = segments == 1 ? at::mm(transposed(grad_acc), h_acc)
                                        : at::bmm(segment_view(grad_acc, segments).transpose(1, 2),
                                                  segment_view(h_acc, segments)).view(lora_B.sizes());
     const int64_t rank = lora_B.size(1);
@@ -324,7 +351,7 @@ variable_list scaled_lora_backward(const at::Tensor& grad, const LoRASaved& save
       if (per_channel) {
         dscale = (P * B_acc).sum(1);
       } else if (segments == 1) {
-        dscale = at::dot(P.view(-1), B_acc.view(-1)).view({1});
+        dscale = at::dot(P.view(-1), B_acc.view(-1));
       } else {
         dscale = (P.view({segments, -1, rank}) * B_acc.view({segments, -1, rank})).sum({1, 2});
       }
@@ -432,12 +459,13 @@ at::Tensor activation(const at::Tensor& z, bool relu) {
 }
 
 at::Tensor linear_2d(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
-  return bias.has_value() ? at::addmm(*bias, input, weight.t()) : at::mm(input, weight.t());
+  return bias.has_value() ? at::addmm(*bias, input, transposed(weight)) : at::mm(input, transposed(weight));
 }
 
 struct AdapterForward {
   at::Tensor out;  // (M, D)
   at::Tensor z;    // the bottleneck before the activation (M, b)
+  at::Tensor a;    // after it (M, b)
   at::Tensor gamma;
 };
 
@@ -448,18 +476,20 @@ AdapterForward adapter_forward(const at::Tensor& x2d, const at::Tensor& base2d, 
   AdapterForward f;
   f.z = linear_2d(x2d, down_weight, down_bias);
   f.gamma = gamma_of(modulator, constraint);
-  const at::Tensor up = linear_2d(activation(f.z, relu), up_weight, up_bias);
+  f.a = activation(f.z, relu);
+  const at::Tensor up = linear_2d(f.a, up_weight, up_bias);
   f.out = at::addcmul(base2d, up, as_dtype(f.gamma, up.scalar_type()), factor);
   return f;
 }
 
-// The backward of the adapter. With a = act(z), P = dOut^T a (D, b) and g = sum_m dOut_m, both fp32 for fp16/bf16:
+// The backward of the adapter (relu's derivative read from a, gelu's from z). With a = act(z), P = dOut^T a (D, b) and g = sum_m dOut_m, both fp32 for fp16/bf16:
 // d up = c P (per row), d up_b = c g; d scale = sum(P * up) + g . up_b per adapter, rowsum(P * up) + g * up_b per
 // channel; dz = (dOut (c up)) * act'(z); d down = dz^T x; d down_b = sum_m dz_m; dx = [dOut if the residual is x] +
 // dz down; d residual = dOut. `needs[i]`: whether input i (x, residual, down_weight, down_bias,
-// up_weight, up_bias, modulator) gets a gradient; with grad mode on (a double backward) z and gamma are recomputed.
+// up_weight, up_bias, modulator) gets a gradient; with grad mode on (a double backward) z, a and gamma are
+// recomputed.
 struct AdapterSaved {
-  at::Tensor x, down_weight, down_bias, up_weight, up_bias, modulator, z, gamma;
+  at::Tensor x, down_weight, down_bias, up_weight, up_bias, modulator, z, a, gamma;
 };
 
 variable_list adapter_backward(const at::Tensor& grad, const AdapterSaved& saved, Constraint constraint, double factor,
@@ -476,9 +506,10 @@ variable_list adapter_backward(const at::Tensor& grad, const AdapterSaved& saved
     below_autograd.emplace();
   }
   const at::Tensor x2d = rows(x), grad_out = rows(grad);
-  at::Tensor z = saved.z, gamma = saved.gamma;
+  at::Tensor z = saved.z, a = saved.a, gamma = saved.gamma;
   if (differentiable) {
     z = linear_2d(x2d, down_weight, down_bias.defined() ? std::optional<at::Tensor>(down_bias) : std::nullopt);
+    a = activation(z, relu);
     gamma = gamma_of(modulator, constraint);
   }
   const bool per_channel = gamma.size(0) != 1;
@@ -492,13 +523,13 @@ variable_list adapter_backward(const at::Tensor& grad, const AdapterSaved& saved
     const at::Tensor grad_acc = as_dtype(grad_out, acc);
     at::Tensor P, grad_sum;
     if (need_up || need_modulator) {
-      P = at::mm(grad_acc.t(), as_dtype(activation(z, relu), acc));  // (D, b)
+      P = at::mm(transposed(grad_acc), as_dtype(a, acc));  // (D, b)
     }
     if (up_bias.defined() && (need_up_bias || need_modulator)) {
       grad_sum = grad_acc.sum(0);
     }
     if (need_up) {
-      out[4] = as_dtype(P * scale.unsqueeze(1), up_weight.scalar_type());
+      out[4] = as_dtype(P * (per_channel ? scale.unsqueeze(1) : scale), up_weight.scalar_type());
     }
     if (need_up_bias) {
       out[5] = as_dtype(grad_sum * scale, up_bias.scalar_type());
@@ -516,7 +547,6 @@ variable_list adapter_backward(const at::Tensor& grad, const AdapterSaved& saved
         if (up_bias.defined()) {
           dscale = dscale + at::dot(grad_sum, as_dtype(up_bias, acc));
         }
-        dscale = dscale.view({1});
       }
       out[6] = modulator_grad(as_dtype(dscale, modulator.scalar_type()), modulator, scale, constraint, factor);
     }
@@ -525,9 +555,9 @@ variable_list adapter_backward(const at::Tensor& grad, const AdapterSaved& saved
     const at::Tensor c = as_dtype(scale, grad_out.scalar_type());
     const at::Tensor grad_a =
         per_channel ? at::mm(grad_out, up_weight * c.unsqueeze(1)) : at::mm(grad_out, up_weight) * c;
-    const at::Tensor dz = relu ? at::threshold_backward(grad_a, z, 0) : at::gelu_backward(grad_a, z);
+    const at::Tensor dz = relu ? at::threshold_backward(grad_a, a, 0) : at::gelu_backward(grad_a, z);
     if (need_down) {
-      out[2] = at::mm(dz.t(), x2d);
+      out[2] = at::mm(transposed(dz), x2d);
     }
     if (need_down_bias) {
       out[3] = dz.sum(0);
@@ -543,7 +573,7 @@ variable_list adapter_backward(const at::Tensor& grad, const AdapterSaved& saved
 }
 
 struct AdapterBackward : public Node {
-  SavedVariable x_, down_weight_, down_bias_, up_weight_, up_bias_, modulator_, z_, gamma_;
+  SavedVariable x_, down_weight_, down_bias_, up_weight_, up_bias_, modulator_, z_, a_, gamma_;
   Constraint constraint_ = Constraint::kSoftplus;
   double factor_ = 1.0;
   bool relu_ = false, residual_is_x_ = true;
@@ -553,14 +583,15 @@ struct AdapterBackward : public Node {
   }
 
   void release_variables() override {
-    for (SavedVariable* saved : {&x_, &down_weight_, &down_bias_, &up_weight_, &up_bias_, &modulator_, &z_, &gamma_}) {
+    for (SavedVariable* saved : {&x_, &down_weight_, &down_bias_, &up_weight_, &up_bias_, &modulator_, &z_, &a_, &gamma_}) {
       saved->reset_data();
     }
   }
 
   variable_list apply(variable_list&& grads) override {
-    const AdapterSaved saved{x_.unpack(),        down_weight_.unpack(), down_bias_.unpack(), up_weight_.unpack(),
-                             up_bias_.unpack(),  modulator_.unpack(),   z_.unpack(),         gamma_.unpack()};
+    const AdapterSaved saved{x_.unpack(),       down_weight_.unpack(), down_bias_.unpack(), up_weight_.unpack(),
+                             up_bias_.unpack(), modulator_.unpack(),   z_.unpack(),         a_.unpack(),
+                             gamma_.unpack()};
     std::array<bool, 7> needs;
     for (size_t i = 0; i < needs.size(); ++i) {
       needs[i] = task_should_compute_output(i);
@@ -569,7 +600,7 @@ struct AdapterBackward : public Node {
   }
 
   LiftedArgs lifted() {
-    return {{&x_, &down_weight_, &down_bias_, &up_weight_, &up_bias_, &modulator_, &z_, &gamma_},
+    return {{&x_, &down_weight_, &down_bias_, &up_weight_, &up_bias_, &modulator_, &z_, &a_, &gamma_},
             {static_cast<int64_t>(constraint_), factor_, relu_, residual_is_x_}};
   }
 
@@ -582,7 +613,7 @@ struct AdapterBackward : public Node {
       LiftedReader read(args);
       AdapterSaved saved;
       for (at::Tensor* t : {&saved.x, &saved.down_weight, &saved.down_bias, &saved.up_weight, &saved.up_bias,
-                            &saved.modulator, &saved.z, &saved.gamma}) {
+                            &saved.modulator, &saved.z, &saved.a, &saved.gamma}) {
         *t = read.tensor();
       }
       const auto constraint = static_cast<Constraint>(read.packed.unpack<int64_t>());
@@ -622,7 +653,10 @@ at::Tensor adapter_autograd(const at::Tensor& x, const std::optional<at::Tensor>
     backward->up_weight_ = SavedVariable(up_weight, false);
     backward->up_bias_ = SavedVariable(up_bias, false);
     backward->modulator_ = SavedVariable(modulator, false);
-    backward->z_ = SavedVariable(f.z, false);
+    if (!relu) {  // relu's derivative is read from a
+      backward->z_ = SavedVariable(f.z, false);
+    }
+    backward->a_ = SavedVariable(f.a, false);
     backward->gamma_ = SavedVariable(f.gamma, false);
     backward->constraint_ = constraint;
     backward->factor_ = factor;
