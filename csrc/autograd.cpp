@@ -370,8 +370,12 @@ struct ScaledLoRABackward : public Node {
     return "metapeft::ScaledLoRABackward";
   }
 
+  std::vector<SavedVariable*> saved_variables() {
+    return {&x_, &weight_, &lora_A_, &lora_B_, &modulator_, &h_, &scale_, &scaled_B_};
+  }
+
   void release_variables() override {
-    for (SavedVariable* saved : {&x_, &weight_, &lora_A_, &lora_B_, &modulator_, &h_, &scale_, &scaled_B_}) {
+    for (SavedVariable* saved : saved_variables()) {
       saved->reset_data();
     }
   }
@@ -387,26 +391,27 @@ struct ScaledLoRABackward : public Node {
   }
 
   LiftedArgs lifted() {
-    return {{&x_, &weight_, &lora_A_, &lora_B_, &modulator_, &h_, &scale_, &scaled_B_},
-            {static_cast<int64_t>(constraint_), factor_}};
+    return {saved_variables(), {static_cast<int64_t>(constraint_), factor_}};
   }
 
   void compiled_args(compiled::CompiledNodeArgs& args) const override {
     collect_lifted(args, const_cast<ScaledLoRABackward*>(this)->lifted());
   }
 
+  static variable_list functional(const variable_list& grads, const std::vector<at::IValue>& args) {
+    LiftedReader read(args);
+    LoRASaved saved;
+    for (at::Tensor* t : {&saved.x, &saved.weight, &saved.lora_A, &saved.lora_B, &saved.modulator, &saved.h,
+                          &saved.scale, &saved.scaled_B}) {
+      *t = read.tensor();
+    }
+    const auto constraint = static_cast<Constraint>(read.packed.unpack<int64_t>());
+    const double factor = read.packed.unpack<double>();
+    return scaled_lora_backward(grads[0], saved, constraint, factor, read.needs<6>());
+  }
+
   variable_list apply_with_saved(const variable_list& grads, compiled::SwapSavedVariables& swap) override {
-    return call_lifted(*this, grads, swap, lifted(), [](const variable_list& grads, const std::vector<at::IValue>& args) {
-      LiftedReader read(args);
-      LoRASaved saved;
-      for (at::Tensor* t : {&saved.x, &saved.weight, &saved.lora_A, &saved.lora_B, &saved.modulator, &saved.h,
-                            &saved.scale, &saved.scaled_B}) {
-        *t = read.tensor();
-      }
-      const auto constraint = static_cast<Constraint>(read.packed.unpack<int64_t>());
-      const double factor = read.packed.unpack<double>();
-      return scaled_lora_backward(grads[0], saved, constraint, factor, read.needs<6>());
-    });
+    return call_lifted(*this, grads, swap, lifted(), &ScaledLoRABackward::functional);
   }
 };
 
@@ -482,9 +487,10 @@ AdapterForward adapter_forward(const at::Tensor& x2d, const at::Tensor& base2d, 
   return f;
 }
 
-// The backward of the adapter (relu's derivative read from a, gelu's from z). With a = act(z), P = dOut^T a (D, b) and g = sum_m dOut_m, both fp32 for fp16/bf16:
-// d up = c P (per row), d up_b = c g; d scale = sum(P * up) + g . up_b per adapter, rowsum(P * up) + g * up_b per
-// channel; dz = (dOut (c up)) * act'(z); d down = dz^T x; d down_b = sum_m dz_m; dx = [dOut if the residual is x] +
+// The backward of the adapter (relu's derivative read from a, gelu's from z). With a = act(z), P = dOut^T a (D, b)
+// and g = sum_m dOut_m, both fp32 for fp16/bf16: d up = c P (per row), d up_b = c g; d scale = sum(P * up) + g . up_b
+// per adapter, rowsum(P * up) + g * up_b per channel; dz = (dOut (c up)) * act'(z); d down = dz^T x; d down_b =
+// sum_m dz_m; dx = [dOut if the residual is x] +
 // dz down; d residual = dOut. `needs[i]`: whether input i (x, residual, down_weight, down_bias,
 // up_weight, up_bias, modulator) gets a gradient; with grad mode on (a double backward) z, a and gamma are
 // recomputed.
@@ -582,8 +588,12 @@ struct AdapterBackward : public Node {
     return "metapeft::AdapterBackward";
   }
 
+  std::vector<SavedVariable*> saved_variables() {
+    return {&x_, &down_weight_, &down_bias_, &up_weight_, &up_bias_, &modulator_, &z_, &a_, &gamma_};
+  }
+
   void release_variables() override {
-    for (SavedVariable* saved : {&x_, &down_weight_, &down_bias_, &up_weight_, &up_bias_, &modulator_, &z_, &a_, &gamma_}) {
+    for (SavedVariable* saved : saved_variables()) {
       saved->reset_data();
     }
   }
@@ -600,27 +610,28 @@ struct AdapterBackward : public Node {
   }
 
   LiftedArgs lifted() {
-    return {{&x_, &down_weight_, &down_bias_, &up_weight_, &up_bias_, &modulator_, &z_, &a_, &gamma_},
-            {static_cast<int64_t>(constraint_), factor_, relu_, residual_is_x_}};
+    return {saved_variables(), {static_cast<int64_t>(constraint_), factor_, relu_, residual_is_x_}};
   }
 
   void compiled_args(compiled::CompiledNodeArgs& args) const override {
     collect_lifted(args, const_cast<AdapterBackward*>(this)->lifted());
   }
 
+  static variable_list functional(const variable_list& grads, const std::vector<at::IValue>& args) {
+    LiftedReader read(args);
+    AdapterSaved saved;
+    for (at::Tensor* t : {&saved.x, &saved.down_weight, &saved.down_bias, &saved.up_weight, &saved.up_bias,
+                          &saved.modulator, &saved.z, &saved.a, &saved.gamma}) {
+      *t = read.tensor();
+    }
+    const auto constraint = static_cast<Constraint>(read.packed.unpack<int64_t>());
+    const double factor = read.packed.unpack<double>();
+    const bool relu = read.packed.unpack<bool>(), residual_is_x = read.packed.unpack<bool>();
+    return adapter_backward(grads[0], saved, constraint, factor, relu, residual_is_x, read.needs<7>());
+  }
+
   variable_list apply_with_saved(const variable_list& grads, compiled::SwapSavedVariables& swap) override {
-    return call_lifted(*this, grads, swap, lifted(), [](const variable_list& grads, const std::vector<at::IValue>& args) {
-      LiftedReader read(args);
-      AdapterSaved saved;
-      for (at::Tensor* t : {&saved.x, &saved.down_weight, &saved.down_bias, &saved.up_weight, &saved.up_bias,
-                            &saved.modulator, &saved.z, &saved.a, &saved.gamma}) {
-        *t = read.tensor();
-      }
-      const auto constraint = static_cast<Constraint>(read.packed.unpack<int64_t>());
-      const double factor = read.packed.unpack<double>();
-      const bool relu = read.packed.unpack<bool>(), residual_is_x = read.packed.unpack<bool>();
-      return adapter_backward(grads[0], saved, constraint, factor, relu, residual_is_x, read.needs<7>());
-    });
+    return call_lifted(*this, grads, swap, lifted(), &AdapterBackward::functional);
   }
 };
 

@@ -8,12 +8,11 @@ import torch
 import metapeft
 from metapeft.ops.cpp_autograd import python_routes
 from metapeft.ops.scaled_lora_op import SCALED_LORA
-from metapeft.reference import adapter_reference, scaled_lora_reference
-from tests.helpers.adapter import forward_backward as adapter_forward_backward
+from metapeft.reference import scaled_lora_reference
 from tests.helpers.adapter import make_inputs as adapter_inputs
-from tests.helpers.oracle import assert_2x_rule, non_contiguous
+from tests.helpers.cpp_route import assert_cpp_node, check_adapter_by_2x_rule, check_scaled_lora_by_2x_rule
+from tests.helpers.oracle import non_contiguous
 from tests.helpers.scaled_lora import GRANULARITIES
-from tests.helpers.scaled_lora import forward_backward as lora_forward_backward
 from tests.helpers.scaled_lora import make_inputs as lora_inputs
 
 pytestmark = pytest.mark.skipif(SCALED_LORA.cpp_op is None, reason="metapeft._C is not built here")
@@ -86,27 +85,13 @@ def test_cpp_route_equals_python_route_with_second_derivatives_float64(case):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
-def _assert_cpp_node(out):
-    assert "metapeft" in out.grad_fn.name(), out.grad_fn.name()
-    return out
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("shape", [(97, 40, 72, 4, 3), (1, 40, 48, 1, 1)], ids=["M97_S3", "M1_S1"])
 @pytest.mark.parametrize("granularity", GRANULARITIES)
 def test_cpp_route_scaled_lora_by_2x_rule(dtype, shape, granularity):
     inputs64, inputs = lora_inputs(*shape, dtype=dtype, granularity=granularity)
     grad64 = torch.randn(shape[0], shape[2], dtype=torch.float64)
-
-    def fused(*args):
-        return _assert_cpp_node(metapeft.ops.scaled_lora(*args, backend="torch"))
-
-    y_fast, g_fast = lora_forward_backward(fused, inputs, non_contiguous(grad64.to(dtype)), non_contiguous)
-    y_base, g_base = lora_forward_backward(scaled_lora_reference, inputs, grad64.to(dtype))
-    y_ref, g_ref = lora_forward_backward(scaled_lora_reference, inputs64, grad64)
-    assert_2x_rule("y", y_fast, y_base, y_ref)
-    for name in g_ref:
-        assert_2x_rule(f"d{name}", g_fast[name], g_base[name], g_ref[name])
+    check_scaled_lora_by_2x_rule(inputs64, inputs, grad64, transform=non_contiguous)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
@@ -114,17 +99,7 @@ def test_cpp_route_scaled_lora_by_2x_rule(dtype, shape, granularity):
 @pytest.mark.parametrize("channel", [False, True], ids=["scalar", "channel"])
 def test_cpp_route_adapter_by_2x_rule(dtype, residual, channel):
     inputs64, inputs = adapter_inputs(97, 40, 7, dtype, residual=residual, channel=channel)
-    grad64 = torch.randn(97, 40, dtype=torch.float64)
-
-    def fused(*args, **kwargs):
-        return _assert_cpp_node(metapeft.ops.adapter(*args, **kwargs, backend="torch"))
-
-    fast = adapter_forward_backward(fused, inputs, grad64.to(dtype), activation="gelu")
-    base = adapter_forward_backward(adapter_reference, inputs, grad64.to(dtype), activation="gelu")
-    ref = adapter_forward_backward(adapter_reference, inputs64, grad64, activation="gelu")
-    assert_2x_rule("out", fast[0], base[0], ref[0])
-    for name in ref[1]:
-        assert_2x_rule(f"d{name}", fast[1][name], base[1][name], ref[1][name])
+    check_adapter_by_2x_rule(inputs64, inputs, torch.randn(97, 40, dtype=torch.float64))
 
 
 def test_opcheck_cpp_ops():
@@ -271,7 +246,7 @@ def test_cpp_route_per_segment_products_at_large_shapes_float64(granularity):
         inner = sum((g * g.detach().cos()).sum() for g in first if g.grad_fn is not None)
         return (y, *first, *torch.autograd.grad(inner, [leaves["x"], leaves["scale"]]))
 
-    got = first_and_second(lambda *a: _assert_cpp_node(metapeft.ops.scaled_lora(*a, backend="torch")))
+    got = first_and_second(lambda *a: assert_cpp_node(metapeft.ops.scaled_lora(*a, backend="torch")))
     want = first_and_second(scaled_lora_reference)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
