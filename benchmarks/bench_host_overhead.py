@@ -12,6 +12,10 @@ Cases (CPU tensors, fp32, training mode, parameters requiring grad, x requiring 
   ``hf_peft`` there is one rank-4 LoRA over all 48 outputs (PEFT cannot split a fused qkv: less work).
 - ``adapter parallel`` / ``adapter sequential``: ``FusedMetaAdapter(16, 4)`` (AdaptFormer, with a residual /
   Houlsby) vs ``benchmarks.contenders.PlainMetaAdapter``.
+- ``lora S=1, 8 chained`` / ``adapter sequential, 8 chained``: eight such layers in an ``nn.Sequential`` (each
+  contender's own eight), x into the first: as inside a network, only the first input is a leaf and one backward
+  serves all eight; times per layer (a chain call's over 8). A single call pays the backward call's fixed cost and
+  x's gradient accumulation once per layer; a network pays them once per step.
 Where ``metapeft._C`` is built, ``metapeft`` takes the C++ route (one dispatcher call, a C++ backward); every case
 also times the same metapeft layer on the Python routes (``metapeft.ops.cpp_autograd.python_routes()``):
 ``metapeft_python`` (autograd through the ATen composite, what runs without ``_C``) and ``metapeft_function``
@@ -44,6 +48,7 @@ from benchmarks.harness import interleaved_timings, record_results  # noqa: E402
 from metapeft.ops.cpp_autograd import python_routes  # noqa: E402
 
 BATCH, TOKENS, DIM, RANK = 2, 8, 16, 4
+CHAIN = 8  # layers in the chained cases
 MODES = ("fwd", "fwd+bwd")
 FUNCTION_ROUTE = "metapeft_function"
 PYTHON_ROUTE = "metapeft_python"
@@ -56,30 +61,37 @@ def function_route():
         yield
 
 
-def lora_contenders(segments: int) -> dict[str, nn.Module]:
+def lora_contenders(segments: int, seed: int = 0) -> dict[str, nn.Module]:
     """The three LoRA contenders around identical frozen ``nn.Linear(16, 16 * segments)`` layers, nonzero B (the
     plain one holds metapeft's weights: their outputs are checked equal), and ``base``, the frozen Linear alone."""
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     fused = metapeft.FusedMetaLoRA(nn.Linear(DIM, DIM * segments), rank=RANK, segments=segments)
     with torch.no_grad():
         fused.lora_B.normal_()
     plain = PlainMetaLoRA(nn.Linear(DIM, DIM * segments), rank=RANK, segments=segments)
     plain.load_state_dict(fused.state_dict())
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     return {"metapeft": fused, PYTHON_ROUTE: fused, FUNCTION_ROUTE: fused,
             "hf_peft": hf_peft_lora_linear(nn.Linear(DIM, DIM * segments), RANK), "plain": plain,
             "base": nn.Linear(DIM, DIM * segments).requires_grad_(False)}
 
 
-def adapter_contenders(kind: str) -> dict[str, nn.Module]:
+def adapter_contenders(kind: str, seed: int = 0) -> dict[str, nn.Module]:
     """``FusedMetaAdapter(16, 4, kind=kind)`` and its plain-PyTorch twin with the same weights, nonzero up."""
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     fused = metapeft.FusedMetaAdapter(DIM, RANK, kind=kind)
     with torch.no_grad():
         fused.up_weight.normal_()
     plain = PlainMetaAdapter(DIM, RANK, kind=kind)
     plain.load_state_dict(fused.state_dict(), strict=False)
     return {"metapeft": fused, PYTHON_ROUTE: fused, FUNCTION_ROUTE: fused, "plain": plain}
+
+
+def chained(contenders, depth: int) -> dict[str, nn.Module]:
+    """Each contender ``depth`` times in an ``nn.Sequential`` (layers built from seeds 0..depth-1): as inside a
+    network, only the first layer's input is a leaf, and one backward serves every layer."""
+    layers = [contenders(seed=seed) for seed in range(depth)]
+    return {name: nn.Sequential(*(built[name] for built in layers)) for name in layers[0]}
 
 
 def calls(layer: nn.Module, inputs: tuple[torch.Tensor, ...], grad_y: torch.Tensor, count: int, route) -> dict:
@@ -98,8 +110,10 @@ def calls(layer: nn.Module, inputs: tuple[torch.Tensor, ...], grad_y: torch.Tens
     return {"fwd": forward, "fwd+bwd": forward_backward}
 
 
-def measure(case: str, layers: dict[str, nn.Module], inputs: tuple[torch.Tensor, ...], args) -> list[dict]:
-    """One row per mode: per-call CPU and wall medians (us) and IQRs of every contender, and the ratios."""
+def measure(case: str, layers: dict[str, nn.Module], inputs: tuple[torch.Tensor, ...], args, depth: int = 1
+            ) -> list[dict]:
+    """One row per mode: per-call CPU and wall medians (us) and IQRs of every contender, and the ratios; for a chain
+    of ``depth`` layers, per layer (a chain call's time over ``depth``)."""
     with torch.no_grad():
         outputs = {name: layer(*inputs) for name, layer in layers.items()}
     grad_y = torch.randn_like(outputs["metapeft"])
@@ -110,11 +124,12 @@ def measure(case: str, layers: dict[str, nn.Module], inputs: tuple[torch.Tensor,
         closures = {name: calls(layer, inputs, grad_y, args.calls, routes.get(name, contextlib.nullcontext))[mode]
                     for name, layer in layers.items()}
         row = {"label": args.label, "case": case, "mode": mode}
+        per_call = 1e6 / (args.calls * depth)
         for name, timing in interleaved_timings(closures, warmup=1, reps=args.reps).items():
-            row[f"{name}_cpu_us"] = timing.cpu_s / args.calls * 1e6
-            row[f"{name}_cpu_iqr_us"] = timing.cpu_iqr_s / args.calls * 1e6
-            row[f"{name}_wall_us"] = timing.wall_s / args.calls * 1e6
-            row[f"{name}_wall_iqr_us"] = timing.wall_iqr_s / args.calls * 1e6
+            row[f"{name}_cpu_us"] = timing.cpu_s * per_call
+            row[f"{name}_cpu_iqr_us"] = timing.cpu_iqr_s * per_call
+            row[f"{name}_wall_us"] = timing.wall_s * per_call
+            row[f"{name}_wall_iqr_us"] = timing.wall_iqr_s * per_call
         for name in layers:
             if name != "metapeft":
                 row[f"metapeft/{name}"] = row["metapeft_cpu_us"] / row[f"{name}_cpu_us"]
@@ -144,6 +159,10 @@ def main() -> None:
         rows += measure(f"lora S={segments}", lora_contenders(segments), (x,), args)
     rows += measure("adapter parallel", adapter_contenders("parallel"), (x, residual), args)
     rows += measure("adapter sequential", adapter_contenders("sequential"), (x,), args)
+    rows += measure(f"lora S=1, {CHAIN} chained, per layer", chained(lambda seed: lora_contenders(1, seed), CHAIN),
+                    (x,), args, depth=CHAIN)
+    rows += measure(f"adapter sequential, {CHAIN} chained, per layer",
+                    chained(lambda seed: adapter_contenders("sequential", seed), CHAIN), (x,), args, depth=CHAIN)
     if not args.quick:
         title = (f"Per-call host time at tiny shapes (x ({BATCH}, {TOKENS}, {DIM}), rank/bottleneck {RANK}, CPU fp32, "
                  f"{args.threads} thread): medians of {args.reps} interleaved samples of {args.calls} calls")
