@@ -14,8 +14,8 @@
 // backward without retain_graph).
 // Shapes: as the Python ops (x (..., K); modulator (S,) or (N,) for scaled LoRA, (1,) or (D,) for the adapter: one
 // gamma per segment / adapter or one per output channel, told apart by length); the Python layer checks every
-// argument before the call (parameters once, x per call), so this file only checks what it relies on. The Python
-// fake kernels of both ops are in metapeft/ops/cpp_autograd.py.
+// argument before the call (parameters once, x per call), so this file only checks what it relies on. Fake and meta
+// tensors run the forward-only kernel (CompositeExplicitAutograd), which serves as the ops' shape functions.
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
@@ -351,7 +351,7 @@ variable_list scaled_lora_backward(const at::Tensor& grad, const LoRASaved& save
       if (per_channel) {
         dscale = (P * B_acc).sum(1);
       } else if (segments == 1) {
-        dscale = at::dot(P.view(-1), B_acc.view(-1));
+        dscale = at::dot(P.view(-1), B_acc.reshape(-1));  // reshape: B may be strided
       } else {
         dscale = (P.view({segments, -1, rank}) * B_acc.view({segments, -1, rank})).sum({1, 2});
       }
@@ -549,7 +549,7 @@ variable_list adapter_backward(const at::Tensor& grad, const AdapterSaved& saved
           dscale = dscale + grad_sum * as_dtype(up_bias, acc);
         }
       } else {
-        dscale = at::dot(P.view(-1), up_acc.view(-1));
+        dscale = at::dot(P.view(-1), up_acc.reshape(-1));  // reshape: up may be strided
         if (up_bias.defined()) {
           dscale = dscale + at::dot(grad_sum, as_dtype(up_bias, acc));
         }

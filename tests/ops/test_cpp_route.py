@@ -250,3 +250,22 @@ def test_cpp_route_per_segment_products_at_large_shapes_float64(granularity):
     want = first_and_second(scaled_lora_reference)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["lora", "adapter"])
+def test_cpp_node_takes_strided_weights(kind):
+    """Weights passed as strided views (as torch.func.functional_call may pass them) give the Python route's
+    gradients; one gamma, S = 1: the paths that flatten B / up."""
+    layer = _lora(segments=1) if kind == "lora" else _adapter()
+    x = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
+    residual = torch.randn(2, 5, 12, dtype=torch.float64) if kind == "adapter" else None
+    params = {name: non_contiguous(p.detach()).requires_grad_(True) for name, p in layer.named_parameters()}
+    assert not all(p.is_contiguous() for p in params.values())
+    y = torch.func.functional_call(layer, params, (x,) if residual is None else (x, residual))
+    grad_y = torch.randn_like(y)
+    got = torch.autograd.grad(y, list(params.values()), grad_y)
+    with python_routes():
+        want = torch.autograd.grad(torch.func.functional_call(layer, params, (x,) if residual is None else
+                                                              (x, residual)), list(params.values()), grad_y)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
