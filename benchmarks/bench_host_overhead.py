@@ -27,6 +27,12 @@ of process CPU time (one thread: the host work itself, steadier than wall time o
 time are recorded with ``--label`` (e.g. ``before`` / ``after`` a change) in
 ``benchmarks/results/host_overhead.{json,md}`` (the markdown shows every recorded run).
 
+``--device cuda``: the same on CUDA tensors (the regime the CPU numbers stand for: a GPU waiting on the host); CPU
+time is then the host's work per call, wall time includes the GPU's (one synchronize per sample). ``metapeft``
+takes "auto" (the shipped GPU default's kernels, through the op's ``autograd.Function``), the added
+``metapeft_torch`` the torch backend (the C++ route). Results go to ``benchmarks/results/host_overhead_gpu.{json,md}``;
+``benchmarks/gpu_check.py`` runs it as its ``host_overhead`` stage.
+
 Run: ``python benchmarks/bench_host_overhead.py --label after`` (``--quick``: fewer samples, nothing recorded).
 """
 
@@ -34,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import sys
 from pathlib import Path
 
@@ -45,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import metapeft  # noqa: E402
 from benchmarks.contenders import PlainMetaAdapter, PlainMetaLoRA, hf_peft_lora_linear  # noqa: E402
 from benchmarks.harness import interleaved_timings, record_results  # noqa: E402
+from metapeft.layers.base import MetaPEFTModule  # noqa: E402
 from metapeft.ops.cpp_autograd import python_routes  # noqa: E402
 
 BATCH, TOKENS, DIM, RANK = 2, 8, 16, 4
@@ -52,6 +60,7 @@ CHAIN = 8  # layers in the chained cases
 MODES = ("fwd", "fwd+bwd")
 FUNCTION_ROUTE = "metapeft_function"
 PYTHON_ROUTE = "metapeft_python"
+TORCH_BACKEND = "metapeft_torch"  # CUDA only
 
 
 @contextlib.contextmanager
@@ -87,11 +96,27 @@ def adapter_contenders(kind: str, seed: int = 0) -> dict[str, nn.Module]:
     return {"metapeft": fused, PYTHON_ROUTE: fused, FUNCTION_ROUTE: fused, "plain": plain}
 
 
+def with_torch_backend(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose metapeft layers ask for the torch backend (on CUDA: the C++ route, where "auto"
+    takes the shipped GPU default's kernels)."""
+    model = copy.deepcopy(model)
+    for module in model.modules():
+        if isinstance(module, MetaPEFTModule):
+            module.backend = "torch"
+    return model
+
+
 def chained(contenders, depth: int) -> dict[str, nn.Module]:
     """Each contender ``depth`` times in an ``nn.Sequential`` (layers built from seeds 0..depth-1): as inside a
     network, only the first layer's input is a leaf, and one backward serves every layer."""
     layers = [contenders(seed=seed) for seed in range(depth)]
     return {name: nn.Sequential(*(built[name] for built in layers)) for name in layers[0]}
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA), so that a sample's wall time covers it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def calls(layer: nn.Module, inputs: tuple[torch.Tensor, ...], grad_y: torch.Tensor, count: int, route) -> dict:
@@ -101,11 +126,13 @@ def calls(layer: nn.Module, inputs: tuple[torch.Tensor, ...], grad_y: torch.Tens
         with route():
             for _ in range(count):
                 layer(*inputs)
+        synchronize(grad_y.device)
 
     def forward_backward() -> None:
         with route():
             for _ in range(count):
                 layer(*inputs).backward(grad_y)
+        synchronize(grad_y.device)
 
     return {"fwd": forward, "fwd+bwd": forward_backward}
 
@@ -146,27 +173,37 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=200, help="calls per timed sample (default 200)")
     parser.add_argument("--reps", type=int, default=15, help="interleaved samples per contender (default 15)")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the tensors live (default cpu)")
     parser.add_argument("--quick", action="store_true", help="20 calls x 3 samples, nothing recorded")
     args = parser.parse_args()
     if args.quick:
         args.calls, args.reps = 20, 3
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda needs a CUDA device; none is available here")
+    device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     torch.manual_seed(1)
-    x = torch.randn(BATCH, TOKENS, DIM, requires_grad=True)
-    residual = torch.randn(BATCH, TOKENS, DIM, requires_grad=True)
+    x = torch.randn(BATCH, TOKENS, DIM, device=device, requires_grad=True)
+    residual = torch.randn(BATCH, TOKENS, DIM, device=device, requires_grad=True)
+    cases = [(f"lora S={segments}", lora_contenders(segments), (x,), 1) for segments in (1, 3)]
+    cases += [("adapter parallel", adapter_contenders("parallel"), (x, residual), 1),
+              ("adapter sequential", adapter_contenders("sequential"), (x,), 1),
+              (f"lora S=1, {CHAIN} chained, per layer", chained(lambda seed: lora_contenders(1, seed), CHAIN), (x,),
+               CHAIN),
+              (f"adapter sequential, {CHAIN} chained, per layer",
+               chained(lambda seed: adapter_contenders("sequential", seed), CHAIN), (x,), CHAIN)]
     rows = []
-    for segments in (1, 3):
-        rows += measure(f"lora S={segments}", lora_contenders(segments), (x,), args)
-    rows += measure("adapter parallel", adapter_contenders("parallel"), (x, residual), args)
-    rows += measure("adapter sequential", adapter_contenders("sequential"), (x,), args)
-    rows += measure(f"lora S=1, {CHAIN} chained, per layer", chained(lambda seed: lora_contenders(1, seed), CHAIN),
-                    (x,), args, depth=CHAIN)
-    rows += measure(f"adapter sequential, {CHAIN} chained, per layer",
-                    chained(lambda seed: adapter_contenders("sequential", seed), CHAIN), (x,), args, depth=CHAIN)
+    for case, layers, inputs, depth in cases:
+        layers = {name: layer.to(device) for name, layer in layers.items()}
+        if device.type == "cuda":
+            layers[TORCH_BACKEND] = with_torch_backend(layers["metapeft"])
+        rows += measure(case, layers, inputs, args, depth)
     if not args.quick:
-        title = (f"Per-call host time at tiny shapes (x ({BATCH}, {TOKENS}, {DIM}), rank/bottleneck {RANK}, CPU fp32, "
-                 f"{args.threads} thread): medians of {args.reps} interleaved samples of {args.calls} calls")
-        record_results('host_overhead', rows, title, all_runs_in_markdown=True)
+        title = (f"Per-call host time at tiny shapes (x ({BATCH}, {TOKENS}, {DIM}), rank/bottleneck {RANK}, "
+                 f"{args.device.upper()} tensors, fp32, {args.threads} thread): medians of {args.reps} interleaved "
+                 f"samples of {args.calls} calls")
+        record_results("host_overhead" if args.device == "cpu" else "host_overhead_gpu", rows, title,
+                       all_runs_in_markdown=True)
 
 
 if __name__ == "__main__":

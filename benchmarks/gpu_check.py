@@ -9,7 +9,10 @@ with what it reached, and the next runs:
    from its JUnit XML, or from its output when stopped at the limit;
 3. ``op_bench`` (60 s): ``benchmarks/bench_scaled_lora_gpu.py`` (scaled-LoRA fwd / bwd / fwd+bwd vs the frozen base
    Linear, plain PyTorch, HF PEFT; records ``scaled_lora_gpu.{json,md}``; stops starting cases 30 s before the limit);
-4. ``vit_step`` (100 s), 5. ``meta_step`` (90 s), 6. ``adapters`` (40 s): ``benchmarks/gpu_stages.py`` (a ViT-B/16
+4. ``host_overhead`` (30 s): ``benchmarks/bench_host_overhead.py --device cuda`` (per-call host time at tiny shapes
+   on CUDA tensors: metapeft with "auto" and with the torch backend's C++ route vs HF PEFT and plain PyTorch; 5
+   samples of 50 calls; records ``host_overhead_gpu.{json,md}``; a dry run: its ``--quick`` on CPU);
+5. ``vit_step`` (90 s), 6. ``meta_step`` (75 s), 7. ``adapters`` (35 s): ``benchmarks/gpu_stages.py`` (a ViT-B/16
    bf16 training step: metapeft vs HF PEFT vs plain PyTorch; the first-order, finite-difference and exact meta
    steps vs naive ``torch.func``; ``FusedMetaAdapter`` vs a plain adapter), each rewriting a progress file after
    every contender and, when finished, appending ``<stage>_gpu.{json,md}``.
@@ -59,10 +62,11 @@ from benchmarks.harness import RESULTS_DIR, environment, markdown_table, write_a
 
 FUSED_BACKENDS = ("torch", "triton", "cuda")
 LARGE_M = 4096  # the op benchmark's headline ratios average over M >= 4096, where the kernels, not launches, decide
-STAGES = ("build", "gpu_tests", "op_bench", "vit_step", "meta_step", "adapters")
+STAGES = ("build", "gpu_tests", "op_bench", "host_overhead", "vit_step", "meta_step", "adapters")
 # Guesses for one H200 (nothing has run on one yet): the sum, 520 s, leaves 20 s of the 9 minutes for this process
 # (its own start, each stage's start and kill); BUDGET_S caps the stages when --limit raises them.
-STAGE_LIMITS_S = {"build": 120, "gpu_tests": 110, "op_bench": 60, "vit_step": 100, "meta_step": 90, "adapters": 40}
+STAGE_LIMITS_S = {"build": 120, "gpu_tests": 110, "op_bench": 60, "host_overhead": 30, "vit_step": 90,
+                  "meta_step": 75, "adapters": 35}
 BUDGET_S = 530.0
 OP_BENCH_MARGIN_S = 30  # the op benchmark stops starting cases this long before its limit, to record what it timed
 DRY_RUN_NOTE = "DRY RUN (CPU, tiny shapes, Triton interpreter): no timing claims"
@@ -288,10 +292,13 @@ def stage_commands(args, log_dir: Path, limits: dict[str, float]) -> dict[str, t
     tests = [py, "-m", "pytest", "-m", "gpu", "-v", "-p", "no:cacheprovider", f"--junitxml={log_dir / 'gpu_tests.xml'}"]
     op_budget = max(limits["op_bench"] - OP_BENCH_MARGIN_S, 5)
     op_bench = [py, "benchmarks/bench_scaled_lora_gpu.py", "--budget-s", f"{op_budget:.0f}"]
+    host_options = ["--device", "cuda", "--reps", "5", "--calls", "50", "--label", "gpu_check"]
+    host = [py, "benchmarks/bench_host_overhead.py"] + (["--quick"] if dry or args.quick else host_options)
     commands = {
         "build": build,
         "gpu_tests": (tests + (["tests/gpu"] if dry else []), {}),
         "op_bench": (op_bench + (["--quick"] if args.quick or dry else []), {}),
+        "host_overhead": (host, {}),
     }
     for stage in ("vit_step", "meta_step", "adapters"):
         commands[stage] = ([py, "benchmarks/gpu_stages.py", stage, "--progress", str(log_dir / f"{stage}.json")]
