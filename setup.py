@@ -1,4 +1,4 @@
-"""Build: the pure-Python package, ``metapeft.kernels`` (from ``kernels/``) and, where a CUDA toolkit is
+"""Build: the pure-Python package (the Triton kernels in ``metapeft/kernels/`` included) and, where a CUDA toolkit is
 found, the C++/CUDA extension ``metapeft._C`` (from ``csrc/``; the same library CMakeLists.txt builds).
 
 Environment:
@@ -125,7 +125,6 @@ def extension_kwargs():
 
 
 setup(
-    packages=find_packages(include=["metapeft", "metapeft.*"]) + ["metapeft.kernels"],
-    package_dir={"metapeft.kernels": "kernels"},
+    packages=find_packages(include=["metapeft", "metapeft.*"]),
     **extension_kwargs(),
 )

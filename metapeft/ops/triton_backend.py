@@ -1,10 +1,11 @@
-"""The ``triton`` backend: the launchers of ``kernels/`` (one module per op family), registered for both families.
+"""The ``triton`` backend: the launchers of ``metapeft/kernels/`` (one module per op family), registered for both
+families.
 
 Runs on CUDA tensors (the default there) and, for tests, on CPU tensors when the process was started
 with ``TRITON_INTERPRET=1`` (Triton decides interpreted vs compiled when the kernels are defined, so the
 variable must be set before they are imported). Inputs: fp32, fp16 or bf16 (fp32 accumulation); the
 math, shapes and the dropout rule are in the kernel modules' docstrings; both families draw one mask
-(``kernels/common.py``). The kernels are imported on first use, so ``import metapeft`` does not import Triton.
+(``metapeft/kernels/common.py``). The kernels are imported on first use, so ``import metapeft`` does not import Triton.
 """
 
 from __future__ import annotations
@@ -23,10 +24,8 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 @functools.cache
 def kernel_module(name: str):
-    """The kernel module ``name`` ("common", "scaled_lora", "adapter"): ``metapeft.kernels.<name>`` when
-    installed, ``kernels.<name>`` in a source checkout."""
-    package = "metapeft.kernels" if importlib.util.find_spec("metapeft.kernels") is not None else "kernels"
-    return importlib.import_module(f"{package}.{name}")
+    """The kernel module ``name`` ("common", "scaled_lora", "adapter"): ``metapeft.kernels.<name>``."""
+    return importlib.import_module(f"metapeft.kernels.{name}")
 
 
 def _unavailable_reason() -> str | None:

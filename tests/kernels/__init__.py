@@ -1,1 +1,1 @@
-"""Tests of the Triton kernels themselves (kernels/), beyond the ops that launch them."""
+"""Tests of the Triton kernels themselves (metapeft/kernels/), beyond the ops that launch them."""

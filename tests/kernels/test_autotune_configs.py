@@ -1,14 +1,15 @@
-"""Every GPU autotune config of every Triton kernel in ``kernels/``, run under the Triton interpreter on CPU
+"""Every GPU autotune config of every Triton kernel in ``metapeft/kernels/``, run under the Triton interpreter on CPU
 against a float64 oracle (the 2x-error rule).
 
 The interpreter suites in ``tests/ops`` run one interpreter-sized tile per kernel; on a GPU the autotuner may pick
 any of the configs in the kernel's GPU list, and the launchers use GPU-sized fixed tiles (the scaled-LoRA
-``OUT_TILE``, the dropout-mask tile, the adapter's row blocks). Here a second, non-interpreted import of ``kernels/``
-reads those GPU lists, and each test swaps one config into every interpreted kernel (pass ``i`` gives each kernel its
-``i``-th distinct config, its last one when it has fewer; ``num_warps`` / ``num_stages`` mean nothing to the
-interpreter, so configs differing only there count once), with the GPU's fixed tiles. Shapes have a tail in every
-tiled dimension (M = 289 also makes the split reductions over M use two slices), ranks and bottlenecks 1/8/16/64 (and
-a 100-wide bottleneck, whose 128-wide tile takes the adapter's 32-row blocks), S = 1/3, dropout on and off, fp32.
+``OUT_TILE``, the dropout-mask tile, the adapter's row blocks). Here a second, non-interpreted import of
+``metapeft/kernels/`` reads those GPU lists, and each test swaps one config into every interpreted kernel (pass ``i``
+gives each kernel its ``i``-th distinct config, its last one when it has fewer; ``num_warps`` / ``num_stages`` mean
+nothing to the interpreter, so configs differing only there count once), with the GPU's fixed tiles. Shapes have a
+tail in every tiled dimension (M = 289 also makes the split reductions over M use two slices), ranks and bottlenecks
+1/8/16/64 (and a 100-wide bottleneck, whose 128-wide tile takes the adapter's 32-row blocks), S = 1/3, dropout on and
+off, fp32.
 
 Slow (241 s on 2 cores shared with other jobs at load average 8):
 ``python -m pytest -m slow tests/kernels/test_autotune_configs.py`` runs the interpreter-marked tests below in a
@@ -34,7 +35,8 @@ from tests.helpers.oracle import assert_2x_rule, non_contiguous, run_interpreter
 triton = pytest.importorskip("triton")
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 interpreted = pytest.mark.interpreter
-KERNELS_DIR = Path(__file__).resolve().parents[2] / "kernels"
+KERNELS_DIR = Path(__file__).resolve().parents[2] / "metapeft" / "kernels"
+INTERPRETED_PACKAGE = "metapeft_kernels_interpreted"  # a second import of metapeft/kernels/ under its own name
 PASSES = 5  # the longest GPU config list (the scaled-LoRA base-GEMM tiles) has 5 distinct configs
 ADAPTER_PASSES = 2  # the adapter kernels' GPU configs differ in BLOCK_D (64, 128) only
 
@@ -144,7 +146,7 @@ def _check(name, fast_out, fast_grads, baseline_fn, inputs, grad_out, baseline_g
 @pytest.mark.parametrize("pass_index", range(PASSES), ids=lambda i: f"pass{i}")
 @pytest.mark.parametrize(("rank", "segments", "dropout_p"), LORA_CASES, ids=lambda v: str(v))
 def test_scaled_lora_kernels(pass_index, rank, segments, dropout_p):
-    package = _import_package("kernels", interpret=True)
+    package = _import_package(INTERPRETED_PACKAGE, interpret=True)
     ops = package.scaled_lora
     g = torch.Generator().manual_seed(rank * 10 + segments)
     N = N_SEG * segments
@@ -183,7 +185,7 @@ def test_scaled_lora_kernels(pass_index, rank, segments, dropout_p):
 @pytest.mark.parametrize("pass_index", range(ADAPTER_PASSES), ids=lambda i: f"pass{i}")
 @pytest.mark.parametrize(("bottleneck", "kind", "activation", "dropout_p"), ADAPTER_CASES, ids=lambda v: str(v))
 def test_adapter_kernels(pass_index, bottleneck, kind, activation, dropout_p):
-    package = _import_package("kernels", interpret=True)
+    package = _import_package(INTERPRETED_PACKAGE, interpret=True)
     ops = package.adapter
     g = torch.Generator().manual_seed(bottleneck)
     inputs = {"x": torch.randn(M, D, generator=g),

@@ -254,8 +254,8 @@ def test_gpu_auto_picks_triton_and_compiles_without_graph_breaks():
     assert layer.modulator.grad is not None and torch.isfinite(layer.modulator.grad).all()
 
 
-# The widest tiles the launchers use (kernels/adapter.py: _bottleneck_block, _row_block), every feature on, with
-# the autotuner's largest BLOCK_D and both warp counts: where register pressure is highest.
+# The widest tiles the launchers use (metapeft/kernels/adapter.py: _bottleneck_block, _row_block), every feature on,
+# with the autotuner's largest BLOCK_D and both warp counts: where register pressure is highest.
 AOT_VARIANTS = {
     "b64_8warps": (dict(BLOCK_M=64, BLOCK_B=64, BLOCK_D=128), 8),
     "b256_4warps": (dict(BLOCK_M=32, BLOCK_B=256, BLOCK_D=128), 4),

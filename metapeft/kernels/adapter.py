@@ -18,7 +18,7 @@ Backward (``_adapter_bwd_kernel``, one program per BLOCK_M rows):
   Per-channel scale c (D,) (``PER_CHANNEL``): G = (dOut * c) up, dz = G * act'(z), and d c's per-column partials
   sum_m dOut * (a up^T + up_b) (fp32; one more (BLOCK_M, BLOCK_D) GEMM tile per D tile, the forward's up projection
   recomputed) in a (grid, D) buffer; d up = c[:, None] dOut^T a, d up_b = c * (column sums).
-Dropout: the kernels' shared rule (``kernels/common.py``), the scaled-LoRA kernels' mask; regenerated in backward,
+Dropout: the kernels' shared rule (``common.py``), the scaled-LoRA kernels' mask; regenerated in backward,
 never stored (d down materialises drop(x) transiently).
 
 Bytes moved (fp16, no dropout; M x D tensors only): the forward reads x twice (the second read, BLOCK_M rows

@@ -18,7 +18,7 @@ Backward: T_j = dY_j B_j;  d scale_j = sum(T_j * h_j);  cT = scale_j T_j      (`
 Per-channel scale c (N,): the T kernel scales B's rows before its GEMM (cT_j = dY_j (c B)_j; no d scale there),
 the dB kernel's fp32 P_j = dY_j^T h_j gives dB = c P and, with B's tile, d c_n = sum_k P[n, k] B[n, k] (fp32
 partials per split of M): d c costs one (N, r) reduction on the dB pass, which then also runs for d c alone.
-Dropout: the kernels' shared rule (``kernels/common.py``), regenerated in backward from the seed, never stored.
+Dropout: the kernels' shared rule (``common.py``), regenerated in backward from the seed, never stored.
 
 Bytes moved (fp16, no dropout): forward reads x twice (h kernel + GEMM) and writes y once, the unfused
 reference writes and re-reads two more M x N tensors; backward reads dY three times (T, dB, dx) and x once (dA).

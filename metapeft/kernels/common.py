@@ -1,4 +1,4 @@
-"""What the Triton kernel modules share (private to ``kernels/``): interpreter detection, tile-config and autotune
+"""What the Triton kernel modules share (private to this package): interpreter detection, tile-config and autotune
 helpers, the dot precision, and the dropout rule every kernel applies to x.
 
 Dropout: keep element (m, k) of x (M, K) iff ``tl.rand(seed, m*K + k) >= p`` (Philox), scaled by 1/(1-p), with the
