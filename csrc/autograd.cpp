@@ -237,6 +237,42 @@ struct LiftedReader {
   }
 };
 
+// What both nodes share: the gradient flags, freeing the saved tensors, and compiled autograd's cache key and lifted
+// call, from Derived::saved_variables(), Derived::constants() and the static Derived::functional.
+template <class Derived, size_t Inputs>
+struct LiftedNode : public Node {
+  std::array<bool, Inputs> needs() const {  // whether input i gets a gradient in this backward
+    std::array<bool, Inputs> out;
+    for (size_t i = 0; i < Inputs; ++i) {
+      out[i] = task_should_compute_output(i);
+    }
+    return out;
+  }
+
+  void release_variables() override {
+    for (SavedVariable* saved : self().saved_variables()) {
+      saved->reset_data();
+    }
+  }
+
+  void compiled_args(compiled::CompiledNodeArgs& args) const override {
+    collect_lifted(args, const_cast<LiftedNode*>(this)->lifted());
+  }
+
+  variable_list apply_with_saved(const variable_list& grads, compiled::SwapSavedVariables& swap) override {
+    return call_lifted(*this, grads, swap, lifted(), &Derived::functional);
+  }
+
+ private:
+  Derived& self() {
+    return static_cast<Derived&>(*this);
+  }
+
+  LiftedArgs lifted() {
+    return {self().saved_variables(), self().constants()};
+  }
+};
+
 // ---------------------------------------------------------------------------------------------------------------
 // Scaled LoRA: y = x W^T + bias + sum_j c_j h_j B_j^T over segments j, h = x A^T (M, S*r), c = factor gamma.
 
@@ -361,7 +397,7 @@ variable_list scaled_lora_backward(const at::Tensor& grad, const LoRASaved& save
   return out;
 }
 
-struct ScaledLoRABackward : public Node {
+struct ScaledLoRABackward : public LiftedNode<ScaledLoRABackward, 6> {
   SavedVariable x_, weight_, lora_A_, lora_B_, modulator_, h_, scale_, scaled_B_;
   Constraint constraint_ = Constraint::kSoftplus;
   double factor_ = 1.0;
@@ -374,28 +410,14 @@ struct ScaledLoRABackward : public Node {
     return {&x_, &weight_, &lora_A_, &lora_B_, &modulator_, &h_, &scale_, &scaled_B_};
   }
 
-  void release_variables() override {
-    for (SavedVariable* saved : saved_variables()) {
-      saved->reset_data();
-    }
+  std::vector<at::IValue> constants() const {
+    return {static_cast<int64_t>(constraint_), factor_};
   }
 
   variable_list apply(variable_list&& grads) override {
     const LoRASaved saved{x_.unpack(),         weight_.unpack(), lora_A_.unpack(), lora_B_.unpack(),
                           modulator_.unpack(), h_.unpack(),      scale_.unpack(),  scaled_B_.unpack()};
-    std::array<bool, 6> needs;
-    for (size_t i = 0; i < needs.size(); ++i) {
-      needs[i] = task_should_compute_output(i);
-    }
-    return scaled_lora_backward(grads[0], saved, constraint_, factor_, needs);
-  }
-
-  LiftedArgs lifted() {
-    return {saved_variables(), {static_cast<int64_t>(constraint_), factor_}};
-  }
-
-  void compiled_args(compiled::CompiledNodeArgs& args) const override {
-    collect_lifted(args, const_cast<ScaledLoRABackward*>(this)->lifted());
+    return scaled_lora_backward(grads[0], saved, constraint_, factor_, needs());
   }
 
   static variable_list functional(const variable_list& grads, const std::vector<at::IValue>& args) {
@@ -408,10 +430,6 @@ struct ScaledLoRABackward : public Node {
     const auto constraint = static_cast<Constraint>(read.packed.unpack<int64_t>());
     const double factor = read.packed.unpack<double>();
     return scaled_lora_backward(grads[0], saved, constraint, factor, read.needs<6>());
-  }
-
-  variable_list apply_with_saved(const variable_list& grads, compiled::SwapSavedVariables& swap) override {
-    return call_lifted(*this, grads, swap, lifted(), &ScaledLoRABackward::functional);
   }
 };
 
@@ -578,7 +596,7 @@ variable_list adapter_backward(const at::Tensor& grad, const AdapterSaved& saved
   return out;
 }
 
-struct AdapterBackward : public Node {
+struct AdapterBackward : public LiftedNode<AdapterBackward, 7> {
   SavedVariable x_, down_weight_, down_bias_, up_weight_, up_bias_, modulator_, z_, a_, gamma_;
   Constraint constraint_ = Constraint::kSoftplus;
   double factor_ = 1.0;
@@ -592,29 +610,15 @@ struct AdapterBackward : public Node {
     return {&x_, &down_weight_, &down_bias_, &up_weight_, &up_bias_, &modulator_, &z_, &a_, &gamma_};
   }
 
-  void release_variables() override {
-    for (SavedVariable* saved : saved_variables()) {
-      saved->reset_data();
-    }
+  std::vector<at::IValue> constants() const {
+    return {static_cast<int64_t>(constraint_), factor_, relu_, residual_is_x_};
   }
 
   variable_list apply(variable_list&& grads) override {
     const AdapterSaved saved{x_.unpack(),       down_weight_.unpack(), down_bias_.unpack(), up_weight_.unpack(),
                              up_bias_.unpack(), modulator_.unpack(),   z_.unpack(),         a_.unpack(),
                              gamma_.unpack()};
-    std::array<bool, 7> needs;
-    for (size_t i = 0; i < needs.size(); ++i) {
-      needs[i] = task_should_compute_output(i);
-    }
-    return adapter_backward(grads[0], saved, constraint_, factor_, relu_, residual_is_x_, needs);
-  }
-
-  LiftedArgs lifted() {
-    return {saved_variables(), {static_cast<int64_t>(constraint_), factor_, relu_, residual_is_x_}};
-  }
-
-  void compiled_args(compiled::CompiledNodeArgs& args) const override {
-    collect_lifted(args, const_cast<AdapterBackward*>(this)->lifted());
+    return adapter_backward(grads[0], saved, constraint_, factor_, relu_, residual_is_x_, needs());
   }
 
   static variable_list functional(const variable_list& grads, const std::vector<at::IValue>& args) {
@@ -628,10 +632,6 @@ struct AdapterBackward : public Node {
     const double factor = read.packed.unpack<double>();
     const bool relu = read.packed.unpack<bool>(), residual_is_x = read.packed.unpack<bool>();
     return adapter_backward(grads[0], saved, constraint, factor, relu, residual_is_x, read.needs<7>());
-  }
-
-  variable_list apply_with_saved(const variable_list& grads, compiled::SwapSavedVariables& swap) override {
-    return call_lifted(*this, grads, swap, lifted(), &AdapterBackward::functional);
   }
 };
 
